@@ -1,3 +1,10 @@
-"""jfe-jax: Joint Fusion and Encoding multimodal retrieval in JAX/Flax, TPU-first."""
+"""jfe-jax: Joint Fusion and Encoding multimodal retrieval in JAX/Flax, TPU-first.
+
+    from jfe_jax import Encoder, ImageProcessor, Index
+"""
 
 __version__ = "0.1.0"
+
+from jfe_jax.encoder import Encoder, EncoderOptions  # noqa: E402
+
+__all__ = ["Encoder", "EncoderOptions", "__version__"]

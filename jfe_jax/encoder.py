@@ -1,0 +1,235 @@
+"""``Encoder``: the user-facing one-tower model (load, run, save).
+
+    enc = Encoder.from_pretrained("/path/to/Qwen2-VL-2B-Instruct")
+    hidden = enc.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw)
+    emb = enc.embed(input_ids, attention_mask, pixel_values, image_grid_thw)
+    enc.save_pretrained("/path/to/out")  # transformers loads it
+
+The array arguments are exactly those of transformers' Qwen2-VL forward; outputs are numpy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jfe_jax.models.config import ModelConfig
+from jfe_jax.models.hf_io import load_hf_params, save_hf_checkpoint
+from jfe_jax.models.inputs import prepare_batch
+from jfe_jax.models.language import LORA_TARGETS_ALL
+from jfe_jax.models.one_tower import OneTowerEncoder
+from jfe_jax.models.safetensors_io import SafetensorsFile, _write_file
+
+ENCODER_FILE = "jfe_encoder.json"  # our options, next to the HF files
+HEAD_FILE = "jfe_head.safetensors"  # params outside the HF backbone: logit_scale, projection
+BACKBONE = ("vision", "text")
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _dtype(name: str | Any) -> Any:
+    if isinstance(name, str):
+        if name not in _DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
+        return _DTYPES[name]
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderOptions:
+    """How the backbone is run and what sits on top of it (see ``OneTowerEncoder``)."""
+
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = False
+    remat: str = "none"
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS_ALL
+    projection_dim: int = 0
+    temperature: float = 0.05
+
+    def module(self, config: ModelConfig) -> OneTowerEncoder:
+        return OneTowerEncoder(
+            config,
+            dtype=_dtype(self.dtype),
+            param_dtype=_dtype(self.param_dtype),
+            scan_layers=self.scan_layers,
+            remat=self.remat,
+            lora_rank=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+            lora_targets=tuple(self.lora_targets),
+            projection_dim=self.projection_dim,
+            temperature=self.temperature,
+        )
+
+
+def dummy_batch(config: ModelConfig, batch: int = 1, length: int = 8) -> dict[str, np.ndarray]:
+    """A smallest valid batch with one image, for init and shape inference."""
+    merge = config.vision.spatial_merge_size
+    ids = np.zeros((batch, length), dtype=np.int32)
+    ids[:, 1] = config.image_token_id
+    grids = np.array([[1, merge, merge]] * batch)
+    pixels = np.zeros((batch * merge * merge, config.vision.patch_dim), dtype=np.float32)
+    return prepare_batch(config, ids, None, pixels, grids)
+
+
+def init_params(module: OneTowerEncoder, rng: jax.Array, *, keep=None):
+    """Initialises (unboxed) params under jit; ``keep(path_tuple) -> bool`` selects leaves.
+
+    Parameters that are not returned are dead code to XLA, so initialising only the head and
+    the LoRA adapters of a 7B model costs next to nothing.
+    """
+    batch = dummy_batch(module.config)
+
+    def init(rng):
+        params = nn.meta.unbox(module.init(rng, batch)["params"])
+        if keep is not None:
+            flat = traverse_util.flatten_dict(params)
+            params = traverse_util.unflatten_dict({k: v for k, v in flat.items() if keep(k)})
+        return params
+
+    return jax.jit(init)(rng)
+
+
+def _is_extra(path: tuple[str, ...]) -> bool:
+    """Params a Hugging Face checkpoint does not have: the head and LoRA adapters."""
+    return path[0] not in BACKBONE or path[-1] in ("lora_a", "lora_b")
+
+
+class Encoder:
+    """A one-tower JFE encoder: Flax module + params + the jitted forward."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        params: Mapping[str, Any],
+        options: EncoderOptions = EncoderOptions(),
+        *,
+        source_dir: str | None = None,
+    ):
+        self.config = config.validate()
+        self.options = options
+        self.module = options.module(config)
+        self.params = params
+        self.source_dir = source_dir
+        self.trace_count = 0  # how many times the forward was traced (one per input shape)
+
+        def forward(params, batch):
+            self.trace_count += 1
+            embedding, out = self.module.apply({"params": params}, batch)
+            return embedding, out["last_hidden_state"].astype(jnp.float32)
+
+        self._forward = jax.jit(forward)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def init(cls, config: ModelConfig, options: EncoderOptions = EncoderOptions(), seed: int = 0):
+        """A randomly initialised encoder (tests, training from scratch)."""
+        module = options.module(config.validate())
+        return cls(config, init_params(module, jax.random.key(seed)), options)
+
+    @classmethod
+    def from_pretrained(cls, path: str, options: EncoderOptions | None = None, **overrides) -> Encoder:
+        """Loads a Hugging Face Qwen2-VL directory (config.json + safetensors).
+
+        Options come from ``options``, else from the directory's ``jfe_encoder.json`` when it
+        was written by ``save_pretrained``, else the defaults; keyword ``overrides`` replace
+        single fields (e.g. ``dtype="bfloat16"``, ``lora_rank=64``).
+        """
+        if not os.path.isdir(path):
+            raise ValueError(f"{path} is not a directory")
+        config = ModelConfig.from_pretrained(path)
+        if options is None:
+            options = EncoderOptions()
+            saved = os.path.join(path, ENCODER_FILE)
+            if os.path.isfile(saved):
+                with open(saved, encoding="utf-8") as f:
+                    fields = json.load(f)["options"]
+                fields["lora_targets"] = tuple(fields["lora_targets"])
+                # save_pretrained merged LoRA into the backbone: start without adapters.
+                fields.update(lora_rank=0, lora_alpha=0.0)
+                options = EncoderOptions(**fields)
+        options = dataclasses.replace(options, **overrides)
+        module = options.module(config)
+        backbone = load_hf_params(
+            path, config, scan_layers=options.scan_layers, dtype=_dtype(options.param_dtype)
+        )
+        params = traverse_util.flatten_dict(backbone)
+        extras = init_params(module, jax.random.key(0), keep=_is_extra)
+        params.update(traverse_util.flatten_dict(extras))
+        head_path = os.path.join(path, HEAD_FILE)
+        if os.path.isfile(head_path):
+            head = SafetensorsFile(head_path)
+            params.update({tuple(n.split("/")): np.asarray(head.get(n)) for n in head.keys()})
+        params = jax.tree_util.tree_map(jnp.asarray, traverse_util.unflatten_dict(params))
+        return cls(config, params, options, source_dir=path)
+
+    def save_pretrained(self, path: str, *, dtype: str = "float32") -> None:
+        """Writes a Hugging Face directory (LoRA merged) plus our head params and options."""
+        host = jax.device_get(self.params)
+        save_hf_checkpoint(
+            path,
+            {k: host[k] for k in BACKBONE},
+            self.config,
+            lora_alpha=self.options.lora_alpha,
+            dtype=np.dtype(_dtype(dtype)),
+            side_files_from=self.source_dir,
+        )
+        head = {k: v for k, v in host.items() if k not in BACKBONE}
+        flat = traverse_util.flatten_dict(head, sep="/")
+        _write_file(
+            os.path.join(path, HEAD_FILE),
+            {k: np.asarray(v, dtype=np.float32) for k, v in flat.items()},
+        )
+        fields = dataclasses.asdict(self.options)
+        fields["lora_targets"] = list(fields["lora_targets"])
+        with open(os.path.join(path, ENCODER_FILE), "w", encoding="utf-8") as f:
+            json.dump({"format": "jfe-jax encoder", "options": fields}, f, indent=2)
+
+    # ------------------------------------------------------------------ running
+
+    def prepare(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None):
+        """Checks reference-style arrays and packs them; patch budget rounded to a power of two."""
+        batch = prepare_batch(self.config, input_ids, attention_mask, pixel_values, image_grid_thw)
+        if "pixel_values" in batch:
+            needed = batch["pixel_values"].shape[1]
+            budget = max(16, 2 ** math.ceil(math.log2(needed)))
+            batch = prepare_batch(
+                self.config,
+                input_ids,
+                attention_mask,
+                pixel_values,
+                image_grid_thw,
+                num_patches=budget,
+            )
+        return batch
+
+    def hidden_states(
+        self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None
+    ) -> np.ndarray:
+        """Final-layer hidden states ``[B, L, H]`` as float32 numpy."""
+        batch = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw)
+        return np.asarray(self._forward(self.params, batch)[1])
+
+    def embed(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> np.ndarray:
+        """Pooled (last real token), optionally projected, L2-normalised embeddings ``[B, D]``."""
+        batch = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw)
+        return np.asarray(self._forward(self.params, batch)[0])
+
+    def num_params(self, backbone_only: bool = True) -> int:
+        tree = {k: self.params[k] for k in BACKBONE} if backbone_only else self.params
+        return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+

@@ -1,0 +1,294 @@
+"""Hugging Face Qwen2-VL checkpoints <-> Flax params, through one explicit name map.
+
+``hf_name_map(config)`` lists every tensor of the reference checkpoint with the Flax path it
+fills and how it is transformed (torch ``Linear`` weights are ``[out, in]``, ours ``[in, out]``;
+the Conv3d patch embedding becomes one matmul). Loading checks the map both ways: every tensor
+used, every parameter filled, every shape right, or a ValueError listing what is not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from jfe_jax.models.config import ModelConfig
+from jfe_jax.models.safetensors_io import open_checkpoint, save_checkpoint
+
+# transformers 5 names modules model.language_model.* and model.visual.* in memory but saves
+# (like the original checkpoints) model.* and visual.*; both spellings are read.
+_ALIASES = (("model.language_model.", "model."), ("model.visual.", "visual."))
+
+# Files copied along with the weights when present.
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "generation_config.json",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One checkpoint tensor: its HF name, the Flax path, the layer index, the transform."""
+
+    hf_name: str
+    path: tuple[str, ...]  # path below params, with the unrolled layer name (layers_3)
+    stack: str | None  # name of the scanned collection ('layers', 'blocks') or None
+    layer: int | None
+    kind: str  # 'copy', 'linear' (transpose), 'patch' (Conv3d kernel)
+
+
+def hf_name_map(config: ModelConfig) -> list[Entry]:
+    """Every tensor of a Qwen2-VL checkpoint and where it goes."""
+    entries: list[Entry] = []
+
+    def add(hf_name, path, kind, stack=None, layer=None):
+        entries.append(Entry(hf_name, tuple(path), stack, layer, kind))
+
+    add("model.embed_tokens.weight", ("text", "embed_tokens", "embedding"), "copy")
+    for i in range(config.text.num_layers):
+        hf, fl = f"model.layers.{i}.", ("text", f"layers_{i}")
+        kw = dict(stack="layers", layer=i)
+        add(hf + "input_layernorm.weight", fl + ("input_layernorm", "scale"), "copy", **kw)
+        add(
+            hf + "post_attention_layernorm.weight",
+            fl + ("post_attention_layernorm", "scale"),
+            "copy",
+            **kw,
+        )
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            add(hf + f"self_attn.{proj}.weight", fl + (proj, "kernel"), "linear", **kw)
+            if proj != "o_proj":
+                add(hf + f"self_attn.{proj}.bias", fl + (proj, "bias"), "copy", **kw)
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            add(hf + f"mlp.{proj}.weight", fl + (proj, "kernel"), "linear", **kw)
+    add("model.norm.weight", ("text", "norm", "scale"), "copy")
+    if not config.tie_word_embeddings:
+        add("lm_head.weight", ("text", "lm_head", "kernel"), "linear")
+
+    add("visual.patch_embed.proj.weight", ("vision", "patch_embed", "kernel"), "patch")
+    for i in range(config.vision.depth):
+        hf, fl = f"visual.blocks.{i}.", ("vision", f"blocks_{i}")
+        kw = dict(stack="blocks", layer=i)
+        for norm in ("norm1", "norm2"):
+            add(hf + f"{norm}.weight", fl + (norm, "scale"), "copy", **kw)
+            add(hf + f"{norm}.bias", fl + (norm, "bias"), "copy", **kw)
+        for hf_mod, fl_mod in (("attn.qkv", "qkv"), ("attn.proj", "proj"), ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2")):
+            add(hf + f"{hf_mod}.weight", fl + (fl_mod, "kernel"), "linear", **kw)
+            add(hf + f"{hf_mod}.bias", fl + (fl_mod, "bias"), "copy", **kw)
+    add("visual.merger.ln_q.weight", ("vision", "merger_norm", "scale"), "copy")
+    add("visual.merger.ln_q.bias", ("vision", "merger_norm", "bias"), "copy")
+    for hf_i, fl_mod in (("0", "merger_fc1"), ("2", "merger_fc2")):
+        add(f"visual.merger.mlp.{hf_i}.weight", ("vision", fl_mod, "kernel"), "linear")
+        add(f"visual.merger.mlp.{hf_i}.bias", ("vision", fl_mod, "bias"), "copy")
+    return entries
+
+
+def _to_flax(kind: str, array: np.ndarray) -> np.ndarray:
+    if kind == "linear":
+        return array.T
+    if kind == "patch":
+        return array.reshape(array.shape[0], -1).T
+    return array
+
+
+def _to_hf(kind: str, array: np.ndarray, hf_shape: tuple[int, ...]) -> np.ndarray:
+    if kind == "linear":
+        return np.ascontiguousarray(array.T)
+    if kind == "patch":
+        return np.ascontiguousarray(array.T).reshape(hf_shape)
+    return np.ascontiguousarray(array)
+
+
+def _expected_hf_shape(entry: Entry, config: ModelConfig) -> tuple[int, ...]:
+    t, v = config.text, config.vision
+    kv = t.num_kv_heads * t.head_dim
+    merged = v.embed_dim * v.spatial_merge_size**2
+    leaf = entry.path[-2:]
+    shapes = {
+        ("embed_tokens", "embedding"): (t.vocab_size, t.hidden_size),
+        ("input_layernorm", "scale"): (t.hidden_size,),
+        ("post_attention_layernorm", "scale"): (t.hidden_size,),
+        ("q_proj", "kernel"): (t.hidden_size, t.hidden_size),
+        ("q_proj", "bias"): (t.hidden_size,),
+        ("k_proj", "kernel"): (kv, t.hidden_size),
+        ("k_proj", "bias"): (kv,),
+        ("v_proj", "kernel"): (kv, t.hidden_size),
+        ("v_proj", "bias"): (kv,),
+        ("o_proj", "kernel"): (t.hidden_size, t.hidden_size),
+        ("gate_proj", "kernel"): (t.intermediate_size, t.hidden_size),
+        ("up_proj", "kernel"): (t.intermediate_size, t.hidden_size),
+        ("down_proj", "kernel"): (t.hidden_size, t.intermediate_size),
+        ("norm", "scale"): (t.hidden_size,),
+        ("lm_head", "kernel"): (t.vocab_size, t.hidden_size),
+        ("patch_embed", "kernel"): (
+            v.embed_dim,
+            v.in_channels,
+            v.temporal_patch_size,
+            v.patch_size,
+            v.patch_size,
+        ),
+        ("norm1", "scale"): (v.embed_dim,),
+        ("norm1", "bias"): (v.embed_dim,),
+        ("norm2", "scale"): (v.embed_dim,),
+        ("norm2", "bias"): (v.embed_dim,),
+        ("qkv", "kernel"): (3 * v.embed_dim, v.embed_dim),
+        ("qkv", "bias"): (3 * v.embed_dim,),
+        ("proj", "kernel"): (v.embed_dim, v.embed_dim),
+        ("proj", "bias"): (v.embed_dim,),
+        ("fc1", "kernel"): (v.embed_dim * v.mlp_ratio, v.embed_dim),
+        ("fc1", "bias"): (v.embed_dim * v.mlp_ratio,),
+        ("fc2", "kernel"): (v.embed_dim, v.embed_dim * v.mlp_ratio),
+        ("fc2", "bias"): (v.embed_dim,),
+        ("merger_norm", "scale"): (v.embed_dim,),
+        ("merger_norm", "bias"): (v.embed_dim,),
+        ("merger_fc1", "kernel"): (merged, merged),
+        ("merger_fc1", "bias"): (merged,),
+        ("merger_fc2", "kernel"): (v.out_dim, merged),
+        ("merger_fc2", "bias"): (v.out_dim,),
+    }
+    return shapes[leaf]
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _canonical(name: str) -> str:
+    for old, new in _ALIASES:
+        if name.startswith(old):
+            return new + name[len(old) :]
+    return name
+
+
+def load_hf_params(
+    directory: str, config: ModelConfig, *, scan_layers: bool = False, dtype: Any = np.float32
+) -> dict[str, Any]:
+    """Reads the backbone params (``{'vision': ..., 'text': ...}``) of a HF Qwen2-VL directory.
+
+    Raises:
+      ValueError: listing missing, unexpected and mis-shaped tensors (all of them at once).
+    """
+    files = open_checkpoint(directory)
+    available = {_canonical(name): name for name in files}
+    entries = hf_name_map(config)
+    wanted = {e.hf_name for e in entries}
+    missing = sorted(wanted - set(available))
+    extra = set(available) - wanted
+    if config.tie_word_embeddings and "lm_head.weight" in extra:
+        extra.discard("lm_head.weight")  # a tied head saved anyway: it equals embed_tokens
+    bad_shapes = []
+    for e in entries:
+        if e.hf_name in available:
+            got = files[available[e.hf_name]].shape(available[e.hf_name])
+            want = _expected_hf_shape(e, config)
+            if got != want:
+                bad_shapes.append(f"{e.hf_name}: {list(got)} (expected {list(want)})")
+    if missing or extra or bad_shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing: {', '.join(missing[:20])}")
+        if extra:
+            parts.append(f"{len(extra)} unexpected: {', '.join(sorted(extra)[:20])}")
+        if bad_shapes:
+            parts.append(f"{len(bad_shapes)} mis-shaped: {'; '.join(bad_shapes[:20])}")
+        raise ValueError(f"checkpoint {directory} does not match its config: " + " | ".join(parts))
+
+    params: dict[str, Any] = {}
+    stacked: dict[tuple[tuple[str, ...], str], dict[int, np.ndarray]] = {}
+    for e in entries:
+        name = available[e.hf_name]
+        value = _to_flax(e.kind, files[name].get(name)).astype(dtype)
+        if scan_layers and e.stack is not None:
+            # ('text', 'layers_3', 'q_proj', 'kernel') -> ('text', 'layers', 'q_proj', 'kernel')
+            key = (e.path[:1] + (e.stack,) + e.path[2:], e.stack)
+            stacked.setdefault(key, {})[e.layer] = value
+        else:
+            _set(params, e.path, np.ascontiguousarray(value))
+    for (path, _), layers in stacked.items():
+        _set(params, path, np.stack([layers[i] for i in range(len(layers))]))
+    return params
+
+
+def merged_lora_kernel(module_params: Mapping[str, Any], lora_alpha: float) -> np.ndarray:
+    """``kernel + (alpha / rank) * lora_a @ lora_b`` (or the kernel when there is no adapter)."""
+    kernel = np.asarray(module_params["kernel"], dtype=np.float32)
+    if "lora_a" not in module_params:
+        return kernel
+    a = np.asarray(module_params["lora_a"], dtype=np.float32)
+    b = np.asarray(module_params["lora_b"], dtype=np.float32)
+    rank = a.shape[-1]
+    return kernel + (lora_alpha / rank) * np.matmul(a, b)
+
+
+def export_hf_tensors(
+    params: Mapping[str, Any],
+    config: ModelConfig,
+    *,
+    lora_alpha: float = 0.0,
+    dtype: Any = np.float32,
+) -> dict[str, np.ndarray]:
+    """Backbone params (scanned or not; LoRA merged) -> HF tensor dict."""
+    scanned = "layers" in params["text"]
+    tensors = {}
+    for e in hf_name_map(config):
+        path, layer = e.path, None
+        if scanned and e.stack is not None:
+            path, layer = e.path[:1] + (e.stack,) + e.path[2:], e.layer
+        module = _get(params, path[:-1])
+        if path[-1] == "kernel":
+            if layer is not None:
+                module = {k: np.asarray(v)[layer] for k, v in module.items()}
+            value = merged_lora_kernel(module, lora_alpha)
+        else:
+            value = np.asarray(module[path[-1]])
+            if layer is not None:
+                value = value[layer]
+        hf_shape = _expected_hf_shape(e, config)
+        tensors[e.hf_name] = _to_hf(e.kind, np.asarray(value, dtype=np.float32), hf_shape).astype(dtype)
+    return tensors
+
+
+def save_hf_checkpoint(
+    directory: str,
+    params: Mapping[str, Any],
+    config: ModelConfig,
+    *,
+    lora_alpha: float = 0.0,
+    dtype: Any = np.float32,
+    side_files_from: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> None:
+    """Writes config.json + safetensors that transformers' Qwen2VLForConditionalGeneration loads."""
+    os.makedirs(directory, exist_ok=True)
+    tensors = export_hf_tensors(params, config, lora_alpha=lora_alpha, dtype=dtype)
+    save_checkpoint(directory, tensors, max_shard_bytes=max_shard_bytes)
+    hf_config = config.to_hf_dict()
+    hf_config["dtype"] = np.dtype(dtype).name
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(hf_config, f, indent=2, sort_keys=True)
+    if side_files_from and os.path.abspath(side_files_from) != os.path.abspath(directory):
+        for name in SIDE_FILES:
+            src = os.path.join(side_files_from, name)
+            if os.path.isfile(src):
+                shutil.copyfile(src, os.path.join(directory, name))

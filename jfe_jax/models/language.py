@@ -1,0 +1,172 @@
+"""The Qwen2 decoder of Qwen2-VL with multimodal rotary position embedding (M-RoPE).
+
+Image tokens from the vision tower replace the embeddings of the ``<|image_pad|>`` tokens,
+then every layer sees text and image together (early fusion).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jfe_jax.models import axes
+from jfe_jax.models.config import TextConfig
+from jfe_jax.models.layers import Linear, RMSNorm, apply_rotary, attention, run_layers, stack_layers
+
+Dtype = Any
+
+LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def mrope(position_ids: jax.Array, config: TextConfig) -> tuple[jax.Array, jax.Array]:
+    """M-RoPE angles: ``position_ids [3, B, L]`` (temporal, height, width) -> cos, sin ``[B, L, D]``.
+
+    The head's frequencies are split into ``mrope_section`` chunks; chunk i rotates with
+    position stream i % 3, then the half is repeated.
+    """
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    freqs = position_ids.astype(jnp.float32)[..., None] * inv_freq  # [3, B, L, D/2]
+    chunks, start = [], 0
+    for i, size in enumerate(config.mrope_section):
+        chunks.append(freqs[i % 3, ..., start : start + size])
+        start += size
+    freqs = jnp.concatenate(chunks, axis=-1)
+    freqs = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(freqs), jnp.sin(freqs)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer: RMSNorm -> GQA attention (q/k/v bias) -> RMSNorm -> SwiGLU."""
+
+    config: TextConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_targets: tuple[str, ...] = ()
+
+    def _linear(self, name, features, kernel_axes, use_bias):
+        lora = name in self.lora_targets
+        return Linear(
+            features,
+            use_bias=use_bias,
+            kernel_axes=kernel_axes,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            lora_rank=self.lora_rank if lora else 0,
+            lora_alpha=self.lora_alpha,
+            name=name,
+        )
+
+    @nn.compact
+    def __call__(self, x, mask, cos, sin):
+        cfg = self.config
+        batch, length, _ = x.shape
+        norm_kw = dict(eps=cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        h = RMSNorm(name="input_layernorm", **norm_kw)(x)
+        q = self._linear("q_proj", cfg.num_heads * cfg.head_dim, (axes.EMBED, axes.Q_HEADS), True)(h)
+        k = self._linear("k_proj", cfg.num_kv_heads * cfg.head_dim, (axes.EMBED, axes.KV_HEADS), True)(h)
+        v = self._linear("v_proj", cfg.num_kv_heads * cfg.head_dim, (axes.EMBED, axes.KV_HEADS), True)(h)
+        q = q.reshape(batch, length, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
+        q = axes.constrain(q, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS, None))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        h = attention(q, k, v, mask, dtype=self.dtype).reshape(batch, length, -1)
+        h = self._linear("o_proj", cfg.hidden_size, (axes.Q_HEADS, axes.EMBED), False)(h)
+        x = x + h
+        h = RMSNorm(name="post_attention_layernorm", **norm_kw)(x)
+        gate = self._linear("gate_proj", cfg.intermediate_size, (axes.EMBED, axes.MLP), False)(h)
+        up = self._linear("up_proj", cfg.intermediate_size, (axes.EMBED, axes.MLP), False)(h)
+        h = jax.nn.silu(gate) * up
+        h = axes.constrain(h, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_MLP))
+        h = self._linear("down_proj", cfg.hidden_size, (axes.MLP, axes.EMBED), False)(h)
+        x = x + h
+        x = axes.constrain(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
+        return x, None
+
+
+class LanguageModel(nn.Module):
+    """Token embedding, image-token placement, decoder stack and final RMSNorm."""
+
+    config: TextConfig
+    image_token_id: int
+    tie_word_embeddings: bool
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    scan_layers: bool = False
+    remat: str = "none"
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_targets: tuple[str, ...] = ()
+
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            embedding_init=axes.param_init(nn.initializers.normal(0.02), (axes.VOCAB, axes.EMBED)),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        self.layers = stack_layers(
+            DecoderLayer,
+            num_layers=cfg.num_layers,
+            scan=self.scan_layers,
+            remat=self.remat,
+            broadcast_args=3,
+            name_prefix=None,
+            parent_kwargs=dict(
+                config=cfg,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                lora_rank=self.lora_rank,
+                lora_alpha=self.lora_alpha,
+                lora_targets=self.lora_targets,
+            ),
+        )
+        self.norm = RMSNorm(eps=cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        if not self.tie_word_embeddings:
+            # Unused by the encoder; kept so checkpoints round-trip to Hugging Face unchanged.
+            self.lm_head = Linear(
+                cfg.vocab_size,
+                use_bias=False,
+                kernel_axes=(axes.EMBED, axes.VOCAB),
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+            )
+
+    def __call__(self, input_ids, attention_mask, position_ids, image_features=None):
+        """Final-layer hidden states ``[B, L, H]`` (after the final norm).
+
+        Args:
+          input_ids: ``[B, L]`` int.
+          attention_mask: ``[B, L]``, 1 for real tokens, 0 for padding (left or right).
+          position_ids: ``[B, 3, L]`` M-RoPE positions (``jfe_jax.models.inputs``).
+          image_features: ``[B, K, H]`` merged image tokens; the j-th ``<|image_pad|>`` of row b
+            takes ``image_features[b, j]``.
+        """
+        x = self.embed_tokens(input_ids)
+        if image_features is not None:
+            is_image = input_ids == self.image_token_id
+            index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image_features.shape[1] - 1)
+            placed = jnp.take_along_axis(image_features, index[..., None], axis=1)
+            x = jnp.where(is_image[..., None], placed.astype(x.dtype), x)
+        x = axes.constrain(x, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
+        valid = attention_mask.astype(bool)
+        length = input_ids.shape[1]
+        causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+        mask = causal[None] & valid[:, None, :]
+        cos, sin = mrope(jnp.swapaxes(position_ids, 0, 1), self.config)
+        x = run_layers(self.layers, x, mask, cos, sin)
+        return self.norm(x)
+
+    def logits(self, hidden_states):
+        """Next-token logits (not used for retrieval; available for checks and generation)."""
+        if self.tie_word_embeddings:
+            return self.embed_tokens.attend(hidden_states)
+        return self.lm_head(hidden_states)

@@ -1,0 +1,118 @@
+"""The JFE one-tower encoder: Qwen2-VL reads image and text as one sequence, the last token embeds.
+
+``OneTowerEncoder.apply(variables, batch)`` returns ``(embedding, out)``: the L2-normalised
+embedding ``[B, D]`` and a dict of named intermediates (``last_hidden_state``, ``pooled``).
+The batch dict is what ``jfe_jax.models.inputs.prepare_batch`` (or the data pipeline) makes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jfe_jax.models import axes
+from jfe_jax.models.config import ModelConfig
+from jfe_jax.models.language import LORA_TARGETS_ALL, LanguageModel
+from jfe_jax.models.layers import Linear
+from jfe_jax.models.vision import VisionTower
+
+Dtype = Any
+
+
+def pool_last_token(hidden_states: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """Hidden state of each row's last real token (works for left and right padding)."""
+    length = attention_mask.shape[1]
+    positions = jnp.where(attention_mask.astype(bool), jnp.arange(length)[None, :], -1)
+    last = jnp.max(positions, axis=1)
+    return jnp.take_along_axis(hidden_states, last[:, None, None], axis=1)[:, 0]
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
+class OneTowerEncoder(nn.Module):
+    """Early-fusion retriever over a Qwen2-VL backbone.
+
+    Attributes:
+      config: the backbone's architecture.
+      dtype: compute dtype of the matmuls (norms, softmax, pooling and the output are float32).
+      param_dtype: storage dtype of the parameters.
+      scan_layers: scan over the decoder layers and vision blocks (stacked params, fast compile).
+      remat: rematerialisation policy per layer: none, full, dots, dots_no_batch.
+      lora_rank: LoRA rank on ``lora_targets`` of the language model; 0 disables LoRA.
+      lora_alpha: LoRA scale numerator (the update is scaled by alpha / rank).
+      lora_targets: names of the decoder's projections that get adapters.
+      projection_dim: size of an optional linear head after pooling; 0 keeps the LLM width.
+      temperature: initial contrastive temperature, stored as the learnable ``logit_scale``
+        = log(1 / temperature) param (the trainer decides whether it learns).
+    """
+
+    config: ModelConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    scan_layers: bool = False
+    remat: str = "none"
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS_ALL
+    projection_dim: int = 0
+    temperature: float = 0.05
+
+    def setup(self):
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        unknown = set(self.lora_targets) - set(LORA_TARGETS_ALL)
+        if unknown:
+            raise ValueError(
+                f"unknown LoRA targets {sorted(unknown)}; expected some of {list(LORA_TARGETS_ALL)}"
+            )
+        self.vision = VisionTower(cfg.vision, scan_layers=self.scan_layers, remat=self.remat, **kw)
+        self.text = LanguageModel(
+            cfg.text,
+            image_token_id=cfg.image_token_id,
+            tie_word_embeddings=cfg.tie_word_embeddings,
+            scan_layers=self.scan_layers,
+            remat=self.remat,
+            lora_rank=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+            lora_targets=tuple(self.lora_targets),
+            **kw,
+        )
+        if self.projection_dim:
+            self.projection = Linear(
+                self.projection_dim, use_bias=False, kernel_axes=(axes.EMBED, axes.PROJ), **kw
+            )
+        self.logit_scale = self.param(
+            "logit_scale",
+            axes.param_init(nn.initializers.constant(math.log(1.0 / self.temperature)), ()),
+            (),
+            jnp.float32,
+        )
+
+    def hidden_states(self, batch: dict[str, jax.Array]) -> jax.Array:
+        """Final-layer hidden states ``[B, L, H]`` of the fused image+text sequence."""
+        image_features = None
+        if "pixel_values" in batch and batch["pixel_values"].shape[1] > 0:
+            image_features = self.vision(
+                batch["pixel_values"], batch["patch_segment_ids"], batch["patch_positions"]
+            )
+        return self.text(
+            batch["input_ids"], batch["attention_mask"], batch["position_ids"], image_features
+        )
+
+    def __call__(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        hidden = self.hidden_states(batch)
+        pooled = pool_last_token(hidden, batch["attention_mask"])
+        features = self.projection(pooled) if self.projection_dim else pooled
+        embedding = l2_normalize(features)
+        return embedding, {"last_hidden_state": hidden, "pooled": pooled}
+
+    def scale(self) -> jax.Array:
+        """``exp(logit_scale)`` = 1 / temperature."""
+        return jnp.exp(self.logit_scale)
