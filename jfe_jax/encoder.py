@@ -18,10 +18,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.hf_io import load_hf_params, save_hf_checkpoint
@@ -141,7 +141,9 @@ class Encoder:
         return cls(config, init_params(module, jax.random.key(seed)), options)
 
     @classmethod
-    def from_pretrained(cls, path: str, options: EncoderOptions | None = None, **overrides) -> Encoder:
+    def from_pretrained(
+        cls, path: str, options: EncoderOptions | None = None, **overrides
+    ) -> Encoder:
         """Loads a Hugging Face Qwen2-VL directory (config.json + safetensors).
 
         Options come from ``options``, else from the directory's ``jfe_encoder.json`` when it
@@ -223,7 +225,9 @@ class Encoder:
         batch = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw)
         return np.asarray(self._forward(self.params, batch)[1])
 
-    def embed(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> np.ndarray:
+    def embed(
+        self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None
+    ) -> np.ndarray:
         """Pooled (last real token), optionally projected, L2-normalised embeddings ``[B, D]``."""
         batch = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw)
         return np.asarray(self._forward(self.params, batch)[0])
@@ -231,5 +235,3 @@ class Encoder:
     def num_params(self, backbone_only: bool = True) -> int:
         tree = {k: self.params[k] for k in BACKBONE} if backbone_only else self.params
         return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
-
-

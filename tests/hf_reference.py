@@ -40,7 +40,9 @@ def reference_hidden_states(model, input_ids, attention_mask, pixel_values=None,
     kwargs = dict(
         input_ids=torch.as_tensor(input_ids, dtype=torch.long),
         attention_mask=torch.as_tensor(attention_mask, dtype=torch.long),
-        mm_token_type_ids=torch.as_tensor((np.asarray(input_ids) == image_token_id).astype(np.int64)),
+        mm_token_type_ids=torch.as_tensor(
+            (np.asarray(input_ids) == image_token_id).astype(np.int64)
+        ),
     )
     if pixel_values is not None:
         kwargs["pixel_values"] = torch.as_tensor(pixel_values, dtype=torch.float32)

@@ -16,7 +16,10 @@ COSINE_MIN = 0.9999  # cosine of pooled embeddings, float32
 CASES = {
     "text_only": ([[9], [5]], "right"),
     "one_image": ([[3, (4, 6), 4]], "right"),
-    "images_of_different_sizes": ([[2, (2, 8), 3, (6, 4), 1], [4, (4, 4), 2], [(10, 2), 5]], "right"),
+    "images_of_different_sizes": (
+        [[2, (2, 8), 3, (6, 4), 1], [4, (4, 4), 2], [(10, 2), 5]],
+        "right",
+    ),
     "text_and_image_rows_mixed": ([[7], [2, (4, 4), 3], [11]], "right"),
     "left_padding": ([[2, (6, 6), 2], [4], [3, (2, 4), 6]], "left"),
 }

@@ -52,7 +52,11 @@ class TextConfig:
     num_kv_heads: int = 4
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
-    mrope_section: tuple[int, int, int] = (16, 24, 24)  # temporal, height, width halves of head_dim/2
+    mrope_section: tuple[int, int, int] = (
+        16,
+        24,
+        24,
+    )  # temporal, height, width halves of head_dim/2
     hidden_act: str = "silu"
 
     @property
@@ -77,9 +81,13 @@ class ModelConfig:
         t, v = self.text, self.vision
         problems = []
         if t.hidden_size % t.num_heads:
-            problems.append(f"hidden_size {t.hidden_size} is not divisible by num_heads {t.num_heads}")
+            problems.append(
+                f"hidden_size {t.hidden_size} is not divisible by num_heads {t.num_heads}"
+            )
         if t.num_heads % t.num_kv_heads:
-            problems.append(f"num_heads {t.num_heads} is not a multiple of num_kv_heads {t.num_kv_heads}")
+            problems.append(
+                f"num_heads {t.num_heads} is not a multiple of num_kv_heads {t.num_kv_heads}"
+            )
         if t.head_dim % 2 or sum(t.mrope_section) * 2 != t.head_dim:
             problems.append(
                 f"mrope_section {list(t.mrope_section)} must sum to head_dim/2 = {t.head_dim // 2}"
@@ -109,7 +117,8 @@ class ModelConfig:
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
-                f"unsupported model_type {model_type!r}: jfe-jax reads {list(SUPPORTED_MODEL_TYPES)}"
+                f"unsupported model_type {model_type!r}: jfe-jax reads "
+                f"{list(SUPPORTED_MODEL_TYPES)}"
             )
         text = dict(d.get("text_config") or {})
         # The original checkpoints keep the text fields at the top level.
@@ -120,7 +129,9 @@ class ModelConfig:
         rope_theta = rope.get("rope_theta", text.get("rope_theta", 1_000_000.0))
         mrope = tuple(rope.get("mrope_section", (16, 24, 24)))
         if text.get("use_sliding_window"):
-            raise ValueError("use_sliding_window=True is not supported (Qwen2-VL checkpoints use full attention)")
+            raise ValueError(
+                "use_sliding_window=True is not supported (Qwen2-VL checkpoints use full attention)"
+            )
         act = text.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"text hidden_act {act!r} is not supported (expected 'silu')")
@@ -153,7 +164,9 @@ class ModelConfig:
             hidden_act=vd.get("hidden_act", "quick_gelu"),
         )
         if v.hidden_act != "quick_gelu":
-            raise ValueError(f"vision hidden_act {v.hidden_act!r} is not supported (expected 'quick_gelu')")
+            raise ValueError(
+                f"vision hidden_act {v.hidden_act!r} is not supported (expected 'quick_gelu')"
+            )
         return cls(
             vision=v,
             text=t,

@@ -85,7 +85,12 @@ def hf_name_map(config: ModelConfig) -> list[Entry]:
         for norm in ("norm1", "norm2"):
             add(hf + f"{norm}.weight", fl + (norm, "scale"), "copy", **kw)
             add(hf + f"{norm}.bias", fl + (norm, "bias"), "copy", **kw)
-        for hf_mod, fl_mod in (("attn.qkv", "qkv"), ("attn.proj", "proj"), ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2")):
+        for hf_mod, fl_mod in (
+            ("attn.qkv", "qkv"),
+            ("attn.proj", "proj"),
+            ("mlp.fc1", "fc1"),
+            ("mlp.fc2", "fc2"),
+        ):
             add(hf + f"{hf_mod}.weight", fl + (fl_mod, "kernel"), "linear", **kw)
             add(hf + f"{hf_mod}.bias", fl + (fl_mod, "bias"), "copy", **kw)
     add("visual.merger.ln_q.weight", ("vision", "merger_norm", "scale"), "copy")
@@ -265,7 +270,9 @@ def export_hf_tensors(
             if layer is not None:
                 value = value[layer]
         hf_shape = _expected_hf_shape(e, config)
-        tensors[e.hf_name] = _to_hf(e.kind, np.asarray(value, dtype=np.float32), hf_shape).astype(dtype)
+        tensors[e.hf_name] = _to_hf(e.kind, np.asarray(value, dtype=np.float32), hf_shape).astype(
+            dtype
+        )
     return tensors
 
 

@@ -65,7 +65,9 @@ def mrope_position_ids(
         current += text_len
         t, h, w = int(grid[0]), int(grid[1]) // merge_size, int(grid[2]) // merge_size
         tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
-        out[:, start : start + run_length] = current + np.stack([tt.ravel(), hh.ravel(), ww.ravel()])
+        out[:, start : start + run_length] = current + np.stack(
+            [tt.ravel(), hh.ravel(), ww.ravel()]
+        )
         current += max(h, w)
         cursor = start + run_length
     out[:, cursor:] = current + np.arange(ids.shape[0] - cursor)
@@ -210,7 +212,9 @@ def prepare_batch(
     offsets = np.concatenate([[0], np.cumsum(np.prod(grids, axis=1))])
     row_patches = [int(sum(np.prod(grids[i]) for i in imgs)) for imgs in row_images]
     multiple = max(patch_multiple, merge**2)
-    budget = num_patches if num_patches is not None else round_up(max(max(row_patches), 1), multiple)
+    budget = (
+        num_patches if num_patches is not None else round_up(max(max(row_patches), 1), multiple)
+    )
     if budget % merge**2:
         raise ValueError(f"patch budget {budget} is not a multiple of merge_size**2 = {merge**2}")
     if max(row_patches) > budget:

@@ -22,7 +22,7 @@ LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 
 
 def mrope(position_ids: jax.Array, config: TextConfig) -> tuple[jax.Array, jax.Array]:
-    """M-RoPE angles: ``position_ids [3, B, L]`` (temporal, height, width) -> cos, sin ``[B, L, D]``.
+    """M-RoPE angles: ``position_ids [3, B, L]`` (temporal, height, width) -> ``[B, L, D]``.
 
     The head's frequencies are split into ``mrope_section`` chunks; chunk i rotates with
     position stream i % 3, then the half is repeated.
@@ -68,9 +68,15 @@ class DecoderLayer(nn.Module):
         batch, length, _ = x.shape
         norm_kw = dict(eps=cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(name="input_layernorm", **norm_kw)(x)
-        q = self._linear("q_proj", cfg.num_heads * cfg.head_dim, (axes.EMBED, axes.Q_HEADS), True)(h)
-        k = self._linear("k_proj", cfg.num_kv_heads * cfg.head_dim, (axes.EMBED, axes.KV_HEADS), True)(h)
-        v = self._linear("v_proj", cfg.num_kv_heads * cfg.head_dim, (axes.EMBED, axes.KV_HEADS), True)(h)
+        q = self._linear("q_proj", cfg.num_heads * cfg.head_dim, (axes.EMBED, axes.Q_HEADS), True)(
+            h
+        )
+        k = self._linear(
+            "k_proj", cfg.num_kv_heads * cfg.head_dim, (axes.EMBED, axes.KV_HEADS), True
+        )(h)
+        v = self._linear(
+            "v_proj", cfg.num_kv_heads * cfg.head_dim, (axes.EMBED, axes.KV_HEADS), True
+        )(h)
         q = q.reshape(batch, length, cfg.num_heads, cfg.head_dim)
         k = k.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
@@ -163,7 +169,10 @@ class LanguageModel(nn.Module):
         mask = causal[None] & valid[:, None, :]
         cos, sin = mrope(jnp.swapaxes(position_ids, 0, 1), self.config)
         x = run_layers(self.layers, x, mask, cos, sin)
-        return self.norm(x)
+        x = self.norm(x)
+        if self.is_initializing() and not self.tie_word_embeddings:
+            self.lm_head(x[:, :1])  # create the (unused) head's params at init
+        return x
 
     def logits(self, hidden_states):
         """Next-token logits (not used for retrieval; available for checks and generation)."""

@@ -66,7 +66,9 @@ class Linear(nn.Module):
                 self.param_dtype,
             )
             scale = self.lora_alpha / self.lora_rank
-            y = y + scale * jnp.dot(jnp.dot(x, lora_a.astype(self.dtype)), lora_b.astype(self.dtype))
+            y = y + scale * jnp.dot(
+                jnp.dot(x, lora_a.astype(self.dtype)), lora_b.astype(self.dtype)
+            )
         if self.use_bias:
             bias = self.param(
                 "bias",
@@ -88,7 +90,10 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param(
-            "scale", axes.param_init(nn.initializers.ones, (axes.NORM,)), (x.shape[-1],), self.param_dtype
+            "scale",
+            axes.param_init(nn.initializers.ones, (axes.NORM,)),
+            (x.shape[-1],),
+            self.param_dtype,
         )
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
@@ -106,10 +111,16 @@ class LayerNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         features = x.shape[-1]
         scale = self.param(
-            "scale", axes.param_init(nn.initializers.ones, (axes.NORM,)), (features,), self.param_dtype
+            "scale",
+            axes.param_init(nn.initializers.ones, (axes.NORM,)),
+            (features,),
+            self.param_dtype,
         )
         bias = self.param(
-            "bias", axes.param_init(nn.initializers.zeros, (axes.NORM,)), (features,), self.param_dtype
+            "bias",
+            axes.param_init(nn.initializers.zeros, (axes.NORM,)),
+            (features,),
+            self.param_dtype,
         )
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
@@ -176,7 +187,9 @@ def remat_policy(name: str):
         "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     }
     if name not in policies:
-        raise ValueError(f"unknown remat policy {name!r}; expected 'none' or one of {sorted(policies)}")
+        raise ValueError(
+            f"unknown remat policy {name!r}; expected 'none' or one of {sorted(policies)}"
+        )
     return policies[name]
 
 
@@ -195,6 +208,7 @@ def stack_layers(
     A layer is called as ``layer(carry, *broadcast) -> (carry, None)``. Pass ``name_prefix=None``
     from ``setup`` (Flax names attributes itself: ``layers`` or ``layers_0, layers_1, ...``).
     """
+
     def named(suffix: str) -> dict:
         return {} if name_prefix is None else {"name": name_prefix + suffix}
 

@@ -136,7 +136,7 @@ def _shards(tensors: dict[str, np.ndarray], max_bytes: int) -> Iterator[dict[str
 def save_checkpoint(
     directory: str, tensors: dict[str, np.ndarray], *, max_shard_bytes: int = 5 * 2**30
 ) -> list[str]:
-    """Writes ``model.safetensors``, or shards plus an index when larger than ``max_shard_bytes``."""
+    """Writes ``model.safetensors``, or shards and an index when over ``max_shard_bytes``."""
     os.makedirs(directory, exist_ok=True)
     shards = list(_shards(tensors, max_shard_bytes))
     if len(shards) <= 1:

@@ -1,4 +1,4 @@
-"""Named model sizes: ``tiny`` for tests, ``small`` for CPU benchmarks, ``2b``/``7b`` as Qwen2-VL."""
+"""Named model sizes: ``tiny`` (tests), ``small`` (CPU benchmarks), ``2b``/``7b`` (Qwen2-VL)."""
 
 from __future__ import annotations
 

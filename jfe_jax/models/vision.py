@@ -17,7 +17,14 @@ import jax.numpy as jnp
 
 from jfe_jax.models import axes
 from jfe_jax.models.config import VisionConfig
-from jfe_jax.models.layers import LayerNorm, Linear, apply_rotary, attention, run_layers, stack_layers
+from jfe_jax.models.layers import (
+    LayerNorm,
+    Linear,
+    apply_rotary,
+    attention,
+    run_layers,
+    stack_layers,
+)
 
 Dtype = Any
 
@@ -61,7 +68,9 @@ class VisionBlock(nn.Module):
         h = Linear(cfg.embed_dim, kernel_axes=(axes.V_QKV, axes.V_EMBED), name="proj", **kw)(h)
         x = x + h
         h = LayerNorm(name="norm2", **kw)(x)
-        h = Linear(cfg.embed_dim * cfg.mlp_ratio, kernel_axes=(axes.V_EMBED, axes.V_MLP), name="fc1", **kw)(h)
+        h = Linear(
+            cfg.embed_dim * cfg.mlp_ratio, kernel_axes=(axes.V_EMBED, axes.V_MLP), name="fc1", **kw
+        )(h)
         h = quick_gelu(h)
         h = Linear(cfg.embed_dim, kernel_axes=(axes.V_MLP, axes.V_EMBED), name="fc2", **kw)(h)
         x = x + h
@@ -90,10 +99,16 @@ class VisionTower(nn.Module):
         batch, num_patches, _ = pixel_values.shape
         merge = cfg.spatial_merge_size**2
         if num_patches % merge:
-            raise ValueError(f"patch budget {num_patches} is not a multiple of merge_size**2 = {merge}")
+            raise ValueError(
+                f"patch budget {num_patches} is not a multiple of merge_size**2 = {merge}"
+            )
         # The reference's Conv3d has stride == kernel, i.e. one matmul per flattened patch.
         x = Linear(
-            cfg.embed_dim, use_bias=False, kernel_axes=(axes.PATCH, axes.V_EMBED), name="patch_embed", **kw
+            cfg.embed_dim,
+            use_bias=False,
+            kernel_axes=(axes.PATCH, axes.V_EMBED),
+            name="patch_embed",
+            **kw,
         )(pixel_values)
         x = axes.constrain(x, (axes.ACT_BATCH, axes.ACT_PATCHES, axes.ACT_EMBED))
         cos, sin = vision_rotary(patch_positions, cfg.head_dim, cfg.rope_theta)
@@ -112,7 +127,9 @@ class VisionTower(nn.Module):
         # Patch merger: LayerNorm, group each 2x2 block of patches, MLP into the LLM width.
         x = LayerNorm(name="merger_norm", **kw)(x)
         x = x.reshape(batch, num_patches // merge, merge * cfg.embed_dim)
-        x = Linear(merge * cfg.embed_dim, kernel_axes=(axes.V_EMBED, axes.MERGED), name="merger_fc1", **kw)(x)
+        x = Linear(
+            merge * cfg.embed_dim, kernel_axes=(axes.V_EMBED, axes.MERGED), name="merger_fc1", **kw
+        )(x)
         x = jax.nn.gelu(x, approximate=False)
         x = Linear(cfg.out_dim, kernel_axes=(axes.MERGED, axes.EMBED), name="merger_fc2", **kw)(x)
         return axes.constrain(x, (axes.ACT_BATCH, axes.ACT_PATCHES, axes.ACT_EMBED))
