@@ -3,6 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 WORKDIR ?= workdir/demo
+LINT_PATHS := jfe_jax tests $(wildcard benchmarks/*.py configs/*.py launch/*.py)
 
 .PHONY: venv demo test lint format
 
@@ -18,12 +19,12 @@ demo: venv
 
 test: venv
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q tests
-	$(BIN)/ruff check jfe_jax tests benchmarks configs launch
+	$(BIN)/ruff check $(LINT_PATHS)
 
 lint: venv
-	$(BIN)/ruff check jfe_jax tests benchmarks configs launch
-	$(BIN)/ruff format --check jfe_jax tests benchmarks configs launch
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 format: venv
-	$(BIN)/ruff format jfe_jax tests benchmarks configs launch
-	$(BIN)/ruff check --fix jfe_jax tests benchmarks configs launch
+	$(BIN)/ruff format $(LINT_PATHS)
+	$(BIN)/ruff check --fix $(LINT_PATHS)

@@ -243,3 +243,19 @@ def test_invalid_config_numbers_are_rejected():
     with pytest.raises(ValueError, match=r"mrope_section \[2, 2, 2\] must sum to head_dim/2 = 8"):
         config.replace(text=bad_text).validate()
     assert isinstance(config, ModelConfig)
+
+
+def test_cli_convert_writes_bfloat16_that_transformers_loads(hf_dir, tmp_path, capsys):
+    from jfe_jax.cli import main
+
+    assert (
+        main(["convert", "--src", hf_dir, "--dst", str(tmp_path / "bf16"), "--dtype", "bfloat16"])
+        == 0
+    )
+    assert "backbone parameters in bfloat16" in capsys.readouterr().out
+    st = SafetensorsFile(str(tmp_path / "bf16" / "model.safetensors"))
+    assert str(st.get("model.norm.weight").dtype) == "bfloat16"
+    _, info = _load_transformers(str(tmp_path / "bf16"))
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert main(["convert", "--src", str(tmp_path / "nothing"), "--dst", str(tmp_path / "x")]) == 2
+    assert "is not a directory" in capsys.readouterr().err

@@ -1,0 +1,63 @@
+"""The ``jfe`` command.
+
+    jfe convert --src HF_DIR --dst OUT_DIR [--dtype bfloat16] [--check]
+
+Subcommands are registered in ``COMMANDS``; each has its own ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+
+def _convert(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="jfe convert",
+        description="Read a Hugging Face Qwen2-VL directory (or a jfe-jax export) into JAX and "
+        "write it back in Hugging Face format, optionally in another dtype.",
+    )
+    parser.add_argument("--src", required=True, help="Hugging Face model directory to read")
+    parser.add_argument("--dst", required=True, help="directory to write")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+
+    from jfe_jax.encoder import Encoder
+
+    encoder = Encoder.from_pretrained(args.src)
+    encoder.save_pretrained(args.dst, dtype=args.dtype)
+    cfg = encoder.config
+    print(
+        f"wrote {args.dst}: {encoder.num_params():,} backbone parameters in {args.dtype} "
+        f"(text layers {cfg.text.num_layers}, vision blocks {cfg.vision.depth})"
+    )
+    return 0
+
+
+COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "convert": (_convert, "re-save a Hugging Face Qwen2-VL checkpoint through JAX"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``jfe`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = ["usage: jfe COMMAND [options]", "", "commands:"]
+        lines += [f"  {name:12s} {help_}" for name, (_, help_) in COMMANDS.items()]
+        print("\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\njfe: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    command, _ = COMMANDS[argv[0]]
+    try:
+        return command(argv[1:])
+    except ValueError as e:  # bad input: one clear line, no traceback
+        print(f"jfe {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
