@@ -5,6 +5,7 @@
 
 __version__ = "0.1.0"
 
+from jfe_jax.data.image_processor import ImageProcessor  # noqa: E402
 from jfe_jax.encoder import Encoder, EncoderOptions  # noqa: E402
 
-__all__ = ["Encoder", "EncoderOptions", "__version__"]
+__all__ = ["Encoder", "EncoderOptions", "ImageProcessor", "__version__"]
