@@ -1,0 +1,139 @@
+"""Gradient caching (Gao et al. 2021, "GradCache") for contrastive batches larger than memory.
+
+Plain gradient accumulation over micro-batches would shrink the negatives to one micro-batch.
+Gradient caching keeps the full global batch in the loss and only bounds the activation memory:
+
+1. embed every batch in chunks of ``chunk_size`` rows without gradients (only the [B, D]
+   embeddings are kept);
+2. compute the loss on the full embeddings and its gradient with respect to the embeddings and
+   to the parameters the loss reads directly (e.g. a learnable temperature);
+3. re-run each chunk under ``jax.vjp`` with its slice of the embedding gradient as cotangent and
+   sum the parameter gradients over the chunks.
+
+The result equals ``jax.value_and_grad`` of the whole-batch loss up to float rounding, at the
+cost of one extra forward pass. Step 3 recomputes the forward of step 1, so ``embed_fn`` must be
+deterministic (no dropout, or the same randomness in both passes); the encoder here has none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+EmbedFn = Callable[[Any, Any], jax.Array]
+LossFn = Callable[..., tuple[jax.Array, Any]]
+
+
+def _batch_size(batch: Any, name: str) -> int:
+    """The common leading size of the leaves of ``batch``."""
+    sizes = {
+        jax.tree_util.keystr(path): leaf.shape[0]
+        for path, leaf in jax.tree_util.tree_leaves_with_path(batch)
+    }
+    if not sizes:
+        raise ValueError(f"{name} has no arrays")
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"{name} leaves disagree on their leading (batch) size: {sizes}")
+    return next(iter(sizes.values()))
+
+
+def _to_chunks(x: jax.Array, num_chunks: int) -> jax.Array:
+    """[B, ...] -> [num_chunks, B / num_chunks, ...], chunk k holding rows k, k + n, k + 2n, ...
+
+    Strided rather than contiguous chunks: with the batch sharded contiguously over the
+    data-parallel devices, every device then holds an equal part of every chunk, so all devices
+    work on each chunk (given chunk_size is a multiple of the data-parallel size).
+    """
+    chunk_size = x.shape[0] // num_chunks
+    return jnp.swapaxes(x.reshape(chunk_size, num_chunks, *x.shape[1:]), 0, 1)
+
+
+def _from_chunks(x: jax.Array) -> jax.Array:
+    """Inverse of ``_to_chunks``: [num_chunks, chunk_size, ...] -> [B, ...] in batch order."""
+    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
+def _embed_without_grad(embed_fn: EmbedFn, params: Any, batch: Any, num_chunks: int) -> jax.Array:
+    """Embeddings of ``batch`` computed one chunk at a time, holding no activations."""
+    chunks = jax.tree.map(lambda x: _to_chunks(x, num_chunks), batch)
+    embeddings = jax.lax.map(lambda chunk: embed_fn(params, chunk), chunks)
+    return jax.lax.stop_gradient(_from_chunks(embeddings))
+
+
+def _accumulate_param_grads(
+    embed_fn: EmbedFn,
+    params: Any,
+    batch: Any,
+    embedding_grad: jax.Array,
+    num_chunks: int,
+    grads: Any,
+) -> Any:
+    """Adds sum over chunks of d(embeddings)/d(params)^T . embedding_grad to ``grads``."""
+    chunks = jax.tree.map(lambda x: _to_chunks(x, num_chunks), batch)
+    cotangents = _to_chunks(embedding_grad, num_chunks)
+
+    def step(acc, chunk_and_cotangent):
+        chunk, cotangent = chunk_and_cotangent
+        _, vjp = jax.vjp(lambda p: embed_fn(p, chunk), params)
+        (chunk_grads,) = vjp(cotangent)
+        return jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, chunk_grads), None
+
+    grads, _ = jax.lax.scan(step, grads, (chunks, cotangents))
+    return grads
+
+
+def grad_cache_loss_and_grad(
+    embed_fn: EmbedFn,
+    loss_fn: LossFn,
+    params: Any,
+    *batches: Any,
+    chunk_size: int,
+) -> tuple[tuple[jax.Array, Any], Any]:
+    """``jax.value_and_grad(has_aux=True)`` of a contrastive loss, computed chunk by chunk.
+
+    Args:
+      embed_fn: ``embed_fn(params, batch) -> [rows, D]`` embeddings; deterministic.
+      loss_fn: ``loss_fn(params, *embeddings) -> (loss, aux)``, one embedding array per batch
+        in ``batches`` order (e.g. queries, candidates, flattened hard negatives). ``params``
+        is passed for what the loss reads directly, such as a learnable temperature.
+      params: the parameters to differentiate.
+      *batches: pytrees of arrays whose leading axis is the batch (each may have its own size,
+        e.g. B queries, B candidates and B * H hard negatives).
+      chunk_size: rows embedded at once; must divide every batch's size. Memory holds one
+        chunk's activations; to keep every device busy, use a multiple of data * fsdp.
+
+    Returns:
+      ``((loss, aux), grads)`` with ``grads`` shaped like ``params``.
+    """
+    if not batches:
+        raise ValueError("grad_cache_loss_and_grad needs at least one batch to embed")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+    num_chunks = []
+    for index, batch in enumerate(batches):
+        size = _batch_size(batch, f"batch {index}")
+        if size % chunk_size:
+            raise ValueError(
+                f"batch {index} has {size} rows, which is not divisible by chunk_size="
+                f"{chunk_size}; use a chunk_size that divides every batch size"
+            )
+        num_chunks.append(size // chunk_size)
+
+    embeddings = [
+        _embed_without_grad(embed_fn, params, batch, n)
+        for batch, n in zip(batches, num_chunks, strict=True)
+    ]
+    argnums = tuple(range(len(batches) + 1))
+    (loss, aux), (grads, *embedding_grads) = jax.value_and_grad(
+        loss_fn, argnums=argnums, has_aux=True
+    )(params, *embeddings)
+
+    # Accumulate in float32 so many small chunk contributions are not lost in bf16 params.
+    grads = jax.tree.map(lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32)), grads)
+    for batch, embedding_grad, n in zip(batches, embedding_grads, num_chunks, strict=True):
+        grads = _accumulate_param_grads(embed_fn, params, batch, embedding_grad, n, grads)
+    grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grads, params)
+    return (loss, aux), grads

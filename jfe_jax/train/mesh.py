@@ -1,0 +1,195 @@
+"""The device mesh, parameter and batch shardings, sharded init and host-to-global batches.
+
+The mesh has three axes (``jfe_jax.models.axes.MESH_AXES``): ``data`` (pure data parallelism),
+``fsdp`` (data parallelism whose parameters and optimizer state are sharded) and ``tensor``
+(tensor parallelism). The batch is split over ``data`` and ``fsdp`` together; parameters are
+placed by their logical axis names through ``LOGICAL_RULES``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jfe_jax.models.axes import LOGICAL_RULES, MESH_AXES
+
+# The mesh axes the batch (leading) dimension is split over; their product is the
+# data-parallel size.
+BATCH_AXES = ("data", "fsdp")
+
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+
+def resolve_mesh_shape(
+    shape: Mapping[str, int], *, num_devices: int | None = None
+) -> dict[str, int]:
+    """Returns ``{"data": d, "fsdp": f, "tensor": t}`` with a ``-1`` entry filled in.
+
+    ``shape`` names every axis of ``MESH_AXES`` exactly once (a dict or an ml_collections
+    ConfigDict); at most one axis may be ``-1``, which takes whatever the device count leaves.
+    The product must equal ``num_devices`` (default: ``jax.device_count()``).
+    """
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    keys = set(shape.keys())
+    if keys != set(MESH_AXES):
+        missing = sorted(set(MESH_AXES) - keys)
+        unknown = sorted(keys - set(MESH_AXES))
+        raise ValueError(
+            f"mesh shape must name exactly the axes {MESH_AXES}; "
+            f"missing {missing}, unknown {unknown} (got {dict(shape)})"
+        )
+    sizes = {axis: int(shape[axis]) for axis in MESH_AXES}
+    wildcards = [axis for axis, size in sizes.items() if size == -1]
+    bad = {axis: size for axis, size in sizes.items() if size != -1 and size < 1}
+    if bad:
+        raise ValueError(f"mesh axis sizes must be positive or -1, got {bad} in {sizes}")
+    if len(wildcards) > 1:
+        raise ValueError(
+            f"at most one mesh axis may be -1 (filled in from the device count), "
+            f"got {len(wildcards)}: {wildcards} in {sizes}"
+        )
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if wildcards:
+        if num_devices % known:
+            raise ValueError(
+                f"mesh axis {wildcards[0]!r}=-1 cannot be filled in: the other axes multiply "
+                f"to {known}, which does not divide the device count {num_devices} ({sizes})"
+            )
+        sizes[wildcards[0]] = num_devices // known
+    elif known != num_devices:
+        raise ValueError(
+            f"mesh shape {sizes} has {known} devices but {num_devices} are available; "
+            f"the product of the axis sizes must equal the device count (or set one axis to -1)"
+        )
+    return sizes
+
+
+def make_mesh(shape: Mapping[str, int], *, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds the ``(data, fsdp, tensor)`` mesh from a shape mapping (see resolve_mesh_shape).
+
+    Axis types are ``Auto``: shardings are given at the jit boundary and propagated by the
+    compiler (JAX 0.10's ``make_mesh`` would otherwise default to explicit axes).
+    """
+    devices = jax.devices() if devices is None else devices
+    sizes = resolve_mesh_shape(shape, num_devices=len(devices))
+    return jax.make_mesh(
+        tuple(sizes[axis] for axis in MESH_AXES),
+        MESH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+        devices=devices,
+    )
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """Number of ways the batch is split: the product of the ``data`` and ``fsdp`` axes."""
+    return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
+def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
+    """Raises ValueError unless ``global_batch_size`` splits evenly over data * fsdp."""
+    size = data_parallel_size(mesh)
+    if global_batch_size % size:
+        raise ValueError(
+            f"global batch size {global_batch_size} is not divisible by the data-parallel size "
+            f"{size} (data={mesh.shape['data']} * fsdp={mesh.shape['fsdp']}); choose a "
+            f"multiple of {size}"
+        )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a batch array: leading axis over ``data`` and ``fsdp``, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of an array held whole on every device (scalars, metrics)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def logical_shardings(tree: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Any:
+    """Maps a tree of ``nn.LogicallyPartitioned`` boxes (abstract or not) to NamedShardings.
+
+    The result has the structure of the unboxed tree. Leaves without logical names (plain
+    arrays) are replicated.
+    """
+    specs = nn.get_partition_spec(tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def sharded_init(
+    init_fn: Callable[..., Any],
+    mesh: Mesh,
+    *,
+    rules: Rules = LOGICAL_RULES,
+    args: Sequence[Any] = (),
+) -> tuple[Any, Any]:
+    """Initialises parameters directly in their shards; returns ``(params, shardings)``.
+
+    ``init_fn(*args)`` returns the (boxed) variables, e.g. ``lambda rng, batch:
+    model.init(rng, batch)``. It is traced once with ``jax.eval_shape`` to read the logical
+    axes, then run under ``jax.jit`` with those shardings as ``out_shardings``, so no host ever
+    holds a whole parameter. The returned params are unboxed; ``shardings`` has their structure.
+    """
+
+    def unboxed_init(*init_args):
+        return nn.meta.unbox(init_fn(*init_args))
+
+    # Model code calls nn.with_logical_constraint; it only takes effect with a mesh and rules.
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        abstract = jax.eval_shape(init_fn, *args)
+        shardings = logical_shardings(abstract, mesh, rules)
+        params = jax.jit(unboxed_init, out_shardings=shardings)(*args)
+    return params, shardings
+
+
+def _local_data_parallel_shards(mesh: Mesh) -> int:
+    """Number of distinct batch shards whose devices belong to this process."""
+    names = mesh.axis_names
+    batch_dims = [names.index(axis) for axis in BATCH_AXES]
+    process = jax.process_index()
+    coords = {
+        tuple(index[d] for d in batch_dims)
+        for index, device in np.ndenumerate(mesh.devices)
+        if device.process_index == process
+    }
+    return len(coords)
+
+
+def global_batch_from_host(local_batch: Any, mesh: Mesh) -> Any:
+    """Assembles this host's rows into global batch arrays sharded by ``batch_sharding``.
+
+    Every leaf of ``local_batch`` (numpy arrays) has the same leading size: the rows this
+    process feeds, split evenly over the batch shards its devices hold. On one host the local
+    batch is the global batch.
+    """
+    sizes = {
+        jax.tree_util.keystr(path): np.shape(leaf)[0]
+        for path, leaf in jax.tree_util.tree_leaves_with_path(local_batch)
+    }
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"batch leaves disagree on their leading (batch) size: {sizes}")
+    local_size = next(iter(sizes.values()))
+    local_shards = _local_data_parallel_shards(mesh)
+    if local_size % local_shards:
+        if jax.process_count() == 1:
+            check_batch_divisible(local_size, mesh)
+        raise ValueError(
+            f"this host's batch of {local_size} rows does not split over the {local_shards} "
+            f"batch shards its devices hold; the per-host batch must be a multiple of "
+            f"{local_shards} (data-parallel size {data_parallel_size(mesh)})"
+        )
+    global_size = local_size // local_shards * data_parallel_size(mesh)
+    check_batch_divisible(global_size, mesh)
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(
+            sharding, np.asarray(x), (global_size, *np.shape(x)[1:])
+        ),
+        local_batch,
+    )
