@@ -1,0 +1,667 @@
+"""Reader for M-BEIR, UniIR's multimodal retrieval benchmark, in its on-disk layout.
+
+Layout under the root (see REFERENCE.md):
+  query/{train,val,test,union_train,union_val}/mbeir_<dataset>_task<k>_<split>.jsonl
+  cand_pool/local/mbeir_<task>[_<split>]_cand_pool.jsonl
+  cand_pool/global/mbeir_union_<split>_cand_pool.jsonl
+  qrels/{train,val,test}/mbeir_<task>_<split>_qrels.txt   ("qid 0 did relevance task_id")
+  instructions/query_instructions.tsv
+  mbeir_images/...
+
+Records stream from disk (the union test pool is 2.4 GB). Every record is validated; a bad one
+raises ValueError naming the file and line, or, with `skip_bad_records=True`, is logged, counted
+in `MBEIR.bad_records` and skipped. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any, TypeVar
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark tables
+# ---------------------------------------------------------------------------------------------
+
+DATASET_IDS: dict[str, int] = {
+    "visualnews": 0,
+    "fashion200k": 1,
+    "webqa": 2,
+    "edis": 3,
+    "nights": 4,
+    "oven": 5,
+    "infoseek": 6,
+    "fashioniq": 7,
+    "cirr": 8,
+    "mscoco": 9,
+}
+DATASET_NAMES: dict[int, str] = {i: name for name, i in DATASET_IDS.items()}
+
+MODALITIES: tuple[str, ...] = ("text", "image", "image,text")
+
+# task id -> (query modality, candidate modality); task 5 is unused in M-BEIR.
+TASK_MODALITIES: dict[int, tuple[str, str]] = {
+    0: ("text", "image"),
+    1: ("text", "text"),
+    2: ("text", "image,text"),
+    3: ("image", "text"),
+    4: ("image", "image"),
+    6: ("image,text", "text"),
+    7: ("image,text", "image"),
+    8: ("image,text", "image,text"),
+}
+
+TEST_TASKS: tuple[str, ...] = (
+    "visualnews_task0",
+    "mscoco_task0",
+    "fashion200k_task0",
+    "webqa_task1",
+    "edis_task2",
+    "webqa_task2",
+    "visualnews_task3",
+    "mscoco_task3",
+    "fashion200k_task3",
+    "nights_task4",
+    "oven_task6",
+    "infoseek_task6",
+    "fashioniq_task7",
+    "cirr_task7",
+    "oven_task8",
+    "infoseek_task8",
+)
+
+# The headline metric is Recall@5, except on the fashion tasks where UniIR reports Recall@10.
+HEADLINE_K: dict[str, int] = {
+    name: 10 if name in ("fashion200k_task0", "fashion200k_task3", "fashioniq_task7") else 5
+    for name in TEST_TASKS
+}
+
+# JFE's result groups, by task id.
+TASK_GROUPS: dict[str, tuple[int, ...]] = {
+    "single-modal": (1, 4),
+    "cross-modal": (0, 3),
+    "mixed-modal": (2,),
+    "multi-modal": (6, 8),
+    "conditional": (7,),
+}
+
+QUERY_SPLITS: tuple[str, ...] = ("train", "val", "test", "union_train", "union_val")
+QRELS_SPLITS: tuple[str, ...] = ("train", "val", "test")
+INSTRUCTIONS_FILE = "instructions/query_instructions.tsv"
+INSTRUCTION_MODES: tuple[str, ...] = ("fixed", "seeded")
+
+_TASK_NAME = re.compile(r"^([a-z0-9]+)_task(\d+)$")
+_QUERY_FILE = re.compile(r"^mbeir_([a-z0-9]+_task\d+)_([a-z_]+)\.jsonl$")
+_PROMPT_COLUMN = re.compile(r"^prompt_?(\d+)$")
+
+
+def task_name(dataset: str, task_id: int) -> str:
+    """Returns M-BEIR's name for a task, e.g. ("mscoco", 0) -> "mscoco_task0"."""
+    return f"{dataset}_task{task_id}"
+
+
+def parse_task_name(name: str) -> tuple[str, int]:
+    """Splits "mscoco_task0" into ("mscoco", 0); raises ValueError on another shape or id."""
+    match = _TASK_NAME.match(name)
+    if not match:
+        raise ValueError(f"task name {name!r} is not of the form '<dataset>_task<k>'")
+    task_id = int(match.group(2))
+    if task_id not in TASK_MODALITIES:
+        raise ValueError(
+            f"task name {name!r}: unknown task id {task_id}, expected one of "
+            f"{sorted(TASK_MODALITIES)}"
+        )
+    return match.group(1), task_id
+
+
+def headline_k(name: str) -> int:
+    """The k of the headline Recall@k for a task name (5, or 10 for the fashion tasks)."""
+    return HEADLINE_K.get(name, 5)
+
+
+def task_group(task_id: int) -> str:
+    """JFE's group (single-modal, cross-modal, ...) of a task id."""
+    for group, ids in TASK_GROUPS.items():
+        if task_id in ids:
+            return group
+    raise ValueError(
+        f"task id {task_id} belongs to no group; expected one of {sorted(TASK_MODALITIES)}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+    """One M-BEIR query line."""
+
+    qid: str  # "<dataset_id>:<n>"
+    text: str | None  # None when absent or blank
+    image_path: str | None  # relative to the M-BEIR root
+    modality: str  # one of MODALITIES
+    task_id: int
+    dataset_id: int  # from the qid prefix
+    pos_cand_list: tuple[str, ...]
+    neg_cand_list: tuple[str, ...]
+    src_content: str | None  # kept verbatim (M-BEIR stores a JSON string or null)
+    source: str = dataclasses.field(default="", compare=False)  # "file:line", for messages
+
+    @property
+    def cand_modality(self) -> str:
+        """The candidate modality of this query's task (used to key its instruction)."""
+        return TASK_MODALITIES[self.task_id][1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One M-BEIR candidate-pool line."""
+
+    did: str  # "<dataset_id>:<n>"
+    text: str | None
+    image_path: str | None
+    modality: str
+    dataset_id: int
+    src_content: str | None
+    source: str = dataclasses.field(default="", compare=False)
+
+
+def _text(value: Any, field: str, source: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{source}: {field} must be a string or null, got {type(value).__name__}")
+    return value if value.strip() else None
+
+
+def _relative_path(value: Any, field: str, source: str) -> str | None:
+    """Checks that a path stays under the root lexically; symlinks are checked on resolution."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{source}: {field} must be a string or null, got {type(value).__name__}")
+    path = PurePosixPath(value.replace("\\", "/"))
+    if path.is_absolute() or re.match(r"^[A-Za-z]:", value):
+        raise ValueError(
+            f"{source}: {field} {value!r} is absolute; expected a path relative to the M-BEIR root"
+        )
+    if ".." in path.parts:
+        raise ValueError(f"{source}: {field} {value!r} escapes the M-BEIR root ('..')")
+    return value
+
+
+def _dataset_id(record_id: Any, field: str, source: str) -> int:
+    if not isinstance(record_id, str) or not re.match(r"^\d+:.+$", record_id):
+        raise ValueError(f"{source}: {field} {record_id!r} is not of the form '<dataset_id>:<n>'")
+    return int(record_id.split(":", 1)[0])
+
+
+def _modality(value: Any, field: str, source: str) -> str:
+    if value not in MODALITIES:
+        raise ValueError(f"{source}: unknown {field} {value!r}, expected one of {MODALITIES}")
+    return value
+
+
+def _check_parts(modality: str, text: str | None, image: str | None, what: str, source: str):
+    if text is None and image is None:
+        raise ValueError(f"{source}: {what} has neither text nor image")
+    if "text" in modality and text is None:
+        raise ValueError(f"{source}: {what} modality is {modality!r} but its text is empty")
+    if "image" in modality and image is None:
+        raise ValueError(f"{source}: {what} modality is {modality!r} but it has no image path")
+
+
+def _src_content(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True)
+
+
+def _did_list(value: Any, field: str, source: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(d, str) for d in value):
+        raise ValueError(f"{source}: {field} must be a list of did strings")
+    return tuple(value)
+
+
+def parse_query(record: Mapping[str, Any], source: str = "", task_id: int | None = None) -> Query:
+    """Validates one decoded query line; `task_id` is the fallback when the line has none."""
+    if "task_id" in record and record["task_id"] is not None:
+        task_id = record["task_id"]
+    if isinstance(task_id, bool) or not isinstance(task_id, int) or task_id not in TASK_MODALITIES:
+        raise ValueError(
+            f"{source}: unknown task id {task_id!r}, expected one of {sorted(TASK_MODALITIES)}"
+        )
+    qid = record.get("qid")
+    dataset_id = _dataset_id(qid, "qid", source)
+    modality = _modality(record.get("query_modality"), "query_modality", source)
+    if modality != TASK_MODALITIES[task_id][0]:
+        raise ValueError(
+            f"{source}: query_modality {modality!r} does not match task {task_id}, "
+            f"whose queries are {TASK_MODALITIES[task_id][0]!r}"
+        )
+    text = _text(record.get("query_txt"), "query_txt", source)
+    image = _relative_path(record.get("query_img_path"), "query_img_path", source)
+    _check_parts(modality, text, image, f"query {qid}", source)
+    pos = _did_list(record.get("pos_cand_list"), "pos_cand_list", source)
+    if not pos:
+        raise ValueError(f"{source}: query {qid} has an empty pos_cand_list")
+    return Query(
+        qid=qid,
+        text=text,
+        image_path=image,
+        modality=modality,
+        task_id=task_id,
+        dataset_id=dataset_id,
+        pos_cand_list=pos,
+        neg_cand_list=_did_list(record.get("neg_cand_list"), "neg_cand_list", source),
+        src_content=_src_content(record.get("query_src_content")),
+        source=source,
+    )
+
+
+def parse_candidate(record: Mapping[str, Any], source: str = "") -> Candidate:
+    """Validates one decoded candidate-pool line."""
+    did = record.get("did")
+    dataset_id = _dataset_id(did, "did", source)
+    modality = _modality(record.get("modality"), "modality", source)
+    text = _text(record.get("txt"), "txt", source)
+    image = _relative_path(record.get("img_path"), "img_path", source)
+    _check_parts(modality, text, image, f"candidate {did}", source)
+    return Candidate(
+        did=did,
+        text=text,
+        image_path=image,
+        modality=modality,
+        dataset_id=dataset_id,
+        src_content=_src_content(record.get("src_content")),
+        source=source,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Instructions
+# ---------------------------------------------------------------------------------------------
+
+
+def instruction_index(qid: str, num_prompts: int, mode: str = "fixed", seed: int = 0) -> int:
+    """Index of the prompt a query gets among `num_prompts` alternatives.
+
+    "fixed": always 0 (the first prompt). "seeded": the first 8 bytes of
+    sha256(f"{seed}:{qid}") as a big-endian unsigned integer, modulo num_prompts. The rule
+    depends on nothing but (seed, qid), so results only need to record the mode and seed.
+    """
+    if num_prompts < 1:
+        raise ValueError(f"num_prompts must be at least 1, got {num_prompts}")
+    if mode == "fixed":
+        return 0
+    if mode == "seeded":
+        digest = hashlib.sha256(f"{seed}:{qid}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") % num_prompts
+    raise ValueError(f"instruction mode {mode!r} is unknown, expected one of {INSTRUCTION_MODES}")
+
+
+InstructionKey = tuple[int, str, str]  # (dataset id, query modality, candidate modality)
+
+
+@dataclasses.dataclass(frozen=True)
+class Instructions:
+    """The query instructions of M-BEIR: key (dataset id, query mod., cand. mod.) -> prompts."""
+
+    prompts: Mapping[InstructionKey, tuple[str, ...]]
+    source: str = ""
+
+    @classmethod
+    def from_tsv(cls, path: str | os.PathLike, name: str | None = None) -> Instructions:
+        """Parses a query_instructions.tsv: a header row naming `query_modality`,
+        `cand_modality`, `dataset_id` and prompt columns (`prompt_1`, `prompt_2`, ...; other
+        columns such as `dataset_name` are ignored), then one row per key. Empty prompt
+        cells are dropped; a key without prompts, or twice, is an error."""
+        name = name or str(path)
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        if not lines:
+            raise ValueError(f"{name}: empty file, expected a header row")
+        header = lines[0].split("\t")
+        required = ("query_modality", "cand_modality", "dataset_id")
+        missing = [c for c in required if c not in header]
+        prompt_columns = sorted(
+            (int(m.group(1)), i) for i, c in enumerate(header) if (m := _PROMPT_COLUMN.match(c))
+        )
+        if missing or not prompt_columns:
+            raise ValueError(
+                f"{name}:1: header {header} lacks columns {missing or ['prompt_1']}; "
+                f"expected {list(required)} and prompt_1, prompt_2, ..."
+            )
+        column = {c: header.index(c) for c in required}
+        prompts: dict[InstructionKey, tuple[str, ...]] = {}
+        for lineno, line in enumerate(lines[1:], start=2):
+            if not line.strip():
+                continue
+            cells = line.split("\t")
+            where = f"{name}:{lineno}"
+            if len(cells) <= max(column.values()):
+                raise ValueError(
+                    f"{where}: {len(cells)} columns, expected at least {max(column.values()) + 1}"
+                )
+            try:
+                dataset_id = int(cells[column["dataset_id"]])
+            except ValueError:
+                raise ValueError(
+                    f"{where}: dataset_id {cells[column['dataset_id']]!r} is not an integer"
+                ) from None
+            key = (
+                dataset_id,
+                _modality(cells[column["query_modality"]].strip(), "query_modality", where),
+                _modality(cells[column["cand_modality"]].strip(), "cand_modality", where),
+            )
+            row = tuple(
+                cells[i].strip() for _, i in prompt_columns if i < len(cells) and cells[i].strip()
+            )
+            if not row:
+                raise ValueError(f"{where}: no prompt for key {key}")
+            if key in prompts:
+                raise ValueError(f"{where}: key {key} appears twice")
+            prompts[key] = row
+        return cls(prompts=prompts, source=name)
+
+    def prompts_for(
+        self, dataset_id: int, query_modality: str, cand_modality: str
+    ) -> tuple[str, ...]:
+        """The alternative prompts of a key; ValueError naming the key when it is absent."""
+        key = (dataset_id, query_modality, cand_modality)
+        if key not in self.prompts:
+            raise ValueError(
+                f"{self.source}: no instruction for key {key}; known keys: {sorted(self.prompts)}"
+            )
+        return self.prompts[key]
+
+    def choose(self, query: Query, mode: str = "fixed", seed: int = 0) -> tuple[int, str]:
+        """(prompt index, prompt) for a query, by `instruction_index`'s rule."""
+        prompts = self.prompts_for(query.dataset_id, query.modality, query.cand_modality)
+        index = instruction_index(query.qid, len(prompts), mode, seed)
+        return index, prompts[index]
+
+    def instruction_for(self, query: Query, mode: str = "fixed", seed: int = 0) -> str:
+        """The instruction text a query gets: the first prompt ("fixed") or a seeded choice."""
+        return self.choose(query, mode, seed)[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The reader
+# ---------------------------------------------------------------------------------------------
+
+_Record = TypeVar("_Record")
+
+
+class MBEIR:
+    """An M-BEIR directory: lists tasks and streams queries, pools, qrels and instructions.
+
+    Args:
+      root: the M-BEIR root (the folder that holds query/, cand_pool/, qrels/, ...).
+      check_images: resolve every image path while reading (symlinks included) and require the
+        file to exist. Off by default because it costs a few stat calls per record; use
+        `image_file(record)` to check lazily.
+      skip_bad_records: log and count bad records (in `bad_records`, per file) instead of
+        raising.
+    """
+
+    def __init__(
+        self, root: str | os.PathLike, *, check_images: bool = False, skip_bad_records: bool = False
+    ):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"M-BEIR root {self.root} is not a directory")
+        self._real_root = Path(os.path.realpath(self.root))
+        self.check_images = check_images
+        self.skip_bad_records = skip_bad_records
+        self.bad_records: collections.Counter[str] = collections.Counter()
+        self._instructions: Instructions | None = None
+
+    @property
+    def total_bad_records(self) -> int:
+        """Bad records skipped since this reader was made, over all files."""
+        return sum(self.bad_records.values())
+
+    # --- files --------------------------------------------------------------------------------
+
+    def _relative(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path)
+
+    def query_files(self, split: str) -> list[Path]:
+        """The query jsonl files of a split, sorted by name."""
+        if split not in QUERY_SPLITS:
+            raise ValueError(f"query split {split!r} is unknown, expected one of {QUERY_SPLITS}")
+        folder = self.root / "query" / split
+        return sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+
+    def tasks(self, split: str) -> list[str]:
+        """Names of the tasks ("mscoco_task0", ...) that have a query file in a split."""
+        names = []
+        for path in self.query_files(split):
+            match = _QUERY_FILE.match(path.name)
+            if match and match.group(2) == split:
+                names.append(match.group(1))
+        return names
+
+    def query_path(self, split: str, task: str) -> Path:
+        """Path of a task's query file; FileNotFoundError listing the tasks present."""
+        parse_task_name(task)
+        path = self.root / "query" / split / f"mbeir_{task}_{split}.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no query file for task {task!r} in split {split!r} "
+                f"(expected {path}); tasks present: {self.tasks(split)}"
+            )
+        return path
+
+    def local_pool_path(self, task: str, split: str = "test") -> Path:
+        """A task's own candidate pool: mbeir_<task>_<split>_cand_pool.jsonl when it exists
+        (MSCOCO keeps separate val and test pools), else mbeir_<task>_cand_pool.jsonl."""
+        folder = self.root / "cand_pool" / "local"
+        tried = [
+            folder / f"mbeir_{task}_{split}_cand_pool.jsonl",
+            folder / f"mbeir_{task}_cand_pool.jsonl",
+        ]
+        for path in tried:
+            if path.is_file():
+                return path
+        raise FileNotFoundError(
+            f"no local pool for task {task!r}, split {split!r}: tried {[str(p) for p in tried]}"
+        )
+
+    def global_pool_path(self, split: str = "test") -> Path:
+        """The union pool of a split: cand_pool/global/mbeir_union_<split>_cand_pool.jsonl."""
+        path = self.root / "cand_pool" / "global" / f"mbeir_union_{split}_cand_pool.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"no global pool for split {split!r}: expected {path}")
+        return path
+
+    def qrels_path(self, split: str, task: str) -> Path:
+        """Path of a task's qrels file for a split."""
+        path = self.root / "qrels" / split / f"mbeir_{task}_{split}_qrels.txt"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no qrels for task {task!r} in split {split!r}: expected {path}"
+            )
+        return path
+
+    # --- records ------------------------------------------------------------------------------
+
+    def _bad(self, relative: str, error: ValueError) -> None:
+        if not self.skip_bad_records:
+            raise error
+        self.bad_records[relative] += 1
+        logger.warning("skipping bad record: %s", error)
+
+    def _iter_lines(
+        self, path: Path, parse: Callable[[str, str], _Record | None]
+    ) -> Iterator[_Record]:
+        """Streams `parse(line, "file:line")` over a file, applying the bad-record policy."""
+        relative = self._relative(path)
+        skipped_before = self.bad_records[relative]
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue  # a blank line holds no record
+                try:
+                    record = parse(line, f"{relative}:{lineno}")
+                except ValueError as error:
+                    self._bad(relative, error)
+                    continue
+                if record is not None:
+                    yield record
+        skipped = self.bad_records[relative] - skipped_before
+        if skipped:
+            logger.warning("skipped %d bad record(s) in %s", skipped, relative)
+
+    def _decode(self, line: str, source: str) -> dict[str, Any]:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{source}: malformed JSON ({error.msg} at column {error.colno})"
+            ) from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(record).__name__}")
+        return record
+
+    def _check_record_images(self, record: Query | Candidate) -> None:
+        if self.check_images and record.image_path is not None:
+            self.image_file(record)
+
+    def iter_query_file(self, path: str | os.PathLike) -> Iterator[Query]:
+        """Streams the queries of one jsonl file (relative to the root, or absolute)."""
+        path = self.root / path
+        match = _QUERY_FILE.match(path.name)
+        fallback = parse_task_name(match.group(1))[1] if match else None
+
+        def parse(line: str, source: str) -> Query:
+            query = parse_query(self._decode(line, source), source, task_id=fallback)
+            self._check_record_images(query)
+            return query
+
+        return self._iter_lines(path, parse)
+
+    def iter_queries(self, split: str, task: str | None = None) -> Iterator[Query]:
+        """Streams a task's queries, or with task=None every query file of the split (the
+        union splits hold one file covering all tasks)."""
+        paths = [self.query_path(split, task)] if task else self.query_files(split)
+        for path in paths:
+            yield from self.iter_query_file(path)
+
+    def read_queries(self, split: str, task: str | None = None) -> list[Query]:
+        """`iter_queries` as a list."""
+        return list(self.iter_queries(split, task))
+
+    def iter_candidates(self, path: str | os.PathLike) -> Iterator[Candidate]:
+        """Streams the candidates of one pool file (relative to the root, or absolute)."""
+
+        def parse(line: str, source: str) -> Candidate:
+            candidate = parse_candidate(self._decode(line, source), source)
+            self._check_record_images(candidate)
+            return candidate
+
+        return self._iter_lines(self.root / path, parse)
+
+    def iter_local_pool(self, task: str, split: str = "test") -> Iterator[Candidate]:
+        """Streams a task's own pool (see `local_pool_path`)."""
+        return self.iter_candidates(self.local_pool_path(task, split))
+
+    def iter_global_pool(self, split: str = "test") -> Iterator[Candidate]:
+        """Streams the union pool of a split."""
+        return self.iter_candidates(self.global_pool_path(split))
+
+    def read_pool(self, path: str | os.PathLike) -> dict[str, Candidate]:
+        """A pool file as {did: Candidate}, in file order; a repeated did is a bad record."""
+        pool: dict[str, Candidate] = {}
+        for candidate in self.iter_candidates(path):
+            if candidate.did in pool:
+                error = ValueError(
+                    f"{candidate.source}: did {candidate.did} already appeared "
+                    f"at {pool[candidate.did].source}"
+                )
+                self._bad(self._relative(self.root / path), error)
+                continue
+            pool[candidate.did] = candidate
+        return pool
+
+    def read_qrels(self, split: str, task: str) -> dict[str, dict[str, int]]:
+        """A task's qrels: {qid: {did: relevance}} from "qid 0 did relevance task_id" lines."""
+        qrels: dict[str, dict[str, int]] = {}
+
+        def parse(line: str, source: str) -> None:
+            fields = line.split()
+            if len(fields) != 5:
+                raise ValueError(
+                    f"{source}: {len(fields)} fields, expected 5 ('qid 0 did relevance task_id')"
+                )
+            qid, _, did, relevance, task_id = fields
+            _dataset_id(qid, "qid", source)
+            _dataset_id(did, "did", source)
+            if not re.match(r"^-?\d+$", relevance):
+                raise ValueError(f"{source}: relevance {relevance!r} is not an integer")
+            if not task_id.isdigit() or int(task_id) not in TASK_MODALITIES:
+                raise ValueError(
+                    f"{source}: unknown task id {task_id!r}, expected one of "
+                    f"{sorted(TASK_MODALITIES)}"
+                )
+            previous = qrels.get(qid, {}).get(did)
+            if previous is not None and previous != int(relevance):
+                raise ValueError(
+                    f"{source}: ({qid}, {did}) has relevance {relevance}, but "
+                    f"{previous} earlier in the file"
+                )
+            qrels.setdefault(qid, {})[did] = int(relevance)
+
+        for _ in self._iter_lines(self.qrels_path(split, task), parse):
+            pass
+        return qrels
+
+    # --- instructions and images --------------------------------------------------------------
+
+    def instructions(self) -> Instructions:
+        """The parsed instructions TSV (read once)."""
+        if self._instructions is None:
+            path = self.root / INSTRUCTIONS_FILE
+            if not path.is_file():
+                raise FileNotFoundError(f"no instructions file: expected {path}")
+            self._instructions = Instructions.from_tsv(path, name=INSTRUCTIONS_FILE)
+        return self._instructions
+
+    def instruction_for(self, query: Query, mode: str = "fixed", seed: int = 0) -> str:
+        """The instruction for a query (see `Instructions.instruction_for`)."""
+        return self.instructions().instruction_for(query, mode, seed)
+
+    def image_file(self, record: Query | Candidate) -> Path:
+        """The checked file of a record's image: it must resolve (symlinks followed) inside the
+        root and exist. ValueError names the record's file and line."""
+        if record.image_path is None:
+            raise ValueError(f"{record.source}: record has no image")
+        path = self.root / record.image_path
+        real = Path(os.path.realpath(path))
+        if not real.is_relative_to(self._real_root):
+            raise ValueError(
+                f"{record.source}: image path {record.image_path!r} resolves to "
+                f"{real}, outside the M-BEIR root {self._real_root}"
+            )
+        if not real.is_file():
+            raise ValueError(
+                f"{record.source}: image {record.image_path!r} does not exist under {self.root}"
+            )
+        return path
