@@ -35,7 +35,59 @@ def _convert(argv: Sequence[str]) -> int:
     return 0
 
 
+def parse_config_flags(prog: str, argv: Sequence[str], *, extra: Sequence[str] = ("workdir",)):
+    """``--config FILE.py [--config.a.b=value ...]`` plus ``--workdir``, via ml_collections.
+
+    The config is locked: an override of a key that does not exist is an error.
+    """
+    from absl import flags
+    from ml_collections import config_flags
+
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "ml_collections config file (get_config())",
+        flag_values=values,
+        lock_config=True,
+    )
+    for name in extra:
+        flags.DEFINE_string(name, None, name, flag_values=values)
+    try:
+        values([prog, *argv])
+    except (flags.Error, AttributeError, KeyError) as e:
+        raise ValueError(str(e)) from e
+    if values.config is None:
+        raise ValueError("--config FILE.py is required")
+    missing = [f"--{name}" for name in extra if values[name].value is None]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    return values
+
+
+def _train(argv: Sequence[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(
+            "usage: jfe train --config configs/FILE.py --workdir DIR [--config.a.b=value ...]\n"
+            "Runs (or resumes) a training stage; see configs/ and jfe_jax/train/config_base.py."
+        )
+        return 0
+    values = parse_config_flags("jfe train", argv)
+    import logging
+
+    from jfe_jax.train.trainer import train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    summary = train(values.config, values.workdir)
+    print(
+        f"finished step {summary.get('step')}: loss {summary.get('loss', float('nan')):.4f}, "
+        f"in-batch accuracy {summary.get('accuracy', float('nan')):.3f}; workdir {values.workdir}"
+    )
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "train": (_train, "train a stage from a config file (stage 1 or stage 2)"),
     "convert": (_convert, "re-save a Hugging Face Qwen2-VL checkpoint through JAX"),
 }
 

@@ -1,0 +1,91 @@
+"""The one place every training field is declared, with its comment.
+
+Experiment files (``configs/stage1_*.py``, ``configs/stage2_*.py``) start from
+``base_config()`` and override values; the config is then locked, so a misspelt override on the command line
+(``--config.optimizer.lerning_rate=...``) fails before anything is built.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = "stage1"  # stage1: post-training adaptation on pairs; stage2: M-BEIR instructions
+    c.seed = 0  # data order; every other random choice derives from it with fold_in(seed, step)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.size = "tiny"  # a named size (tiny, small, 2b, 7b) used when init_from is empty
+    # Initial weights: a Hugging Face Qwen2-VL directory, or a stage-1 workdir (stage 2).
+    # Empty: random init of `size` (tests, demo from scratch).
+    c.model.init_from = ""
+    c.model.dtype = "float32"  # compute dtype (bfloat16 on TPU)
+    c.model.param_dtype = "float32"  # storage dtype of params and optimizer state
+    c.model.scan_layers = False  # scan over layers: one compiled layer, faster compiles
+    c.model.remat = "none"  # none | full | dots | dots_no_batch
+    c.model.lora_rank = 0  # LoRA rank on the decoder projections; 0 = no adapters
+    c.model.lora_alpha = 0.0  # LoRA scale numerator (update scaled by alpha / rank)
+    c.model.lora_targets = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+    c.model.projection_dim = 0  # linear head after pooling; 0 keeps the LLM width
+    c.model.temperature = 0.05  # initial InfoNCE temperature
+    c.model.learn_temperature = False  # train logit_scale = log(1/temperature)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.kind = "pairs"  # pairs (stage 1: text triples + image captions) | mbeir (stage 2)
+    c.data.root = ""  # M-BEIR-layout directory (real, or written by `jfe demo`)
+    c.data.split = "train"  # query split for mbeir: train | union_train
+    c.data.tokenizer = ""  # tokenizer directory; empty: the init_from directory's tokenizer
+    c.data.tfds_dir = ""  # where the TFDS builders write; empty: <workdir>/tfds
+    c.data.global_batch_size = 32  # queries per step over all hosts (each has one positive)
+    c.data.num_hard_negatives = 0  # extra negatives per query taken from the data
+    c.data.length_buckets = (64, 128, 256)  # padded sequence lengths (one program each)
+    c.data.max_length = 256  # longer items raise, unless truncate_text
+    c.data.truncate_text = False  # shorten only the text part of over-long items
+    c.data.query_patch_budget = 64  # image patches per query row (0: text-only queries)
+    c.data.candidate_patch_budget = 64  # image patches per candidate row
+    c.data.image_max_pixels = 112 * 112  # Qwen2-VL max_pixels: bounds patches per image
+    c.data.image_min_pixels = 56 * 56  # Qwen2-VL min_pixels
+    c.data.instruction_mode = "fixed"  # fixed (first prompt) | seeded (hash of seed, qid)
+    c.data.prompt = "Summarize above image and sentence in one word:"  # embedding prompt
+    c.data.worker_count = 0  # grain worker processes (0: in the main process)
+    c.data.skip_bad_records = False  # count and log bad records instead of raising
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.symmetric = False  # also the candidate -> query direction
+    c.loss.mask_false_negatives = True  # mask duplicates of the positive among negatives
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 1e-4  # peak, after warmup
+    c.optimizer.end_learning_rate = 0.0  # cosine end value
+    c.optimizer.warmup_steps = 10
+    c.optimizer.weight_decay = 0.01  # never on norms, biases and scalars
+    c.optimizer.max_grad_norm = 1.0  # global-norm clipping; 0 disables
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.trainable = "full"  # full | freeze_vision | lora
+    # {path regex: lr multiplier}, first match wins, e.g. {"vision": 0.1}
+    c.optimizer.lr_multipliers = ml_collections.ConfigDict()
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: whatever the device count leaves
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 100
+    c.train.grad_cache_chunk = 0  # rows embedded at once with gradient caching; 0: off
+    c.train.log_every = 10  # steps between metric writes
+    c.train.checkpoint_every_steps = 50
+    c.train.checkpoint_every_seconds = 1800.0  # also save on this timer
+    c.train.keep_checkpoints = 3
+    c.train.async_checkpointing = True
+    c.train.distributed = False  # call jax.distributed.initialize() first (multi-host)
+    return c

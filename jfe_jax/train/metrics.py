@@ -1,0 +1,160 @@
+"""Step metrics: model FLOPs from the config, device peaks, MFU, and where metrics are written.
+
+Model FLOPs count what the padded batch asks of the model (matmuls of every layer, the full
+attention score matrix as computed, forward + backward = 3 x forward), not what a particular
+implementation spends: gradient-cache re-forwards and rematerialisation are excluded, so MFU is
+comparable across those settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jfe_jax.models.config import ModelConfig
+
+# Peak dense bf16 FLOP/s per chip (vendor figures; REFERENCE.md "TPU throughput anchors").
+PEAK_FLOPS = {
+    "tpu v4": 275e12,
+    "tpu v5 lite": 197e12,  # v5e
+    "tpu v5e": 197e12,
+    "tpu v5p": 459e12,
+    "tpu v5": 459e12,
+    "tpu v6 lite": 918e12,  # v6e (Trillium)
+    "tpu v6e": 918e12,
+    "nvidia h100": 989e12,
+    "nvidia h200": 989e12,
+    "nvidia a100": 312e12,
+}
+
+
+def text_forward_flops(config: ModelConfig, rows: int, length: int) -> float:
+    """Matmul FLOPs of the decoder on ``rows`` sequences of ``length`` tokens (no lm_head)."""
+    t = config.text
+    kv = t.num_kv_heads * t.head_dim
+    per_token = 2 * (
+        t.hidden_size * t.hidden_size * 2  # q, o
+        + t.hidden_size * kv * 2  # k, v
+        + 3 * t.hidden_size * t.intermediate_size  # gate, up, down
+    )
+    attention = 2 * 2 * length * t.hidden_size  # scores and weighted values, per token
+    return float(rows * length * t.num_layers * (per_token + attention))
+
+
+def vision_forward_flops(config: ModelConfig, rows: int, patches: int) -> float:
+    """Matmul FLOPs of the vision tower on ``rows`` rows of ``patches`` patches each."""
+    v = config.vision
+    merge = v.spatial_merge_size**2
+    per_patch = 2 * (
+        v.patch_dim * v.embed_dim * 0  # counted below, once (outside the blocks)
+        + v.embed_dim * 3 * v.embed_dim
+        + v.embed_dim * v.embed_dim
+        + 2 * v.embed_dim * v.embed_dim * v.mlp_ratio
+    )
+    attention = 2 * 2 * patches * v.embed_dim
+    blocks = rows * patches * v.depth * (per_patch + attention)
+    embed = 2 * rows * patches * v.patch_dim * v.embed_dim
+    merger = (
+        2
+        * rows
+        * (patches // merge)
+        * ((merge * v.embed_dim) ** 2 + merge * v.embed_dim * v.out_dim)
+    )
+    return float(blocks + embed + merger)
+
+
+def batch_forward_flops(config: ModelConfig, model_batch: Mapping[str, Any]) -> float:
+    """Forward FLOPs of one model batch dict (shapes only)."""
+    rows, length = model_batch["input_ids"].shape
+    flops = text_forward_flops(config, rows, length)
+    if "pixel_values" in model_batch and model_batch["pixel_values"].shape[1]:
+        flops += vision_forward_flops(config, rows, model_batch["pixel_values"].shape[1])
+    return flops
+
+
+def train_step_flops(config: ModelConfig, batch: Mapping[str, Any]) -> float:
+    """Model FLOPs of one contrastive step (every side, forward + backward = 3x forward)."""
+    sides = [v for k, v in batch.items() if isinstance(v, Mapping) and "input_ids" in v]
+    return 3.0 * sum(batch_forward_flops(config, side) for side in sides)
+
+
+_MEASURED_CPU_PEAK: float | None = None
+
+
+def measured_cpu_peak(size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a jitted float32 matmul on this host's CPU backend (the whole machine)."""
+    global _MEASURED_CPU_PEAK
+    if _MEASURED_CPU_PEAK is None:
+        device = jax.devices("cpu")[0]
+        a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
+        matmul = jax.jit(lambda x: x @ x)
+        matmul(a).block_until_ready()
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            matmul(a).block_until_ready()
+            best = min(best, time.perf_counter() - start)
+        _MEASURED_CPU_PEAK = 2 * size**3 / best
+    return _MEASURED_CPU_PEAK
+
+
+def peak_flops(devices: list[jax.Device] | None = None) -> tuple[float, str]:
+    """Total peak FLOP/s of ``devices`` and where the figure comes from."""
+    devices = devices or jax.devices()
+    kind = devices[0].device_kind.lower()
+    if devices[0].platform == "cpu":
+        # Fake CPU devices share the host's cores: the measured machine peak is the total.
+        return measured_cpu_peak(), "measured f32 matmul on this host"
+    for name, peak in PEAK_FLOPS.items():
+        if kind.startswith(name):
+            return peak * len(devices), f"{name} bf16 peak x {len(devices)}"
+    return float("nan"), f"unknown device kind {kind!r}"
+
+
+class MetricWriter:
+    """Writes scalars to TensorBoard event files and to ``metrics.jsonl`` in the workdir."""
+
+    def __init__(self, workdir: str, *, enabled: bool = True):
+        self.enabled = enabled
+        self._jsonl = None
+        self._tb = None
+        if enabled:
+            os.makedirs(workdir, exist_ok=True)
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in scalars.items()}
+        for name, value in clean.items():
+            self._tb.add_scalar(name, value, step)
+        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self._jsonl.flush()
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._tb.close()
+            self._jsonl.close()
+
+
+def reduce_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """(sum, count) pairs -> means; plain scalars as they are."""
+    out = {}
+    for name, value in metrics.items():
+        if isinstance(value, tuple):
+            total, count = (np.asarray(v, dtype=np.float64) for v in value)
+            out[name] = float(total / max(count, 1.0))
+        else:
+            out[name] = float(np.asarray(value))
+    return out

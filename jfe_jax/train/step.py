@@ -1,0 +1,128 @@
+"""The train state and the pure, jitted contrastive train step.
+
+``make_train_step(...)(state, batch) -> (state, metrics)``. Only trainable parameters are
+differentiated and carry optimizer state; frozen ones (the base weights under LoRA, or the
+vision tower) ride along untouched, so they cost neither gradient nor Adam memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+from jfe_jax.train.grad_cache import grad_cache_loss_and_grad
+from jfe_jax.train.loss import contrastive_loss
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; a pytree Orbax saves whole."""
+
+    step: jax.Array
+    trainable: Any  # the parameters being trained (nested dict)
+    frozen: Any  # the rest of the parameters (nested dict, possibly empty)
+    opt_state: Any
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return merge_params(self.trainable, self.frozen)
+
+
+def split_params(params: Mapping[str, Any], mask: Any) -> tuple[dict, dict]:
+    """Splits a param tree by a same-shaped bool tree into (trainable, frozen) nested dicts."""
+    flat = traverse_util.flatten_dict(params)
+    flat_mask = traverse_util.flatten_dict(mask)
+    trainable = {k: v for k, v in flat.items() if flat_mask[k]}
+    frozen = {k: v for k, v in flat.items() if not flat_mask[k]}
+    return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+def merge_params(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict[str, Any]:
+    flat = traverse_util.flatten_dict(dict(frozen))
+    flat.update(traverse_util.flatten_dict(dict(trainable)))
+    return traverse_util.unflatten_dict(flat)
+
+
+def make_train_step(
+    module: flax.linen.Module,
+    optimizer: optax.GradientTransformation,
+    *,
+    learn_temperature: bool,
+    symmetric: bool,
+    mask_false_negatives: bool,
+    grad_cache_chunk: int,
+) -> Callable[[TrainState, dict[str, Any]], tuple[TrainState, dict[str, Any]]]:
+    """Builds the step; jit it with shardings and ``donate_argnums=0``.
+
+    The batch holds ``query`` and ``candidate`` model batches (row i of each is a positive
+    pair), optionally ``hard_negative`` (B*H rows), and int32 keys ``query_key``,
+    ``candidate_key`` (and ``hard_negative_key`` [B, H]) identifying duplicates.
+    """
+
+    def embed(params, model_batch):
+        return module.apply({"params": params}, model_batch)[0]
+
+    def step(state: TrainState, batch: dict[str, Any]):
+        sides = [batch["query"], batch["candidate"]]
+        num_hard = 0
+        if "hard_negative" in batch:
+            sides.append(batch["hard_negative"])
+            num_hard = (
+                batch["hard_negative"]["input_ids"].shape[0] // batch["query"]["input_ids"].shape[0]
+            )
+        ids = {}
+        if mask_false_negatives:
+            ids = dict(query_ids=batch["query_key"], cand_ids=batch["candidate_key"])
+            if num_hard and "hard_negative_key" in batch:
+                ids["hard_negative_ids"] = batch["hard_negative_key"]
+
+        def loss_from_embeddings(trainable, query, candidate, *hard):
+            logit_scale = merge_params(trainable, state.frozen)["logit_scale"]
+            if not learn_temperature:
+                logit_scale = jax.lax.stop_gradient(logit_scale)
+            hard_negatives = None
+            if hard:
+                hard_negatives = hard[0].reshape(query.shape[0], num_hard, -1)
+            return contrastive_loss(
+                query,
+                candidate,
+                logit_scale=jnp.exp(logit_scale),
+                hard_negatives=hard_negatives,
+                symmetric=symmetric,
+                **ids,
+            )
+
+        def embed_trainable(trainable, model_batch):
+            return embed(merge_params(trainable, state.frozen), model_batch)
+
+        if grad_cache_chunk:
+            (loss, metrics), grads = grad_cache_loss_and_grad(
+                embed_trainable,
+                loss_from_embeddings,
+                state.trainable,
+                *sides,
+                chunk_size=grad_cache_chunk,
+            )
+        else:
+
+            def full_loss(trainable):
+                embeddings = [embed_trainable(trainable, side) for side in sides]
+                return loss_from_embeddings(trainable, *embeddings)
+
+            (loss, metrics), grads = jax.value_and_grad(full_loss, has_aux=True)(state.trainable)
+
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = dict(metrics)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["temperature"] = jnp.exp(-merge_params(trainable, state.frozen)["logit_scale"])
+        new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
+        return new_state, metrics
+
+    return step
