@@ -1,6 +1,6 @@
 """jfe-jax: Joint Fusion and Encoding multimodal retrieval in JAX/Flax, TPU-first.
 
-    from jfe_jax import Encoder, ImageProcessor, Index
+from jfe_jax import Encoder, ImageProcessor, Index
 """
 
 __version__ = "0.1.0"

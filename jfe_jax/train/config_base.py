@@ -1,8 +1,8 @@
 """The one place every training field is declared, with its comment.
 
 Experiment files (``configs/stage1_*.py``, ``configs/stage2_*.py``) start from
-``base_config()`` and override values; the config is then locked, so a misspelt override on the command line
-(``--config.optimizer.lerning_rate=...``) fails before anything is built.
+``base_config()`` and override values; the config is then locked, so a misspelt override on
+the command line (``--config.optimizer.lerning_rate=...``) fails before anything is built.
 """
 
 import ml_collections
