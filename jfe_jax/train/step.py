@@ -49,33 +49,28 @@ def merge_params(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dic
     return traverse_util.unflatten_dict(flat)
 
 
-def make_train_step(
+def make_loss_and_grad(
     module: flax.linen.Module,
-    optimizer: optax.GradientTransformation,
     *,
     learn_temperature: bool,
     symmetric: bool,
     mask_false_negatives: bool,
     grad_cache_chunk: int,
-) -> Callable[[TrainState, dict[str, Any]], tuple[TrainState, dict[str, Any]]]:
-    """Builds the step; jit it with shardings and ``donate_argnums=0``.
+) -> Callable[[TrainState, dict[str, Any]], tuple[tuple[jax.Array, dict], Any]]:
+    """``(state, batch) -> ((loss, metrics), grads of the trainable params)``.
 
     The batch holds ``query`` and ``candidate`` model batches (row i of each is a positive
     pair), optionally ``hard_negative`` (B*H rows), and int32 keys ``query_key``,
     ``candidate_key`` (and ``hard_negative_key`` [B, H]) identifying duplicates.
     """
 
-    def embed(params, model_batch):
-        return module.apply({"params": params}, model_batch)[0]
-
-    def step(state: TrainState, batch: dict[str, Any]):
+    def loss_and_grad(state: TrainState, batch: dict[str, Any]):
         sides = [batch["query"], batch["candidate"]]
+        rows = batch["query"]["input_ids"].shape[0]
         num_hard = 0
         if "hard_negative" in batch:
             sides.append(batch["hard_negative"])
-            num_hard = (
-                batch["hard_negative"]["input_ids"].shape[0] // batch["query"]["input_ids"].shape[0]
-            )
+            num_hard = batch["hard_negative"]["input_ids"].shape[0] // rows
         ids = {}
         if mask_false_negatives:
             ids = dict(query_ids=batch["query_key"], cand_ids=batch["candidate_key"])
@@ -86,9 +81,7 @@ def make_train_step(
             logit_scale = merge_params(trainable, state.frozen)["logit_scale"]
             if not learn_temperature:
                 logit_scale = jax.lax.stop_gradient(logit_scale)
-            hard_negatives = None
-            if hard:
-                hard_negatives = hard[0].reshape(query.shape[0], num_hard, -1)
+            hard_negatives = hard[0].reshape(rows, num_hard, -1) if hard else None
             return contrastive_loss(
                 query,
                 candidate,
@@ -98,25 +91,36 @@ def make_train_step(
                 **ids,
             )
 
-        def embed_trainable(trainable, model_batch):
-            return embed(merge_params(trainable, state.frozen), model_batch)
+        def embed(trainable, model_batch):
+            params = merge_params(trainable, state.frozen)
+            return module.apply({"params": params}, model_batch)[0]
 
         if grad_cache_chunk:
-            (loss, metrics), grads = grad_cache_loss_and_grad(
-                embed_trainable,
-                loss_from_embeddings,
-                state.trainable,
-                *sides,
-                chunk_size=grad_cache_chunk,
+            return grad_cache_loss_and_grad(
+                embed, loss_from_embeddings, state.trainable, *sides, chunk_size=grad_cache_chunk
             )
-        else:
 
-            def full_loss(trainable):
-                embeddings = [embed_trainable(trainable, side) for side in sides]
-                return loss_from_embeddings(trainable, *embeddings)
+        def full_loss(trainable):
+            return loss_from_embeddings(trainable, *(embed(trainable, side) for side in sides))
 
-            (loss, metrics), grads = jax.value_and_grad(full_loss, has_aux=True)(state.trainable)
+        return jax.value_and_grad(full_loss, has_aux=True)(state.trainable)
 
+    return loss_and_grad
+
+
+def make_train_step(
+    module: flax.linen.Module,
+    optimizer: optax.GradientTransformation,
+    **loss_options,
+) -> Callable[[TrainState, dict[str, Any]], tuple[TrainState, dict[str, Any]]]:
+    """Builds ``step(state, batch) -> (state, metrics)``; jit it with shardings and donation.
+
+    ``loss_options`` are those of ``make_loss_and_grad``.
+    """
+    loss_and_grad = make_loss_and_grad(module, **loss_options)
+
+    def step(state: TrainState, batch: dict[str, Any]):
+        (_, metrics), grads = loss_and_grad(state, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = dict(metrics)

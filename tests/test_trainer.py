@@ -1,0 +1,139 @@
+"""The trainer: resume after SIGKILL, preemption by SIGTERM, and config errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from jfe_jax.train import checkpoint as ckpt
+from jfe_jax.train.config_base import base_config
+from jfe_jax.train.trainer import validate_config
+
+HERE = os.path.dirname(__file__)
+SCRIPT = os.path.join(HERE, "resume_script.py")
+
+
+def _run(workdir, steps, hang=None):
+    args = [sys.executable, SCRIPT, str(workdir), str(steps)] + ([str(hang)] if hang else [])
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def _params(workdir):
+    params, step = ckpt.restore_params(str(workdir))
+    flat = traverse_util.flatten_dict(jax.device_get(params))
+    return step, {k: np.asarray(v) for k, v in flat.items()}
+
+
+def test_resume_after_sigkill_reproduces_the_straight_run_bitwise(tmp_path):
+    steps = 6
+    straight = _run(tmp_path / "straight", steps)
+    assert straight.wait(timeout=600) == 0, straight.stdout.read().decode()[-3000:]
+
+    # The second run blocks on batch 4 (after step 3's checkpoint), then gets SIGKILL.
+    killed = _run(tmp_path / "resumed", steps, hang=4)
+    deadline = time.time() + 600
+    while ckpt.latest_step(str(tmp_path / "resumed")) != 3:
+        assert killed.poll() is None, killed.stdout.read().decode()[-3000:]
+        assert time.time() < deadline, "no checkpoint at step 3"
+        time.sleep(1)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    resumed = _run(tmp_path / "resumed", steps)
+    assert resumed.wait(timeout=600) == 0, resumed.stdout.read().decode()[-3000:]
+
+    step_a, params_a = _params(tmp_path / "straight")
+    step_b, params_b = _params(tmp_path / "resumed")
+    assert step_a == step_b == steps
+    assert params_a.keys() == params_b.keys()
+    for key in params_a:
+        np.testing.assert_array_equal(params_a[key], params_b[key], err_msg=str(key))
+    losses_a, losses_b = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    for step in range(4, steps + 1):
+        assert losses_a[step] == losses_b[step]
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
+    proc = _run(tmp_path / "run", 50, hang=None)
+    deadline = time.time() + 600
+    while not os.path.exists(tmp_path / "run" / "metrics.jsonl") or not _losses(tmp_path / "run"):
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0
+    output = proc.stdout.read().decode()
+    last = ckpt.latest_step(str(tmp_path / "run"))
+    assert last is not None and last < 50
+    assert "SIGTERM" in output
+
+
+def _config(**overrides):
+    c = base_config()
+    for dotted, value in overrides.items():
+        node = c
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    c.lock()
+    return c
+
+
+def test_batch_not_divisible_by_data_parallel_size_fails_before_compiling():
+    c = _config(data__global_batch_size=12, mesh__data=8)
+    with pytest.raises(
+        ValueError, match="global batch size 12 is not divisible by the data-parallel size 8"
+    ):
+        validate_config(c)
+
+
+def test_mesh_whose_product_is_not_the_device_count_fails():
+    c = _config(mesh__data=2, mesh__fsdp=2, mesh__tensor=1)
+    with pytest.raises(ValueError, match="8 are available"):
+        validate_config(c)
+
+
+def test_stage2_without_a_stage1_checkpoint_fails(tmp_path):
+    c = _config(stage="stage2", data__kind="mbeir", model__init_from=str(tmp_path))
+    with pytest.raises(ValueError, match="has no stage-1 checkpoint"):
+        validate_config(c)
+    c = _config(stage="stage2", data__kind="mbeir")
+    with pytest.raises(ValueError, match="stage 2 needs model.init_from"):
+        validate_config(c)
+
+
+def test_unknown_config_key_on_the_command_line_fails(tmp_path, capsys):
+    from jfe_jax.cli import main
+
+    config_file = os.path.join(os.path.dirname(HERE), "configs", "stage1_demo.py")
+    code = main(
+        [
+            "train",
+            "--config",
+            config_file,
+            "--workdir",
+            str(tmp_path),
+            "--config.optimizer.lerning_rate=0.1",
+        ]
+    )
+    assert code == 2
+    assert "lerning_rate" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "config.json")  # failed before anything ran
+
+
+def test_grad_cache_chunk_must_divide_the_batch():
+    c = _config(data__global_batch_size=16, train__grad_cache_chunk=5)
+    with pytest.raises(ValueError, match="grad_cache_chunk=5 does not divide"):
+        validate_config(c)
