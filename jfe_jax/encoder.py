@@ -124,6 +124,7 @@ class Encoder:
         self.params = params
         self.source_dir = source_dir
         self.trace_count = 0  # how many times the forward was traced (one per input shape)
+        self.step: int | None = None  # training step of a checkpoint loaded from a workdir
 
         def forward(params, batch):
             self.trace_count += 1
@@ -152,6 +153,8 @@ class Encoder:
         """
         if not os.path.isdir(path):
             raise ValueError(f"{path} is not a directory")
+        if os.path.isdir(os.path.join(path, "checkpoints")):
+            return cls.from_workdir(path, options, **overrides)
         config = ModelConfig.from_pretrained(path)
         if options is None:
             options = EncoderOptions()
@@ -177,6 +180,29 @@ class Encoder:
             params.update({tuple(n.split("/")): np.asarray(head.get(n)) for n in head.keys()})
         params = jax.tree_util.tree_map(jnp.asarray, traverse_util.unflatten_dict(params))
         return cls(config, params, options, source_dir=path)
+
+    @classmethod
+    def from_workdir(
+        cls,
+        workdir: str,
+        options: EncoderOptions | None = None,
+        step: int | None = None,
+        **overrides,
+    ) -> Encoder:
+        """Loads the latest (or ``step``) checkpoint of a ``jfe train`` workdir."""
+        import ml_collections
+
+        from jfe_jax.train.checkpoint import read_run_config, restore_params
+        from jfe_jax.train.trainer import encoder_options, load_model_config
+
+        config = load_model_config(workdir)
+        if options is None:
+            options = encoder_options(ml_collections.ConfigDict(read_run_config(workdir)))
+        options = dataclasses.replace(options, **overrides)
+        params, step = restore_params(workdir, step)
+        encoder = cls(config, params, options, source_dir=workdir)
+        encoder.step = step
+        return encoder
 
     def save_pretrained(self, path: str, *, dtype: str = "float32") -> None:
         """Writes a Hugging Face directory (LoRA merged) plus our head params and options."""

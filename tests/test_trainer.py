@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from jfe_jax.encoder import Encoder
 from jfe_jax.train import checkpoint as ckpt
 from jfe_jax.train.config_base import base_config
 from jfe_jax.train.trainer import validate_config
@@ -62,6 +63,13 @@ def test_resume_after_sigkill_reproduces_the_straight_run_bitwise(tmp_path):
     losses_a, losses_b = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
     for step in range(4, steps + 1):
         assert losses_a[step] == losses_b[step]
+
+    # The workdir is also a model directory for the public API.
+    encoder = Encoder.from_pretrained(str(tmp_path / "resumed"))
+    assert encoder.step == steps
+    flat = traverse_util.flatten_dict(jax.device_get(encoder.params))
+    for key in params_b:
+        np.testing.assert_array_equal(np.asarray(flat[key]), params_b[key])
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):

@@ -14,6 +14,7 @@ import signal
 import time
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ def latest_step(workdir: str) -> int | None:
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory):
         return None
-    with ocp.CheckpointManager(directory) as manager:
+    with _reader(directory) as manager:
         return manager.latest_step()
 
 
@@ -118,10 +119,24 @@ class Checkpointer:
             signal.signal(signal.SIGTERM, self._previous_handler)
 
 
-def restore_params(workdir: str, abstract_params: Any | None = None, step: int | None = None):
+ITEM_HANDLERS = {
+    "state": ocp.StandardCheckpointHandler,
+    "data": ocp.JsonCheckpointHandler,
+    "config": ocp.JsonCheckpointHandler,
+}
+
+
+def _reader(directory: str) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        directory, item_handlers={name: cls() for name, cls in ITEM_HANDLERS.items()}
+    )
+
+
+def restore_params(workdir: str, step: int | None = None, *, sharding=None):
     """Params (trainable and frozen merged) of a training workdir's checkpoint.
 
-    Used to start stage 2 from stage 1 and by ``Encoder.from_pretrained(workdir)``.
+    Restores onto ``sharding`` (default: the first local device), whatever mesh the run used;
+    used to start stage 2 from stage 1 and by ``Encoder.from_pretrained(workdir)``.
 
     Raises:
       ValueError: when the workdir holds no finished checkpoint.
@@ -133,12 +148,14 @@ def restore_params(workdir: str, abstract_params: Any | None = None, step: int |
             f"{workdir} holds no finished training checkpoint (expected {directory}/<step>); "
             "train stage 1 there first or point init_from at a Hugging Face directory"
         )
-    with ocp.CheckpointManager(directory) as manager:
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    with _reader(directory) as manager:
+        metadata = manager.item_metadata(step)["state"]
+        abstract = jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata
+        )
         restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_params),
-            ),
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
         )
     state = restored["state"]
     from jfe_jax.train.step import merge_params
