@@ -408,7 +408,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict
             last_step = step == total_steps
             if step % config.train.log_every == 0 or last_step or checkpointer.preempted:
                 elapsed = time.perf_counter() - window_start
-                scalars = reduce_metrics(jax.device_get(pending[-1][1]))
+                scalars = reduce_metrics(accumulate(jax.device_get([m for _, m in pending])))
                 scalars.update(
                     learning_rate=schedule_lr(step),
                     examples_per_second=window_examples / elapsed,
@@ -447,6 +447,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict
         with open(os.path.join(workdir, "train_summary.json"), "w", encoding="utf-8") as f:
             json.dump(final, f, indent=2)
     return final
+
+
+def accumulate(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """Adds (sum, count) pairs over steps; plain scalars are averaged."""
+    out: dict[str, Any] = {}
+    for name, value in metrics[0].items():
+        if isinstance(value, tuple):
+            out[name] = tuple(
+                sum(np.asarray(m[name][i], np.float64) for m in metrics) for i in (0, 1)
+            )
+        else:
+            out[name] = float(np.mean([np.asarray(m[name], np.float64) for m in metrics]))
+    return out
 
 
 def make_lr_fn(config):

@@ -1,0 +1,179 @@
+"""The trainer's data: config.data -> TFDS datasets -> grain loaders -> host batches.
+
+Stage 1 (``data.kind = "pairs"``) alternates batches of text triples and image-caption pairs;
+stage 2 (``"mbeir"``) reads (query, positive, hard negatives) of an M-BEIR query split with
+task instructions. The returned object is an iterator with ``get_state``/``set_state``, saved
+in every checkpoint so a resumed run continues with exactly the next batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Any
+
+import jax
+import ml_collections
+
+from jfe_jax.data.image_processor import ImageProcessor
+from jfe_jax.data.mbeir import MBEIR
+from jfe_jax.data.pipeline import make_train_loader, make_transform
+from jfe_jax.data.tfds_builders import MbeirTrainPairs, PairData, build_dataset, load_source
+from jfe_jax.data.tokenizer import load_tokenizer
+from jfe_jax.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_DIR = "tokenizer"  # inside a workdir, and inside a demo data root
+PAIR_KINDS = ("text_triples", "image_captions")
+
+
+class RoundRobin:
+    """Takes batches from several grain iterators in turn; its state is all of theirs."""
+
+    def __init__(self, loaders: dict[str, Any]):
+        self.names = sorted(loaders)
+        self.iterators = {name: iter(loaders[name]) for name in self.names}
+        self.turn = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        name = self.names[self.turn % len(self.names)]
+        self.turn += 1
+        return next(self.iterators[name])
+
+    def get_state(self) -> dict[str, Any]:
+        return {
+            "turn": self.turn,
+            "iterators": {n: it.get_state().decode("utf-8") for n, it in self.iterators.items()},
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if sorted(state["iterators"]) != self.names:
+            raise ValueError(
+                f"checkpointed data state has streams {sorted(state['iterators'])}, this run "
+                f"reads {self.names}: resume with the same data config"
+            )
+        self.turn = int(state["turn"])
+        for name, value in state["iterators"].items():
+            self.iterators[name].set_state(value.encode("utf-8"))
+
+
+def find_tokenizer_dir(config: ml_collections.ConfigDict) -> str:
+    """data.tokenizer, else the init_from directory's, else ``<data.root>/tokenizer``."""
+    candidates = [config.data.tokenizer] if config.data.tokenizer else []
+    if config.model.init_from:
+        candidates += [
+            config.model.init_from,
+            os.path.join(config.model.init_from, TOKENIZER_DIR),
+        ]
+    if config.data.root:
+        candidates.append(os.path.join(config.data.root, TOKENIZER_DIR))
+    for path in candidates:
+        if os.path.isfile(os.path.join(path, "tokenizer.json")) or os.path.isfile(
+            os.path.join(path, "tokenizer_config.json")
+        ):
+            return path
+    raise ValueError(
+        "no tokenizer found: set data.tokenizer, or use an init_from directory or data.root "
+        f"that has one (looked in {candidates})"
+    )
+
+
+def make_train_data(
+    config: ml_collections.ConfigDict, workdir: str, model_config: ModelConfig
+) -> RoundRobin:
+    """Builds (or reuses) the TFDS datasets and returns the checkpointable batch iterator."""
+    d = config.data
+    if not d.root or not os.path.isdir(d.root):
+        raise ValueError(f"data.root={d.root!r} is not a directory")
+    tokenizer_dir = find_tokenizer_dir(config)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if len(tokenizer) > model_config.text.vocab_size:
+        raise ValueError(
+            f"tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens but the model's "
+            f"vocabulary is {model_config.text.vocab_size}"
+        )
+    if jax.process_index() == 0 and os.path.abspath(tokenizer_dir) != os.path.abspath(
+        os.path.join(workdir, TOKENIZER_DIR)
+    ):
+        # Keep the workdir self-contained: stage 2, export and search find the tokenizer here.
+        shutil.copytree(tokenizer_dir, os.path.join(workdir, TOKENIZER_DIR), dirs_exist_ok=True)
+    image_processor = ImageProcessor(
+        min_pixels=d.image_min_pixels,
+        max_pixels=d.image_max_pixels,
+        patch_size=model_config.vision.patch_size,
+        temporal_patch_size=model_config.vision.temporal_patch_size,
+        merge_size=model_config.vision.spatial_merge_size,
+    )
+    tfds_dir = d.tfds_dir or os.path.join(workdir, "tfds")
+    common = dict(
+        prompt=d.prompt,
+        length_buckets=tuple(d.length_buckets),
+        max_length=d.max_length,
+        truncate_text=d.truncate_text,
+        skip_bad_records=d.skip_bad_records,
+    )
+    loader_options = dict(
+        global_batch_size=d.global_batch_size,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+        seed=config.seed,
+        num_epochs=None,
+        worker_count=d.worker_count,
+    )
+    loaders = {}
+    if d.kind == "pairs":
+        for kind in PAIR_KINDS:
+            if not os.path.isfile(os.path.join(d.root, "pairs", f"{kind}.jsonl")):
+                continue
+            builder = build_dataset(
+                PairData, tfds_dir, root=d.root, kind=kind, skip_bad_records=d.skip_bad_records
+            )
+            transform = make_transform(
+                tokenizer,
+                image_processor,
+                model_config,
+                kind=kind,
+                num_hard_negatives=min(d.num_hard_negatives, 1) if kind == "text_triples" else 0,
+                query_patch_budget=0,
+                candidate_patch_budget=d.candidate_patch_budget if kind == "image_captions" else 0,
+                **common,
+            )
+            loaders[kind] = make_train_loader(
+                load_source(builder, "train"), transform=transform, **loader_options
+            )
+        if not loaders:
+            raise ValueError(
+                f"data.root={d.root} has no pairs/text_triples.jsonl or pairs/image_captions.jsonl"
+            )
+    else:
+        builder = build_dataset(
+            MbeirTrainPairs,
+            tfds_dir,
+            mbeir_root=d.root,
+            query_split=d.split,
+            max_hard_negatives=max(d.num_hard_negatives, 1),
+            skip_bad_records=d.skip_bad_records,
+        )
+        transform = make_transform(
+            tokenizer,
+            image_processor,
+            model_config,
+            kind="mbeir",
+            instructions=MBEIR(d.root).instructions(),
+            instruction_mode=d.instruction_mode,
+            instruction_seed=config.seed,
+            num_hard_negatives=d.num_hard_negatives,
+            query_patch_budget=d.query_patch_budget,
+            candidate_patch_budget=d.candidate_patch_budget,
+            **common,
+        )
+        loaders["mbeir"] = make_train_loader(
+            load_source(builder, "train"), transform=transform, **loader_options
+        )
+    log.info("training data: %s from %s (tokenizer %s)", sorted(loaders), d.root, tokenizer_dir)
+    return RoundRobin(loaders)
