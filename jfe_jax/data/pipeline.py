@@ -1,0 +1,494 @@
+"""grain pipelines for contrastive training: records -> static-shape per-host batches.
+
+A loader reads a random-access source (``tfds_builders.load_source``), keeps this host's
+shard, shuffles with a seed, and turns records into batches in three grain operations:
+encode each record (``ContrastiveBatcher.encode``), drop the records that failed when
+``skip_bad_records`` is on, and collate ``global_batch_size // shard_count`` of them.
+
+The batch (B = per-host batch size, H = ``num_hard_negatives``)::
+
+    query              model batch dict (see jfe_jax.data.collate): input_ids, attention_mask
+                       [B, L], position_ids [B, 3, L], and with a patch budget pixel_values
+                       [B, P, D], patch_segment_ids [B, P], patch_positions [B, P, 2]
+    candidate          model batch dict, B rows; row i is query i's positive
+    hard_negative      model batch dict, B * H rows, query-major (row i * H + h); only H > 0
+    query_key          int32 [B]     31-bit hash of the qid (pairs: of the query text)
+    candidate_key      int32 [B]     31-bit hash of the did (pairs: of the text or image bytes)
+    hard_negative_key  int32 [B, H]  the same hash of each hard negative
+    hard_negative_count int32 [B]    real hard negatives of the row (the rest are fillers)
+    skipped_records    int32 [B]     bad records skipped, in this row's worker, since the
+                                     previous kept row; summed over batches = records skipped
+
+Equal keys mark the same query or candidate, so the loss can mask false negatives
+(``contrastive_loss(query_ids=, cand_ids=, hard_negative_ids=)``). A query with fewer than H
+hard negatives repeats its own; one with none uses its positive, whose key equals its
+candidate_key, so the loss masks it for that query.
+
+Static shapes: L is the smallest of ``length_buckets`` that fits the longest row of a side,
+P the side's patch budget, so jit compiles at most len(length_buckets) programs per side.
+
+What the kinds read: "mbeir" (``MbeirTrainPairs``): query = instruction + query text/image,
+candidate = positive, hard negatives = ``negative_*``; "text_triples": query = sentence,
+candidate = positive, hard negative = hard_negative (H <= 1); "image_captions": query =
+caption (text only), candidate = image (H = 0). Only "mbeir" gets an instruction (stage 2);
+stage-1 pairs get none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import grain.python as grain
+import numpy as np
+from absl import flags
+from PIL import Image, ImageOps
+from transformers import PreTrainedTokenizerBase
+
+from jfe_jax.data.collate import DEFAULT_LENGTH_BUCKETS, collate
+from jfe_jax.data.image_processor import ImageProcessor
+from jfe_jax.data.mbeir import TASK_MODALITIES, Instructions, instruction_index
+from jfe_jax.data.processing import DEFAULT_EMBED_PROMPT, ProcessedItem, encode_item
+from jfe_jax.models.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+KINDS: tuple[str, ...] = ("mbeir", "text_triples", "image_captions")
+MAX_HARD_NEGATIVES = {"text_triples": 1, "image_captions": 0}
+
+
+def stable_key(value: str | bytes) -> int:
+    """A 31-bit hash that is the same in every process and run (Python's hash() is not)."""
+    data = value.encode() if isinstance(value, str) else value
+    return int.from_bytes(hashlib.sha256(data).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def _str(value: Any) -> str:
+    """A text field as str (TFDS sources return bytes)."""
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def decode_image(data: bytes, max_image_pixels: int, name: str) -> Image.Image:
+    """Encoded image bytes -> PIL image with EXIF orientation applied; ValueError naming
+    ``name`` for corrupt data or an image over ``max_image_pixels`` (checked before decoding)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_image_pixels:
+            raise ValueError(
+                f"{name} is {width}x{height} pixels; expected at most "
+                f"max_image_pixels={max_image_pixels}"
+            )
+        image.load()
+        return ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ValueError(f"{name} is not a readable image: {error}") from error
+
+
+@dataclasses.dataclass(frozen=True)
+class _Side:
+    """One item of a record, still raw."""
+
+    text: str | None
+    image: bytes | None
+    key: str
+
+
+def _text_side(record: Mapping[str, Any], field: str) -> _Side:
+    text = _str(record[field])
+    return _Side(text, None, "text:" + text)
+
+
+@dataclasses.dataclass
+class EncodedExample:
+    """One record's processed items, before batching."""
+
+    query: ProcessedItem
+    candidate: ProcessedItem
+    hard_negatives: list[ProcessedItem]  # exactly num_hard_negatives, fillers included
+    query_key: int
+    candidate_key: int
+    hard_negative_keys: list[int]
+    hard_negative_count: int  # real ones among hard_negatives
+    skipped_before: int = 0  # bad records skipped (this process) since the previous example
+
+
+class ContrastiveBatcher:
+    """Record -> ``EncodedExample`` (``encode``), examples -> batch dict (``collate``).
+
+    Args:
+      tokenizer, image_processor, model_config: as for ``encode_item`` and ``collate``.
+      kind: "mbeir", "text_triples" or "image_captions" (module docstring).
+      instructions: for "mbeir", an ``Instructions`` table to use instead of the prompts
+        stored in each record.
+      instruction_mode, instruction_seed: which alternative prompt a query gets: "fixed" (the
+        first) or "seeded" (``mbeir.instruction_index``): the same for a qid in every epoch.
+      prompt: the embedding prompt after each item.
+      length_buckets: allowed padded lengths. max_length: token cap of one item (default
+        the largest bucket); truncate_text: shorten texts over it instead of failing.
+      query_patch_budget, candidate_patch_budget: image patches per row (0: text only);
+        the candidate budget also applies to hard negatives.
+      num_hard_negatives: H, hard negatives per query.
+      skip_bad_records: log and count bad records (see ``encode_or_skip``) instead of raising.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        image_processor: ImageProcessor,
+        model_config: ModelConfig,
+        *,
+        kind: str = "mbeir",
+        instructions: Instructions | None = None,
+        instruction_mode: str = "fixed",
+        instruction_seed: int = 0,
+        prompt: str = DEFAULT_EMBED_PROMPT,
+        length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
+        query_patch_budget: int = 0,
+        candidate_patch_budget: int = 0,
+        num_hard_negatives: int = 0,
+        max_length: int | None = None,
+        truncate_text: bool = True,
+        skip_bad_records: bool = False,
+        padding_side: str = "right",
+    ):
+        if kind not in KINDS:
+            raise ValueError(f"kind {kind!r} is unknown, expected one of {KINDS}")
+        limit = MAX_HARD_NEGATIVES.get(kind)
+        if num_hard_negatives < 0 or (limit is not None and num_hard_negatives > limit):
+            raise ValueError(
+                f"num_hard_negatives={num_hard_negatives} for kind {kind!r}; "
+                f"expected 0..{limit if limit is not None else 'N'}"
+            )
+        if kind == "image_captions" and candidate_patch_budget <= 0:
+            raise ValueError(
+                "image_captions candidates are images; candidate_patch_budget must be > 0"
+            )
+        instruction_index("", 1, instruction_mode)  # validates the mode
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.model_config = model_config
+        self.kind = kind
+        self.instructions = instructions
+        self.instruction_mode = instruction_mode
+        self.instruction_seed = instruction_seed
+        self.prompt = prompt
+        self.length_buckets = tuple(sorted(length_buckets))
+        self.max_length = max_length or self.length_buckets[-1]
+        self.truncate_text = truncate_text
+        self.query_patch_budget = query_patch_budget
+        self.candidate_patch_budget = candidate_patch_budget
+        self.num_hard_negatives = num_hard_negatives
+        self.skip_bad_records = skip_bad_records
+        self.padding_side = padding_side
+        # Per process: with worker processes each worker counts its own records.
+        self.bad_records = 0
+        self._pending_skips = 0
+
+    # --- records -> raw sides -----------------------------------------------------------------
+
+    def _record_id(self, record: Mapping[str, Any]) -> str:
+        for field in ("example_id", "id", "qid"):
+            if field in record:
+                return _str(record[field])
+        return "<record without id>"
+
+    def instruction(self, record: Mapping[str, Any]) -> str:
+        """The instruction of an "mbeir" record's query (deterministic; see class args)."""
+        qid = _str(record["qid"])
+        if self.instructions is not None:
+            cand_modality = TASK_MODALITIES[int(record["task_id"])][1]
+            prompts = self.instructions.prompts_for(
+                int(record["dataset_id"]), _str(record["query_modality"]), cand_modality
+            )
+        else:
+            prompts = [_str(p) for p in record["instructions"]]
+            if not prompts:
+                raise ValueError(f"query {qid} has no stored instructions; pass instructions=")
+        return prompts[
+            instruction_index(qid, len(prompts), self.instruction_mode, self.instruction_seed)
+        ]
+
+    def _sides(self, record: Mapping[str, Any]) -> tuple[_Side, _Side, list[_Side]]:
+        """(query, positive, hard negatives) of a record, before any decoding."""
+        if self.kind == "text_triples":
+            sentence, positive, negative = (
+                _text_side(record, f) for f in ("sentence", "positive", "hard_negative")
+            )
+            return sentence, positive, [negative]
+        if self.kind == "image_captions":
+            image = bytes(record["image"])
+            image_key = "image:" + hashlib.sha256(image).hexdigest()
+            return _text_side(record, "caption"), _Side(None, image, image_key), []
+
+        def side(text: Any, image: Any, key: str) -> _Side:
+            return _Side(_str(text) or None, bytes(image) or None, key)
+
+        negatives = [
+            side(record["negative_texts"][i], record["negative_images"][i],
+                 "did:" + _str(record["negative_dids"][i]))
+            for i in range(int(record["num_negatives"]))
+        ]  # fmt: skip
+        query = side(record["query_text"], record["query_image"], "qid:" + _str(record["qid"]))
+        positive = side(
+            record["positive_text"], record["positive_image"], "did:" + _str(record["positive_did"])
+        )
+        return query, positive, negatives
+
+    # --- encoding -----------------------------------------------------------------------------
+
+    def _encode_side(
+        self, side: _Side, instruction: str | None, budget: int, what: str
+    ) -> ProcessedItem:
+        image = None
+        if side.image is not None:
+            image = decode_image(side.image, self.image_processor.max_image_pixels, f"{what} image")
+        item = encode_item(
+            self.tokenizer,
+            self.image_processor,
+            text=side.text,
+            image=image,
+            instruction=instruction,
+            prompt=self.prompt,
+            max_length=self.max_length,
+            truncate_text=self.truncate_text,
+        )
+        if item.pixel_values is not None and len(item.pixel_values) > budget:
+            raise ValueError(
+                f"{what} image has {len(item.pixel_values)} patches but the patch "
+                f"budget is {budget}; raise the budget or lower max_pixels"
+            )
+        return item
+
+    def check_layout(self, record: Mapping[str, Any]) -> None:
+        """ValueError when the settings do not fit the dataset (never a skippable record)."""
+        if self.kind == "mbeir" and self.num_hard_negatives > len(record["negative_dids"]):
+            raise ValueError(
+                f"num_hard_negatives={self.num_hard_negatives} but the dataset stores at most "
+                f"{len(record['negative_dids'])} per query (its max_hard_negatives)"
+            )
+
+    def encode(self, record: Mapping[str, Any]) -> EncodedExample:
+        """Processes one record; ValueError naming the record when anything in it is bad."""
+        self.check_layout(record)
+        record_id = self._record_id(record)
+        try:
+            query, positive, negatives = self._sides(record)
+            instruction = self.instruction(record) if self.kind == "mbeir" else None
+            query_item = self._encode_side(query, instruction, self.query_patch_budget, "query")
+            candidate_item = self._encode_side(
+                positive, None, self.candidate_patch_budget, "positive"
+            )
+            negative_items = [
+                self._encode_side(n, None, self.candidate_patch_budget, f"hard negative {i}")
+                for i, n in enumerate(negatives[: self.num_hard_negatives])
+            ]
+        except (ValueError, KeyError, IndexError) as error:
+            raise ValueError(f"record {record_id}: {error}") from error
+        real = len(negative_items)
+        keys = [stable_key(n.key) for n in negatives[:real]]
+        if real == 0 and self.num_hard_negatives:
+            negative_items, keys = [candidate_item], [stable_key(positive.key)]
+        # Fill the H slots by cycling the real ones (or the positive).
+        fill = range(self.num_hard_negatives)
+        return EncodedExample(
+            query=query_item,
+            candidate=candidate_item,
+            hard_negatives=[negative_items[i % len(negative_items)] for i in fill],
+            query_key=stable_key(query.key),
+            candidate_key=stable_key(positive.key),
+            hard_negative_keys=[keys[i % len(keys)] for i in fill],
+            hard_negative_count=real,
+        )
+
+    def encode_or_skip(self, record: Mapping[str, Any]) -> EncodedExample | None:
+        """``encode``, or with skip_bad_records, None for a bad record (logged, counted in
+        ``bad_records``, and reported by the next kept example's ``skipped_before``)."""
+        self.check_layout(record)
+        try:
+            example = self.encode(record)
+        except ValueError as error:
+            if not self.skip_bad_records:
+                raise
+            self.bad_records += 1
+            self._pending_skips += 1
+            logger.warning(
+                "skipping bad record (%d so far in this process): %s", self.bad_records, error
+            )
+            return None
+        example.skipped_before, self._pending_skips = self._pending_skips, 0
+        return example
+
+    # --- batching -----------------------------------------------------------------------------
+
+    def _collate(self, items: list[ProcessedItem], patch_budget: int) -> dict[str, np.ndarray]:
+        return collate(
+            items,
+            config=self.model_config,
+            pad_token_id=self.tokenizer.pad_token_id,
+            length_buckets=self.length_buckets,
+            patch_budget=patch_budget,
+            padding_side=self.padding_side,
+        )
+
+    def collate(self, examples: Sequence[EncodedExample]) -> dict[str, Any]:
+        """Examples -> the batch dict of the module docstring."""
+        batch: dict[str, Any] = {
+            "query": self._collate([e.query for e in examples], self.query_patch_budget),
+            "candidate": self._collate(
+                [e.candidate for e in examples], self.candidate_patch_budget
+            ),
+            "query_key": np.array([e.query_key for e in examples], np.int32),
+            "candidate_key": np.array([e.candidate_key for e in examples], np.int32),
+            "hard_negative_key": np.array(
+                [e.hard_negative_keys for e in examples], np.int32
+            ).reshape(len(examples), self.num_hard_negatives),
+            "hard_negative_count": np.array([e.hard_negative_count for e in examples], np.int32),
+            "skipped_records": np.array([e.skipped_before for e in examples], np.int32),
+        }
+        if self.num_hard_negatives:
+            batch["hard_negative"] = self._collate(
+                [item for e in examples for item in e.hard_negatives], self.candidate_patch_budget
+            )
+        return batch
+
+    def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Encodes and collates records (raises on a bad one): the batch without grain."""
+        return self.collate([self.encode(r) for r in records])
+
+    def operations(self, batch_size: int, drop_remainder: bool) -> list[Any]:
+        """The grain operations: encode, drop skipped records, batch."""
+        return [
+            _EncodeRecords(self),
+            _DropSkipped(),
+            grain.Batch(batch_size, drop_remainder=drop_remainder, batch_fn=self.collate),
+        ]
+
+
+def make_transform(
+    tokenizer: PreTrainedTokenizerBase,
+    image_processor: ImageProcessor,
+    model_config: ModelConfig,
+    **options: Any,
+) -> ContrastiveBatcher:
+    """A ``ContrastiveBatcher`` (its keyword options are documented there)."""
+    return ContrastiveBatcher(tokenizer, image_processor, model_config, **options)
+
+
+class _EncodeRecords(grain.MapTransform):
+    def __init__(self, batcher: ContrastiveBatcher):
+        self.batcher = batcher
+
+    def map(self, element: Mapping[str, Any]) -> EncodedExample | None:
+        return self.batcher.encode_or_skip(element)
+
+
+class _DropSkipped(grain.FilterTransform):
+    def filter(self, element: Any) -> bool:
+        return element is not None
+
+
+class _Apply(grain.MapTransform):
+    def __init__(self, function: Callable[[Any], Any]):
+        self.function = function
+
+    def map(self, element: Any) -> Any:
+        return self.function(element)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loader and its state
+# ---------------------------------------------------------------------------------------------
+
+
+def make_train_loader(
+    source: Any,
+    *,
+    transform: ContrastiveBatcher | Callable[[Any], Any],
+    global_batch_size: int,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    seed: int = 0,
+    num_epochs: int | None = None,
+    worker_count: int = 0,
+    worker_buffer_size: int = 1,
+    drop_remainder: bool = True,
+    shuffle: bool = True,
+    read_options: grain.ReadOptions | None = None,
+) -> grain.DataLoader:
+    """This host's loader: shard, seeded shuffle, transform, fixed per-host batches.
+
+    Args:
+      source: random-access records (``tfds_builders.load_source``; anything with len and
+        [i]). It must pickle when worker_count > 0.
+      transform: a ``ContrastiveBatcher``, or a function of one record whose outputs are
+        stacked by grain's default batching.
+      global_batch_size: rows over all hosts; each host gets global_batch_size // shard_count.
+      shard_index, shard_count: this host's shard (default jax.process_index() and
+        jax.process_count()). Shards are contiguous ranges of the source, which TFDS already
+        shuffled at write time.
+      seed: shuffling seed (a new order each epoch, the same for every run with this seed).
+      num_epochs: passes over the shard; None repeats forever.
+      worker_count: worker processes (0: transform in this process).
+      drop_remainder: equal shards and no short last batch, which keeps every host stepping
+        together and shapes static; False (to see every record once) gives uneven shards.
+
+    The iterator's state (``iterator_state``/``restore_iterator``, or Orbax with
+    ``grain.PyGrainCheckpointSave(it)``/``PyGrainCheckpointRestore(it)``) resumes at the next
+    batch; restore with the same source, seed, shards, batch size and worker_count.
+    """
+    if shard_index is None or shard_count is None:
+        import jax  # here, so that worker processes need not import it
+
+        shard_index = jax.process_index() if shard_index is None else shard_index
+        shard_count = jax.process_count() if shard_count is None else shard_count
+    if global_batch_size <= 0 or global_batch_size % shard_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} must be a positive multiple "
+            f"of shard_count={shard_count} (each host takes an equal share)"
+        )
+    batch_size = global_batch_size // shard_count
+    shard_options = grain.ShardOptions(shard_index, shard_count, drop_remainder=drop_remainder)
+    shard_size = len(source) // shard_count
+    if drop_remainder and shard_size < batch_size:
+        raise ValueError(
+            f"each shard holds {shard_size} of {len(source)} records, fewer than "
+            f"one per-host batch of {batch_size}"
+        )
+    if worker_count > 0 and not flags.FLAGS.is_parsed():
+        # grain 0.2.18 reads an absl flag in its workers and fails when flags were never
+        # parsed (scripts and notebooks without absl.app; google/grain#1355): use defaults.
+        flags.FLAGS.mark_as_parsed()
+    if hasattr(transform, "operations"):
+        operations = transform.operations(batch_size, drop_remainder)
+    else:
+        operations = [_Apply(transform), grain.Batch(batch_size, drop_remainder=drop_remainder)]
+    sampler = grain.IndexSampler(
+        len(source), shard_options=shard_options, shuffle=shuffle, num_epochs=num_epochs, seed=seed
+    )
+    return grain.DataLoader(
+        data_source=source,
+        sampler=sampler,
+        operations=operations,
+        worker_count=worker_count,
+        worker_buffer_size=worker_buffer_size,
+        shard_options=shard_options,
+        read_options=read_options,
+    )
+
+
+def iterator_state(iterator: grain.PyGrainDatasetIterator) -> bytes:
+    """The position of a loader's iterator, as JSON bytes (small; save it with the model)."""
+    return iterator.get_state()
+
+
+def restore_iterator(loader: grain.DataLoader, state: bytes) -> grain.PyGrainDatasetIterator:
+    """A new iterator over ``loader`` that continues right after the batch ``state`` was
+    taken at."""
+    iterator = iter(loader)
+    iterator.set_state(state)
+    return iterator
