@@ -6,8 +6,7 @@ import os
 
 import pytest
 
-from jfe_jax.data.synthetic import SyntheticConfig, corpus_texts, generate
-from jfe_jax.data.tokenizer import build_tokenizer
+from jfe_jax.data.synthetic import SyntheticConfig, generate
 from jfe_jax.train.trainer import train
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
@@ -36,8 +35,7 @@ def _windows(workdir):
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench") / "synthetic"
-    generate(str(root), SyntheticConfig(seed=1), progress=False)
-    build_tokenizer(list(corpus_texts(str(root))), 512, str(root / "tokenizer"))
+    generate(str(root), SyntheticConfig(seed=1), progress=False)  # with its tokenizer
     return str(root)
 
 

@@ -295,3 +295,26 @@ def test_config_rejects_unknown_tasks_and_bad_fractions():
         SyntheticConfig(tasks=("edis_task2",))
     with pytest.raises(ValueError, match="split_fractions"):
         SyntheticConfig(split_fractions=(0.5, 0.5, 0.5))
+
+
+def test_generator_writes_a_tokenizer_matching_the_tiny_model(tmp_path):
+    from jfe_jax.data.tokenizer import load_tokenizer
+    from jfe_jax.models.sizes import get_size
+
+    root = tmp_path / "bench"
+    generate(
+        str(root),
+        SyntheticConfig(
+            train_queries_per_task=4,
+            val_queries_per_task=2,
+            test_queries_per_task=2,
+            num_text_triples=8,
+            num_image_captions=8,
+        ),
+        progress=False,
+    )
+    tokenizer = load_tokenizer(str(root / "tokenizer"))
+    config = get_size("tiny")
+    assert len(tokenizer) == config.text.vocab_size
+    assert tokenizer.convert_tokens_to_ids("<|image_pad|>") == config.image_token_id
+    assert tokenizer.convert_tokens_to_ids("<|vision_start|>") == config.vision_start_token_id

@@ -145,3 +145,30 @@ def test_grad_cache_chunk_must_divide_the_batch():
     c = _config(data__global_batch_size=16, train__grad_cache_chunk=5)
     with pytest.raises(ValueError, match="grad_cache_chunk=5 does not divide"):
         validate_config(c)
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):
+    from train_fixtures import ToyPairs
+
+    from jfe_jax.models.sizes import get_size
+    from jfe_jax.train.trainer import NonFiniteLossError, train
+
+    c = base_config()
+    c.data.global_batch_size = 8
+    c.mesh.data = 8
+    c.optimizer.learning_rate = 1e30  # the first update blows the parameters up
+    c.optimizer.warmup_steps = 0
+    c.optimizer.max_grad_norm = 0.0
+    c.train.num_steps = 5
+    c.train.checkpoint_every_steps = 1
+    c.train.log_every = 1
+    c.lock()
+    workdir = str(tmp_path / "nan")
+    with pytest.raises(
+        NonFiniteLossError, match=r"loss is nan at step 2; .* last good checkpoint is step 1"
+    ):
+        train(c, workdir, data=ToyPairs(get_size("tiny"), batch_size=8))
+    assert ckpt.latest_step(workdir) == 1
+    params, step = ckpt.restore_params(workdir)
+    assert step == 1
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(params))

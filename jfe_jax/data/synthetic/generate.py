@@ -38,9 +38,11 @@ from jfe_jax.data.synthetic import pairs
 from jfe_jax.data.synthetic.builder import SPLITS, BenchmarkBuilder
 from jfe_jax.data.synthetic.tasks import TASK_BUILDERS
 from jfe_jax.data.synthetic.world import derive_seed
+from jfe_jax.data.tokenizer import build_tokenizer
 
 VERSION = 1
 MANIFEST_FILE = "synthetic_manifest.json"
+TOKENIZER_DIR = "tokenizer"
 SYNTHETIC_TASKS: tuple[str, ...] = tuple(TASK_BUILDERS)
 # As in M-BEIR, MSCOCO's val and test pools are separate files named by split.
 SPLIT_NAMED_POOLS: tuple[str, ...] = ("mscoco_task0", "mscoco_task3")
@@ -126,6 +128,10 @@ class SyntheticConfig:
     split_fractions: tuple[float, float, float] = (0.6, 0.15, 0.25)
     num_text_triples: int = 512  # pairs/text_triples.jsonl
     num_image_captions: int = 256  # pairs/image_captions.jsonl
+    # tokenizer/: byte-level BPE trained on every text written, Qwen2-VL special tokens at
+    # the end of the vocabulary (must equal the model's vocab_size: 512 for the tiny size,
+    # 8192 for small); 0 writes no tokenizer.
+    tokenizer_vocab_size: int = 512
 
     def __post_init__(self):
         unknown = [t for t in self.tasks if t not in TASK_BUILDERS]
@@ -312,7 +318,7 @@ def generate(
         jitter=config.jitter,
     )
     steps = [(task, split) for split in SPLITS for task in config.tasks]
-    with tqdm(total=len(steps) + 2, desc="synthetic M-BEIR", disable=not progress) as bar:
+    with tqdm(total=len(steps) + 3, desc="synthetic M-BEIR", disable=not progress) as bar:
         for task, split in steps:
             bar.set_postfix_str(f"{task} {split}")
             rng = random.Random(derive_seed(config.seed, "queries", task, split))
@@ -332,6 +338,12 @@ def generate(
         bar.update()
         bar.set_postfix_str("writing")
         manifest = _write_benchmark(staging, bench, config, triples, captions)
+        bar.update()
+        if config.tokenizer_vocab_size:
+            bar.set_postfix_str("tokenizer")
+            build_tokenizer(
+                list(corpus_texts(staging)), config.tokenizer_vocab_size, staging / TOKENIZER_DIR
+            )
         bar.update()
 
     if root.exists():

@@ -1,0 +1,90 @@
+"""Processed items -> static-shape model batches.
+
+jit compiles one program per input shape, so batches are padded to a small set of shapes:
+the sequence length to the smallest of ``length_buckets`` that fits, and the image patches of
+each row to a fixed ``patch_budget``. Anything that does not fit raises; nothing is cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from jfe_jax.data.processing import ProcessedItem
+from jfe_jax.models.config import ModelConfig
+from jfe_jax.models.inputs import prepare_batch
+
+DEFAULT_LENGTH_BUCKETS = (64, 128, 256, 512, 1024, 2048)
+
+
+def pick_length(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds ``length`` tokens."""
+    for bucket in sorted(buckets):
+        if length <= bucket:
+            return bucket
+    raise ValueError(
+        f"a sequence of {length} tokens is longer than the largest length bucket "
+        f"{max(buckets)}; raise data.max_length / data.length_buckets or shorten the text"
+    )
+
+
+def collate(
+    items: Sequence[ProcessedItem],
+    *,
+    config: ModelConfig,
+    pad_token_id: int,
+    length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
+    patch_budget: int = 0,
+    padding_side: str = "right",
+) -> dict[str, np.ndarray]:
+    """Pads and packs ``items`` into the model's batch dict (see ``prepare_batch``).
+
+    Args:
+      items: processed items, with or without images.
+      config: the model's architecture.
+      pad_token_id: id written at padding positions (masked out).
+      length_buckets: allowed padded lengths.
+      patch_budget: image patches per row; > 0 always emits pixel arrays of that size (so
+        text-only and image batches share one shape), 0 emits none and rejects images.
+      padding_side: "right" or "left".
+    """
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    if not items:
+        raise ValueError("cannot collate an empty list of items")
+    length = pick_length(max(len(it.input_ids) for it in items), length_buckets)
+    ids = np.full((len(items), length), pad_token_id, dtype=np.int32)
+    mask = np.zeros((len(items), length), dtype=np.int32)
+    pixels, grids = [], []
+    for row, item in enumerate(items):
+        n = len(item.input_ids)
+        span = slice(0, n) if padding_side == "right" else slice(length - n, length)
+        ids[row, span] = item.input_ids
+        mask[row, span] = 1
+        if item.pixel_values is not None:
+            if patch_budget <= 0:
+                raise ValueError(
+                    f"item {row} has an image but the batch has no patch budget "
+                    "(data.patch_budget = 0 means text-only data)"
+                )
+            pixels.append(item.pixel_values)
+            grids.append(np.asarray(item.image_grid_thw).reshape(-1, 3))
+    if patch_budget <= 0:
+        return prepare_batch(config, ids, mask)
+    if not grids:
+        batch = prepare_batch(config, ids, mask)
+        batch["pixel_values"] = np.zeros(
+            (len(items), patch_budget, config.vision.patch_dim), dtype=np.float32
+        )
+        batch["patch_segment_ids"] = np.zeros((len(items), patch_budget), dtype=np.int32)
+        batch["patch_positions"] = np.zeros((len(items), patch_budget, 2), dtype=np.int32)
+        return batch
+    return prepare_batch(
+        config,
+        ids,
+        mask,
+        np.concatenate(pixels),
+        np.concatenate(grids),
+        num_patches=patch_budget,
+    )
