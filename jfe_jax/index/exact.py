@@ -123,10 +123,10 @@ def exact_search(
 
     num_rows = database.shape[0]
     rows_per_shard = -(-num_rows // num_shards)
-    padded = jnp.pad(
-        jnp.asarray(database, dtype=jnp.float32),
-        ((0, rows_per_shard * num_shards - num_rows), (0, 0)),
-    )
+    row_padding = ((0, rows_per_shard * num_shards - num_rows), (0, 0))
+    # A host array is padded on the host, so each device receives only its own rows.
+    xp = np if isinstance(database, np.ndarray) else jnp
+    padded = xp.pad(xp.asarray(database, dtype=xp.float32), row_padding)
     padded = jax.device_put(padded, NamedSharding(mesh, P(axis, None)))
     replicated = NamedSharding(mesh, P())
     num_valid = jax.device_put(jnp.int32(num_rows), replicated)

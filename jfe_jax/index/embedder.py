@@ -1,0 +1,149 @@
+"""Items (text, image, or both, with an optional instruction) -> embeddings, on every device.
+
+``ItemEmbedder`` tokenizes and preprocesses items the same way training did, pads batches to
+static shapes (fixed rows, length buckets, a patch budget) and runs the encoder data-parallel
+over this host's devices. Each host embeds on its own devices, so exports and evaluations
+need no cross-host communication.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jfe_jax.data.collate import DEFAULT_LENGTH_BUCKETS, collate
+from jfe_jax.data.image_processor import ImageProcessor
+from jfe_jax.data.processing import DEFAULT_EMBED_PROMPT, ProcessedItem, encode_item
+from jfe_jax.data.tokenizer import load_tokenizer
+from jfe_jax.encoder import Encoder
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One thing to embed: a text, an image (path or PIL image), or both."""
+
+    text: str | None = None
+    image: Any = None
+    instruction: str | None = None
+
+
+def find_tokenizer(encoder: Encoder) -> str:
+    """The tokenizer next to an encoder's weights (HF dir or ``<workdir>/tokenizer``)."""
+    source = encoder.source_dir or ""
+    for path in (source, os.path.join(source, "tokenizer")):
+        if os.path.isfile(os.path.join(path, "tokenizer.json")):
+            return path
+    raise ValueError(
+        f"no tokenizer.json in {source!r} or its tokenizer/ folder; pass tokenizer= explicitly"
+    )
+
+
+class ItemEmbedder:
+    """Embeds ``Item``s with an ``Encoder``, ``batch_size`` rows at a time on all local devices.
+
+    Args:
+      encoder: the model.
+      tokenizer: a tokenizer or its directory; default: the one next to the encoder.
+      image_processor: default: Qwen2-VL's with ``max_pixels``/``min_pixels``.
+      prompt: the embedding prompt after each item (the one used in training).
+      batch_size: rows per call, rounded up to a multiple of the local device count.
+      length_buckets, patch_budget: static shapes (longer items raise; nothing is cut).
+      image_root: directory image paths are relative to (and must stay inside).
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        *,
+        tokenizer: Any = None,
+        image_processor: ImageProcessor | None = None,
+        prompt: str = DEFAULT_EMBED_PROMPT,
+        batch_size: int = 32,
+        length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
+        patch_budget: int | None = None,
+        max_pixels: int = 112 * 112,
+        min_pixels: int = 56 * 56,
+        image_root: str | None = None,
+    ):
+        self.encoder = encoder
+        if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = load_tokenizer(tokenizer or find_tokenizer(encoder))
+        self.tokenizer = tokenizer
+        vision = encoder.config.vision
+        self.image_processor = image_processor or ImageProcessor(
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            patch_size=vision.patch_size,
+            temporal_patch_size=vision.temporal_patch_size,
+            merge_size=vision.spatial_merge_size,
+        )
+        self.prompt = prompt
+        self.length_buckets = tuple(length_buckets)
+        side = self.image_processor.max_pixels // (vision.patch_size**2)
+        self.patch_budget = patch_budget or max(16, -(-side // 16) * 16)
+        self.image_root = image_root
+        devices = jax.local_devices()
+        self.batch_size = -(-batch_size // len(devices)) * len(devices)
+        mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+        self._rows = NamedSharding(mesh, PartitionSpec("data"))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self._params = jax.device_put(encoder.params, replicated)
+        module = encoder.module
+        self._embed = jax.jit(
+            lambda params, batch: module.apply({"params": params}, batch)[0],
+            out_shardings=replicated,
+        )
+        pad_id = tokenizer.pad_token_id
+        self.pad_token_id = pad_id if pad_id is not None else 0
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.options.projection_dim or self.encoder.config.text.hidden_size
+
+    def process(self, item: Item) -> ProcessedItem:
+        return encode_item(
+            self.tokenizer,
+            self.image_processor,
+            text=item.text,
+            image=item.image,
+            instruction=item.instruction,
+            prompt=self.prompt,
+            max_length=max(self.length_buckets),
+            image_root=self.image_root,
+        )
+
+    def embed_processed(self, items: Sequence[ProcessedItem]) -> np.ndarray:
+        """Embeddings ``[len(items), D]`` of at most ``batch_size`` processed items."""
+        if not 0 < len(items) <= self.batch_size:
+            raise ValueError(f"expected 1..{self.batch_size} items, got {len(items)}")
+        # Pad with copies of the first item: static shapes, rows dropped afterwards.
+        padded = list(items) + [items[0]] * (self.batch_size - len(items))
+        batch = collate(
+            padded,
+            config=self.encoder.config,
+            pad_token_id=self.pad_token_id,
+            length_buckets=self.length_buckets,
+            patch_budget=self.patch_budget,
+        )
+        batch = jax.device_put(batch, self._rows)
+        return np.asarray(self._embed(self._params, batch))[: len(items)]
+
+    def embed(self, items: Iterable[Item]) -> np.ndarray:
+        """Embeddings ``[n, D]`` (float32, unit norm) of any number of items, in order."""
+        out, chunk = [], []
+        for item in items:
+            chunk.append(self.process(item))
+            if len(chunk) == self.batch_size:
+                out.append(self.embed_processed(chunk))
+                chunk = []
+        if chunk:
+            out.append(self.embed_processed(chunk))
+        if not out:
+            return np.zeros((0, self.dim), np.float32)
+        return np.concatenate(out)
