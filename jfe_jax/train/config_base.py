@@ -89,3 +89,33 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.async_checkpointing = True
     c.train.distributed = False  # call jax.distributed.initialize() first (multi-host)
     return c
+
+
+def demo_stage1_config() -> ml_collections.ConfigDict:
+    """Stage 1 of the demo: tiny model, synthetic pairs, minutes on 2 CPU cores."""
+    c = base_config()
+    c.stage = "stage1"
+    c.model.size = "tiny"
+    c.data.kind = "pairs"
+    c.data.global_batch_size = 32
+    c.data.length_buckets = (64, 128)
+    c.data.max_length = 128
+    c.data.query_patch_budget = 64
+    c.data.candidate_patch_budget = 64
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.warmup_steps = 10
+    c.optimizer.weight_decay = 0.0
+    c.train.num_steps = 150
+    c.train.log_every = 10
+    c.train.checkpoint_every_steps = 50
+    return c
+
+
+def demo_stage2_config() -> ml_collections.ConfigDict:
+    """Stage 2 of the demo: instruction tuning on the synthetic M-BEIR tasks, from stage 1."""
+    c = demo_stage1_config()
+    c.stage = "stage2"
+    c.data.kind = "mbeir"
+    c.data.split = "train"
+    c.optimizer.learning_rate = 5e-4
+    return c
