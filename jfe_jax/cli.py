@@ -105,7 +105,8 @@ def _demo(argv: Sequence[str]) -> int:
     for noisy in ("absl", "jax._src.xla_bridge", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     results = run_demo(args.workdir, fresh=args.fresh, steps=args.steps)
-    print(format_task_table(results, title="JFE demo: synthetic M-BEIR test split, local pools"))
+    title = "JFE demo: synthetic M-BEIR test split, local pools (Recall, %)"
+    print(format_task_table(results["table"], title=title))
     details = results["details"]
     print(
         "\nchance Recall@5 per task: "

@@ -20,6 +20,7 @@ import ml_collections
 
 from jfe_jax.data.synthetic import SyntheticConfig, generate
 from jfe_jax.data.synthetic.generate import MANIFEST_FILE
+from jfe_jax.eval.recall import read_table_json
 from jfe_jax.train.config_base import demo_stage1_config, demo_stage2_config
 
 log = logging.getLogger(__name__)
@@ -115,14 +116,12 @@ def run_demo(
         evaluate_mbeir(embedder, data_dir, os.path.join(workdir, "eval"), progress=progress)
 
     stage("eval", evaluate)
-    with open(os.path.join(workdir, "eval", "results.json"), encoding="utf-8") as f:
-        results = json.load(f)
+    table, extra = read_table_json(os.path.join(workdir, "eval", "results.json"))
     summary = {
         "seconds": timings,
         "total_seconds": round(time.perf_counter() - start_all, 1),
-        "average_headline_recall": results["average"],
+        "average_headline_recall": table["average"],
     }
     with open(os.path.join(workdir, "demo_summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
-    results["demo_summary"] = summary
-    return results
+    return {"table": table, **extra, "demo_summary": summary}

@@ -36,6 +36,17 @@ log = logging.getLogger(__name__)
 OWN_DATASET_POSITIVES = (5, 6)
 
 
+def chance_recall(num_positives: Sequence[int], pool_size: int, k: int) -> float:
+    """Expected Recall@k of a random ranking: P(some positive in a random k-subset), averaged."""
+    total = 0.0
+    for p in num_positives:
+        miss = 1.0
+        for i in range(min(k, pool_size)):
+            miss *= max(pool_size - p - i, 0) / (pool_size - i)
+        total += 1.0 - miss
+    return total / len(num_positives)
+
+
 def query_item(mbeir: MBEIR, query: Query, mode: str, seed: int) -> Item:
     return Item(
         text=query.text,

@@ -162,3 +162,19 @@ def write_table_json(
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
         f.write("\n")
+
+
+def read_table_json(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Reads what `write_table_json` wrote: (the `task_table` dict, the extra fields)."""
+    with open(path) as f:
+        payload = json.load(f)
+    tasks = {
+        task: {
+            "recall": {int(k.removeprefix("recall@")): v for k, v in row["recall"].items()},
+            "headline_k": row["headline_k"],
+            "headline": row["headline"],
+        }
+        for task, row in payload.pop("tasks").items()
+    }
+    table = {"tasks": tasks, "groups": payload.pop("groups"), "average": payload.pop("average")}
+    return table, payload
