@@ -118,7 +118,34 @@ def _demo(argv: Sequence[str]) -> int:
     return 0
 
 
+def _experiment(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="jfe experiment",
+        description="fusion: train the late-fusion baseline beside the demo's early-fusion "
+        "model (same data, steps, tower) and compare them per task and per JFE group.",
+    )
+    parser.add_argument("name", choices=["fusion"])
+    parser.add_argument("--workdir", required=True, help="a demo workdir (made if missing)")
+    parser.add_argument("--steps", type=int, default=None, help="override steps per stage")
+    args = parser.parse_args(argv)
+    import logging
+
+    from jfe_jax.experiment import run_fusion_experiment
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("absl", "jax._src.xla_bridge", "tensorflow_datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    result = run_fusion_experiment(args.workdir, steps=args.steps)
+    print("Headline recall (%), synthetic M-BEIR test split, local pools")
+    print(result["table"])
+    print()
+    print(result["statement"])
+    print(f"results: {args.workdir}/fusion/fusion.json and fusion.png")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "experiment": (_experiment, "early vs late fusion on the same data and budget"),
     "demo": (_demo, "the whole pipeline end to end on the embedded synthetic benchmark"),
     "train": (_train, "train a stage from a config file (stage 1 or stage 2)"),
     "convert": (_convert, "re-save a Hugging Face Qwen2-VL checkpoint through JAX"),

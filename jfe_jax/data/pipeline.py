@@ -51,6 +51,7 @@ from transformers import PreTrainedTokenizerBase
 
 from jfe_jax.data.collate import DEFAULT_LENGTH_BUCKETS, collate
 from jfe_jax.data.image_processor import ImageProcessor
+from jfe_jax.data.late_fusion import FUSIONS, LateItem, late_collate, split_item
 from jfe_jax.data.mbeir import TASK_MODALITIES, Instructions, instruction_index
 from jfe_jax.data.processing import DEFAULT_EMBED_PROMPT, ProcessedItem, encode_item
 from jfe_jax.models.config import ModelConfig
@@ -155,7 +156,11 @@ class ContrastiveBatcher:
         truncate_text: bool = True,
         skip_bad_records: bool = False,
         padding_side: str = "right",
+        fusion: str = "early",
     ):
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion {fusion!r} is unknown, expected one of {FUSIONS}")
+        self.fusion = fusion
         if kind not in KINDS:
             raise ValueError(f"kind {kind!r} is unknown, expected one of {KINDS}")
         limit = MAX_HARD_NEGATIVES.get(kind)
@@ -243,20 +248,26 @@ class ContrastiveBatcher:
 
     def _encode_side(
         self, side: _Side, instruction: str | None, budget: int, what: str
-    ) -> ProcessedItem:
+    ) -> ProcessedItem | LateItem:
         image = None
         if side.image is not None:
             image = decode_image(side.image, self.image_processor.max_image_pixels, f"{what} image")
-        item = encode_item(
-            self.tokenizer,
-            self.image_processor,
-            text=side.text,
-            image=image,
-            instruction=instruction,
-            prompt=self.prompt,
-            max_length=self.max_length,
-            truncate_text=self.truncate_text,
-        )
+
+        def encode(*, text, image, instruction):
+            return encode_item(
+                self.tokenizer,
+                self.image_processor,
+                text=text,
+                image=image,
+                instruction=instruction,
+                prompt=self.prompt,
+                max_length=self.max_length,
+                truncate_text=self.truncate_text,
+            )
+
+        if self.fusion == "late":
+            return split_item(encode, text=side.text, image=image, instruction=instruction)
+        item = encode(text=side.text, image=image, instruction=instruction)
         if item.pixel_values is not None and len(item.pixel_values) > budget:
             raise ValueError(
                 f"{what} image has {len(item.pixel_values)} patches but the patch "
@@ -325,7 +336,14 @@ class ContrastiveBatcher:
 
     # --- batching -----------------------------------------------------------------------------
 
-    def _collate(self, items: list[ProcessedItem], patch_budget: int) -> dict[str, np.ndarray]:
+    def _collate(self, items: list, patch_budget: int) -> dict[str, Any]:
+        if self.fusion == "late":
+            return late_collate(items, self._collate_early, patch_budget)
+        return self._collate_early(items, patch_budget)
+
+    def _collate_early(
+        self, items: list[ProcessedItem], patch_budget: int
+    ) -> dict[str, np.ndarray]:
         return collate(
             items,
             config=self.model_config,

@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jfe_jax.data.collate import DEFAULT_LENGTH_BUCKETS, collate
 from jfe_jax.data.image_processor import ImageProcessor
+from jfe_jax.data.late_fusion import FUSIONS, LateItem, late_collate, split_item
 from jfe_jax.data.processing import DEFAULT_EMBED_PROMPT, ProcessedItem, encode_item
 from jfe_jax.data.tokenizer import load_tokenizer
 from jfe_jax.encoder import Encoder
@@ -70,7 +71,11 @@ class ItemEmbedder:
         max_pixels: int = 112 * 112,
         min_pixels: int = 56 * 56,
         image_root: str | None = None,
+        fusion: str = "early",
     ):
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion {fusion!r} is unknown, expected one of {FUSIONS}")
+        self.fusion = fusion
         self.encoder = encoder
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = load_tokenizer(tokenizer or find_tokenizer(encoder))
@@ -106,31 +111,44 @@ class ItemEmbedder:
     def dim(self) -> int:
         return self.encoder.options.projection_dim or self.encoder.config.text.hidden_size
 
-    def process(self, item: Item) -> ProcessedItem:
+    def _encode(self, *, text, image, instruction) -> ProcessedItem:
         return encode_item(
             self.tokenizer,
             self.image_processor,
-            text=item.text,
-            image=item.image,
-            instruction=item.instruction,
+            text=text,
+            image=image,
+            instruction=instruction,
             prompt=self.prompt,
             max_length=max(self.length_buckets),
             image_root=self.image_root,
         )
 
-    def embed_processed(self, items: Sequence[ProcessedItem]) -> np.ndarray:
+    def process(self, item: Item) -> ProcessedItem | LateItem:
+        if self.fusion == "late":
+            return split_item(
+                self._encode, text=item.text, image=item.image, instruction=item.instruction
+            )
+        return self._encode(text=item.text, image=item.image, instruction=item.instruction)
+
+    def _collate(self, items: list[ProcessedItem], patch_budget: int) -> dict[str, np.ndarray]:
+        return collate(
+            items,
+            config=self.encoder.config,
+            pad_token_id=self.pad_token_id,
+            length_buckets=self.length_buckets,
+            patch_budget=patch_budget,
+        )
+
+    def embed_processed(self, items: Sequence[ProcessedItem | LateItem]) -> np.ndarray:
         """Embeddings ``[len(items), D]`` of at most ``batch_size`` processed items."""
         if not 0 < len(items) <= self.batch_size:
             raise ValueError(f"expected 1..{self.batch_size} items, got {len(items)}")
         # Pad with copies of the first item: static shapes, rows dropped afterwards.
         padded = list(items) + [items[0]] * (self.batch_size - len(items))
-        batch = collate(
-            padded,
-            config=self.encoder.config,
-            pad_token_id=self.pad_token_id,
-            length_buckets=self.length_buckets,
-            patch_budget=self.patch_budget,
-        )
+        if self.fusion == "late":
+            batch = late_collate(padded, self._collate, self.patch_budget)
+        else:
+            batch = self._collate(padded, self.patch_budget)
         batch = jax.device_put(batch, self._rows)
         return np.asarray(self._embed(self._params, batch))[: len(items)]
 

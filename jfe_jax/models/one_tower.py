@@ -106,12 +106,28 @@ class OneTowerEncoder(nn.Module):
             batch["input_ids"], batch["attention_mask"], batch["position_ids"], image_features
         )
 
-    def __call__(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(self, batch: dict[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        if "has_text" in batch:
+            return self.late_fusion(batch)
         hidden = self.hidden_states(batch)
         pooled = pool_last_token(hidden, batch["attention_mask"])
         features = self.projection(pooled) if self.projection_dim else pooled
         embedding = l2_normalize(features)
         return embedding, {"last_hidden_state": hidden, "pooled": pooled}
+
+    def late_fusion(self, batch: dict[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The late-fusion baseline (``jfe_jax.data.late_fusion``): text and image parts
+        embedded apart by this same tower, summed where present, renormalised."""
+        text_embedding, _ = self(batch["text"])
+        image_embedding, _ = self(batch["image"])
+        fused = (
+            batch["has_text"][:, None] * text_embedding
+            + batch["has_image"][:, None] * image_embedding
+        )
+        return l2_normalize(fused), {
+            "text_embedding": text_embedding,
+            "image_embedding": image_embedding,
+        }
 
     def scale(self) -> jax.Array:
         """``exp(logit_scale)`` = 1 / temperature."""

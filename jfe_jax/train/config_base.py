@@ -36,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.projection_dim = 0  # linear head after pooling; 0 keeps the LLM width
     c.model.temperature = 0.05  # initial InfoNCE temperature
     c.model.learn_temperature = False  # train logit_scale = log(1/temperature)
+    # early: JFE, image and text in one sequence; late: the baseline that embeds them apart
+    # with the same tower and adds the embeddings (UniIR's score fusion)
+    c.model.fusion = "early"
 
     c.data = ml_collections.ConfigDict()
     c.data.kind = "pairs"  # pairs (stage 1: text triples + image captions) | mbeir (stage 2)

@@ -116,6 +116,7 @@ def make_train_data(
         max_length=d.max_length,
         truncate_text=d.truncate_text,
         skip_bad_records=d.skip_bad_records,
+        fusion=config.model.fusion,
     )
     loader_options = dict(
         global_batch_size=d.global_batch_size,

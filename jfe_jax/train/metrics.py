@@ -71,7 +71,9 @@ def vision_forward_flops(config: ModelConfig, rows: int, patches: int) -> float:
 
 
 def batch_forward_flops(config: ModelConfig, model_batch: Mapping[str, Any]) -> float:
-    """Forward FLOPs of one model batch dict (shapes only)."""
+    """Forward FLOPs of one model batch dict (shapes only; late-fusion batches: both parts)."""
+    if "has_text" in model_batch:
+        return sum(batch_forward_flops(config, model_batch[part]) for part in ("text", "image"))
     rows, length = model_batch["input_ids"].shape
     flops = text_forward_flops(config, rows, length)
     if "pixel_values" in model_batch and model_batch["pixel_values"].shape[1]:
@@ -81,7 +83,11 @@ def batch_forward_flops(config: ModelConfig, model_batch: Mapping[str, Any]) -> 
 
 def train_step_flops(config: ModelConfig, batch: Mapping[str, Any]) -> float:
     """Model FLOPs of one contrastive step (every side, forward + backward = 3x forward)."""
-    sides = [v for k, v in batch.items() if isinstance(v, Mapping) and "input_ids" in v]
+    sides = [
+        v
+        for v in batch.values()
+        if isinstance(v, Mapping) and ("input_ids" in v or "has_text" in v)
+    ]
     return 3.0 * sum(batch_forward_flops(config, side) for side in sides)
 
 

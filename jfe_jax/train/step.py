@@ -49,6 +49,13 @@ def merge_params(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dic
     return traverse_util.unflatten_dict(flat)
 
 
+def side_rows(side: dict[str, Any]) -> int:
+    """Rows of one side's model batch (early fusion, or late fusion's text/image pair)."""
+    if "has_text" in side:
+        return side["has_text"].shape[0]
+    return side["input_ids"].shape[0]
+
+
 def make_loss_and_grad(
     module: flax.linen.Module,
     *,
@@ -66,11 +73,11 @@ def make_loss_and_grad(
 
     def loss_and_grad(state: TrainState, batch: dict[str, Any]):
         sides = [batch["query"], batch["candidate"]]
-        rows = batch["query"]["input_ids"].shape[0]
+        rows = side_rows(batch["query"])
         num_hard = 0
         if "hard_negative" in batch:
             sides.append(batch["hard_negative"])
-            num_hard = batch["hard_negative"]["input_ids"].shape[0] // rows
+            num_hard = side_rows(batch["hard_negative"]) // rows
         ids = {}
         if mask_false_negatives:
             ids = dict(query_ids=batch["query_key"], cand_ids=batch["candidate_key"])

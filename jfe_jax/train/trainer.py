@@ -357,7 +357,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict
                 log.info(
                     "compiled step for %s: arguments %.1f MiB, temporaries %.1f MiB, "
                     "outputs %.1f MiB per device",
-                    {k: v["input_ids"].shape for k, v in batch.items() if isinstance(v, dict)},
+                    {k: _side_shape(v) for k, v in batch.items() if isinstance(v, dict)},
                     memory.argument_size_in_bytes / 2**20,
                     memory.temp_size_in_bytes / 2**20,
                     memory.output_size_in_bytes / 2**20,
@@ -388,11 +388,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict
             state, metrics = compiled_for(batch)(state, batch)
             window_examples += config.data.global_batch_size
             window_tokens += (
-                sum(
-                    int(np.sum(v["attention_mask"]))
-                    for v in host_batch.values()
-                    if isinstance(v, dict)
-                )
+                sum(_side_tokens(v) for v in host_batch.values() if isinstance(v, dict))
                 * jax.process_count()
             )
             window_flops += train_step_flops(model_config, host_batch) * jax.process_count()
@@ -447,6 +443,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict
         with open(os.path.join(workdir, "train_summary.json"), "w", encoding="utf-8") as f:
             json.dump(final, f, indent=2)
     return final
+
+
+def _side_shape(side: dict[str, Any]) -> Any:
+    if "has_text" in side:
+        return {part: side[part]["input_ids"].shape for part in ("text", "image")}
+    return side["input_ids"].shape
+
+
+def _side_tokens(side: dict[str, Any]) -> int:
+    """Real (unpadded) tokens of one side; late fusion counts only the parts present."""
+    if "has_text" in side:
+        return sum(
+            int(np.sum(np.asarray(side[part]["attention_mask"]) * side[mask][:, None]))
+            for part, mask in (("text", "has_text"), ("image", "has_image"))
+        )
+    return int(np.sum(side["attention_mask"]))
 
 
 def accumulate(metrics: list[dict[str, Any]]) -> dict[str, Any]:
