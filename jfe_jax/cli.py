@@ -144,10 +144,26 @@ def _experiment(argv: Sequence[str]) -> int:
     return 0
 
 
+def _lazy(module: str, name: str) -> Callable[[Sequence[str]], int]:
+    def run(argv: Sequence[str]) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(argv)
+
+    return run
+
+
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "experiment": (_experiment, "early vs late fusion on the same data and budget"),
     "demo": (_demo, "the whole pipeline end to end on the embedded synthetic benchmark"),
     "train": (_train, "train a stage from a config file (stage 1 or stage 2)"),
+    "export": (
+        _lazy("jfe_jax.index.commands", "export_main"),
+        "embed a pool or queries into shards",
+    ),
+    "index": (_lazy("jfe_jax.index.commands", "index_main"), "build or search a ScaNN index"),
+    "search": (_lazy("jfe_jax.index.commands", "search_main"), "query an index by text/image"),
+    "eval": (_lazy("jfe_jax.eval.commands", "eval_main"), "M-BEIR evaluation of a model"),
     "convert": (_convert, "re-save a Hugging Face Qwen2-VL checkpoint through JAX"),
 }
 

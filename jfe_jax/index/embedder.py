@@ -165,3 +165,31 @@ class ItemEmbedder:
         if not out:
             return np.zeros((0, self.dim), np.float32)
         return np.concatenate(out)
+
+
+def embedder_for(model: str | Encoder, **overrides: Any) -> ItemEmbedder:
+    """An ``ItemEmbedder`` with the settings a model was trained with.
+
+    For a ``jfe train`` workdir, the prompt, length buckets, patch budget, image pixel limits
+    and fusion come from its config.json; for a Hugging Face directory the defaults apply.
+    ``overrides`` (e.g. ``batch_size``, ``image_root``) win.
+    """
+    encoder = model if isinstance(model, Encoder) else Encoder.from_pretrained(model)
+    settings: dict[str, Any] = {}
+    config_path = os.path.join(encoder.source_dir or "", "config.json")
+    if encoder.step is not None and os.path.isfile(config_path):
+        import json
+
+        with open(config_path, encoding="utf-8") as f:
+            run = json.load(f)
+        d = run["data"]
+        settings = dict(
+            prompt=d["prompt"],
+            length_buckets=tuple(d["length_buckets"]),
+            patch_budget=max(d["query_patch_budget"], d["candidate_patch_budget"]) or None,
+            max_pixels=d["image_max_pixels"],
+            min_pixels=d["image_min_pixels"],
+            fusion=run["model"].get("fusion", "early"),
+        )
+    settings.update(overrides)
+    return ItemEmbedder(encoder, **settings)

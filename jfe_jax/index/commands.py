@@ -1,0 +1,195 @@
+"""``jfe export``, ``jfe index build|search`` and ``jfe search``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="jfe train workdir or HF Qwen2-VL dir")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per device step")
+
+
+def export_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="jfe export",
+        description="Embed an M-BEIR candidate pool (or a task's queries) into resumable shards.",
+    )
+    _model_args(parser)
+    parser.add_argument("--mbeir-root", required=True, help="M-BEIR-layout directory")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--pool", help="a task's local pool (e.g. mscoco_task0) or 'global'")
+    what.add_argument("--queries", help="a task whose queries to embed (with instructions)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--out", required=True, help="export directory")
+    parser.add_argument("--shard-size", type=int, default=4096)
+    parser.add_argument("--instruction-mode", default="fixed", choices=["fixed", "seeded"])
+    parser.add_argument("--seed", type=int, default=0, help="seed of seeded instructions")
+    args = parser.parse_args(argv)
+
+    from jfe_jax.data.mbeir import MBEIR
+    from jfe_jax.eval.mbeir_eval import query_item
+    from jfe_jax.index.embedder import Item, embedder_for
+    from jfe_jax.index.export import export_embeddings
+
+    mbeir = MBEIR(args.mbeir_root)
+    embedder = embedder_for(args.model, batch_size=args.batch_size, image_root=args.mbeir_root)
+    if args.pool:
+        path = (
+            mbeir.global_pool_path(args.split)
+            if args.pool == "global"
+            else mbeir.local_pool_path(args.pool, args.split)
+        )
+        records = ((c.did, Item(c.text, c.image_path)) for c in mbeir.iter_candidates(path))
+        extra = {
+            "pool": str(path.relative_to(mbeir.root)),
+            "mbeir_root": os.path.abspath(args.mbeir_root),
+        }
+    else:
+        queries = mbeir.read_queries(args.split, args.queries)
+        records = ((q.qid, query_item(mbeir, q, args.instruction_mode, args.seed)) for q in queries)
+        extra = {
+            "queries": f"{args.queries} ({args.split})",
+            "instruction_mode": args.instruction_mode,
+            "instruction_seed": args.seed,
+        }
+    meta = export_embeddings(
+        embedder, records, args.out, shard_size=args.shard_size, metadata=extra
+    )
+    print(
+        f"exported {meta['total_items']} items ({meta['dim']}-d) into {meta['num_shards']} "
+        f"shards of {args.out}; this host wrote {len(meta['shards'])} "
+        f"({len(meta['resumed_shards'])} already there)"
+    )
+    return 0
+
+
+def index_main(argv: Sequence[str]) -> int:
+    if not argv or argv[0] not in ("build", "search"):
+        print("usage: jfe index {build,search} ...  (see jfe index build --help)", file=sys.stderr)
+        return 2
+    return _index_build(argv[1:]) if argv[0] == "build" else _index_search(argv[1:])
+
+
+def _index_build(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="jfe index build",
+        description="Build a ScaNN index from `jfe export` shards (defaults chosen by pool size).",
+    )
+    parser.add_argument("--embeddings", required=True, help="export directory of the pool")
+    parser.add_argument("--out", required=True, help="index directory to write")
+    parser.add_argument("--mode", default="auto", choices=["auto", "brute_force", "ah", "tree_ah"])
+    parser.add_argument("--num-leaves", type=int)
+    parser.add_argument("--num-leaves-to-search", type=int)
+    parser.add_argument("--training-sample-size", type=int)
+    parser.add_argument("--reorder-k", type=int)
+    args = parser.parse_args(argv)
+
+    from jfe_jax.index.export import load_embeddings
+    from jfe_jax.index.scann_index import Index
+
+    embeddings, ids, meta = load_embeddings(args.embeddings)
+    keep = ("model", "checkpoint_step", "prompt", "dim", "pool", "mbeir_root")
+    index = Index.build(
+        embeddings,
+        ids,
+        mode=args.mode,
+        num_leaves=args.num_leaves,
+        num_leaves_to_search=args.num_leaves_to_search,
+        training_sample_size=args.training_sample_size,
+        reorder_k=args.reorder_k,
+        metadata={k: meta[k] for k in keep if k in meta and k != "dim"},
+    )
+    index.save(args.out)
+    print(
+        f"built {index.metadata.get('settings', {}).get('mode', args.mode)} index over "
+        f"{index.size} x {index.dim} embeddings into {args.out}"
+    )
+    return 0
+
+
+def _index_search(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="jfe index search", description="Search an index with exported query embeddings."
+    )
+    parser.add_argument("--index", required=True)
+    parser.add_argument("--queries", required=True, help="export directory of the queries")
+    parser.add_argument("-k", type=int, default=10)
+    parser.add_argument("--out", required=True, help="JSON lines: qid, ids, scores")
+    args = parser.parse_args(argv)
+
+    from jfe_jax.index.export import load_embeddings
+    from jfe_jax.index.scann_index import Index
+
+    queries, qids, meta = load_embeddings(args.queries)
+    index = Index.load(args.index, expect={"dim": meta["dim"], "model": meta["model"]})
+    ids, scores = index.search(queries, args.k)
+    with open(args.out, "w", encoding="utf-8") as f:
+        for qid, row_ids, row_scores in zip(qids, ids, scores):
+            f.write(
+                json.dumps(
+                    {
+                        "qid": qid,
+                        "ids": row_ids.tolist(),
+                        "scores": [round(float(s), 6) for s in row_scores],
+                    }
+                )
+                + "\n"
+            )
+    print(f"searched {len(qids)} queries, top {args.k} each, into {args.out}")
+    return 0
+
+
+def search_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="jfe search",
+        description="Search an index with a text, an image, or both (and an instruction).",
+    )
+    _model_args(parser)
+    parser.add_argument("--index", required=True)
+    parser.add_argument("--text")
+    parser.add_argument("--image", help="path of a query image")
+    parser.add_argument("--instruction", help="task instruction prefixed to the query")
+    parser.add_argument("-k", type=int, default=5)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    if not args.text and not args.image:
+        raise ValueError("a query needs --text, --image or both")
+
+    from jfe_jax.data.mbeir import MBEIR
+    from jfe_jax.index.embedder import Item, embedder_for
+    from jfe_jax.index.scann_index import Index
+
+    embedder = embedder_for(args.model, batch_size=args.batch_size)
+    index = Index.load(args.index, expect={"dim": embedder.dim})
+    query = embedder.embed(
+        [Item(args.text, args.image and os.path.abspath(args.image), args.instruction)]
+    )
+    ids, scores = index.search(query, args.k)
+    hits = [
+        {"rank": r + 1, "id": str(i), "score": float(s)}
+        for r, (i, s) in enumerate(zip(ids[0], scores[0]))
+    ]
+    meta = index.metadata.get("user", {})
+    if meta.get("mbeir_root") and meta.get("pool"):
+        wanted = {h["id"] for h in hits}
+        mbeir = MBEIR(meta["mbeir_root"])
+        found = {c.did: c for c in mbeir.iter_candidates(meta["pool"]) if c.did in wanted}
+        for h in hits:
+            c = found.get(h["id"])
+            h["text"] = c.text if c else None
+            h["image"] = (
+                os.path.join(meta["mbeir_root"], c.image_path) if c and c.image_path else None
+            )
+    if args.json:
+        print(json.dumps({"query": vars(args) | {"model": args.model}, "hits": hits}, indent=2))
+        return 0
+    print(f"{'rank':>4}  {'score':>7}  {'id':<14} text / image")
+    for h in hits:
+        detail = " | ".join(x for x in (h.get("text"), h.get("image")) if x)
+        print(f"{h['rank']:>4}  {h['score']:>7.4f}  {h['id']:<14} {detail}")
+    return 0

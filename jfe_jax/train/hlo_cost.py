@@ -1,0 +1,331 @@
+"""Loop-aware matmul FLOPs and collective bytes of a compiled (optimized) HLO module.
+
+XLA's ``compiled.cost_analysis()`` visits every computation once: the body of a ``while`` loop
+(``lax.scan`` over layers, ``lax.map`` over gradient-cache chunks) is counted for one
+iteration, whatever its trip count. A train step with scanned layers inside chunk loops is
+then under-counted by one to three orders of magnitude. ``hlo_costs`` walks the HLO text of
+``compiled.as_text()`` and multiplies what each computation does by how often it runs:
+
+* FLOPs of ``dot`` and ``convolution`` instructions (2 x output elements x contraction size),
+  wherever they sit (inside fusions, loop bodies, called computations);
+* bytes moved by collectives (all-gather, all-reduce, reduce-scatter, all-to-all,
+  collective-permute), per device;
+* trip counts from the loop's ``known_trip_count`` when the compiler recorded it, else from its
+  condition (``counter < N`` with the counter's start value read from the loop's init tuple).
+
+The numbers are per device: the HLO is the SPMD-partitioned program one device runs. Loops
+whose trip count cannot be read are counted once and listed in ``unknown_trip_loops``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+
+_DTYPE_BITS = {
+    "pred": 8,
+    "s4": 4,
+    "u4": 4,
+    "s8": 8,
+    "u8": 8,
+    "s16": 16,
+    "u16": 16,
+    "f16": 16,
+    "bf16": 16,
+    "s32": 32,
+    "u32": 32,
+    "f32": 32,
+    "s64": 64,
+    "u64": 64,
+    "f64": 64,
+    "c64": 64,
+    "c128": 128,
+}
+_COLLECTIVES = (
+    "all-gather",
+    "all-gather-start",
+    "all-reduce",
+    "all-reduce-start",
+    "reduce-scatter",
+    "all-to-all",
+    "collective-permute",
+    "collective-permute-start",
+)
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s+=\s+(.*)$")
+_ARRAY = re.compile(r"^(\w+)\[([\d,]*)\]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+    """One HLO instruction: its result type text, opcode, operand names and attributes."""
+
+    name: str
+    type_text: str
+    opcode: str
+    operands: tuple[str, ...]
+    attributes: str
+
+
+@dataclasses.dataclass(frozen=True)
+class HloCosts:
+    """Per-device costs of one compiled module (see the module docstring)."""
+
+    matmul_flops: float  # dot + convolution FLOPs, loop bodies times their trip counts
+    matmul_flops_once: float  # the same with every loop body counted once (as cost_analysis)
+    collective_bytes: float  # bytes through collectives, loop-aware
+    loops: tuple[tuple[str, int], ...]  # (while instruction, trip count) of every loop found
+    unknown_trip_loops: tuple[str, ...]  # loops counted once: trip count not readable
+
+    @property
+    def loop_factor(self) -> float:
+        """How much the loop-aware matmul FLOPs exceed the counted-once ones."""
+        return self.matmul_flops / self.matmul_flops_once if self.matmul_flops_once else 1.0
+
+
+def _balanced(text: str, start: int) -> int:
+    """Index just past the bracket group opening at ``text[start]``."""
+    pairs = {"(": ")", "{": "}", "[": "]"}
+    stack = []
+    for i in range(start, len(text)):
+        c = text[i]
+        if c in pairs:
+            stack.append(pairs[c])
+        elif stack and c == stack[-1]:
+            stack.pop()
+            if not stack:
+                return i + 1
+    raise ValueError(f"unbalanced brackets in HLO text: {text[start : start + 80]!r}")
+
+
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, current = [], 0, []
+    for c in text:
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        if c == "," and depth == 0:
+            parts.append("".join(current).strip())
+            current = []
+        else:
+            current.append(c)
+    if "".join(current).strip():
+        parts.append("".join(current).strip())
+    return parts
+
+
+def _parse_instruction(line: str) -> Instruction | None:
+    match = _INSTRUCTION.match(line)
+    if not match:
+        return None
+    name, rest = match.groups()
+    if rest.startswith("("):
+        end = _balanced(rest, 0)
+    else:
+        end = rest.find(" ")
+    type_text, rest = rest[:end], rest[end:].lstrip()
+    op = re.match(r"([\w\-]+)\(", rest)
+    if not op:
+        return None
+    close = _balanced(rest, op.end() - 1)
+    operands = tuple(
+        part.split()[-1].lstrip("%") for part in _split_top_level(rest[op.end() : close - 1])
+    )
+    return Instruction(name, type_text, op.group(1), operands, rest[close:])
+
+
+def parse_hlo(text: str) -> tuple[dict[str, dict[str, Instruction]], str]:
+    """``({computation: {instruction name: Instruction}}, entry computation name)``."""
+    computations: dict[str, dict[str, Instruction]] = {}
+    entry, current = "", None
+    for line in text.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            current = computations.setdefault(header.group(2), {})
+            if header.group(1):
+                entry = header.group(2)
+            continue
+        if current is None:
+            continue
+        if line.startswith("}"):
+            current = None
+            continue
+        instruction = _parse_instruction(line)
+        if instruction is not None:
+            current[instruction.name] = instruction
+    if not entry:
+        raise ValueError("HLO text has no ENTRY computation")
+    return computations, entry
+
+
+def _array(type_text: str) -> tuple[str, tuple[int, ...]] | None:
+    match = _ARRAY.match(type_text)
+    if not match:
+        return None
+    dims = tuple(int(d) for d in match.group(2).split(",") if d)
+    return match.group(1), dims
+
+
+def _bytes(type_text: str) -> float:
+    """Bytes of an array type, or of the largest array in a tuple type."""
+    arrays = re.findall(r"(\w+)\[([\d,]*)\]", type_text)
+    sizes = [
+        _DTYPE_BITS.get(dtype, 32) / 8 * math.prod(int(d) for d in dims.split(",") if d)
+        for dtype, dims in arrays
+    ]
+    return max(sizes, default=0.0)
+
+
+def _attribute(instruction: Instruction, key: str) -> str | None:
+    match = re.search(rf"\b{key}=%?([\w.\-]+)", instruction.attributes)
+    return match.group(1) if match else None
+
+
+def _matmul_flops(instruction: Instruction, scope: dict[str, Instruction]) -> float:
+    out = _array(instruction.type_text)
+    if out is None or len(instruction.operands) < 2:
+        return 0.0
+    out_elements = math.prod(out[1])
+    if instruction.opcode == "dot":
+        lhs = scope.get(instruction.operands[0])
+        dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instruction.attributes)
+        lhs_shape = _array(lhs.type_text) if lhs else None
+        if lhs_shape is None or dims is None:
+            return 0.0
+        contraction = math.prod(lhs_shape[1][int(d)] for d in dims.group(1).split(",") if d)
+        return 2.0 * out_elements * contraction
+    kernel = scope.get(instruction.operands[1])
+    labels = re.search(r"dim_labels=[^_]+_([^-]+)->", instruction.attributes)
+    kernel_shape = _array(kernel.type_text) if kernel else None
+    if kernel_shape is None or labels is None:
+        return 0.0
+    # Each output element reads (input features per group) x (window taps that land on real
+    # input) kernel values; XLA writes batched matmuls as convolutions whose batch is a window
+    # dimension over an lhs-dilated input, where only one tap in ``lhs_dilate`` is real.
+    features = math.prod(
+        size for label, size in zip(labels.group(1), kernel_shape[1], strict=False) if label == "i"
+    )
+    window = re.search(r"window=\{([^}]*)\}", instruction.attributes)
+    taps = 1
+    if window:
+        sizes = _window_field(window.group(1), "size")
+        dilations = _window_field(window.group(1), "lhs_dilate") or [1] * len(sizes)
+        taps = math.prod(-(-size // dilation) for size, dilation in zip(sizes, dilations))
+    return 2.0 * out_elements * features * taps
+
+
+def _window_field(window: str, key: str) -> list[int]:
+    match = re.search(rf"\b{key}=([\dx]+)", window)
+    return [int(v) for v in match.group(1).split("x")] if match else []
+
+
+def _constant_value(name: str, scope: dict[str, Instruction]) -> int | None:
+    """The integer a scalar constant holds, following copies and bitcasts."""
+    for _ in range(8):
+        instruction = scope.get(name)
+        if instruction is None:
+            return None
+        if instruction.opcode == "constant":
+            try:
+                return int(instruction.operands[0])
+            except (IndexError, ValueError):
+                return None
+        if instruction.opcode not in ("copy", "bitcast", "convert") or not instruction.operands:
+            return None
+        name = instruction.operands[0]
+    return None
+
+
+def _trip_count(
+    loop: Instruction,
+    scope: dict[str, Instruction],
+    computations: dict[str, dict[str, Instruction]],
+) -> int | None:
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', loop.attributes)
+    if known:
+        return int(known.group(1))
+    condition = computations.get(_attribute(loop, "condition") or "")
+    if not condition:
+        return None
+    compare = next((i for i in condition.values() if i.opcode == "compare"), None)
+    if compare is None or len(compare.operands) != 2:
+        return None
+    direction = re.search(r"direction=(\w+)", compare.attributes)
+    counter = condition.get(compare.operands[0])
+    limit = _constant_value(compare.operands[1], condition)
+    if direction is None or counter is None or limit is None:
+        return None
+    if counter.opcode != "get-tuple-element":
+        return None
+    start = 0
+    index = re.search(r"index=(\d+)", counter.attributes)
+    init = scope.get(loop.operands[0]) if loop.operands else None
+    if index and init is not None and init.opcode == "tuple":
+        value = _constant_value(init.operands[int(index.group(1))], scope)
+        start = 0 if value is None else value
+    trips = {
+        "LT": limit - start,
+        "LE": limit - start + 1,
+        "GT": start - limit,
+        "GE": start - limit + 1,
+    }.get(direction.group(1))
+    return max(trips, 0) if trips is not None else None
+
+
+def hlo_costs(text: str) -> HloCosts:
+    """Loop-aware per-device matmul FLOPs and collective bytes of ``compiled.as_text()``."""
+    computations, entry = parse_hlo(text)
+    loops: dict[str, int] = {}
+    unknown: list[str] = []
+
+    @functools.cache
+    def cost(name: str, loop_aware: bool) -> tuple[float, float]:
+        scope = computations.get(name, {})
+        flops, moved = 0.0, 0.0
+        for instruction in scope.values():
+            if instruction.opcode in ("dot", "convolution"):
+                flops += _matmul_flops(instruction, scope)
+            elif instruction.opcode in _COLLECTIVES:
+                operand_bytes = sum(
+                    _bytes(scope[o].type_text) for o in instruction.operands if o in scope
+                )
+                moved += max(operand_bytes, _bytes(instruction.type_text))
+            children: list[tuple[str, float]] = []
+            if instruction.opcode == "while":
+                trips = _trip_count(instruction, scope, computations)
+                if trips is None:
+                    unknown.append(instruction.name)
+                loops[instruction.name] = trips if trips is not None else 1
+                body = _attribute(instruction, "body")
+                if body:
+                    children.append((body, float(trips or 1) if loop_aware else 1.0))
+            elif instruction.opcode in ("fusion", "call", "async-start", "custom-call"):
+                called = _attribute(instruction, "calls") or _attribute(instruction, "to_apply")
+                if called:
+                    children.append((called, 1.0))
+            elif instruction.opcode == "conditional":
+                branches = re.search(r"branch_computations=\{([^}]*)\}", instruction.attributes)
+                names = branches.group(1).split(",") if branches else []
+                names += [
+                    _attribute(instruction, k) or ""
+                    for k in ("true_computation", "false_computation")
+                ]
+                children += [(n.strip().lstrip("%"), 1.0) for n in names if n.strip()]
+            for child, factor in children:
+                child_flops, child_bytes = cost(child, loop_aware)
+                flops += factor * child_flops
+                moved += factor * child_bytes
+        return flops, moved
+
+    flops, moved = cost(entry, True)
+    flops_once, _ = cost(entry, False)
+    return HloCosts(
+        matmul_flops=flops,
+        matmul_flops_once=flops_once,
+        collective_bytes=moved,
+        loops=tuple(sorted(loops.items())),
+        unknown_trip_loops=tuple(sorted(set(unknown))),
+    )

@@ -1,0 +1,167 @@
+"""jfe export / index build / index search / search / eval on a small synthetic benchmark."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from jfe_jax.cli import main
+from jfe_jax.data.synthetic import SyntheticConfig, generate
+from jfe_jax.encoder import Encoder
+from jfe_jax.index.exact import exact_search_numpy
+from jfe_jax.index.export import load_embeddings
+from jfe_jax.models.sizes import get_size
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cli")
+    root = str(base / "bench")
+    generate(
+        root,
+        SyntheticConfig(
+            tasks=("mscoco_task0", "webqa_task1", "cirr_task7"),
+            train_queries_per_task=4,
+            val_queries_per_task=2,
+            test_queries_per_task=6,
+            num_text_triples=8,
+            num_image_captions=8,
+        ),
+        progress=False,
+    )
+    model = str(base / "model")
+    Encoder.init(get_size("tiny"), seed=2).save_pretrained(model)
+    for name in os.listdir(os.path.join(root, "tokenizer")):
+        shutil.copy(os.path.join(root, "tokenizer", name), model)
+    return root, model, base
+
+
+def test_export_index_and_search_return_the_exact_top_k(setup, capsys):
+    root, model, base = setup
+    pool, index, queries = str(base / "pool"), str(base / "index"), str(base / "queries")
+    common = ["--model", model, "--mbeir-root", root]
+    assert main(["export", *common, "--pool", "mscoco_task0", "--out", pool]) == 0
+    assert main(["index", "build", "--embeddings", pool, "--out", index]) == 0
+    assert main(["export", *common, "--queries", "mscoco_task0", "--out", queries]) == 0
+    results = str(base / "hits.jsonl")
+    assert (
+        main(
+            ["index", "search", "--index", index, "--queries", queries, "-k", "5", "--out", results]
+        )
+        == 0
+    )
+    pool_emb, pool_ids, _ = load_embeddings(pool)
+    query_emb, qids, meta = load_embeddings(queries)
+    assert meta["instruction_mode"] == "fixed"
+    rows, _ = exact_search_numpy(query_emb, pool_emb, 5)
+    with open(results) as f:
+        hits = [json.loads(line) for line in f]
+    assert [h["qid"] for h in hits] == qids
+    assert [h["ids"] for h in hits] == [[pool_ids[r] for r in row] for row in rows]
+
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "search",
+                "--model",
+                model,
+                "--index",
+                index,
+                "--text",
+                "a red circle",
+                "-k",
+                "3",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["hits"]) == 3 and all(h["id"] in pool_ids for h in out["hits"])
+    assert all(h["image"] and os.path.isfile(h["image"]) for h in out["hits"])
+
+
+def test_search_errors_are_clear(setup, capsys):
+    root, model, base = setup
+    pool, index = str(base / "pool2"), str(base / "index2")
+    main(["export", "--model", model, "--mbeir-root", root, "--pool", "webqa_task1", "--out", pool])
+    main(["index", "build", "--embeddings", pool, "--out", index])
+    capsys.readouterr()
+    assert main(["search", "--model", model, "--index", index]) == 2
+    assert "needs --text, --image or both" in capsys.readouterr().err
+    other = str(base / "other_model")
+    Encoder.init(get_size("tiny").replace(tie_word_embeddings=False), seed=9).save_pretrained(other)
+    for name in os.listdir(os.path.join(root, "tokenizer")):
+        shutil.copy(os.path.join(root, "tokenizer", name), other)
+    queries = str(base / "q_other")
+    main(
+        [
+            "export",
+            "--model",
+            other,
+            "--mbeir-root",
+            root,
+            "--queries",
+            "webqa_task1",
+            "--out",
+            queries,
+        ]
+    )
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "index",
+                "search",
+                "--index",
+                index,
+                "--queries",
+                queries,
+                "-k",
+                "3",
+                "--out",
+                str(base / "x.jsonl"),
+            ]
+        )
+        == 2
+    )
+    assert "was this index built by another model" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "index",
+                "search",
+                "--index",
+                index,
+                "--queries",
+                pool,
+                "-k",
+                "100000",
+                "--out",
+                str(base / "y.jsonl"),
+            ]
+        )
+        == 2
+    )
+    assert "k must be an integer in [1, pool size" in capsys.readouterr().err
+
+
+def test_eval_writes_table_json_and_plot(setup, capsys):
+    root, model, base = setup
+    out = str(base / "eval")
+    assert main(["eval", "--model", model, "--mbeir-root", root, "--out", out]) == 0
+    text = capsys.readouterr().out
+    assert "mscoco_task0" in text and "conditional" in text and "average" in text
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    assert set(results["tasks"]) == {"mscoco_task0", "webqa_task1", "cirr_task7"}
+    assert results["instruction_mode"] == "fixed"
+    for task, detail in results["details"].items():
+        assert detail["exact_search_recall"] == {
+            k.removeprefix("recall@"): v for k, v in results["tasks"][task]["recall"].items()
+        }  # brute-force ScaNN on these small pools equals exact search
+    assert os.path.getsize(os.path.join(out, "results.png")) > 1000
+    assert np.isfinite(results["average"])
