@@ -45,7 +45,10 @@ def demo_configs(workdir: str, *, steps: int | None = None) -> tuple[Any, Any]:
     stage1.data.root = stage2.data.root = data
     stage2.model.init_from = os.path.join(workdir, "stage1")
     if steps is not None:
-        stage1.train.num_steps = stage2.train.num_steps = steps
+        for config in (stage1, stage2):
+            config.train.num_steps = steps
+            config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, steps // 10)
+            config.train.log_every = min(config.train.log_every, steps)
     stage1.lock()
     stage2.lock()
     return stage1, stage2

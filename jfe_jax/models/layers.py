@@ -6,7 +6,8 @@ Norms, softmax and rotary angles run in float32 whatever the compute ``dtype``; 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -146,6 +147,36 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
 
 
+# Attention implementations (``attention(..., impl=...)``):
+#   "einsum": the explicit einsum + float32 softmax below, the reference the tests pin;
+#   "dot_product_attention": ``jax.nn.dot_product_attention`` with ``implementation=None``.
+# In jax 0.10.2 ``implementation=None`` always lowers to jax's own XLA path (same math: float32
+# logits and softmax, -0.7 * float32 max for masked logits, GQA by vmapping over the groups), on
+# every backend; its only fused kernel is "cudnn" (NVIDIA GPUs, fp16/bf16 only).
+ATTENTION_IMPLS = ("einsum", "dot_product_attention")
+# What ``impl=None`` means. Read when a model is traced, so switching it (``attention_impl``)
+# affects functions jitted afterwards, not executables already compiled. "einsum" stays the
+# default: on the CPU benchmark (benchmarks/README.md) the two run at the same speed.
+DEFAULT_ATTENTION_IMPL = "einsum"
+
+
+@contextlib.contextmanager
+def attention_impl(name: str) -> Iterator[None]:
+    """Within the block, models traced use attention implementation ``name``."""
+    global DEFAULT_ATTENTION_IMPL
+    _check_impl(name)
+    previous, DEFAULT_ATTENTION_IMPL = DEFAULT_ATTENTION_IMPL, name
+    try:
+        yield
+    finally:
+        DEFAULT_ATTENTION_IMPL = previous
+
+
+def _check_impl(name: str) -> None:
+    if name not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention impl {name!r}; expected one of {ATTENTION_IMPLS}")
+
+
 def attention(
     query: jax.Array,
     key: jax.Array,
@@ -153,18 +184,34 @@ def attention(
     mask: jax.Array,
     *,
     dtype: Dtype,
+    impl: str | None = None,
 ) -> jax.Array:
     """Masked softmax attention with grouped-query heads.
+
+    A query whose keys are all masked (a padding position) gets uniform weights, never NaN, so
+    padding rows stay finite and their zero cotangents cannot turn into NaN gradients.
 
     Args:
       query: ``[B, Lq, H, D]``.
       key, value: ``[B, Lk, Hkv, D]`` with ``H`` a multiple of ``Hkv``.
-      mask: boolean ``[B, Lq, Lk]``, True where a query may attend to a key.
+      mask: boolean, ``[B, Lq, Lk]`` or broadcastable to it (``[B, 1, Lk]`` for key padding),
+        True where a query may attend to a key.
       dtype: compute dtype of the two matmuls; logits and softmax are float32.
+      impl: one of ``ATTENTION_IMPLS``; None means ``DEFAULT_ATTENTION_IMPL``.
 
     Returns:
       ``[B, Lq, H, D]`` in ``dtype``.
     """
+    impl = DEFAULT_ATTENTION_IMPL if impl is None else impl
+    _check_impl(impl)
+    if mask.dtype != jnp.bool_:
+        raise ValueError(f"attention mask must be boolean, got {mask.dtype}")
+    if impl == "dot_product_attention":
+        return _jax_nn_attention(query, key, value, mask, dtype=dtype)
+    return _einsum_attention(query, key, value, mask, dtype=dtype)
+
+
+def _einsum_attention(query, key, value, mask, *, dtype):
     batch, q_len, heads, head_dim = query.shape
     kv_heads = key.shape[2]
     groups = heads // kv_heads
@@ -177,6 +224,20 @@ def attention(
     weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, value.astype(dtype))
     return out.reshape(batch, q_len, heads, head_dim)
+
+
+def _jax_nn_attention(query, key, value, mask, *, dtype):
+    # jax.nn wants q, k, v of one dtype and a 4-D mask broadcastable to [B, H, Lq, Lk]; a
+    # single head axis of 1 is broadcast over the GQA groups without copying per head. For
+    # bfloat16 it computes logits in float32 (BF16_BF16_F32 dot), softmax in float32, and the
+    # weights-times-values matmul in bfloat16, as the einsum path does.
+    return jax.nn.dot_product_attention(
+        query.astype(dtype),
+        key.astype(dtype),
+        value.astype(dtype),
+        mask=mask[:, None],
+        implementation=None,
+    )
 
 
 def remat_policy(name: str):

@@ -110,6 +110,11 @@ def validate_config(config: ml_collections.ConfigDict) -> tuple[ModelConfig, jax
         raise ValueError(f"data.kind must be 'pairs' or 'mbeir', got {config.data.kind!r}")
     if config.train.num_steps < 1:
         raise ValueError(f"train.num_steps must be >= 1, got {config.train.num_steps}")
+    if not 0 <= config.optimizer.warmup_steps < config.train.num_steps:
+        raise ValueError(
+            f"optimizer.warmup_steps={config.optimizer.warmup_steps} must be in "
+            f"[0, train.num_steps={config.train.num_steps})"
+        )
     model_config = model_config_for(config)
     mesh = mesh_lib.make_mesh(dict(config.mesh))
     mesh_lib.check_batch_divisible(config.data.global_batch_size, mesh)

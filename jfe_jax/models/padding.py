@@ -1,0 +1,145 @@
+"""How much of a batch is padding, and what share of the model's work goes to it.
+
+Static shapes mean padding: text rows are padded to the batch length, image patches to the
+row's patch budget. ``padding_report`` counts it from the batch's own masks (host-side numpy,
+no model run), for benchmarks and the trainer's logs:
+
+* ``token_padding``, ``patch_padding``: fraction of token / patch positions that are padding.
+  Every per-position matmul (projections, MLPs) does the same work on them, so these are also
+  the shares of the text's and the vision tower's matmul FLOPs spent on padding.
+* ``text_attention_padding``, ``vision_attention_padding``: fraction of the score-matrix
+  entries (query x key pairs, as computed) whose query or key is padding. Attention FLOPs are
+  proportional to these entries.
+* ``vision_attention_cross_image``: fraction of a row's patch pairs that join two different
+  real images; computed, then masked out (packing waste, not padding).
+* with ``config``: ``flops_padding``, the share of the forward model FLOPs (counted as
+  ``jfe_jax.train.metrics`` counts them for MFU) that the padding costs, i.e.
+  ``1 - FLOPs(every row at its own unpadded size) / FLOPs(the padded batch)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from jfe_jax.models.config import ModelConfig
+
+_COUNTS = (
+    "tokens",
+    "real_tokens",
+    "text_pairs",
+    "real_text_pairs",
+    "patches",
+    "real_patches",
+    "vision_pairs",
+    "real_vision_pairs",
+    "same_image_pairs",
+    "flops",
+    "real_flops",
+)
+
+
+def _model_batch_counts(batch: Mapping[str, Any], config: ModelConfig | None) -> dict[str, int]:
+    """Integer counts (and FLOPs) of one early-fusion model batch."""
+    from jfe_jax.train import metrics  # the FLOPs formulas; imported late (train imports models)
+
+    mask = np.asarray(batch["attention_mask"]).astype(bool)
+    rows, length = mask.shape
+    real = mask.sum(axis=1).astype(np.int64)
+    counts = dict.fromkeys(_COUNTS, 0)
+    counts.update(
+        tokens=rows * length,
+        real_tokens=int(real.sum()),
+        text_pairs=rows * length * length,
+        real_text_pairs=int(np.sum(real * real)),
+    )
+    patch_rows = np.zeros(rows, dtype=np.int64)
+    if "pixel_values" in batch and np.shape(batch["pixel_values"])[1]:
+        segments = np.asarray(batch["patch_segment_ids"])
+        budget = segments.shape[1]
+        patch_rows = (segments > 0).sum(axis=1).astype(np.int64)
+        same_image = 0
+        for row in segments:
+            sizes = np.bincount(row[row > 0])
+            same_image += int(np.sum(sizes.astype(np.int64) ** 2))
+        counts.update(
+            patches=rows * budget,
+            real_patches=int(patch_rows.sum()),
+            vision_pairs=rows * budget * budget,
+            real_vision_pairs=int(np.sum(patch_rows * patch_rows)),
+            same_image_pairs=same_image,
+        )
+    if config is not None:
+        counts["flops"] = metrics.batch_forward_flops(config, batch)
+        # What each row would cost alone, unpadded: its real tokens and real patches.
+        real_flops = sum(metrics.text_forward_flops(config, 1, int(n)) for n in real)
+        real_flops += sum(metrics.vision_forward_flops(config, 1, int(p)) for p in patch_rows if p)
+        counts["real_flops"] = real_flops
+    return counts
+
+
+def padding_counts(batch: Mapping[str, Any], config: ModelConfig | None = None) -> dict[str, int]:
+    """The raw counts behind ``padding_report``, summed over every model batch in ``batch``.
+
+    ``batch`` is a model batch (``input_ids``, ``attention_mask``, optional patches), a
+    late-fusion batch (``text`` and ``image`` parts), or a train batch whose values include
+    such batches (``query``, ``candidate``, ``hard_negative``).
+    """
+    if "input_ids" in batch:
+        return _model_batch_counts(batch, config)
+    parts = [batch["text"], batch["image"]] if "has_text" in batch else list(batch.values())
+    totals = dict.fromkeys(_COUNTS, 0)
+    found = False
+    for part in parts:
+        if isinstance(part, Mapping) and ("input_ids" in part or "has_text" in part):
+            found = True
+            for name, value in padding_counts(part, config).items():
+                totals[name] += value
+    if not found:
+        raise ValueError(
+            f"no model batch found: expected input_ids/attention_mask, or parts holding them; "
+            f"got keys {sorted(batch)}"
+        )
+    return totals
+
+
+def _fraction(waste: float, total: float) -> float:
+    return float(waste / total) if total else 0.0
+
+
+def padding_report(
+    model_batch: Mapping[str, Any], config: ModelConfig | None = None
+) -> dict[str, float]:
+    """Padding fractions of a batch (see the module docstring for each key).
+
+    Args:
+      model_batch: a model batch, late-fusion batch or train batch (see ``padding_counts``).
+      config: the model's architecture; when given, ``flops_padding`` is added.
+
+    Returns:
+      ``token_padding``, ``text_attention_padding``, and for batches with patches
+      ``patch_padding``, ``vision_attention_padding``, ``vision_attention_cross_image``, all
+      in [0, 1]; ``flops_padding`` with a config.
+    """
+    c = padding_counts(model_batch, config)
+    report = {
+        "token_padding": _fraction(c["tokens"] - c["real_tokens"], c["tokens"]),
+        "text_attention_padding": _fraction(
+            c["text_pairs"] - c["real_text_pairs"], c["text_pairs"]
+        ),
+    }
+    if c["patches"]:
+        report.update(
+            patch_padding=_fraction(c["patches"] - c["real_patches"], c["patches"]),
+            vision_attention_padding=_fraction(
+                c["vision_pairs"] - c["real_vision_pairs"], c["vision_pairs"]
+            ),
+            vision_attention_cross_image=_fraction(
+                c["real_vision_pairs"] - c["same_image_pairs"], c["vision_pairs"]
+            ),
+        )
+    if config is not None:
+        report["flops_padding"] = _fraction(c["flops"] - c["real_flops"], c["flops"])
+    return report
