@@ -26,3 +26,10 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     assert "unit norm: True" in outputs
     assert "positives:" in outputs
     assert os.path.isfile(tmp_path / "demo" / "eval" / "results.json")
+
+    # A second run on the finished workdir redoes nothing.
+    from jfe_jax.demo import run_demo
+
+    again = run_demo(str(tmp_path / "demo"), steps=4, progress=False)
+    assert set(again["demo_summary"]["seconds"].values()) == {"skipped"}
+    assert again["demo_summary"]["total_seconds"] < 30
