@@ -15,7 +15,9 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +76,19 @@ class Checkpointer:
         self._previous_handler = signal.signal(signal.SIGTERM, handler)
 
     def should_save(self, step: int, *, last_step: bool) -> bool:
-        return (
+        """Whether to save after ``step``; on several hosts, the same answer on every host."""
+        local = (
             last_step
             or self.preempted
             or (self.every_steps > 0 and step % self.every_steps == 0)
             or (time.monotonic() - self._last_save_time >= self.every_seconds)
         )
+        if jax.process_count() > 1:
+            # Orbax saves are collective and a SIGTERM or the timer may reach one host only:
+            # agree, or one host saves while another steps on and both hang.
+            flags = multihost_utils.process_allgather(np.array([local, self.preempted]))
+            local, self.preempted = bool(flags[..., 0].any()), bool(flags[..., 1].any())
+        return local
 
     # ------------------------------------------------------------------ save / restore
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 
 from jfe_jax.data.image_processor import ImageProcessor
 from jfe_jax.data.mbeir import MBEIR
@@ -83,6 +84,29 @@ def find_tokenizer_dir(config: ml_collections.ConfigDict) -> str:
     )
 
 
+def _builders(config: ml_collections.ConfigDict, tfds_dir: str) -> dict[str, Any]:
+    """Prepares (or reuses) the TFDS datasets the config reads, by stream name."""
+    d = config.data
+    if d.kind == "mbeir":
+        return {
+            "mbeir": build_dataset(
+                MbeirTrainPairs,
+                tfds_dir,
+                mbeir_root=d.root,
+                query_split=d.split,
+                max_hard_negatives=max(d.num_hard_negatives, 1),
+                skip_bad_records=d.skip_bad_records,
+            )
+        }
+    return {
+        kind: build_dataset(
+            PairData, tfds_dir, root=d.root, kind=kind, skip_bad_records=d.skip_bad_records
+        )
+        for kind in PAIR_KINDS
+        if os.path.isfile(os.path.join(d.root, "pairs", f"{kind}.jsonl"))
+    }
+
+
 def make_train_data(
     config: ml_collections.ConfigDict, workdir: str, model_config: ModelConfig
 ) -> RoundRobin:
@@ -110,6 +134,12 @@ def make_train_data(
         merge_size=model_config.vision.spatial_merge_size,
     )
     tfds_dir = d.tfds_dir or os.path.join(workdir, "tfds")
+    # Host 0 prepares the datasets first; the other hosts then find them prepared.
+    if jax.process_index() != 0:
+        multihost_utils.sync_global_devices("jfe tfds prepared")
+    builders = _builders(config, tfds_dir)
+    if jax.process_index() == 0 and jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jfe tfds prepared")
     common = dict(
         prompt=d.prompt,
         length_buckets=tuple(d.length_buckets),
@@ -128,12 +158,7 @@ def make_train_data(
     )
     loaders = {}
     if d.kind == "pairs":
-        for kind in PAIR_KINDS:
-            if not os.path.isfile(os.path.join(d.root, "pairs", f"{kind}.jsonl")):
-                continue
-            builder = build_dataset(
-                PairData, tfds_dir, root=d.root, kind=kind, skip_bad_records=d.skip_bad_records
-            )
+        for kind, builder in builders.items():
             transform = make_transform(
                 tokenizer,
                 image_processor,
@@ -152,14 +177,7 @@ def make_train_data(
                 f"data.root={d.root} has no pairs/text_triples.jsonl or pairs/image_captions.jsonl"
             )
     else:
-        builder = build_dataset(
-            MbeirTrainPairs,
-            tfds_dir,
-            mbeir_root=d.root,
-            query_split=d.split,
-            max_hard_negatives=max(d.num_hard_negatives, 1),
-            skip_bad_records=d.skip_bad_records,
-        )
+        builder = builders["mbeir"]
         transform = make_transform(
             tokenizer,
             image_processor,
