@@ -39,7 +39,8 @@ EXTRAS_REQUIRE = {
         "ipykernel>=6.29",
     ],
     # Ahead-of-time compilation for TPU topologies (and running on TPU VMs).
-    "tpu": ["jax[tpu]==0.10.2"],
+    # gcsfs/google-cloud-storage: gs:// workdirs (Orbax, metrics, TensorBoard) on TPU VMs.
+    "tpu": ["jax[tpu]==0.10.2", "gcsfs", "google-cloud-storage"],
 }
 
 setup(

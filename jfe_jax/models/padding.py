@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from jfe_jax.models.config import ModelConfig
+from jfe_jax.train import metrics
 
 _COUNTS = (
     "tokens",
@@ -43,8 +44,6 @@ _COUNTS = (
 
 def _model_batch_counts(batch: Mapping[str, Any], config: ModelConfig | None) -> dict[str, int]:
     """Integer counts (and FLOPs) of one early-fusion model batch."""
-    from jfe_jax.train import metrics  # the FLOPs formulas; imported late (train imports models)
-
     mask = np.asarray(batch["attention_mask"]).astype(bool)
     rows, length = mask.shape
     real = mask.sum(axis=1).astype(np.int64)

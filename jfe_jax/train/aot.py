@@ -1,50 +1,48 @@
 """``jfe aot``: compile a config's programs for a TPU slice on any machine, before renting it.
 
     jfe aot --config configs/stage2_2b.py --topology v5p-128 [--config.a.b=value ...]
-        [--batch-shape L=512,P=1024] [--programs train,export] [--json OUT.json]
+        [--batch-shape L=512,P=1024] [--programs train,export] [--set-mesh] [--json OUT]
 
-With libtpu installed (``pip install -e '.[tpu]'``) JAX builds compile-only devices of any
-slice (``jax.experimental.topologies``). Two programs are lowered with abstract inputs and
-compiled by the real TPU compiler:
+With libtpu installed (``pip install -e '.[tpu]'``), JAX builds compile-only devices of any
+slice (``jfe_jax.train.topology``, which also documents the names: v4/v5p-N count
+TensorCores, v5e/v6e-N chips). Two programs are lowered with abstract inputs and compiled by
+the TPU compiler:
 
-* ``train``: the trainer's jitted step (``make_train_step``) with the config's mesh resolved
-  against the slice's chip count, the state in its training shardings and donated, and a
-  batch of ``data.global_batch_size`` rows at the largest length bucket and the config's patch
-  budgets (hard negatives included), laid out as the data pipeline makes it;
+* ``train``: the trainer's jitted step (``make_train_step``), traced as ``trainer.train``
+  traces it, with the config's mesh resolved against the slice's chip count, the state in its
+  training shardings and donated, and the data pipeline's batch of ``data.global_batch_size``
+  rows at the largest length bucket and the config's patch budgets (hard negatives included);
 * ``export``: the embedding forward of ``jfe export`` (``ItemEmbedder``): parameters
   replicated on every chip, ``data.global_batch_size`` candidate rows split over all chips.
 
-For each: per-chip memory (arguments, temporaries, outputs, total) against the chip's HBM,
-compiled FLOPs, a step-time estimate and the MFU it implies. Exit status 1 when a program
-does not fit (the compiler's out-of-memory error, or a total above HBM), 2 on bad input.
+Per program: per-chip memory (arguments, temporaries, outputs, total) against HBM, model and
+compiled FLOPs, step-time estimates and MFU. Exit status 1 when a program does not fit (the
+compiler's out-of-memory error, or a total above HBM), 2 on bad input.
 
-Topology names. ``GEN:AxB[xC]`` names chips along each axis (``v5p:4x4x4``, ``v5e:16x16``).
-``GEN-N`` follows Google's accelerator types: for v4 and v5p, N counts TensorCores (two per
-chip), for v5e (also ``v5litepod-N``) and v6e, chips. So v5p-128 = 64 chips = 4x4x4,
-v5p-64 = 32 chips = 2x4x4, v4-16 = 8 chips = 2x2x2, v5e-256 = 256 chips = 16x16. v4 and v5p
-devices are megacore (one JAX device per chip, as on a real slice).
+How the time is estimated. XLA's ``cost_analysis()`` visits a loop body once, and the train
+step is loops (layers scanned inside gradient-cache chunks); its ``optimal_seconds`` also
+counts every op the TPU cost model does not know (some custom calls) as -1 s. So:
 
-Time and FLOPs. XLA's ``cost_analysis()`` counts every loop body once, and the train step is
-loops (layers scanned inside gradient-cache chunks), so its raw ``flops`` and
-``optimal_seconds`` are printed but not used. ``jfe_jax.train.hlo_cost`` re-counts the
-compiled HLO with trip counts: "compiled FLOPs" are its loop-aware dot/convolution FLOPs.
-The step time is XLA's ``optimal_seconds`` scaled by the same loop factor (loop-aware over
-counted-once matmul FLOPs): the cost model's time per FLOP, assumed equal inside and outside
-loops. It does not model collectives that fail to overlap with compute; their loop-aware bytes
-are shown beside it. MFU = model FLOPs (``jfe_jax.train.metrics``: 3 x forward of every side,
-remat, gradient-cache re-forward and frozen-weight savings excluded) / (chips x peak x time).
+* compiled FLOPs: loop-aware dot/convolution FLOPs of the compiled HLO (``hlo_cost``);
+* cost-model time (the headline): ``optimal_seconds`` plus 1 s per unknown op (the integer
+  part of a negative total), times the loop factor: the compiler's per-op ``estimated_cycles``
+  summed with trip counts over the same sum with every loop once;
+* per-op cycles time: the compiler's ``estimated_cycles`` with trip counts / the chip clock,
+  a less optimistic figure than ``optimal_seconds`` (which is a roofline);
+* compute floor: compiled FLOPs / peak; ICI floor: loop-aware collective bytes / the chip's
+  whole ICI bandwidth. ``optimal_seconds`` treats collectives as HBM traffic, so a step whose
+  ICI floor exceeds its cost-model time is bound by communication the estimate does not see.
+
+MFU = model FLOPs (``jfe_jax.train.metrics``: 3 x forward of every side; remat, the
+gradient-cache re-forward and frozen-weight savings excluded) / (chips x peak x time).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.metadata
-import importlib.util
 import json
 import math
-import os
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -57,167 +55,19 @@ import ml_collections
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jfe_jax.encoder import dummy_batch
 from jfe_jax.models.axes import LOGICAL_RULES, MESH_AXES
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.sizes import get_size
 from jfe_jax.train import mesh as mesh_lib
 from jfe_jax.train.hlo_cost import hlo_costs
-from jfe_jax.train.metrics import PEAK_FLOPS, batch_forward_flops, train_step_flops
+from jfe_jax.train.metrics import batch_forward_flops, train_step_flops
 from jfe_jax.train.optimizer import make_optimizer, trainable_mask
 from jfe_jax.train.step import make_train_step, merge_params
+from jfe_jax.train.topology import GIB, TpuTopology, parse_topology, require_libtpu
 from jfe_jax.train.trainer import abstract_state, encoder_options, model_config_for
 
-GIB = 2**30
 PROGRAMS = ("train", "export")
-
-
-# ============================================================================ topologies
-
-
-@dataclasses.dataclass(frozen=True)
-class Generation:
-    """What a TPU generation's chips offer and how its slices are named."""
-
-    peak_flops: float  # dense bf16 FLOP/s per chip
-    hbm_gib: float  # HBM per chip
-    cores_in_name: int  # TensorCores per chip counted by the GEN-N accelerator type
-    axes: int  # torus dimensions
-    chip_config: str  # libtpu chip config: megacore = one device per chip
-    max_chips: int
-
-
-GENERATIONS = {
-    "v4": Generation(PEAK_FLOPS["tpu v4"], 32, 2, 3, "megacore", 4096),
-    "v5e": Generation(PEAK_FLOPS["tpu v5e"], 16, 1, 2, "default", 256),
-    "v5p": Generation(PEAK_FLOPS["tpu v5p"], 95, 2, 3, "megacore", 4096),
-    "v6e": Generation(PEAK_FLOPS["tpu v6e"], 32, 1, 2, "default", 256),
-}
-_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
-
-
-def slice_shape(generation: str, chips: int) -> tuple[int, ...]:
-    """Google's default shape of a slice: 2-D for v5e/v6e, 3-D tori for v4/v5p."""
-    gen = GENERATIONS[generation]
-    if chips < 1 or chips & (chips - 1) or chips > gen.max_chips or chips == 2:
-        raise ValueError(f"no {generation} slice has {chips} chips")
-    if gen.axes == 2:
-        rows = 2 ** (int(math.log2(chips)) // 2)
-        return (rows, chips // rows)
-    if chips == 1:
-        return (1, 1, 1)
-    if chips == 4:
-        return (2, 2, 1)
-    shape = [2, 2, 2]
-    while math.prod(shape) < chips:  # 2x2x2 -> 2x2x4 -> 2x4x4 -> 4x4x4 -> 4x4x8 ...
-        smallest = min(shape)
-        shape[max(i for i, size in enumerate(shape) if size == smallest)] *= 2
-    return tuple(shape)
-
-
-@dataclasses.dataclass(frozen=True)
-class TpuTopology:
-    """A TPU slice: its generation and chips along each torus axis."""
-
-    name: str  # as given on the command line
-    generation: str  # v4 | v5e | v5p | v6e
-    shape: tuple[int, ...]
-
-    @property
-    def chips(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def libtpu_name(self) -> str:
-        return f"{self.generation}:{'x'.join(map(str, self.shape))}"
-
-    @property
-    def accelerator_type(self) -> str:
-        gen = GENERATIONS[self.generation]
-        prefix = "v5litepod" if self.generation == "v5e" else self.generation
-        return f"{prefix}-{self.chips * gen.cores_in_name}"
-
-    @property
-    def peak_flops_per_chip(self) -> float:
-        return GENERATIONS[self.generation].peak_flops
-
-    @property
-    def hbm_bytes_per_chip(self) -> float:
-        return GENERATIONS[self.generation].hbm_gib * GIB
-
-    def devices(self) -> list[jax.Device]:
-        """Compile-only devices of the slice (needs libtpu; no TPU is touched)."""
-        require_libtpu()
-        from jax.experimental import topologies
-
-        kwargs: dict[str, Any] = {"chip_config_name": GENERATIONS[self.generation].chip_config}
-        if self.chips < 4:  # libtpu's default host is 2x2x1 chips
-            kwargs["chips_per_host_bounds"] = (*self.shape, 1)[:3]
-        # libtpu takes /tmp/libtpu_lockfile unless told several processes may load it; a
-        # compile-only topology never opens a chip, so it must not block (or be blocked by)
-        # other JAX processes on this machine.
-        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-        try:
-            devices = topologies.get_topology_desc(
-                platform="tpu", topology_name=self.libtpu_name, **kwargs
-            ).devices
-        except Exception as e:  # JaxRuntimeError: libtpu rejects the shape
-            raise ValueError(f"libtpu cannot build topology {self.libtpu_name!r}: {e}") from e
-        if len(devices) != self.chips:
-            raise ValueError(
-                f"libtpu built {len(devices)} devices for {self.libtpu_name}, expected "
-                f"{self.chips} (one per chip)"
-            )
-        return list(devices)
-
-
-def parse_topology(name: str) -> TpuTopology:
-    """``v5p-128`` / ``v5litepod-256`` / ``v6e-16`` or ``v5p:4x4x4`` / ``v5e:16x16``."""
-    known = ", ".join(sorted(GENERATIONS))
-    examples = "e.g. v5p-128, v5e-256, v4-16, v6e-16, v5p:4x4x4, v5e:16x16"
-    text = name.strip().lower()
-    match = re.fullmatch(r"([a-z0-9]+)(?:-(\d+)|:(\d+(?:x\d+)*))", text)
-    if not match:
-        raise ValueError(f"topology {name!r} is neither GEN-N nor GEN:AxBxC ({examples})")
-    generation = _ALIASES.get(match.group(1), match.group(1))
-    if generation not in GENERATIONS:
-        raise ValueError(f"unknown TPU generation {match.group(1)!r} in {name!r}; known: {known}")
-    gen = GENERATIONS[generation]
-    if match.group(2) is not None:
-        count = int(match.group(2))
-        if count % gen.cores_in_name:
-            raise ValueError(
-                f"{name!r}: {generation}-N counts TensorCores, {gen.cores_in_name} per chip, so "
-                f"N must be even"
-            )
-        try:
-            shape = slice_shape(generation, count // gen.cores_in_name)
-        except ValueError as e:
-            unit = "TensorCores (2 per chip)" if gen.cores_in_name == 2 else "chips"
-            raise ValueError(
-                f"{name!r}: {e}; {generation}-N counts {unit} and takes a power-of-two slice "
-                f"({examples})"
-            ) from e
-    else:
-        shape = tuple(int(v) for v in match.group(3).split("x"))
-        if len(shape) != gen.axes or min(shape) < 1:
-            raise ValueError(
-                f"{name!r}: a {generation} slice has {gen.axes} positive axes (chips along "
-                f"each), got {match.group(3)}"
-            )
-    return TpuTopology(name=name, generation=generation, shape=shape)
-
-
-def require_libtpu() -> str:
-    """libtpu's version; ValueError with the install command when it is missing."""
-    if importlib.util.find_spec("libtpu") is None:
-        raise ValueError(
-            "jfe aot compiles with the TPU compiler in libtpu, which is not installed: "
-            "pip install -e '.[tpu]' (jax[tpu]==0.10.2, libtpu 0.0.42.1)"
-        )
-    try:
-        return importlib.metadata.version("libtpu")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 # ============================================================================ abstract inputs
@@ -275,7 +125,10 @@ def _side(rows: int, shape: BatchShape, patches: int, model_config: ModelConfig,
 def train_batch(config, model_config: ModelConfig, shape: BatchShape, sharding) -> dict:
     """The data pipeline's batch (``jfe_jax.data.pipeline``) as sharded ShapeDtypeStructs."""
     rows, hard = config.data.global_batch_size, config.data.num_hard_negatives
-    keys = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.int32, sharding=sharding)  # noqa: E731
+
+    def keys(*dims: int) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(dims, jnp.int32, sharding=sharding)
+
     batch = {
         "query": _side(rows, shape, shape.query_patches, model_config, sharding),
         "candidate": _side(rows, shape, shape.candidate_patches, model_config, sharding),
@@ -328,29 +181,34 @@ def model_config_of(config: ml_collections.ConfigDict) -> ModelConfig:
 
 @dataclasses.dataclass
 class ProgramEstimate:
-    """What the compiler says about one program on one slice (bytes and FLOPs per chip)."""
+    """What the compiler says about one program on one slice (bytes, FLOPs per chip)."""
 
-    program: str
+    program: str  # train | export
     fits: bool
     compile_seconds: float
-    hbm_bytes: float
-    model_flops: float  # whole step, all chips (jfe_jax.train.metrics)
-    error: str = ""  # the compiler's out-of-memory message
+    hbm_bytes: float  # per chip
+    model_flops: float  # one step, all chips (jfe_jax.train.metrics)
+    oom_error: str = ""  # the compiler's out-of-memory message, when it refused
     argument_bytes: float = math.nan
     temp_bytes: float = math.nan
     output_bytes: float = math.nan
-    alias_bytes: float = math.nan
+    alias_bytes: float = math.nan  # donated arguments reused as outputs
     code_bytes: float = math.nan
     total_bytes: float = math.nan  # arguments + temporaries + outputs - aliased + code
     compiled_flops: float = math.nan  # loop-aware dot/convolution FLOPs per chip
-    xla_flops: float = math.nan  # cost_analysis()["flops"] per chip (loop bodies once)
-    xla_optimal_seconds: float = math.nan  # cost_analysis()["optimal_seconds"] (loops once)
-    loop_factor: float = math.nan
-    collective_bytes: float = math.nan  # loop-aware, per chip
-    step_seconds: float = math.nan  # optimal_seconds x loop_factor
-    compute_bound_seconds: float = math.nan  # compiled FLOPs / chip peak
-    mfu: float = math.nan
-    loops: list = dataclasses.field(default_factory=list)
+    xla_flops: float = math.nan  # cost_analysis()["flops"] per chip, loop bodies once
+    xla_optimal_seconds: float = math.nan  # cost_analysis()["optimal_seconds"] as returned
+    unknown_cost_ops: int = 0  # ops the cost model counted as -1 s
+    loop_factor: float = math.nan  # estimated cycles with trip counts / with loops once
+    collective_bytes: float = math.nan  # per chip, loop-aware
+    cost_model_seconds: float = math.nan  # the headline step time (module docstring)
+    cycles_seconds: float = math.nan
+    compute_floor_seconds: float = math.nan
+    ici_floor_seconds: float = math.nan
+    mfu: float = math.nan  # at cost_model_seconds
+    mfu_cycles: float = math.nan  # at cycles_seconds
+    loops: list = dataclasses.field(default_factory=list)  # [while name, trip count]
+    notes: list = dataclasses.field(default_factory=list)
 
 
 def _is_out_of_memory(error: Exception) -> bool:
@@ -359,24 +217,20 @@ def _is_out_of_memory(error: Exception) -> bool:
 
 
 def analyse(program: str, lowered, topology: TpuTopology, model_flops: float) -> ProgramEstimate:
-    """Compiles ``lowered`` and reads its memory and cost analyses."""
-    hbm = topology.hbm_bytes_per_chip
+    """Compiles ``lowered`` for ``topology`` and reads its memory and cost analyses."""
+    gen = topology.spec
+    est = ProgramEstimate(program, True, 0.0, topology.hbm_bytes_per_chip, model_flops)
     start = time.perf_counter()
     try:
         compiled = lowered.compile()
-    except Exception as e:  # JaxRuntimeError; only out-of-memory is a result
+    except Exception as e:  # JaxRuntimeError; only running out of memory is a result
         if not _is_out_of_memory(e):
             raise
-        first = str(e).strip().splitlines()[0]
-        return ProgramEstimate(
-            program, False, time.perf_counter() - start, hbm, model_flops, error=first
-        )
-    seconds = time.perf_counter() - start
+        est.fits, est.oom_error = False, str(e).strip().splitlines()[0]
+        est.compile_seconds = time.perf_counter() - start
+        return est
+    est.compile_seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
-    loops = hlo_costs(compiled.as_text())
-    est = ProgramEstimate(program, True, seconds, hbm, model_flops)
     if memory is not None:
         est.argument_bytes = float(memory.argument_size_in_bytes)
         est.temp_bytes = float(memory.temp_size_in_bytes)
@@ -384,26 +238,40 @@ def analyse(program: str, lowered, topology: TpuTopology, model_flops: float) ->
         est.alias_bytes = float(memory.alias_size_in_bytes)
         est.code_bytes = float(memory.generated_code_size_in_bytes)
         est.total_bytes = (
-            est.argument_bytes
-            + est.temp_bytes
-            + est.output_bytes
-            - est.alias_bytes
-            + est.code_bytes
-        )
-        est.fits = est.total_bytes <= hbm
-    est.compiled_flops = loops.matmul_flops
+            est.argument_bytes + est.temp_bytes + est.output_bytes - est.alias_bytes
+        ) + est.code_bytes
+        est.fits = est.total_bytes <= est.hbm_bytes
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    hlo = hlo_costs(compiled.as_text())
+    est.compiled_flops = hlo.matmul_flops
     est.xla_flops = float(cost.get("flops", math.nan))
     est.xla_optimal_seconds = float(cost.get("optimal_seconds", math.nan))
-    est.loop_factor = loops.loop_factor
-    est.collective_bytes = loops.collective_bytes
-    est.compute_bound_seconds = loops.matmul_flops / topology.peak_flops_per_chip
-    est.step_seconds = est.xla_optimal_seconds * loops.loop_factor
-    if not math.isfinite(est.step_seconds) or est.step_seconds <= 0:
-        est.step_seconds = est.compute_bound_seconds  # no cost-model time: the roofline floor
-    est.mfu = model_flops / (topology.chips * topology.peak_flops_per_chip * est.step_seconds)
-    est.loops = [list(loop) for loop in loops.loops]
-    if loops.unknown_trip_loops:
-        est.error = f"loops counted once (trip count unknown): {list(loops.unknown_trip_loops)}"
+    est.collective_bytes = hlo.collective_bytes
+    est.loops = [list(loop) for loop in hlo.loops]
+    if hlo.estimated_cycles_once > 0:
+        est.loop_factor = hlo.estimated_cycles / hlo.estimated_cycles_once
+    else:
+        est.loop_factor = hlo.loop_factor
+        est.notes.append("no per-op cycle estimates: loop factor from matmul FLOPs")
+    optimal = est.xla_optimal_seconds
+    if optimal < 0:  # each op the cost model does not know adds -1 s
+        est.unknown_cost_ops = math.ceil(-optimal)
+        optimal += est.unknown_cost_ops
+    est.cost_model_seconds = optimal * est.loop_factor
+    est.cycles_seconds = hlo.estimated_cycles / gen.clock_hz
+    est.compute_floor_seconds = hlo.matmul_flops / gen.peak_flops
+    est.ici_floor_seconds = hlo.collective_bytes / (gen.ici_gbps * 1e9 / 8)
+    if not math.isfinite(est.cost_model_seconds) or est.cost_model_seconds <= 0:
+        est.notes.append("no usable optimal_seconds: cost-model time is the compute floor")
+        est.cost_model_seconds = est.compute_floor_seconds
+    peak = topology.chips * gen.peak_flops
+    est.mfu = model_flops / (peak * est.cost_model_seconds)
+    est.mfu_cycles = model_flops / (peak * est.cycles_seconds) if est.cycles_seconds else math.nan
+    if hlo.unknown_trip_loops:
+        est.notes.append(f"loops counted once (trip count unread): {hlo.unknown_trip_loops}")
+    if est.ici_floor_seconds > est.cost_model_seconds:
+        est.notes.append("ICI floor above the cost-model time: communication-bound")
     return est
 
 
@@ -413,27 +281,30 @@ def estimate(
     *,
     shape: BatchShape | None = None,
     programs: Sequence[str] = PROGRAMS,
+    set_mesh: bool = False,
 ) -> list[ProgramEstimate]:
-    """Compiles ``programs`` of ``config`` for ``topology``; one estimate per program."""
+    """Compiles ``programs`` of ``config`` for ``topology``; one estimate per program.
+
+    The train step is traced as ``trainer.train`` traces it, under ``with mesh,
+    nn.logical_axis_rules(...)``. Under JAX 0.10 ``with mesh:`` sets no abstract mesh, so
+    flax's ``with_logical_constraint`` is a no-op there and the model's activation constraints
+    are dropped; ``set_mesh=True`` traces under ``jax.set_mesh(mesh)``, where they apply.
+    """
     unknown = sorted(set(programs) - set(PROGRAMS))
     if unknown or not programs:
         raise ValueError(f"programs must be some of {PROGRAMS}, got {list(programs)}")
     shape = shape or batch_shape_for(config)
-    devices = topology.devices()
     model_config = model_config_of(config)
-    mesh = mesh_lib.make_mesh(dict(config.mesh), devices=devices)
-    rows = config.data.global_batch_size
+    mesh = mesh_lib.make_mesh(dict(config.mesh), devices=topology.devices())
+    rows, chunk = config.data.global_batch_size, config.train.grad_cache_chunk
     mesh_lib.check_batch_divisible(rows, mesh)
-    chunk = config.train.grad_cache_chunk
     if chunk and rows % chunk:
         raise ValueError(
             f"train.grad_cache_chunk={chunk} does not divide data.global_batch_size={rows}"
         )
     module = encoder_options(config).module(model_config)
-    abstract_params = nn.meta.unbox(
-        jax.eval_shape(lambda: module.init(jax.random.key(0), _init_batch(model_config)))["params"]
-    )
-    optimizer, mask = optimizer_and_mask(config, abstract_params)
+    boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), dummy_batch(model_config)))
+    optimizer, mask = optimizer_and_mask(config, nn.meta.unbox(boxed["params"]))
     shapes, shardings = abstract_state(module, optimizer, mask, mesh)
     results = []
     if "train" in programs:
@@ -456,85 +327,81 @@ def estimate(
             out_shardings=(shardings, mesh_lib.replicated_sharding(mesh)),
             donate_argnums=0,
         )
-        with mesh, nn.logical_axis_rules(LOGICAL_RULES):
+        context = jax.set_mesh(mesh) if set_mesh else mesh
+        with context, nn.logical_axis_rules(LOGICAL_RULES):
             lowered = jitted.lower(state, batch)
-            results.append(
-                analyse("train", lowered, topology, train_step_flops(model_config, batch))
-            )
+        results.append(analyse("train", lowered, topology, train_step_flops(model_config, batch)))
     if "export" in programs:
-        every_chip = NamedSharding(mesh, PartitionSpec(MESH_AXES))
         replicated = mesh_lib.replicated_sharding(mesh)
         params = jax.tree_util.tree_map(
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
             merge_params(shapes.trainable, shapes.frozen),
         )
+        every_chip = NamedSharding(mesh, PartitionSpec(MESH_AXES))
         side = _side(rows, shape, shape.candidate_patches, model_config, every_chip)
         embed = jax.jit(lambda p, b: module.apply({"params": p}, b)[0], out_shardings=replicated)
-        # As ItemEmbedder: no logical-axis rules, so the model's activation constraints are off.
-        lowered = embed.lower(params, side)
+        lowered = embed.lower(params, side)  # as ItemEmbedder: no logical-axis rules
         results.append(
             analyse("export", lowered, topology, batch_forward_flops(model_config, side))
         )
     return results
 
 
-def _init_batch(model_config: ModelConfig):
-    from jfe_jax.encoder import dummy_batch
-
-    return dummy_batch(model_config)
-
-
 # ============================================================================ report
 
 
 def _gib(value: float) -> str:
-    return "-" if not math.isfinite(value) else f"{value / GIB:.2f}"
+    return f"{value / GIB:.2f}" if math.isfinite(value) else "-"
 
 
-def format_report(
-    results: Sequence[ProgramEstimate], topology: TpuTopology, title: str = ""
-) -> str:
-    """One table per program: memory against HBM, FLOPs, time and MFU."""
-    gen = GENERATIONS[topology.generation]
-    lines = [
-        title
-        or f"{topology.name}: {topology.accelerator_type} = {topology.libtpu_name}, "
-        f"{topology.chips} chips, {gen.hbm_gib:g} GiB HBM and "
-        f"{gen.peak_flops / 1e12:g} TFLOP/s bf16 per chip"
-    ]
+def _seconds(value: float) -> str:
+    return f"{value:.3g}" if math.isfinite(value) else "-"
+
+
+def format_report(results: Sequence[ProgramEstimate], topology: TpuTopology) -> str:
+    """One table per program: memory against HBM, FLOPs, step-time estimates and MFU."""
+    lines = [f"{topology.name}: {topology.describe()}"]
     for r in results:
-        lines += ["", f"{r.program} (compiled in {r.compile_seconds:.0f} s)"]
-        if not math.isfinite(r.total_bytes):
-            lines.append(f"  DOES NOT FIT: {r.error}")
+        lines += ["", f"{r.program} program (compiled in {r.compile_seconds:.0f} s)"]
+        if r.oom_error:
+            lines.append(f"  DOES NOT FIT (the compiler ran out of HBM): {r.oom_error}")
             continue
+        chips = topology.chips
         rows = [
-            ("per-chip memory (GiB)", ""),
-            ("  arguments", _gib(r.argument_bytes)),
+            ("per-chip memory, GiB: arguments", _gib(r.argument_bytes)),
             ("  temporaries", _gib(r.temp_bytes)),
             ("  outputs", _gib(r.output_bytes)),
-            ("  aliased (donated)", _gib(r.alias_bytes)),
-            ("  total / HBM", f"{_gib(r.total_bytes)} / {gen.hbm_gib:g}"),
+            ("  aliased (donated, not counted twice)", _gib(r.alias_bytes)),
+            ("  total / HBM", f"{_gib(r.total_bytes)} / {topology.spec.hbm_gib:g}"),
             ("  fits", "yes" if r.fits else "NO"),
             ("model FLOPs per step (all chips)", f"{r.model_flops:.4g}"),
-            ("compiled FLOPs (loop-aware, all chips)", f"{r.compiled_flops * topology.chips:.4g}"),
-            ("  compiled / model", f"{r.compiled_flops * topology.chips / r.model_flops:.2f}"),
-            ("XLA cost_analysis flops (per chip, loops once)", f"{r.xla_flops:.4g}"),
-            ("XLA optimal_seconds (loops once)", f"{r.xla_optimal_seconds:.4g}"),
-            ("loop factor", f"{r.loop_factor:.1f}"),
-            ("collective traffic per chip (GiB)", _gib(r.collective_bytes)),
-            ("step time: compute-bound floor (s)", f"{r.compute_bound_seconds:.4g}"),
-            ("step time: cost model, loop-scaled (s)", f"{r.step_seconds:.4g}"),
-            ("MFU estimate", f"{r.mfu:.1%}"),
+            ("compiled FLOPs (loop-aware matmuls, all chips)", f"{r.compiled_flops * chips:.4g}"),
+            ("  compiled / model", f"{r.compiled_flops * chips / r.model_flops:.2f}"),
+            ("XLA flops (per chip, loop bodies once)", f"{r.xla_flops:.4g}"),
+            ("XLA optimal_seconds as returned", f"{r.xla_optimal_seconds:.4g}"),
+            ("  ops of unknown cost (-1 s each)", str(r.unknown_cost_ops)),
+            ("  loop factor (cycles with trips / once)", f"{r.loop_factor:.1f}"),
+            ("step time, s: cost model (optimal, loop-aware)", _seconds(r.cost_model_seconds)),
+            ("  per-op cycle estimates", _seconds(r.cycles_seconds)),
+            ("  compute floor (compiled FLOPs / peak)", _seconds(r.compute_floor_seconds)),
+            ("  ICI floor (collective bytes / ICI bw)", _seconds(r.ici_floor_seconds)),
+            ("collective traffic per chip, GiB", _gib(r.collective_bytes)),
+            ("MFU at cost-model time", f"{r.mfu:.1%}"),
+            ("MFU at per-op cycles time", f"{r.mfu_cycles:.1%}"),
         ]
         width = max(len(name) for name, _ in rows)
         lines += [f"  {name:<{width}}  {value}" for name, value in rows]
-        if r.error:
-            lines.append(f"  note: {r.error}")
+        lines += [f"  note: {note}" for note in r.notes]
     return "\n".join(lines)
 
 
-def report_dict(results, topology: TpuTopology, config, shape: BatchShape) -> dict[str, Any]:
-    """The numbers of a run, for ``--json`` (NaN becomes null)."""
+def report_dict(
+    results: Sequence[ProgramEstimate],
+    topology: TpuTopology,
+    config: ml_collections.ConfigDict,
+    shape: BatchShape,
+) -> dict[str, Any]:
+    """The numbers of a run for ``--json`` (NaN written as null)."""
 
     def clean(value):
         return None if isinstance(value, float) and not math.isfinite(value) else value
@@ -545,8 +412,7 @@ def report_dict(results, topology: TpuTopology, config, shape: BatchShape) -> di
             "accelerator_type": topology.accelerator_type,
             "libtpu_name": topology.libtpu_name,
             "chips": topology.chips,
-            "hbm_bytes_per_chip": topology.hbm_bytes_per_chip,
-            "peak_flops_per_chip": topology.peak_flops_per_chip,
+            **{k: v for k, v in dataclasses.asdict(topology.spec).items()},
         },
         "mesh": mesh_lib.resolve_mesh_shape(dict(config.mesh), num_devices=topology.chips),
         "global_batch_size": config.data.global_batch_size,
@@ -562,6 +428,25 @@ def report_dict(results, topology: TpuTopology, config, shape: BatchShape) -> di
 # ============================================================================ command
 
 
+def parse_config(prog: str, argv: Sequence[str]) -> ml_collections.ConfigDict:
+    """``--config FILE.py [--config.a.b=value ...]`` (locked: unknown keys are errors)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    values = flags.FlagValues()
+    # ml_collections finds the overrides in sys_argv (default: sys.argv, not what is parsed).
+    config_flags.DEFINE_config_file(
+        "config", None, "config file", flag_values=values, sys_argv=[prog, *argv]
+    )
+    try:
+        values([prog, *argv])
+    except (flags.Error, AttributeError, KeyError) as e:
+        raise ValueError(str(e)) from e
+    if values.config is None:
+        raise ValueError("--config FILE.py is required")
+    return values.config
+
+
 def aot_main(argv: Sequence[str]) -> int:
     """``jfe aot``: 0 when every program fits, 1 when one does not, 2 on bad input."""
     parser = argparse.ArgumentParser(
@@ -569,22 +454,30 @@ def aot_main(argv: Sequence[str]) -> int:
         allow_abbrev=False,
         description="Compile a config's train step and export forward for a TPU slice on this "
         "machine (libtpu); print per-chip memory, FLOPs, estimated step time and MFU.",
-        epilog="--config FILE.py [--config.a.b=value ...] and --topology (v5p-128, v5e-256, "
-        "v4-16, v6e-16: v4/v5p count TensorCores, v5e/v6e chips; or v5p:4x4x4, v5e:16x16) are "
-        "required.",
+        epilog="The config: --config FILE.py [--config.a.b=value ...] (required).",
+    )
+    parser.add_argument(
+        "--topology",
+        required=True,
+        help="v5p-128, v5e-256, v4-16, v6e-16 (v4/v5p-N count TensorCores, v5e/v6e-N chips) "
+        "or v5p:4x4x4, v5e:16x16 (chips per axis)",
     )
     parser.add_argument("--batch-shape", default="", help="L=512,P=1024 (also QP=, CP=)")
     parser.add_argument("--programs", default=",".join(PROGRAMS), help="train,export")
-    parser.add_argument("--json", default="", help="write the numbers to this file")
+    parser.add_argument("--json", default="", help="also write the numbers to this file")
+    parser.add_argument(
+        "--set-mesh",
+        action="store_true",
+        help="trace under jax.set_mesh (activation constraints on) instead of the trainer's "
+        "`with mesh:`",
+    )
     try:
         args, rest = parser.parse_known_args(list(argv))
-        from jfe_jax.cli import parse_config_flags
-
-        values = parse_config_flags("jfe aot", rest, extra=("topology",))
-        config, topology = values.config, parse_topology(values.topology)
+        config = parse_config("jfe aot", rest)
+        topology = parse_topology(args.topology)
         shape = batch_shape_for(config, args.batch_shape)
         programs = [p.strip() for p in args.programs.split(",") if p.strip()]
-        results = estimate(config, topology, shape=shape, programs=programs)
+        results = estimate(config, topology, shape=shape, programs=programs, set_mesh=args.set_mesh)
     except ValueError as e:
         print(f"jfe aot: error: {e}", file=sys.stderr)
         return 2
@@ -592,31 +485,12 @@ def aot_main(argv: Sequence[str]) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report_dict(results, topology, config, shape), f, indent=2)
-    failed = [r for r in results if not r.fits]
-    for r in failed:
-        need = (
-            f"needs {r.total_bytes / GIB:.2f} GiB per chip"
-            if math.isfinite(r.total_bytes)
-            else r.error
-        )
-        print(
-            f"jfe aot: the {r.program} program does not fit in HBM on {topology.name} "
-            f"({GENERATIONS[topology.generation].hbm_gib:g} GiB per chip): {need}",
-            file=sys.stderr,
-        )
-    return 1 if failed else 0
-
-
-__all__ = [
-    "BatchShape",
-    "GENERATIONS",
-    "ProgramEstimate",
-    "TpuTopology",
-    "aot_main",
-    "batch_shape_for",
-    "estimate",
-    "format_report",
-    "parse_topology",
-    "report_dict",
-    "slice_shape",
-]
+    for r in results:
+        if not r.fits:
+            need = r.oom_error or f"it needs {r.total_bytes / GIB:.2f} GiB per chip"
+            print(
+                f"jfe aot: the {r.program} program does not fit in HBM on {topology.name} "
+                f"({topology.spec.hbm_gib:g} GiB per chip): {need}",
+                file=sys.stderr,
+            )
+    return 0 if all(r.fits for r in results) else 1

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def checkpoint_dir(workdir: str) -> str:
 def latest_step(workdir: str) -> int | None:
     """The newest finished checkpoint step in ``workdir``, or None."""
     directory = checkpoint_dir(workdir)
-    if not os.path.isdir(directory):
+    if not epath.Path(directory).is_dir():
         return None
     with _reader(directory) as manager:
         return manager.latest_step()
@@ -174,8 +175,7 @@ def restore_params(workdir: str, step: int | None = None, *, sharding=None):
 
 def read_run_config(workdir: str) -> dict:
     """The config a workdir was trained with (``config.json`` written at start)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+    path = epath.Path(workdir) / "config.json"
+    if not path.is_file():
         raise ValueError(f"{workdir} has no config.json: not a jfe-jax training workdir")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(path.read_text())

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 from jax.experimental import multihost_utils
 
 from jfe_jax.data.image_processor import ImageProcessor
@@ -121,11 +121,16 @@ def make_train_data(
             f"tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens but the model's "
             f"vocabulary is {model_config.text.vocab_size}"
         )
+    target = epath.Path(workdir) / TOKENIZER_DIR
     if jax.process_index() == 0 and os.path.abspath(tokenizer_dir) != os.path.abspath(
-        os.path.join(workdir, TOKENIZER_DIR)
+        os.fspath(target)
     ):
         # Keep the workdir self-contained: stage 2, export and search find the tokenizer here.
-        shutil.copytree(tokenizer_dir, os.path.join(workdir, TOKENIZER_DIR), dirs_exist_ok=True)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in os.listdir(tokenizer_dir):
+            source = os.path.join(tokenizer_dir, name)
+            if os.path.isfile(source):
+                (target / name).write_bytes(epath.Path(source).read_bytes())
     image_processor = ImageProcessor(
         min_pixels=d.image_min_pixels,
         max_pixels=d.image_max_pixels,

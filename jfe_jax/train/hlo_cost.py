@@ -55,6 +55,7 @@ _COLLECTIVES = (
 )
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s+=\s+(.*)$")
+_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
 _ARRAY = re.compile(r"^(\w+)\[([\d,]*)\]")
 
 
@@ -76,6 +77,8 @@ class HloCosts:
     matmul_flops: float  # dot + convolution FLOPs, loop bodies times their trip counts
     matmul_flops_once: float  # the same with every loop body counted once (as cost_analysis)
     collective_bytes: float  # bytes through collectives, loop-aware
+    estimated_cycles: float  # sum of the compiler's per-op "estimated_cycles", loop-aware
+    estimated_cycles_once: float  # the same with every loop body counted once
     loops: tuple[tuple[str, int], ...]  # (while instruction, trip count) of every loop found
     unknown_trip_loops: tuple[str, ...]  # loops counted once: trip count not readable
 
@@ -282,9 +285,9 @@ def hlo_costs(text: str) -> HloCosts:
     unknown: list[str] = []
 
     @functools.cache
-    def cost(name: str, loop_aware: bool) -> tuple[float, float]:
+    def cost(name: str, loop_aware: bool, fused: bool) -> tuple[float, float, float]:
         scope = computations.get(name, {})
-        flops, moved = 0.0, 0.0
+        flops, moved, cycles = 0.0, 0.0, 0.0
         for instruction in scope.values():
             if instruction.opcode in ("dot", "convolution"):
                 flops += _matmul_flops(instruction, scope)
@@ -293,7 +296,10 @@ def hlo_costs(text: str) -> HloCosts:
                     _bytes(scope[o].type_text) for o in instruction.operands if o in scope
                 )
                 moved += max(operand_bytes, _bytes(instruction.type_text))
-            children: list[tuple[str, float]] = []
+            estimated = _CYCLES.search(instruction.attributes)
+            if estimated and not fused:  # a fusion's estimate covers what it calls
+                cycles += float(estimated.group(1))
+            children: list[tuple[str, float, bool]] = []
             if instruction.opcode == "while":
                 trips = _trip_count(instruction, scope, computations)
                 if trips is None:
@@ -301,11 +307,11 @@ def hlo_costs(text: str) -> HloCosts:
                 loops[instruction.name] = trips if trips is not None else 1
                 body = _attribute(instruction, "body")
                 if body:
-                    children.append((body, float(trips or 1) if loop_aware else 1.0))
+                    children.append((body, float(trips or 1) if loop_aware else 1.0, fused))
             elif instruction.opcode in ("fusion", "call", "async-start", "custom-call"):
                 called = _attribute(instruction, "calls") or _attribute(instruction, "to_apply")
                 if called:
-                    children.append((called, 1.0))
+                    children.append((called, 1.0, fused or instruction.opcode == "fusion"))
             elif instruction.opcode == "conditional":
                 branches = re.search(r"branch_computations=\{([^}]*)\}", instruction.attributes)
                 names = branches.group(1).split(",") if branches else []
@@ -313,19 +319,22 @@ def hlo_costs(text: str) -> HloCosts:
                     _attribute(instruction, k) or ""
                     for k in ("true_computation", "false_computation")
                 ]
-                children += [(n.strip().lstrip("%"), 1.0) for n in names if n.strip()]
-            for child, factor in children:
-                child_flops, child_bytes = cost(child, loop_aware)
-                flops += factor * child_flops
-                moved += factor * child_bytes
-        return flops, moved
+                children += [(n.strip().lstrip("%"), 1.0, fused) for n in names if n.strip()]
+            for child, factor, child_fused in children:
+                child_cost = cost(child, loop_aware, child_fused)
+                flops += factor * child_cost[0]
+                moved += factor * child_cost[1]
+                cycles += factor * child_cost[2]
+        return flops, moved, cycles
 
-    flops, moved = cost(entry, True)
-    flops_once, _ = cost(entry, False)
+    flops, moved, cycles = cost(entry, True, False)
+    flops_once, _, cycles_once = cost(entry, False, False)
     return HloCosts(
         matmul_flops=flops,
         matmul_flops_once=flops_once,
         collective_bytes=moved,
+        estimated_cycles=cycles,
+        estimated_cycles_once=cycles_once,
         loops=tuple(sorted(loops.items())),
         unknown_trip_loops=tuple(sorted(set(unknown))),
     )

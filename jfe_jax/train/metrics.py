@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from jfe_jax.models.config import ModelConfig
 
@@ -125,18 +126,24 @@ def peak_flops(devices: list[jax.Device] | None = None) -> tuple[float, str]:
 
 
 class MetricWriter:
-    """Writes scalars to TensorBoard event files and to ``metrics.jsonl`` in the workdir."""
+    """Writes scalars to TensorBoard event files and to ``metrics.jsonl`` in the workdir.
+
+    The workdir may be local or a ``gs://`` path. Object stores cannot append, so the jsonl is
+    rewritten whole at each write (a few thousand short lines over a run).
+    """
 
     def __init__(self, workdir: str, *, enabled: bool = True):
         self.enabled = enabled
-        self._jsonl = None
         self._tb = None
+        self._path = epath.Path(workdir) / "metrics.jsonl"
+        self._lines: list[str] = []
         if enabled:
-            os.makedirs(workdir, exist_ok=True)
+            epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+            if self._path.exists():  # a resumed run continues the same file
+                self._lines = self._path.read_text().splitlines(keepends=True)
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+            self._tb = SummaryWriter(os.fspath(epath.Path(workdir) / "tensorboard"))
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -144,14 +151,13 @@ class MetricWriter:
         clean = {k: float(v) for k, v in scalars.items()}
         for name, value in clean.items():
             self._tb.add_scalar(name, value, step)
-        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
-        self._jsonl.flush()
+        self._lines.append(json.dumps({"step": step, **clean}) + "\n")
+        self._path.write_text("".join(self._lines))
         self._tb.flush()
 
     def close(self) -> None:
         if self.enabled:
             self._tb.close()
-            self._jsonl.close()
 
 
 def reduce_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import platform
 import time
 from typing import Any
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from flax import traverse_util
 from tqdm import tqdm
 
@@ -71,11 +71,11 @@ def init_source(config: ml_collections.ConfigDict) -> str:
                 "stage 2 needs model.init_from: a stage-1 workdir (or a Hugging Face directory)"
             )
         return "scratch"
-    if not os.path.isdir(path):
+    if not epath.Path(path).is_dir():
         raise ValueError(f"model.init_from={path!r} is not a directory")
-    if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(
+    if (epath.Path(path) / "config.json").is_file() and not epath.Path(
         ckpt.checkpoint_dir(path)
-    ):
+    ).is_dir():
         return "hf"
     if ckpt.latest_step(path) is None:
         raise ValueError(
@@ -95,11 +95,10 @@ def model_config_for(config: ml_collections.ConfigDict) -> ModelConfig:
 
 
 def load_model_config(workdir: str) -> ModelConfig:
-    path = os.path.join(workdir, MODEL_CONFIG_FILE)
-    if not os.path.isfile(path):
+    path = epath.Path(workdir) / MODEL_CONFIG_FILE
+    if not path.is_file():
         raise ValueError(f"{workdir} has no {MODEL_CONFIG_FILE}: not a jfe-jax training workdir")
-    with open(path, encoding="utf-8") as f:
-        return ModelConfig.from_hf_dict(json.load(f))
+    return ModelConfig.from_hf_dict(json.loads(path.read_text()))
 
 
 def validate_config(config: ml_collections.ConfigDict) -> tuple[ModelConfig, jax.sharding.Mesh]:
@@ -141,11 +140,12 @@ def write_run_record(
     """config.json, model_config.json and run_info.json (versions, devices, mesh)."""
     if jax.process_index() != 0:
         return
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(model_config.to_hf_dict(), f, indent=2, sort_keys=True)
+    root = epath.Path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    (root / MODEL_CONFIG_FILE).write_text(
+        json.dumps(model_config.to_hf_dict(), indent=2, sort_keys=True)
+    )
     import flax
     import orbax.checkpoint
 
@@ -166,8 +166,7 @@ def write_run_record(
         },
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
     }
-    with open(os.path.join(workdir, "run_info.json"), "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2)
+    (root / "run_info.json").write_text(json.dumps(info, indent=2))
 
 
 # ============================================================================ state
@@ -445,8 +444,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict
         writer.close()
     final["peak_flops_source"] = peak_source
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "train_summary.json"), "w", encoding="utf-8") as f:
-            json.dump(final, f, indent=2)
+        (epath.Path(workdir) / "train_summary.json").write_text(json.dumps(final, indent=2))
     return final
 
 
