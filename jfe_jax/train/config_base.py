@@ -108,9 +108,9 @@ def demo_stage1_config() -> ml_collections.ConfigDict:
     c.optimizer.learning_rate = 1e-3
     c.optimizer.warmup_steps = 10
     c.optimizer.weight_decay = 0.0
-    c.train.num_steps = 150
+    c.train.num_steps = 300
     c.train.log_every = 10
-    c.train.checkpoint_every_steps = 50
+    c.train.checkpoint_every_steps = 100
     return c
 
 
@@ -120,5 +120,7 @@ def demo_stage2_config() -> ml_collections.ConfigDict:
     c.stage = "stage2"
     c.data.kind = "mbeir"
     c.data.split = "train"
-    c.optimizer.learning_rate = 5e-4
+    c.optimizer.learning_rate = 1e-3
+    c.train.num_steps = 800
+    c.train.checkpoint_every_steps = 200
     return c

@@ -16,7 +16,16 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageDraw
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star")
+SHAPES: tuple[str, ...] = (
+    "circle",
+    "square",
+    "triangle",
+    "diamond",
+    "star",
+    "pentagon",
+    "hexagon",
+    "cross",
+)
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -24,6 +33,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (235, 205, 30),
     "purple": (145, 60, 185),
     "orange": (245, 140, 30),
+    "pink": (245, 120, 190),
+    "cyan": (30, 200, 215),
+    "brown": (130, 80, 35),
+    "black": (25, 25, 25),
 }
 SIZES: tuple[str, ...] = ("small", "large")
 # Order also fixes the order of objects in a canonical caption.
@@ -228,6 +241,18 @@ def draw_object(
         draw.polygon(_polygon(cx, cy, radius * 1.05, 4, 0.0), fill=fill)
     elif obj.shape == "star":
         draw.polygon(_polygon(cx, cy, radius * 1.15, 5, rotation, star=True), fill=fill)
+    elif obj.shape == "pentagon":
+        draw.polygon(_polygon(cx, cy, radius, 5, rotation), fill=fill)
+    elif obj.shape == "hexagon":
+        draw.polygon(_polygon(cx, cy, radius, 6, rotation + math.pi / 6), fill=fill)
+    elif obj.shape == "cross":
+        arm, half = radius * 0.95, radius * 0.32
+        draw.rectangle(
+            [round(cx - arm), round(cy - half), round(cx + arm), round(cy + half)], fill=fill
+        )
+        draw.rectangle(
+            [round(cx - half), round(cy - arm), round(cx + half), round(cy + arm)], fill=fill
+        )
     else:
         raise ValueError(f"shape {obj.shape!r} is unknown, expected one of {SHAPES}")
 
