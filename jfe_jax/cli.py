@@ -164,6 +164,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "index": (_lazy("jfe_jax.index.commands", "index_main"), "build or search a ScaNN index"),
     "search": (_lazy("jfe_jax.index.commands", "search_main"), "query an index by text/image"),
     "eval": (_lazy("jfe_jax.eval.commands", "eval_main"), "M-BEIR evaluation of a model"),
+    "aot": (_lazy("jfe_jax.train.aot", "aot_main"), "compile for a TPU topology: fit, speed"),
     "convert": (_convert, "re-save a Hugging Face Qwen2-VL checkpoint through JAX"),
 }
 
