@@ -107,11 +107,10 @@ def _demo(argv: Sequence[str]) -> int:
     results = run_demo(args.workdir, fresh=args.fresh, steps=args.steps)
     title = "JFE demo: synthetic M-BEIR test split, local pools (Recall, %)"
     print(format_task_table(results["table"], title=title))
-    details = results["details"]
-    print(
-        "\nchance Recall@5 per task: "
-        + ", ".join(f"{task} {d['chance_recall_at_5']:.1%}" for task, d in details.items())
-    )
+    print("\nRecall@5 against a random ranking of the same pool (chance):")
+    for task, d in results["details"].items():
+        recall, chance = results["table"]["tasks"][task]["recall"][5], d["chance_recall"]["5"]
+        print(f"  {task:<18}{100 * recall:6.1f} vs {100 * chance:4.1f}  ({recall / chance:.1f}x)")
     summary = results["demo_summary"]
     print(f"stages (seconds): {summary['seconds']}; total {summary['total_seconds']} s")
     print(f"results: {args.workdir}/eval/results.json and results.png")

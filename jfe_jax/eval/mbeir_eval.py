@@ -158,9 +158,10 @@ def evaluate_mbeir(
             "queries": len(queries),
             "pool": pool_path.name,
             "pool_size": len(cand_ids),
-            "chance_recall_at_5": min(
-                1.0, 5 * np.mean([len(p) for p in positives]) / len(cand_ids)
-            ),
+            # Recall@k of a random ranking of this pool: what "k times chance" refers to.
+            "chance_recall": {
+                int(kk): chance_recall([len(p) for p in positives], len(cand_ids), kk) for kk in ks
+            },
             "exact_search_recall": {int(kk): v for kk, v in exact_recall.items()},
             f"scann_recall_at_{k}_vs_exact": float(overlap),
             "index_settings": dict(index.metadata.get("settings", {})) or None,

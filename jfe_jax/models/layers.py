@@ -206,8 +206,11 @@ def attention(
     """
     impl = DEFAULT_ATTENTION_IMPL if impl is None else impl
     _check_impl(impl)
-    if mask.dtype != jnp.bool_:
-        raise ValueError(f"attention mask must be boolean, got {mask.dtype}")
+    if mask.dtype != jnp.bool_ or mask.ndim != 3:
+        raise ValueError(
+            f"attention mask must be boolean [B, Lq, Lk] (or broadcastable to it), got "
+            f"{mask.dtype} {mask.shape}"
+        )
     if impl == "dot_product_attention":
         return _jax_nn_attention(query, key, value, mask, dtype=dtype)
     if impl == "deferred_norm":

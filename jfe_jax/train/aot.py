@@ -331,6 +331,12 @@ def estimate(
         with context, nn.logical_axis_rules(LOGICAL_RULES):
             lowered = jitted.lower(state, batch)
         results.append(analyse("train", lowered, topology, train_step_flops(model_config, batch)))
+        parallel = mesh_lib.data_parallel_size(mesh)
+        if chunk and chunk % parallel:
+            results[-1].notes.append(
+                f"train.grad_cache_chunk={chunk} is not a multiple of the data-parallel size "
+                f"{parallel}: chunks do not split evenly over the chips (idle or repeated work)"
+            )
     if "export" in programs:
         replicated = mesh_lib.replicated_sharding(mesh)
         params = jax.tree_util.tree_map(
