@@ -124,8 +124,9 @@ def parse_task_name(name: str) -> tuple[str, int]:
 
 
 def headline_k(name: str) -> int:
-    """The k of the headline Recall@k for a task name (5, or 10 for the fashion tasks)."""
-    return HEADLINE_K.get(name, 5)
+    """The k of the headline Recall@k for a task name (5, or 10 for the fashion tasks);
+    an ``mbeir_`` prefix is ignored."""
+    return HEADLINE_K.get(name.removeprefix("mbeir_"), 5)
 
 
 def task_group(task_id: int) -> str:

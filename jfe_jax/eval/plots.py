@@ -12,27 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from jfe_jax.eval.recall import headline_k
+from jfe_jax.data.mbeir import TEST_TASKS, headline_k
 
 # The order M-BEIR papers list the 16 test tasks in; other tasks follow in input order.
-MBEIR_TASK_ORDER = (
-    "visualnews_task0",
-    "mscoco_task0",
-    "fashion200k_task0",
-    "webqa_task1",
-    "edis_task2",
-    "webqa_task2",
-    "visualnews_task3",
-    "mscoco_task3",
-    "fashion200k_task3",
-    "nights_task4",
-    "oven_task6",
-    "infoseek_task6",
-    "fashioniq_task7",
-    "cirr_task7",
-    "oven_task8",
-    "infoseek_task8",
-)
+MBEIR_TASK_ORDER = TEST_TASKS
 
 
 def _task_order(tables: Mapping[str, Mapping[str, Any]]) -> list[str]:

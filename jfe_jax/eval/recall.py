@@ -18,19 +18,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-# Headline metric per task: Recall@5, except Recall@10 for these three (as UniIR reports).
-# Also known to jfe_jax/data/mbeir.py; to be de-duplicated.
-HEADLINE_K = 5
-HEADLINE_K_10_TASKS = frozenset({"fashion200k_task0", "fashion200k_task3", "fashioniq_task7"})
-
-# JFE's five result groups, by M-BEIR task id (the `_task<k>` suffix of a task name).
-TASK_GROUPS: dict[str, tuple[int, ...]] = {
-    "single-modal": (1, 4),
-    "cross-modal": (0, 3),
-    "mixed-modal": (2,),
-    "multi-modal": (6, 8),
-    "conditional": (7,),
-}
+from jfe_jax.data.mbeir import TASK_GROUPS, headline_k
 
 _TASK_NAME = re.compile(r"_task(\d+)$")
 
@@ -78,12 +66,6 @@ def task_id(task: str) -> int:
     if match is None:
         raise ValueError(f"task name {task!r} does not end in _task<id>, e.g. 'webqa_task2'")
     return int(match.group(1))
-
-
-def headline_k(task: str) -> int:
-    """The k of the task's headline Recall@k: 10 for the three fashion tasks, else 5."""
-    dataset_task = task.removeprefix("mbeir_")
-    return 10 if dataset_task in HEADLINE_K_10_TASKS else HEADLINE_K
 
 
 def task_table(results: Mapping[str, Mapping[int, float]]) -> dict[str, Any]:

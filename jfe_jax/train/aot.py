@@ -295,7 +295,15 @@ def estimate(
         raise ValueError(f"programs must be some of {PROGRAMS}, got {list(programs)}")
     shape = shape or batch_shape_for(config)
     model_config = model_config_of(config)
-    mesh = mesh_lib.make_mesh(dict(config.mesh), devices=topology.devices())
+    try:
+        mesh = mesh_lib.make_mesh(dict(config.mesh), devices=topology.devices())
+    except NotImplementedError as e:  # jax.make_mesh cannot map an axis onto the torus
+        sizes = mesh_lib.resolve_mesh_shape(dict(config.mesh), num_devices=topology.chips)
+        raise ValueError(
+            f"the mesh {sizes} cannot be laid on the {topology.libtpu_name} torus by "
+            f"jax.make_mesh, so the trainer could not build it either: "
+            f"{str(e).splitlines()[0]}"
+        ) from e
     rows, chunk = config.data.global_batch_size, config.train.grad_cache_chunk
     mesh_lib.check_batch_divisible(rows, mesh)
     if chunk and rows % chunk:
@@ -500,3 +508,7 @@ def aot_main(argv: Sequence[str]) -> int:
                 file=sys.stderr,
             )
     return 0 if all(r.fits for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(aot_main(sys.argv[1:]))

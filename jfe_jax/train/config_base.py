@@ -124,3 +124,55 @@ def demo_stage2_config() -> ml_collections.ConfigDict:
     c.train.num_steps = 800
     c.train.checkpoint_every_steps = 200
     return c
+
+
+# FSDP degree per size for the real-scale recipes (7B needs more sharding of its weights).
+_FSDP = {"2b": 4, "7b": 8}
+
+
+def stage1_config(size: str) -> ml_collections.ConfigDict:
+    """Stage 1 at real scale (after E5-V / LamRA): Qwen2-VL from a Hugging Face directory, NLI
+    triples + image captions, LoRA rank 64 alpha 128, vision frozen, temperature 0.05, global
+    batch 576, lr 4e-5, one epoch (about 470 steps on 270k triples)."""
+    c = base_config()
+    c.stage = "stage1"
+    c.model.size = size
+    c.model.dtype = "bfloat16"
+    c.model.scan_layers = True
+    c.model.remat = "dots_no_batch"
+    c.model.lora_rank = 64
+    c.model.lora_alpha = 128.0
+    c.data.kind = "pairs"
+    c.data.global_batch_size = 576
+    c.data.length_buckets = (128, 256, 512)
+    c.data.max_length = 512
+    c.data.query_patch_budget = 1024
+    c.data.candidate_patch_budget = 1024
+    c.data.image_max_pixels = 448 * 448
+    c.data.worker_count = 8
+    c.optimizer.learning_rate = 4e-5
+    c.optimizer.warmup_steps = 50
+    c.optimizer.trainable = "lora"
+    c.mesh.data = -1
+    c.mesh.fsdp = _FSDP[size]
+    c.train.num_steps = 470
+    c.train.grad_cache_chunk = 64
+    c.train.log_every = 10
+    c.train.checkpoint_every_steps = 100
+    return c
+
+
+def stage2_config(size: str) -> ml_collections.ConfigDict:
+    """Stage 2 at real scale (after LamRA): the M-BEIR union training set with instructions,
+    from a stage-1 workdir; global batch 1024 (LamRA: 960), lr 1e-4, one epoch of the 1.1M
+    union queries."""
+    c = stage1_config(size)
+    c.stage = "stage2"
+    c.data.kind = "mbeir"
+    c.data.split = "union_train"
+    c.data.global_batch_size = 1024
+    c.optimizer.learning_rate = 1e-4
+    c.optimizer.warmup_steps = 100
+    c.train.num_steps = 1100
+    c.train.checkpoint_every_steps = 200
+    return c
