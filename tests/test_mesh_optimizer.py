@@ -10,8 +10,9 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec
+from toy_model import ToyEncoder
 
-from jfe_jax.models.axes import ACT_BATCH, ACT_MLP, EMBED, LOGICAL_RULES, MLP, constrain, param_init
+from jfe_jax.models.axes import LOGICAL_RULES
 from jfe_jax.train.loss import contrastive_loss
 from jfe_jax.train.mesh import (
     batch_sharding,
@@ -98,30 +99,6 @@ def test_global_batch_is_split_over_data_and_fsdp_and_replicated_over_tensor():
 # ---------------------------------------------------------------------------------------------
 # Sharded init and a sharded train step against one device
 # ---------------------------------------------------------------------------------------------
-
-
-class ToyEncoder(nn.Module):
-    """Two dense layers with (EMBED, MLP) / (MLP, EMBED) kernels and a learnable temperature."""
-
-    hidden: int = 32
-    dim: int = 16
-
-    @nn.compact
-    def __call__(self, batch):
-        self.param("log_temperature", param_init(nn.initializers.constant(np.log(0.05)), ()), ())
-
-        def dense(features, names, name):
-            return nn.Dense(
-                features,
-                kernel_init=param_init(nn.initializers.lecun_normal(), names),
-                bias_init=param_init(nn.initializers.normal(0.1), names[1:]),
-                name=name,
-            )
-
-        hidden = nn.gelu(dense(self.hidden, (EMBED, MLP), "up")(batch["features"]))
-        hidden = constrain(hidden, (ACT_BATCH, ACT_MLP))
-        embeddings = dense(self.dim, (MLP, EMBED), "down")(hidden)
-        return embeddings / jnp.linalg.norm(embeddings, axis=-1, keepdims=True)
 
 
 MODEL = ToyEncoder()
