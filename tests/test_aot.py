@@ -170,3 +170,10 @@ def test_aot_exits_1_with_does_not_fit_when_a_batch_exceeds_hbm(capsys):
     assert aot_main(argv) == 1
     captured = capsys.readouterr()
     assert "the export program does not fit in HBM on v5e-8 (16 GiB per chip)" in captured.err
+
+
+def test_aot_exits_2_when_the_configs_mesh_does_not_map_onto_the_torus(capsys):
+    # data=8, fsdp=8 on a 4x4x4 v5p slice: jax.make_mesh cannot make an axis of 8 chips.
+    argv = [*demo_args(64), "--config.mesh.fsdp=8", "--topology", "v5p-128"]
+    assert aot_main(argv) == 2
+    assert "cannot be laid on the v5p:4x4x4 torus" in capsys.readouterr().err

@@ -9,7 +9,9 @@ then under-counted by one to three orders of magnitude. ``hlo_costs`` walks the 
 * FLOPs of ``dot`` and ``convolution`` instructions (2 x output elements x contraction size),
   wherever they sit (inside fusions, loop bodies, called computations);
 * bytes moved by collectives (all-gather, all-reduce, reduce-scatter, all-to-all,
-  collective-permute), per device;
+  collective-permute), per device: the larger of operands and result;
+* the TPU compiler's own per-op time estimates (``"estimated_cycles"`` in the backend config
+  of fusions and other top-level ops; what a fusion calls is not counted again);
 * trip counts from the loop's ``known_trip_count`` when the compiler recorded it, else from its
   condition (``counter < N`` with the counter's start value read from the loop's init tuple).
 

@@ -1,0 +1,123 @@
+"""Ahead-of-time TPU estimates of the real-scale stage-2 configs, side by side, one run.
+
+For each config and TPU slice it compiles, on this machine with libtpu, the trainer's step
+and the export forward (``jfe_jax.train.aot.estimate``) and prints one table: per-chip memory
+against HBM, whether the program fits, model and compiled FLOPs, step-time estimates (the
+XLA cost model made loop-aware, the compiler's per-op cycle estimates, and the compute and
+ICI floors), the MFU at the first two, and the compile time on this machine.
+
+``--set-mesh`` adds a row per (config, slice) for the train step traced under
+``jax.set_mesh`` (the model's activation sharding constraints applied) instead of the
+trainer's ``with mesh:`` (under which JAX 0.10 leaves them off).
+
+Usage:
+  python benchmarks/bench_aot.py --configs configs/stage2_2b.py,configs/stage2_7b.py \
+      --topologies v5p-64,v5e-256 [--set-mesh] [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+from jfe_jax.train.aot import batch_shape_for, estimate, parse_config, report_dict
+from jfe_jax.train.topology import GIB, parse_topology
+
+COLUMNS = (
+    "config",
+    "slice",
+    "mesh d/f/t",
+    "program",
+    "GiB/chip (HBM)",
+    "fits",
+    "model PFLOP",
+    "compiled/model",
+    "step s: cost model",
+    "per-op cycles",
+    "compute floor",
+    "ICI floor",
+    "MFU cost model",
+    "MFU cycles",
+    "compile s",
+)
+
+
+def row(config_name, topology, mesh, result) -> list[str]:
+    def num(value, fmt):
+        return format(value, fmt) if math.isfinite(value) else "-"
+
+    memory = (
+        f"{result.total_bytes / GIB:.1f} ({topology.spec.hbm_gib:g})"
+        if math.isfinite(result.total_bytes)
+        else f"OOM ({topology.spec.hbm_gib:g})"
+    )
+    compiled = result.compiled_flops * topology.chips
+    return [
+        config_name,
+        f"{topology.accelerator_type} ({topology.chips} chips)",
+        "/".join(str(mesh[a]) for a in ("data", "fsdp", "tensor")),
+        result.program,
+        memory,
+        "yes" if result.fits else "NO",
+        num(result.model_flops / 1e15, ".2f"),
+        num(compiled / result.model_flops, ".2f"),
+        num(result.cost_model_seconds, ".3f"),
+        num(result.cycles_seconds, ".3f"),
+        num(result.compute_floor_seconds, ".3f"),
+        num(result.ici_floor_seconds, ".3f"),
+        num(100 * result.mfu, ".1f") + "%" if math.isfinite(result.mfu) else "-",
+        num(100 * result.mfu_cycles, ".1f") + "%" if math.isfinite(result.mfu_cycles) else "-",
+        f"{result.compile_seconds:.0f}",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="configs/stage2_2b.py,configs/stage2_7b.py")
+    parser.add_argument("--topologies", default="v5p-64,v5e-256")
+    parser.add_argument("--set-mesh", action="store_true", help="also trace under set_mesh")
+    parser.add_argument("--json", default="", help="write every run's numbers here")
+    args = parser.parse_args()
+
+    rows, runs = [], []
+    start = time.perf_counter()
+    for config_path in args.configs.split(","):
+        config = parse_config("bench_aot", ["--config", config_path])
+        name = config_path.rsplit("/", 1)[-1].removesuffix(".py")
+        shape = batch_shape_for(config)
+        for topology_name in args.topologies.split(","):
+            topology = parse_topology(topology_name)
+            variants = [(False, "")] + ([(True, " set_mesh")] if args.set_mesh else [])
+            for set_mesh, tag in variants:
+                programs = ("train",) if set_mesh else ("train", "export")
+                try:
+                    results = estimate(config, topology, programs=programs, set_mesh=set_mesh)
+                except ValueError as e:  # e.g. the config's mesh does not map onto the torus
+                    cells = [name + tag, f"{topology.accelerator_type} ({topology.chips} chips)"]
+                    rows.append(cells + ["-", "error: " + str(e)] + ["-"] * (len(COLUMNS) - 4))
+                    runs.append({"config": name, "set_mesh": set_mesh, "error": str(e)})
+                    print(" | ".join(rows[-1]), flush=True)
+                    break
+                report = report_dict(results, topology, config, shape)
+                runs.append({"config": name, "set_mesh": set_mesh, **report})
+                for result in results:
+                    rows.append(row(name + tag, topology, report["mesh"], result))
+                    print(" | ".join(rows[-1]), flush=True)
+    elapsed = time.perf_counter() - start
+    print(
+        f"\nglobal batch {config.data.global_batch_size}, L={shape.length}, patches "
+        f"{shape.query_patches}/{shape.candidate_patches}; total {elapsed:.0f} s"
+    )
+    print("\n| " + " | ".join(COLUMNS) + " |")
+    print("|" + "|".join("---" for _ in COLUMNS) + "|")
+    for cells in rows:
+        print("| " + " | ".join(cells) + " |")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(runs, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
