@@ -79,9 +79,12 @@ def main() -> None:
     parser.add_argument("--topologies", default="v5p-64,v5e-256")
     parser.add_argument("--set-mesh", action="store_true", help="also trace under set_mesh")
     parser.add_argument("--json", default="", help="write every run's numbers here")
+    parser.add_argument(
+        "--breakdown", type=int, default=0, help="print the N largest ops of each train step"
+    )
     args = parser.parse_args()
 
-    rows, runs = [], []
+    rows, runs, breakdowns = [], [], []
     start = time.perf_counter()
     for config_path in args.configs.split(","):
         config = parse_config("bench_aot", ["--config", config_path])
@@ -96,7 +99,8 @@ def main() -> None:
                     results = estimate(config, topology, programs=programs, set_mesh=set_mesh)
                 except ValueError as e:  # e.g. the config's mesh does not map onto the torus
                     cells = [name + tag, f"{topology.accelerator_type} ({topology.chips} chips)"]
-                    rows.append(cells + ["-", "error: " + str(e)] + ["-"] * (len(COLUMNS) - 4))
+                    short = str(e).split(". ")[0]  # the whole message goes to --json
+                    rows.append(cells + ["-", "error: " + short] + ["-"] * (len(COLUMNS) - 4))
                     runs.append({"config": name, "set_mesh": set_mesh, "error": str(e)})
                     print(" | ".join(rows[-1]), flush=True)
                     break
@@ -105,6 +109,8 @@ def main() -> None:
                 for result in results:
                     rows.append(row(name + tag, topology, report["mesh"], result))
                     print(" | ".join(rows[-1]), flush=True)
+                    if args.breakdown and result.program == "train":
+                        breakdowns.append((rows[-1][:3], result, topology))
     elapsed = time.perf_counter() - start
     print(
         f"\nglobal batch {config.data.global_batch_size}, L={shape.length}, patches "
@@ -114,6 +120,14 @@ def main() -> None:
     print("|" + "|".join("---" for _ in COLUMNS) + "|")
     for cells in rows:
         print("| " + " | ".join(cells) + " |")
+    for (config_name, slice_name, mesh), result, topology in breakdowns:
+        print(f"\n{config_name} on {slice_name}, mesh {mesh}: largest per-op cycle estimates")
+        print("\n| s | share | MXU use | op (pass: module path) |\n|---:|---:|---:|---|")
+        for label, seconds, flops in result.top_ops[: args.breakdown]:
+            mxu = flops / topology.spec.peak_flops / seconds if seconds else 0.0
+            print(
+                f"| {seconds:.3f} | {seconds / result.cycles_seconds:.1%} | {mxu:.0%} | {label} |"
+            )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(runs, f, indent=2)

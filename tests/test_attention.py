@@ -173,7 +173,7 @@ def test_model_hidden_states_do_not_depend_on_the_attention_impl(padding, monkey
     rows = [[2, (2, 8), 3, (6, 4), 1], [4, (4, 4), 2], [6]]
     inputs = make_inputs(config, rows, padding=padding, seed=2)
     traced = []  # which implementation each attention call of the traces used
-    names = ("_einsum_attention", "_jax_nn_attention", "_deferred_norm_attention")
+    names = ("_einsum_attention", "_jax_nn_attention")
     for name in names:
         original = getattr(layers, name)
         wrapped = lambda *a, _f=original, _n=name, **kw: traced.append(_n) or _f(*a, **kw)

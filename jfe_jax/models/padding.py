@@ -2,7 +2,8 @@
 
 Static shapes mean padding: text rows are padded to the batch length, image patches to the
 row's patch budget. ``padding_report`` counts it from the batch's own masks (host-side numpy,
-no model run), for benchmarks and the trainer's logs:
+no model run; give it the host-local batch, before it becomes a global multi-host array), for
+benchmarks and the trainer's logs:
 
 * ``token_padding``, ``patch_padding``: fraction of token / patch positions that are padding.
   Every per-position matmul (projections, MLPs) does the same work on them, so these are also

@@ -24,9 +24,9 @@ step is loops (layers scanned inside gradient-cache chunks); its ``optimal_secon
 counts every op the TPU cost model does not know (some custom calls) as -1 s. So:
 
 * compiled FLOPs: loop-aware dot/convolution FLOPs of the compiled HLO (``hlo_cost``);
-* cost-model time (the headline): ``optimal_seconds`` plus 1 s per unknown op (the integer
-  part of a negative total), times the loop factor: the compiler's per-op ``estimated_cycles``
-  summed with trip counts over the same sum with every loop once;
+* cost-model time (the headline): ``optimal_seconds`` plus 1 s per op of unknown cost (the
+  custom calls in ``hlo_cost.UNKNOWN_COST_TARGETS``), times the loop factor: the compiler's
+  per-op ``estimated_cycles`` summed with trip counts over the same sum with loops once;
 * per-op cycles time: the compiler's ``estimated_cycles`` with trip counts / the chip clock,
   a less optimistic figure than ``optimal_seconds`` (which is a roofline);
 * compute floor: compiled FLOPs / peak; ICI floor: loop-aware collective bytes / the chip's
@@ -60,7 +60,7 @@ from jfe_jax.models.axes import LOGICAL_RULES, MESH_AXES
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.sizes import get_size
 from jfe_jax.train import mesh as mesh_lib
-from jfe_jax.train.hlo_cost import hlo_costs
+from jfe_jax.train.hlo_cost import hlo_costs, time_by_op
 from jfe_jax.train.metrics import batch_forward_flops, train_step_flops
 from jfe_jax.train.optimizer import make_optimizer, trainable_mask
 from jfe_jax.train.step import make_train_step, merge_params
@@ -208,6 +208,7 @@ class ProgramEstimate:
     mfu: float = math.nan  # at cost_model_seconds
     mfu_cycles: float = math.nan  # at cycles_seconds
     loops: list = dataclasses.field(default_factory=list)  # [while name, trip count]
+    top_ops: list = dataclasses.field(default_factory=list)  # [label, seconds, matmul FLOPs]
     notes: list = dataclasses.field(default_factory=list)
 
 
@@ -243,7 +244,11 @@ def analyse(program: str, lowered, topology: TpuTopology, model_flops: float) ->
         est.fits = est.total_bytes <= est.hbm_bytes
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
-    hlo = hlo_costs(compiled.as_text())
+    text = compiled.as_text()
+    hlo = hlo_costs(text)
+    est.top_ops = [
+        [label, cycles / gen.clock_hz, flops] for label, cycles, flops in time_by_op(text, 12)
+    ]
     est.compiled_flops = hlo.matmul_flops
     est.xla_flops = float(cost.get("flops", math.nan))
     est.xla_optimal_seconds = float(cost.get("optimal_seconds", math.nan))
@@ -256,7 +261,13 @@ def analyse(program: str, lowered, topology: TpuTopology, model_flops: float) ->
         est.notes.append("no per-op cycle estimates: loop factor from matmul FLOPs")
     optimal = est.xla_optimal_seconds
     if optimal < 0:  # each op the cost model does not know adds -1 s
-        est.unknown_cost_ops = math.ceil(-optimal)
+        est.unknown_cost_ops = hlo.unknown_cost_ops
+        if optimal + hlo.unknown_cost_ops < 0:
+            est.unknown_cost_ops = math.ceil(-optimal)
+            est.notes.append(
+                f"optimal_seconds {optimal:.4g} with {hlo.unknown_cost_ops} custom calls of "
+                f"unknown cost: taken as {est.unknown_cost_ops} ops of -1 s"
+            )
         optimal += est.unknown_cost_ops
     est.cost_model_seconds = optimal * est.loop_factor
     est.cycles_seconds = hlo.estimated_cycles / gen.clock_hz
@@ -405,6 +416,12 @@ def format_report(results: Sequence[ProgramEstimate], topology: TpuTopology) -> 
         ]
         width = max(len(name) for name, _ in rows)
         lines += [f"  {name:<{width}}  {value}" for name, value in rows]
+        if r.top_ops:
+            lines.append("  largest per-op cycle estimates (s, share, MXU use of their FLOPs):")
+            for label, seconds, flops in r.top_ops:
+                share = seconds / r.cycles_seconds if r.cycles_seconds else math.nan
+                mxu = flops / topology.spec.peak_flops / seconds if seconds else 0.0
+                lines.append(f"    {seconds:9.3g} {share:6.1%} {mxu:5.0%}  {label}")
         lines += [f"  note: {note}" for note in r.notes]
     return "\n".join(lines)
 

@@ -58,6 +58,14 @@ _COLLECTIVES = (
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s+=\s+(.*)$")
 _CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+# Custom calls that cost_analysis()["optimal_seconds"] counts as -1 s each (measured with
+# libtpu 0.0.42.1: a program's negative total equals minus their count plus its real time).
+UNKNOWN_COST_TARGETS = (
+    "ConcatBitcast",
+    "ZeroCrop",
+    "PrepareAsyncCallStart",
+    "PrepareAsyncCallDone",
+)
 _ARRAY = re.compile(r"^(\w+)\[([\d,]*)\]")
 
 
@@ -81,6 +89,7 @@ class HloCosts:
     collective_bytes: float  # bytes through collectives, loop-aware
     estimated_cycles: float  # sum of the compiler's per-op "estimated_cycles", loop-aware
     estimated_cycles_once: float  # the same with every loop body counted once
+    unknown_cost_ops: int  # custom calls XLA's TPU cost model prices at -1 s each
     loops: tuple[tuple[str, int], ...]  # (while instruction, trip count) of every loop found
     unknown_trip_loops: tuple[str, ...]  # loops counted once: trip count not readable
 
@@ -280,11 +289,33 @@ def _trip_count(
     return max(trips, 0) if trips is not None else None
 
 
+def _callees(
+    instruction: Instruction,
+    scope: dict[str, Instruction],
+    computations: dict[str, dict[str, Instruction]],
+) -> list[tuple[str, int | None, bool]]:
+    """(computation, times it runs per execution or None if unknown, entered via a fusion)."""
+    if instruction.opcode == "while":
+        body = _attribute(instruction, "body")
+        return [(body, _trip_count(instruction, scope, computations), False)] if body else []
+    if instruction.opcode in ("fusion", "call", "async-start", "custom-call"):
+        called = _attribute(instruction, "calls") or _attribute(instruction, "to_apply")
+        return [(called, 1, instruction.opcode == "fusion")] if called else []
+    if instruction.opcode == "conditional":  # every branch counted: an upper bound
+        branches = re.search(r"branch_computations=\{([^}]*)\}", instruction.attributes)
+        names = branches.group(1).split(",") if branches else []
+        names += [
+            _attribute(instruction, k) or "" for k in ("true_computation", "false_computation")
+        ]
+        return [(n.strip().lstrip("%"), 1, False) for n in names if n.strip()]
+    return []
+
+
 def hlo_costs(text: str) -> HloCosts:
-    """Loop-aware per-device matmul FLOPs and collective bytes of ``compiled.as_text()``."""
+    """Loop-aware per-device matmul FLOPs, collective bytes and cycles of an HLO module."""
     computations, entry = parse_hlo(text)
     loops: dict[str, int] = {}
-    unknown: list[str] = []
+    unknown: set[str] = set()
 
     @functools.cache
     def cost(name: str, loop_aware: bool, fused: bool) -> tuple[float, float, float]:
@@ -301,32 +332,16 @@ def hlo_costs(text: str) -> HloCosts:
             estimated = _CYCLES.search(instruction.attributes)
             if estimated and not fused:  # a fusion's estimate covers what it calls
                 cycles += float(estimated.group(1))
-            children: list[tuple[str, float, bool]] = []
-            if instruction.opcode == "while":
-                trips = _trip_count(instruction, scope, computations)
-                if trips is None:
-                    unknown.append(instruction.name)
-                loops[instruction.name] = trips if trips is not None else 1
-                body = _attribute(instruction, "body")
-                if body:
-                    children.append((body, float(trips or 1) if loop_aware else 1.0, fused))
-            elif instruction.opcode in ("fusion", "call", "async-start", "custom-call"):
-                called = _attribute(instruction, "calls") or _attribute(instruction, "to_apply")
-                if called:
-                    children.append((called, 1.0, fused or instruction.opcode == "fusion"))
-            elif instruction.opcode == "conditional":
-                branches = re.search(r"branch_computations=\{([^}]*)\}", instruction.attributes)
-                names = branches.group(1).split(",") if branches else []
-                names += [
-                    _attribute(instruction, k) or ""
-                    for k in ("true_computation", "false_computation")
-                ]
-                children += [(n.strip().lstrip("%"), 1.0, fused) for n in names if n.strip()]
-            for child, factor, child_fused in children:
-                child_cost = cost(child, loop_aware, child_fused)
-                flops += factor * child_cost[0]
-                moved += factor * child_cost[1]
-                cycles += factor * child_cost[2]
+            for callee, trips, enters_fusion in _callees(instruction, scope, computations):
+                if instruction.opcode == "while":
+                    loops[instruction.name] = trips if trips is not None else 1
+                    if trips is None:
+                        unknown.add(instruction.name)
+                factor = float(trips or 1) if loop_aware else 1.0
+                callee_cost = cost(callee, loop_aware, fused or enters_fusion)
+                flops += factor * callee_cost[0]
+                moved += factor * callee_cost[1]
+                cycles += factor * callee_cost[2]
         return flops, moved, cycles
 
     flops, moved, cycles = cost(entry, True, False)
@@ -337,6 +352,75 @@ def hlo_costs(text: str) -> HloCosts:
         collective_bytes=moved,
         estimated_cycles=cycles,
         estimated_cycles_once=cycles_once,
+        unknown_cost_ops=sum(
+            1
+            for target in re.findall(r'custom_call_target="([^"]*)"', text)
+            if target in UNKNOWN_COST_TARGETS
+        ),
         loops=tuple(sorted(loops.items())),
-        unknown_trip_loops=tuple(sorted(set(unknown))),
+        unknown_trip_loops=tuple(sorted(unknown)),
     )
+
+
+def _op_label(op_name: str) -> str:
+    """A short label of an op from its ``op_name`` metadata: pass, then the module path."""
+    if "transpose(jvp(" in op_name:
+        step = "backward"
+    elif "jvp(" in op_name:
+        step = "forward (differentiated)"
+    else:
+        step = "forward"
+    parts = [
+        part
+        for part in re.sub(r"(transpose|jvp|jit)\(([^()]*)\)+", r"\2", op_name).split("/")
+        if part
+        and part not in _NOISE
+        and not part.startswith(("jit(", "jvp(", "transpose(", "branch_"))
+        and not part[0].isupper()  # Flax module classes; instance names are lower case
+    ]
+    return f"{step}: {'/'.join(parts)}"
+
+
+_NOISE = {"while", "body", "cond", "closed_call", "checkpoint", "rematted_computation", "step"}
+
+
+def time_by_op(text: str, top: int = 20) -> list[tuple[str, float, float]]:
+    """The ops that take the most of the compiler's loop-aware cycle estimates.
+
+    Returns ``(label, estimated cycles, matmul FLOPs)`` per device, summed over instructions
+    with the same label (pass + module path from the ``op_name`` metadata), largest first.
+    """
+    computations, entry = parse_hlo(text)
+
+    @functools.cache
+    def flops_of(name: str) -> float:
+        scope = computations.get(name, {})
+        total = 0.0
+        for instruction in scope.values():
+            if instruction.opcode in ("dot", "convolution"):
+                total += _matmul_flops(instruction, scope)
+            for callee, trips, _ in _callees(instruction, scope, computations):
+                total += float(trips or 1) * flops_of(callee)
+        return total
+
+    totals: dict[str, list[float]] = {}
+
+    def visit(name: str, multiplier: float) -> None:
+        scope = computations.get(name, {})
+        for instruction in scope.values():
+            estimated = _CYCLES.search(instruction.attributes)
+            if estimated:
+                op_name = re.search(r'op_name="([^"]*)"', instruction.attributes)
+                label = _op_label(op_name.group(1) if op_name else instruction.opcode)
+                entry_ = totals.setdefault(label, [0.0, 0.0])
+                entry_[0] += multiplier * float(estimated.group(1))
+                if instruction.opcode == "fusion":
+                    called = _attribute(instruction, "calls")
+                    entry_[1] += multiplier * flops_of(called) if called else 0.0
+            for callee, trips, enters_fusion in _callees(instruction, scope, computations):
+                if not enters_fusion:
+                    visit(callee, multiplier * float(trips or 1))
+
+    visit(entry, 1.0)
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])
+    return [(label, cycles, flops) for label, (cycles, flops) in ranked[:top]]
