@@ -6,13 +6,9 @@ against HBM, whether the program fits, model and compiled FLOPs, step-time estim
 XLA cost model made loop-aware, the compiler's per-op cycle estimates, and the compute and
 ICI floors), the MFU at the first two, and the compile time on this machine.
 
-``--set-mesh`` adds a row per (config, slice) for the train step traced under
-``jax.set_mesh`` (the model's activation sharding constraints applied) instead of the
-trainer's ``with mesh:`` (under which JAX 0.10 leaves them off).
-
 Usage:
   python benchmarks/bench_aot.py --configs configs/stage2_2b.py,configs/stage2_7b.py \
-      --topologies v5p-64,v5e-256 [--set-mesh] [--json OUT.json]
+      --topologies v5p-64,v5e-256 [--breakdown N] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -77,7 +73,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="configs/stage2_2b.py,configs/stage2_7b.py")
     parser.add_argument("--topologies", default="v5p-64,v5e-256")
-    parser.add_argument("--set-mesh", action="store_true", help="also trace under set_mesh")
     parser.add_argument("--json", default="", help="write every run's numbers here")
     parser.add_argument(
         "--breakdown", type=int, default=0, help="print the N largest ops of each train step"
@@ -92,25 +87,22 @@ def main() -> None:
         shape = batch_shape_for(config)
         for topology_name in args.topologies.split(","):
             topology = parse_topology(topology_name)
-            variants = [(False, "")] + ([(True, " set_mesh")] if args.set_mesh else [])
-            for set_mesh, tag in variants:
-                programs = ("train",) if set_mesh else ("train", "export")
-                try:
-                    results = estimate(config, topology, programs=programs, set_mesh=set_mesh)
-                except ValueError as e:  # e.g. the config's mesh does not map onto the torus
-                    cells = [name + tag, f"{topology.accelerator_type} ({topology.chips} chips)"]
-                    short = str(e).split(". ")[0]  # the whole message goes to --json
-                    rows.append(cells + ["-", "error: " + short] + ["-"] * (len(COLUMNS) - 4))
-                    runs.append({"config": name, "set_mesh": set_mesh, "error": str(e)})
-                    print(" | ".join(rows[-1]), flush=True)
-                    break
-                report = report_dict(results, topology, config, shape)
-                runs.append({"config": name, "set_mesh": set_mesh, **report})
-                for result in results:
-                    rows.append(row(name + tag, topology, report["mesh"], result))
-                    print(" | ".join(rows[-1]), flush=True)
-                    if args.breakdown and result.program == "train":
-                        breakdowns.append((rows[-1][:3], result, topology))
+            try:
+                results = estimate(config, topology)
+            except ValueError as e:  # e.g. the config's mesh does not map onto the torus
+                cells = [name, f"{topology.accelerator_type} ({topology.chips} chips)"]
+                short = str(e).split(". ")[0]  # the whole message goes to --json
+                rows.append(cells + ["-", "error: " + short] + ["-"] * (len(COLUMNS) - 4))
+                runs.append({"config": name, "error": str(e)})
+                print(" | ".join(rows[-1]), flush=True)
+                continue
+            report = report_dict(results, topology, config, shape)
+            runs.append({"config": name, **report})
+            for result in results:
+                rows.append(row(name, topology, report["mesh"], result))
+                print(" | ".join(rows[-1]), flush=True)
+                if args.breakdown and result.program == "train":
+                    breakdowns.append((rows[-1][:3], result, topology))
     elapsed = time.perf_counter() - start
     print(
         f"\nglobal batch {config.data.global_batch_size}, L={shape.length}, patches "

@@ -60,7 +60,7 @@ def _loss_and_grad(module, state, batch, mesh=None, boxed=None, chunk=0):
         frozen=jax.device_put(state.frozen, f_shard),
     )
     sharded_batch = mesh_lib.global_batch_from_host(batch, mesh)
-    with mesh, nn.logical_axis_rules(LOGICAL_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         (loss, _), grads = jax.jit(fn)(sharded_state, sharded_batch)
     return float(loss), jax.device_get(grads)
 

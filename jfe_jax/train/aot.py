@@ -1,7 +1,7 @@
 """``jfe aot``: compile a config's programs for a TPU slice on any machine, before renting it.
 
     jfe aot --config configs/stage2_2b.py --topology v5p-128 [--config.a.b=value ...]
-        [--batch-shape L=512,P=1024] [--programs train,export] [--set-mesh] [--json OUT]
+        [--batch-shape L=512,P=1024] [--programs train,export] [--json OUT]
 
 With libtpu installed (``pip install -e '.[tpu]'``), JAX builds compile-only devices of any
 slice (``jfe_jax.train.topology``, which also documents the names: v4/v5p-N count
@@ -292,14 +292,11 @@ def estimate(
     *,
     shape: BatchShape | None = None,
     programs: Sequence[str] = PROGRAMS,
-    set_mesh: bool = False,
 ) -> list[ProgramEstimate]:
     """Compiles ``programs`` of ``config`` for ``topology``; one estimate per program.
 
-    The train step is traced as ``trainer.train`` traces it, under ``with mesh,
-    nn.logical_axis_rules(...)``. Under JAX 0.10 ``with mesh:`` sets no abstract mesh, so
-    flax's ``with_logical_constraint`` is a no-op there and the model's activation constraints
-    are dropped; ``set_mesh=True`` traces under ``jax.set_mesh(mesh)``, where they apply.
+    The train step is traced as ``trainer.train`` traces it: under ``jax.set_mesh(mesh)`` and
+    the logical axis rules, so the model's activation sharding constraints apply.
     """
     unknown = sorted(set(programs) - set(PROGRAMS))
     if unknown or not programs:
@@ -346,8 +343,7 @@ def estimate(
             out_shardings=(shardings, mesh_lib.replicated_sharding(mesh)),
             donate_argnums=0,
         )
-        context = jax.set_mesh(mesh) if set_mesh else mesh
-        with context, nn.logical_axis_rules(LOGICAL_RULES):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
             lowered = jitted.lower(state, batch)
         results.append(analyse("train", lowered, topology, train_step_flops(model_config, batch)))
         parallel = mesh_lib.data_parallel_size(mesh)
@@ -496,19 +492,13 @@ def aot_main(argv: Sequence[str]) -> int:
     parser.add_argument("--batch-shape", default="", help="L=512,P=1024 (also QP=, CP=)")
     parser.add_argument("--programs", default=",".join(PROGRAMS), help="train,export")
     parser.add_argument("--json", default="", help="also write the numbers to this file")
-    parser.add_argument(
-        "--set-mesh",
-        action="store_true",
-        help="trace under jax.set_mesh (activation constraints on) instead of the trainer's "
-        "`with mesh:`",
-    )
     try:
         args, rest = parser.parse_known_args(list(argv))
         config = parse_config("jfe aot", rest)
         topology = parse_topology(args.topology)
         shape = batch_shape_for(config, args.batch_shape)
         programs = [p.strip() for p in args.programs.split(",") if p.strip()]
-        results = estimate(config, topology, shape=shape, programs=programs, set_mesh=args.set_mesh)
+        results = estimate(config, topology, shape=shape, programs=programs)
     except ValueError as e:
         print(f"jfe aot: error: {e}", file=sys.stderr)
         return 2

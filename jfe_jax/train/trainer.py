@@ -219,7 +219,7 @@ def initial_params(config, module, model_config, mesh, param_shardings):
     def init(rng):
         return nn.meta.unbox(module.init(rng, batch)["params"])
 
-    with mesh:
+    with jax.set_mesh(mesh):
         params = jax.jit(init, out_shardings=param_shardings)(jax.random.key(config.seed))
     source = init_source(config)
     if source == "scratch":
@@ -320,7 +320,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict
         param_shardings = merge_params(shardings.trainable, shardings.frozen)
         params, origin = initial_params(config, module, model_config, mesh, param_shardings)
         trainable, frozen = split_params(params, mask)
-        with mesh:
+        with jax.set_mesh(mesh):
             opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(trainable)
         state = TrainState(
             step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
@@ -353,7 +353,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict
         key = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), batch)
         key = str(key)
         if key not in compiled:
-            with mesh, nn.logical_axis_rules(LOGICAL_RULES):
+            with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
                 lowered = jitted.lower(state, batch)
                 compiled[key] = lowered.compile()
             memory = compiled[key].memory_analysis()
