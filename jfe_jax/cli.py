@@ -50,12 +50,21 @@ def parse_config_flags(prog: str, argv: Sequence[str], *, extra: Sequence[str] =
         "ml_collections config file (get_config())",
         flag_values=values,
         lock_config=True,
+        # ml_collections reads the --config.a.b overrides from sys_argv (default: sys.argv,
+        # which is not what is parsed when main(argv) is called from Python).
+        sys_argv=[prog, *argv],
     )
     for name in extra:
         flags.DEFINE_string(name, None, name, flag_values=values)
     try:
         values([prog, *argv])
     except (flags.Error, AttributeError, KeyError) as e:
+        cause = e.args[0] if isinstance(e, AttributeError) and e.args else e
+        if isinstance(cause, KeyError):  # a locked config refusing a key it does not have
+            raise ValueError(
+                f"unknown config key {cause.args[0]} in a --config.* override (see "
+                "jfe_jax/train/config_base.py for the keys)"
+            ) from e
         raise ValueError(str(e)) from e
     if values.config is None:
         raise ValueError("--config FILE.py is required")

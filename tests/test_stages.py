@@ -73,6 +73,11 @@ def test_stage1_then_stage2_loss_falls_and_accuracy_beats_chance(bench, tmp_path
     logs = _windows(tmp_path / "s2")
     assert logs[-1]["loss"] < 0.8 * logs[0]["loss"], logs
     assert logs[-1]["accuracy"] > 4 * chance, logs
+    # padding waste is logged: text is padded to length buckets, images to the patch budget
+    for window in logs:
+        assert 0.0 < window["token_padding"] < 1.0, window
+        assert 0.0 < window["patch_padding"] < 1.0, window
+        assert 0.0 < window["flops_padding"] < 1.0, window
     # stage 2 started from stage 1's weights, and its workdir carries the tokenizer
     with open(tmp_path / "s2" / "config.json") as f:
         assert json.load(f)["model"]["init_from"] == str(tmp_path / "s1")

@@ -172,3 +172,41 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
     params, step = ckpt.restore_params(workdir)
     assert step == 1
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(params))
+
+
+def test_padding_fractions_of_a_train_batch():
+    import numpy as np
+
+    from jfe_jax.models.padding import padding_counts
+    from jfe_jax.models.sizes import get_size
+    from jfe_jax.train.trainer import padding_fractions
+
+    config = get_size("tiny")
+    query_mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=np.int32)
+    candidate_mask = np.array([[1, 1, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0]], dtype=np.int32)
+    side = lambda mask: {  # noqa: E731
+        "input_ids": np.ones_like(mask),
+        "attention_mask": mask,
+        "position_ids": np.zeros((mask.shape[0], 3, mask.shape[1]), np.int32),
+    }
+    batch = {
+        "query": side(query_mask),
+        "candidate": side(candidate_mask),
+        "query_key": np.arange(2, dtype=np.int32),
+    }
+    fractions = padding_fractions(padding_counts(batch, config))
+    # 5 + 5 real tokens of 8 + 12 positions
+    assert fractions["token_padding"] == pytest.approx(1 - 10 / 20)
+    assert "patch_padding" not in fractions  # no images in this batch
+    assert 0.0 < fractions["flops_padding"] < 1.0
+
+
+def test_config_overrides_apply_when_main_is_called_from_python():
+    from jfe_jax.cli import parse_config_flags
+
+    config_file = os.path.join(os.path.dirname(HERE), "configs", "stage1_demo.py")
+    argv = ["--config", config_file, "--workdir", "w", "--config.train.num_steps=7"]
+    values = parse_config_flags("jfe train", argv)
+    assert values.config.train.num_steps == 7
+    with pytest.raises(ValueError, match="unknown config key 'nope'"):
+        parse_config_flags("jfe train", argv + ["--config.train.nope=1"])

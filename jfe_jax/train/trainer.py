@@ -28,6 +28,7 @@ from jfe_jax.encoder import EncoderOptions, dummy_batch
 from jfe_jax.models.axes import LOGICAL_RULES
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.hf_io import load_hf_params
+from jfe_jax.models.padding import padding_counts
 from jfe_jax.models.sizes import get_size
 from jfe_jax.train import checkpoint as ckpt
 from jfe_jax.train import mesh as mesh_lib
@@ -377,6 +378,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict
     final: dict[str, Any] = {}
     pending: list[tuple[int, Any]] = []
     window_start, window_examples, window_tokens, window_flops = time.perf_counter(), 0, 0, 0.0
+    window_padding: dict[str, int] = {}
     bar = tqdm(
         total=total_steps,
         initial=start_step,
@@ -396,6 +398,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict
                 * jax.process_count()
             )
             window_flops += train_step_flops(model_config, host_batch) * jax.process_count()
+            for name, value in padding_counts(host_batch, model_config).items():
+                window_padding[name] = window_padding.get(name, 0) + value
             loss = float(jax.device_get(metrics["loss"][0]) / jax.device_get(metrics["loss"][1]))
             if not math.isfinite(loss):
                 raise NonFiniteLossError(
@@ -416,6 +420,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict
                     flops_per_second=window_flops / elapsed,
                     mfu=window_flops / elapsed / peak,
                 )
+                scalars.update(padding_fractions(window_padding))
                 writer.write(step, scalars)
                 bar.set_postfix(
                     loss=f"{scalars['loss']:.3f}",
@@ -431,6 +436,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict
                     0,
                     0.0,
                 )
+                window_padding = {}
             if checkpointer.should_save(step, last_step=last_step):
                 checkpointer.save(step, state, data_state=data.get_state(), config=config.to_dict())
                 last_good = step
@@ -446,6 +452,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict
     if jax.process_index() == 0:
         (epath.Path(workdir) / "train_summary.json").write_text(json.dumps(final, indent=2))
     return final
+
+
+def padding_fractions(counts: dict[str, int]) -> dict[str, float]:
+    """Padding shares logged with the metrics (see ``jfe_jax.models.padding``): of the token
+    positions, of the image-patch positions, and of the forward model FLOPs."""
+    out = {}
+    for name, total, real in (
+        ("token_padding", "tokens", "real_tokens"),
+        ("patch_padding", "patches", "real_patches"),
+        ("flops_padding", "flops", "real_flops"),
+    ):
+        if counts.get(total):
+            out[name] = 1.0 - counts[real] / counts[total]
+    return out
 
 
 def _side_shape(side: dict[str, Any]) -> Any:
