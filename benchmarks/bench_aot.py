@@ -4,7 +4,9 @@ For each config and TPU slice it compiles, on this machine with libtpu, the trai
 and the export forward (``jfe_jax.train.aot.estimate``) and prints one table: per-chip memory
 against HBM, whether the program fits, model and compiled FLOPs, step-time estimates (the
 XLA cost model made loop-aware, the compiler's per-op cycle estimates, and the compute and
-ICI floors), the MFU at the first two, and the compile time on this machine.
+ICI floors), the MFU at the first two, the required FLOPs (frozen parts not differentiated,
+``train_step_required_flops``) and the MFU at them and the cost-model time, and the compile
+time on this machine.
 
 Usage:
   python benchmarks/bench_aot.py --configs configs/stage2_2b.py,configs/stage2_7b.py \
@@ -36,6 +38,8 @@ COLUMNS = (
     "ICI floor",
     "MFU cost model",
     "MFU cycles",
+    "required PFLOP",
+    "MFU required",
     "compile s",
 )
 
@@ -65,6 +69,8 @@ def row(config_name, topology, mesh, result) -> list[str]:
         num(result.ici_floor_seconds, ".3f"),
         num(100 * result.mfu, ".1f") + "%" if math.isfinite(result.mfu) else "-",
         num(100 * result.mfu_cycles, ".1f") + "%" if math.isfinite(result.mfu_cycles) else "-",
+        num(result.required_flops / 1e15, ".2f"),
+        num(100 * result.mfu_required, ".1f") + "%" if math.isfinite(result.mfu_required) else "-",
         f"{result.compile_seconds:.0f}",
     ]
 

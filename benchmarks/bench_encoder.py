@@ -11,6 +11,9 @@ Rows of the table:
   JAX forward (<impl>)      the jitted forward on the prepared batch (what a data pipeline
                             feeds the device), once per attention implementation
   JAX Encoder.embed (...)   the user-facing call: host-side checks and packing included
+  JAX forward, packed       the same items packed several to a row (``--pack-length`` tokens,
+                            the same patch budget per row; ``jfe_jax.models.packing``), jitted
+                            forward on the packed batch; its padding is printed too
   PyTorch                   model.model + pooling + normalisation
 
 Throughputs are the best of --repeats timed calls after --warmup calls, the implementations
@@ -40,6 +43,7 @@ from hf_reference import make_inputs  # noqa: E402
 
 from jfe_jax.encoder import Encoder  # noqa: E402
 from jfe_jax.models import layers  # noqa: E402
+from jfe_jax.models.packing import items_from_rows, pack_items  # noqa: E402
 from jfe_jax.models.padding import padding_report  # noqa: E402
 from jfe_jax.models.sizes import get_size  # noqa: E402
 
@@ -101,6 +105,9 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument(
+        "--pack-length", type=int, default=0, help="packed row length (default 2 x --length)"
+    )
     args = parser.parse_args()
 
     from transformers import Qwen2VLForConditionalGeneration
@@ -122,6 +129,18 @@ def main():
         f"{jax.devices()[0].platform}, torch {torch.__version__} with {args.threads} threads"
     )
     print("padding of the JAX batch: " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
+    budget = prepared["pixel_values"].shape[1]
+    packed = pack_items(
+        config,
+        *items_from_rows(config, ids, mask, pixels, grid),
+        length=args.pack_length or 2 * ids.shape[1],
+        num_patches=budget,
+    )
+    print(
+        f"packed: {packed['input_ids'].shape[0]} rows x {packed['input_ids'].shape[1]} tokens, "
+        f"patch budget {budget}/row; padding: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in padding_report(packed, config).items())
+    )
 
     candidates = {}  # name -> a call returning [B, D] embeddings
     for impl in layers.ATTENTION_IMPLS:
@@ -137,6 +156,12 @@ def main():
         candidates[f"JAX Encoder.embed ({impl})"] = lambda e=impl_encoder: e.embed(
             ids, mask, pixels, grid
         )
+    packed_forward = jax.jit(
+        lambda params, batch: encoder.module.apply({"params": params}, batch)[0]
+    )
+    candidates["JAX forward, packed (einsum)"] = lambda: np.asarray(
+        packed_forward(encoder.params, packed)
+    )
     torch_name = "PyTorch (transformers, sdpa)"
     candidates[torch_name] = lambda: torch_embed(model, ids, mask, pixels, grid)
     with torch.inference_mode():

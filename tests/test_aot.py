@@ -177,3 +177,17 @@ def test_aot_exits_2_when_the_configs_mesh_does_not_map_onto_the_torus(capsys):
     argv = [*demo_args(64), "--config.mesh.fsdp=8", "--topology", "v5p-128"]
     assert aot_main(argv) == 2
     assert "cannot be laid on the v5p:4x4x4 torus" in capsys.readouterr().err
+
+
+def test_required_flops_match_what_the_compiler_runs_with_a_frozen_vision_tower(tmp_path):
+    # No gradient cache and no remat: the compiled step runs exactly what the gradients need,
+    # so its FLOPs check the required count (frozen vision: 1x forward) against the compiler.
+    out = tmp_path / "aot.json"
+    argv = [*demo_args(), "--config.optimizer.trainable=freeze_vision", "--programs", "train"]
+    assert aot_main([*argv, "--topology", "v5e-8", "--json", str(out)]) == 0
+    train = json.loads(out.read_text())["programs"]["train"]
+    assert train["required_flops"] < train["model_flops"]
+    assert 0.9 < train["compiled_flops"] * 8 / train["required_flops"] < 1.1
+    assert train["mfu_required"] == pytest.approx(
+        train["mfu"] * train["required_flops"] / train["model_flops"]
+    )

@@ -144,3 +144,125 @@ def test_batches_with_ragged_leaves_are_rejected():
     ragged = {"features": np.zeros((4, FEATURES), np.float32), "mask": np.zeros((3,))}
     with pytest.raises(ValueError, match="disagree on their leading"):
         grad_cache_loss_and_grad(embed_fn, make_loss_fn(None), params, ragged, chunk_size=1)
+
+
+# ---------------------------------------------------------------- features computed once
+
+
+def test_features_fn_runs_in_the_first_pass_only_and_gradients_match(reference):
+    params, batch, ((loss, metrics), grads) = reference
+    traced = []
+
+    def features_fn(p, chunk):  # the frozen part: the first dense layer's input, rescaled
+        traced.append(chunk["features"].shape)
+        return {"scaled": 2.0 * chunk["features"]}
+
+    def embed_with_features(p, chunk, features):
+        return embed_fn(p, {"features": 0.5 * features["scaled"]})
+
+    def step(p, b):
+        return grad_cache_loss_and_grad(
+            embed_with_features,
+            make_loss_fn(b["cand_ids"]),
+            p,
+            {"features": b["query"]},
+            {"features": b["cand"]},
+            {"features": b["hard"].reshape(-1, FEATURES)},
+            chunk_size=4,
+            features_fn=features_fn,
+        )
+
+    (cached_loss, cached_metrics), cached_grads = jax.jit(step)(params, batch)
+    assert len(traced) == 3  # once per batch, in the no-grad pass; the re-run reuses them
+    assert max_relative_difference(cached_loss, loss) <= MAX_RELATIVE_DIFFERENCE
+    assert max_relative_difference(cached_metrics, metrics) <= MAX_RELATIVE_DIFFERENCE
+    assert max_relative_difference(cached_grads, grads) <= MAX_RELATIVE_DIFFERENCE
+
+
+@pytest.fixture(scope="module")
+def encoder_setup():
+    """The real tiny encoder (LoRA adapters with non-zero B) and a batch whose candidates carry
+    images (queries are text only)."""
+    from train_fixtures import ToyPairs
+
+    from jfe_jax.encoder import EncoderOptions, dummy_batch
+    from jfe_jax.models.sizes import get_size
+
+    config = get_size("tiny")
+    module = EncoderOptions(lora_rank=4, lora_alpha=8.0).module(config)
+    params = nn.meta.unbox(module.init(jax.random.key(0), dummy_batch(config))["params"])
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: (
+            0.05 * jax.random.normal(jax.random.key(1), x.shape) if p[-1].key == "lora_b" else x
+        ),
+        params,
+    )
+    batch = next(ToyPairs(config, batch_size=16, seed=3))
+    assert batch["candidate"]["pixel_values"].shape[1] > 0
+    return module, params, batch
+
+
+def _encoder_loss_and_grad(module, params, mode, chunk):
+    from jfe_jax.train.optimizer import trainable_mask
+    from jfe_jax.train.step import TrainState, make_loss_and_grad, split_params
+
+    trainable, frozen = split_params(
+        params, trainable_mask(params, mode, also_trainable=("logit_scale",))
+    )
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen, opt_state=None
+    )
+    fn = make_loss_and_grad(
+        module,
+        learn_temperature=True,
+        symmetric=True,
+        mask_false_negatives=True,
+        grad_cache_chunk=chunk,
+    )
+    return fn, state
+
+
+def _count_forward_dots(jaxpr, scope: str) -> int:
+    """Forward (not transposed) dot_general equations of ``jaxpr`` and its sub-jaxprs traced
+    under a name scope containing ``scope``."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        name_stack = str(eqn.source_info.name_stack)
+        if eqn.primitive.name == "dot_general" and scope in name_stack:
+            count += not name_stack.startswith("transpose(")
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    count += _count_forward_dots(sub.jaxpr, scope)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    count += _count_forward_dots(sub, scope)
+    return count
+
+
+@pytest.mark.parametrize("mode", ["freeze_vision", "lora"])
+@pytest.mark.parametrize("chunk", [4, 16])
+def test_grad_cache_reusing_frozen_vision_features_equals_full_batch_gradient(
+    encoder_setup, mode, chunk
+):
+    module, params, batch = encoder_setup
+    fn_full, state = _encoder_loss_and_grad(module, params, mode, chunk=0)
+    fn_cached, _ = _encoder_loss_and_grad(module, params, mode, chunk=chunk)
+    (loss, metrics), grads = jax.jit(fn_full)(state, batch)
+    (cached_loss, cached_metrics), cached_grads = jax.jit(fn_cached)(state, batch)
+
+    assert "vision" not in state.trainable
+    assert max_relative_difference(cached_loss, loss) <= MAX_RELATIVE_DIFFERENCE
+    assert max_relative_difference(cached_metrics, metrics) <= MAX_RELATIVE_DIFFERENCE
+    assert max_relative_difference(cached_grads, grads) <= MAX_RELATIVE_DIFFERENCE
+    assert all(float(np.max(np.abs(g))) > 0 for g in jax.tree.leaves(cached_grads))
+
+
+def test_grad_cache_runs_a_frozen_vision_tower_once_and_a_trainable_one_twice(encoder_setup):
+    module, params, batch = encoder_setup
+    runs = {}
+    for mode in ("freeze_vision", "full"):
+        fn, state = _encoder_loss_and_grad(module, params, mode, chunk=4)
+        jaxpr = jax.make_jaxpr(fn)(state, batch).jaxpr
+        # The patch embedding's forward matmul: one per pass over the candidates' images.
+        runs[mode] = _count_forward_dots(jaxpr, "vision/patch_embed")
+    assert runs == {"freeze_vision": 1, "full": 2}

@@ -3,6 +3,8 @@
 jit compiles one program per input shape, so batches are padded to a small set of shapes:
 the sequence length to the smallest of ``length_buckets`` that fits, and the image patches of
 each row to a fixed ``patch_budget``. Anything that does not fit raises; nothing is cut.
+``collate_packed`` instead lays several items end to end in a row (``jfe_jax.models.packing``),
+so short items waste less of the batch on padding.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 from jfe_jax.data.processing import ProcessedItem
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.inputs import prepare_batch
+from jfe_jax.models.packing import pack_items
 
 DEFAULT_LENGTH_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 
@@ -87,4 +90,52 @@ def collate(
         np.concatenate(pixels),
         np.concatenate(grids),
         num_patches=patch_budget,
+    )
+
+
+def collate_packed(
+    items: Sequence[ProcessedItem],
+    *,
+    config: ModelConfig,
+    pad_token_id: int,
+    length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
+    patch_budget: int = 0,
+    length: int | None = None,
+    num_rows: int | Sequence[int] | None = None,
+    num_items: int | None = None,
+    row_multiple: int = 1,
+) -> dict[str, np.ndarray]:
+    """Packs ``items`` several to a row into a packed model batch (see ``pack_items``).
+
+    Args:
+      items: processed items, with or without images.
+      config: the model's architecture.
+      pad_token_id: id written at padding positions (masked out).
+      length_buckets: the row length is the smallest bucket that holds the longest item...
+      length: ...unless given here (a longer row packs more items per row).
+      patch_budget: image patches per row, shared by the row's items; > 0 always emits pixel
+        arrays, 0 emits none and rejects images.
+      num_rows: rows R, or allowed row counts (the smallest that fits); None: as few as fit,
+        rounded up to ``row_multiple`` (the data-parallel size, so rows shard evenly).
+      num_items: item slots N (>= len(items)); the extra slots have ``item_mask`` 0.
+
+    Returns:
+      The packed batch: ``[R, L]`` token arrays with ``segment_ids``, ``position_ids
+      [R, 3, L]``, ``pool_index [N, 2]``, ``item_mask [N]`` and the ``[R, P]`` patch arrays.
+    """
+    if not items:
+        raise ValueError("cannot collate an empty list of items")
+    if length is None:
+        length = pick_length(max(len(it.input_ids) for it in items), length_buckets)
+    return pack_items(
+        config,
+        [np.asarray(it.input_ids) for it in items],
+        [it.pixel_values for it in items],
+        [it.image_grid_thw for it in items],
+        length=length,
+        num_patches=patch_budget,
+        num_rows=num_rows,
+        num_items=num_items,
+        row_multiple=row_multiple,
+        pad_token_id=pad_token_id,
     )

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jfe_jax.data.collate import DEFAULT_LENGTH_BUCKETS, collate
+from jfe_jax.data.collate import DEFAULT_LENGTH_BUCKETS, collate, collate_packed
 from jfe_jax.data.image_processor import ImageProcessor
 from jfe_jax.data.late_fusion import FUSIONS, LateItem, late_collate, split_item
 from jfe_jax.data.processing import DEFAULT_EMBED_PROMPT, ProcessedItem, encode_item
@@ -56,6 +56,10 @@ class ItemEmbedder:
       batch_size: rows per call, rounded up to a multiple of the local device count.
       length_buckets, patch_budget: static shapes (longer items raise; nothing is cut).
       image_root: directory image paths are relative to (and must stay inside).
+      pack: lay several items end to end in each row (``jfe_jax.models.packing``): same
+        embeddings, less padding. Rows are the fewest that fit, rounded up to the local device
+        count times a power of two (a few compiled shapes per length bucket); each row keeps
+        ``patch_budget`` patches, shared by its items' images. Early fusion only.
     """
 
     def __init__(
@@ -72,9 +76,13 @@ class ItemEmbedder:
         min_pixels: int = 56 * 56,
         image_root: str | None = None,
         fusion: str = "early",
+        pack: bool = False,
     ):
         if fusion not in FUSIONS:
             raise ValueError(f"fusion {fusion!r} is unknown, expected one of {FUSIONS}")
+        if pack and fusion != "early":
+            raise ValueError(f"pack=True packs early-fusion items; fusion is {fusion!r}")
+        self.pack = pack
         self.fusion = fusion
         self.encoder = encoder
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
@@ -95,6 +103,10 @@ class ItemEmbedder:
         self.image_root = image_root
         devices = jax.local_devices()
         self.batch_size = -(-batch_size // len(devices)) * len(devices)
+        # Packed row counts: devices x 1, 2, 4, ... up to one row per item.
+        self._row_buckets = sorted(
+            {min(len(devices) << k, self.batch_size) for k in range(self.batch_size.bit_length())}
+        )
         mesh = jax.sharding.Mesh(np.array(devices), ("data",))
         self._rows = NamedSharding(mesh, PartitionSpec("data"))
         replicated = NamedSharding(mesh, PartitionSpec())
@@ -143,6 +155,19 @@ class ItemEmbedder:
         """Embeddings ``[len(items), D]`` of at most ``batch_size`` processed items."""
         if not 0 < len(items) <= self.batch_size:
             raise ValueError(f"expected 1..{self.batch_size} items, got {len(items)}")
+        if self.pack:
+            # Item slots pad to batch_size (item_mask 0), so the output shape is static too.
+            batch = collate_packed(
+                list(items),
+                config=self.encoder.config,
+                pad_token_id=self.pad_token_id,
+                length_buckets=self.length_buckets,
+                patch_budget=self.patch_budget,
+                num_rows=self._row_buckets,
+                num_items=self.batch_size,
+            )
+            batch = jax.device_put(batch, self._rows)
+            return np.asarray(self._embed(self._params, batch))[: len(items)]
         # Pad with copies of the first item: static shapes, rows dropped afterwards.
         padded = list(items) + [items[0]] * (self.batch_size - len(items))
         if self.fusion == "late":

@@ -146,7 +146,9 @@ class LanguageModel(nn.Module):
                 param_dtype=self.param_dtype,
             )
 
-    def __call__(self, input_ids, attention_mask, position_ids, image_features=None):
+    def __call__(
+        self, input_ids, attention_mask, position_ids, image_features=None, segment_ids=None
+    ):
         """Final-layer hidden states ``[B, L, H]`` (after the final norm).
 
         Args:
@@ -155,6 +157,8 @@ class LanguageModel(nn.Module):
           position_ids: ``[B, 3, L]`` M-RoPE positions (``jfe_jax.models.inputs``).
           image_features: ``[B, K, H]`` merged image tokens; the j-th ``<|image_pad|>`` of row b
             takes ``image_features[b, j]``.
+          segment_ids: ``[B, L]`` for packed rows (``jfe_jax.models.packing``): tokens attend
+            only within their own segment; None: the whole row is one sequence.
         """
         x = self.embed_tokens(input_ids)
         if image_features is not None:
@@ -167,6 +171,8 @@ class LanguageModel(nn.Module):
         length = input_ids.shape[1]
         causal = jnp.tril(jnp.ones((length, length), dtype=bool))
         mask = causal[None] & valid[:, None, :]
+        if segment_ids is not None:
+            mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
         cos, sin = mrope(jnp.swapaxes(position_ids, 0, 1), self.config)
         x = run_layers(self.layers, x, mask, cos, sin)
         x = self.norm(x)

@@ -226,9 +226,19 @@ def _einsum_attention(query, key, value, mask, *, dtype):
     )
     logits = logits * (head_dim**-0.5)
     logits = jnp.where(mask[:, None, None, :, :], logits, MASK_VALUE)
-    weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, value.astype(dtype))
-    return out.reshape(batch, q_len, heads, head_dim)
+    # The float32 softmax, normalised after the weighted sum (as flash attention does): the
+    # exponentials are computed once, and the division acts on [Lq, D], not on [Lq, Lk].
+    peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    unnormalized = jnp.exp(logits - peak)
+    total = jnp.sum(unnormalized, axis=-1)  # [b, h, g, q]
+    out = jnp.einsum(
+        "bhgqk,bkhd->bqhgd",
+        unnormalized.astype(dtype),
+        value.astype(dtype),
+        preferred_element_type=jnp.float32,
+    )
+    out = out / jnp.transpose(total, (0, 3, 1, 2))[..., None]
+    return out.astype(dtype).reshape(batch, q_len, heads, head_dim)
 
 
 def _jax_nn_attention(query, key, value, mask, *, dtype):

@@ -3,6 +3,8 @@
 ``OneTowerEncoder.apply(variables, batch)`` returns ``(embedding, out)``: the L2-normalised
 embedding ``[B, D]`` and a dict of named intermediates (``last_hidden_state``, ``pooled``).
 The batch dict is what ``jfe_jax.models.inputs.prepare_batch`` (or the data pipeline) makes.
+A packed batch (``jfe_jax.models.packing``: several items per row, with ``segment_ids``,
+``pool_index [N, 2]`` and ``item_mask [N]``) gives ``[N, D]``, one embedding per item in order.
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ def pool_last_token(hidden_states: jax.Array, attention_mask: jax.Array) -> jax.
     positions = jnp.where(attention_mask.astype(bool), jnp.arange(length)[None, :], -1)
     last = jnp.max(positions, axis=1)
     return jnp.take_along_axis(hidden_states, last[:, None, None], axis=1)[:, 0]
+
+
+def pool_at(hidden_states: jax.Array, pool_index: jax.Array) -> jax.Array:
+    """Packed pooling: ``hidden_states [R, L, H]`` at ``pool_index [N, 2]`` (row, position)
+    -> ``[N, H]``, one vector per item in item order."""
+    return hidden_states[pool_index[:, 0], pool_index[:, 1]]
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -95,24 +103,56 @@ class OneTowerEncoder(nn.Module):
             jnp.float32,
         )
 
-    def hidden_states(self, batch: dict[str, jax.Array]) -> jax.Array:
-        """Final-layer hidden states ``[B, L, H]`` of the fused image+text sequence."""
-        image_features = None
-        if "pixel_values" in batch and batch["pixel_values"].shape[1] > 0:
-            image_features = self.vision(
-                batch["pixel_values"], batch["patch_segment_ids"], batch["patch_positions"]
-            )
-        return self.text(
-            batch["input_ids"], batch["attention_mask"], batch["position_ids"], image_features
+    def image_features(self, batch: dict[str, jax.Array]) -> jax.Array | None:
+        """The vision tower's merged image tokens ``[B, P // merge**2, H]``; None without images.
+
+        Computed apart, they can be fed back through ``image_features=`` (the train step reuses
+        a frozen tower's output across the gradient cache's two passes).
+        """
+        if "pixel_values" not in batch or batch["pixel_values"].shape[1] == 0:
+            return None
+        return self.vision(
+            batch["pixel_values"], batch["patch_segment_ids"], batch["patch_positions"]
         )
 
-    def __call__(self, batch: dict[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def hidden_states(
+        self, batch: dict[str, jax.Array], image_features: jax.Array | None = None
+    ) -> jax.Array:
+        """Final-layer hidden states ``[B, L, H]`` of the fused image+text sequence.
+
+        ``image_features``: this batch's ``image_features(batch)``, precomputed; None runs the
+        vision tower here.
+        """
+        if image_features is None:
+            image_features = self.image_features(batch)
+        return self.text(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["position_ids"],
+            image_features,
+            segment_ids=batch.get("segment_ids"),
+        )
+
+    def __call__(
+        self, batch: dict[str, Any], image_features: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         if "has_text" in batch:
+            if image_features is not None:
+                raise ValueError("precomputed image_features are for early-fusion batches only")
             return self.late_fusion(batch)
-        hidden = self.hidden_states(batch)
-        pooled = pool_last_token(hidden, batch["attention_mask"])
+        packed = "pool_index" in batch
+        if packed != ("segment_ids" in batch):
+            raise ValueError("a packed batch needs both segment_ids and pool_index")
+        hidden = self.hidden_states(batch, image_features)
+        if packed:
+            pooled = pool_at(hidden, batch["pool_index"])
+        else:
+            pooled = pool_last_token(hidden, batch["attention_mask"])
         features = self.projection(pooled) if self.projection_dim else pooled
         embedding = l2_normalize(features)
+        if "item_mask" in batch:
+            # Slots that only pad N to a static item count embed to zero.
+            embedding = jnp.where(batch["item_mask"][:, None].astype(bool), embedding, 0.0)
         return embedding, {"last_hidden_state": hidden, "pooled": pooled}
 
     def late_fusion(self, batch: dict[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -13,9 +13,12 @@ benchmarks and the trainer's logs:
   proportional to these entries.
 * ``vision_attention_cross_image``: fraction of a row's patch pairs that join two different
   real images; computed, then masked out (packing waste, not padding).
+* for packed batches (``segment_ids``, see ``jfe_jax.models.packing``):
+  ``text_attention_cross_item``, the same for token pairs that join two different items.
 * with ``config``: ``flops_padding``, the share of the forward model FLOPs (counted as
   ``jfe_jax.train.metrics`` counts them for MFU) that the padding costs, i.e.
-  ``1 - FLOPs(every row at its own unpadded size) / FLOPs(the padded batch)``.
+  ``1 - FLOPs(every item at its own unpadded size) / FLOPs(the padded batch)``; an item is a
+  row, or a segment of a packed row.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ _COUNTS = (
     "real_tokens",
     "text_pairs",
     "real_text_pairs",
+    "same_item_pairs",
+    "packed_rows",
     "patches",
     "real_patches",
     "vision_pairs",
@@ -48,12 +53,21 @@ def _model_batch_counts(batch: Mapping[str, Any], config: ModelConfig | None) ->
     mask = np.asarray(batch["attention_mask"]).astype(bool)
     rows, length = mask.shape
     real = mask.sum(axis=1).astype(np.int64)
+    # Tokens of each item: a row, or each segment of a packed row.
+    if "segment_ids" in batch:
+        segments = np.where(mask, np.asarray(batch["segment_ids"]), 0)
+        item_sizes = np.concatenate([np.bincount(row)[1:] for row in segments]).astype(np.int64)
+        item_sizes = item_sizes[item_sizes > 0]
+    else:
+        item_sizes = real
     counts = dict.fromkeys(_COUNTS, 0)
     counts.update(
         tokens=rows * length,
         real_tokens=int(real.sum()),
         text_pairs=rows * length * length,
         real_text_pairs=int(np.sum(real * real)),
+        same_item_pairs=int(np.sum(item_sizes * item_sizes)),
+        packed_rows=rows if "segment_ids" in batch else 0,
     )
     patch_rows = np.zeros(rows, dtype=np.int64)
     if "pixel_values" in batch and np.shape(batch["pixel_values"])[1]:
@@ -73,11 +87,27 @@ def _model_batch_counts(batch: Mapping[str, Any], config: ModelConfig | None) ->
         )
     if config is not None:
         counts["flops"] = metrics.batch_forward_flops(config, batch)
-        # What each row would cost alone, unpadded: its real tokens and real patches.
-        real_flops = sum(metrics.text_forward_flops(config, 1, int(n)) for n in real)
-        real_flops += sum(metrics.vision_forward_flops(config, 1, int(p)) for p in patch_rows if p)
+        # What each item would cost alone, unpadded: its real tokens and real patches.
+        item_patches = patch_rows
+        if "segment_ids" in batch:
+            item_patches = _packed_item_patches(batch, config)
+        real_flops = sum(metrics.text_forward_flops(config, 1, int(n)) for n in item_sizes)
+        real_flops += sum(
+            metrics.vision_forward_flops(config, 1, int(p)) for p in item_patches if p
+        )
         counts["real_flops"] = real_flops
     return counts
+
+
+def _packed_item_patches(batch: Mapping[str, Any], config: ModelConfig) -> np.ndarray:
+    """Image patches of every item of a packed batch: its ``<|image_pad|>`` tokens x merge**2."""
+    segments = np.asarray(batch["segment_ids"])
+    is_image = np.asarray(batch["input_ids"]) == config.image_token_id
+    merge = config.vision.spatial_merge_size**2
+    per_row = [
+        np.bincount(seg[img], minlength=seg.max() + 1)[1:] for seg, img in zip(segments, is_image)
+    ]
+    return np.concatenate(per_row).astype(np.int64) * merge
 
 
 def padding_counts(batch: Mapping[str, Any], config: ModelConfig | None = None) -> dict[str, int]:
@@ -119,7 +149,8 @@ def padding_report(
       config: the model's architecture; when given, ``flops_padding`` is added.
 
     Returns:
-      ``token_padding``, ``text_attention_padding``, and for batches with patches
+      ``token_padding``, ``text_attention_padding``, ``text_attention_cross_item`` for packed
+      batches, and for batches with patches
       ``patch_padding``, ``vision_attention_padding``, ``vision_attention_cross_image``, all
       in [0, 1]; ``flops_padding`` with a config.
     """
@@ -130,6 +161,10 @@ def padding_report(
             c["text_pairs"] - c["real_text_pairs"], c["text_pairs"]
         ),
     }
+    if c["packed_rows"]:
+        report["text_attention_cross_item"] = _fraction(
+            c["real_text_pairs"] - c["same_item_pairs"], c["text_pairs"]
+        )
     if c["patches"]:
         report.update(
             patch_padding=_fraction(c["patches"] - c["real_patches"], c["patches"]),

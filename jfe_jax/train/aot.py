@@ -34,7 +34,10 @@ counts every op the TPU cost model does not know (some custom calls) as -1 s. So
   ICI floor exceeds its cost-model time is bound by communication the estimate does not see.
 
 MFU = model FLOPs (``jfe_jax.train.metrics``: 3 x forward of every side; remat, the
-gradient-cache re-forward and frozen-weight savings excluded) / (chips x peak x time).
+gradient-cache re-forward and frozen-weight savings excluded) / (chips x peak x time). That
+convention credits gradients a step with frozen parts never computes, so the train program also
+reports the required FLOPs (``train_step_required_flops``: a frozen vision tower 1x forward, a
+decoder with frozen base weights 2x, adapters 3x) and the MFU at them, the stricter figure.
 """
 
 from __future__ import annotations
@@ -61,7 +64,11 @@ from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.sizes import get_size
 from jfe_jax.train import mesh as mesh_lib
 from jfe_jax.train.hlo_cost import hlo_costs, time_by_op
-from jfe_jax.train.metrics import batch_forward_flops, train_step_flops
+from jfe_jax.train.metrics import (
+    batch_forward_flops,
+    train_step_flops,
+    train_step_required_flops,
+)
 from jfe_jax.train.optimizer import make_optimizer, trainable_mask
 from jfe_jax.train.step import make_train_step, merge_params
 from jfe_jax.train.topology import GIB, TpuTopology, parse_topology, require_libtpu
@@ -187,7 +194,8 @@ class ProgramEstimate:
     fits: bool
     compile_seconds: float
     hbm_bytes: float  # per chip
-    model_flops: float  # one step, all chips (jfe_jax.train.metrics)
+    model_flops: float  # one step, all chips (jfe_jax.train.metrics, 3 x forward convention)
+    required_flops: float = math.nan  # what the trained parts need (train_step_required_flops)
     oom_error: str = ""  # the compiler's out-of-memory message, when it refused
     argument_bytes: float = math.nan
     temp_bytes: float = math.nan
@@ -207,6 +215,7 @@ class ProgramEstimate:
     ici_floor_seconds: float = math.nan
     mfu: float = math.nan  # at cost_model_seconds
     mfu_cycles: float = math.nan  # at cycles_seconds
+    mfu_required: float = math.nan  # required_flops at cost_model_seconds
     loops: list = dataclasses.field(default_factory=list)  # [while name, trip count]
     top_ops: list = dataclasses.field(default_factory=list)  # [label, seconds, matmul FLOPs]
     notes: list = dataclasses.field(default_factory=list)
@@ -217,10 +226,17 @@ def _is_out_of_memory(error: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text
 
 
-def analyse(program: str, lowered, topology: TpuTopology, model_flops: float) -> ProgramEstimate:
+def analyse(
+    program: str,
+    lowered,
+    topology: TpuTopology,
+    model_flops: float,
+    required_flops: float = math.nan,
+) -> ProgramEstimate:
     """Compiles ``lowered`` for ``topology`` and reads its memory and cost analyses."""
     gen = topology.spec
     est = ProgramEstimate(program, True, 0.0, topology.hbm_bytes_per_chip, model_flops)
+    est.required_flops = required_flops
     start = time.perf_counter()
     try:
         compiled = lowered.compile()
@@ -279,6 +295,7 @@ def analyse(program: str, lowered, topology: TpuTopology, model_flops: float) ->
     peak = topology.chips * gen.peak_flops
     est.mfu = model_flops / (peak * est.cost_model_seconds)
     est.mfu_cycles = model_flops / (peak * est.cycles_seconds) if est.cycles_seconds else math.nan
+    est.mfu_required = required_flops / (peak * est.cost_model_seconds)
     if hlo.unknown_trip_loops:
         est.notes.append(f"loops counted once (trip count unread): {hlo.unknown_trip_loops}")
     if est.ici_floor_seconds > est.cost_model_seconds:
@@ -345,7 +362,16 @@ def estimate(
         )
         with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
             lowered = jitted.lower(state, batch)
-        results.append(analyse("train", lowered, topology, train_step_flops(model_config, batch)))
+        required = train_step_required_flops(
+            model_config,
+            batch,
+            trainable=config.optimizer.trainable,
+            lora_rank=config.model.lora_rank,
+            lora_targets=tuple(config.model.lora_targets),
+        )
+        results.append(
+            analyse("train", lowered, topology, train_step_flops(model_config, batch), required)
+        )
         parallel = mesh_lib.data_parallel_size(mesh)
         if chunk and chunk % parallel:
             results[-1].notes.append(
@@ -362,9 +388,8 @@ def estimate(
         side = _side(rows, shape, shape.candidate_patches, model_config, every_chip)
         embed = jax.jit(lambda p, b: module.apply({"params": p}, b)[0], out_shardings=replicated)
         lowered = embed.lower(params, side)  # as ItemEmbedder: no logical-axis rules
-        results.append(
-            analyse("export", lowered, topology, batch_forward_flops(model_config, side))
-        )
+        forward = batch_forward_flops(model_config, side)  # a forward needs all of itself
+        results.append(analyse("export", lowered, topology, forward, forward))
     return results
 
 
@@ -395,7 +420,8 @@ def format_report(results: Sequence[ProgramEstimate], topology: TpuTopology) -> 
             ("  aliased (donated, not counted twice)", _gib(r.alias_bytes)),
             ("  total / HBM", f"{_gib(r.total_bytes)} / {topology.spec.hbm_gib:g}"),
             ("  fits", "yes" if r.fits else "NO"),
-            ("model FLOPs per step (all chips)", f"{r.model_flops:.4g}"),
+            ("model FLOPs per step (all chips, 3 x forward)", f"{r.model_flops:.4g}"),
+            ("  required FLOPs (frozen parts not differentiated)", f"{r.required_flops:.4g}"),
             ("compiled FLOPs (loop-aware matmuls, all chips)", f"{r.compiled_flops * chips:.4g}"),
             ("  compiled / model", f"{r.compiled_flops * chips / r.model_flops:.2f}"),
             ("XLA flops (per chip, loop bodies once)", f"{r.xla_flops:.4g}"),
@@ -409,6 +435,7 @@ def format_report(results: Sequence[ProgramEstimate], topology: TpuTopology) -> 
             ("collective traffic per chip, GiB", _gib(r.collective_bytes)),
             ("MFU at cost-model time", f"{r.mfu:.1%}"),
             ("MFU at per-op cycles time", f"{r.mfu_cycles:.1%}"),
+            ("MFU of required FLOPs at cost-model time", f"{r.mfu_required:.1%}"),
         ]
         width = max(len(name) for name, _ in rows)
         lines += [f"  {name:<{width}}  {value}" for name, value in rows]

@@ -13,6 +13,10 @@ Gradient caching keeps the full global batch in the loss and only bounds the act
 The result equals ``jax.value_and_grad`` of the whole-batch loss up to float rounding, at the
 cost of one extra forward pass. Step 3 recomputes the forward of step 1, so ``embed_fn`` must be
 deterministic (no dropout, or the same randomness in both passes); the encoder here has none.
+
+What does not depend on the differentiated parameters (a frozen vision tower's image tokens)
+need not be recomputed in step 3: ``features_fn`` computes it once per chunk in step 1, and
+both passes hand it to ``embed_fn``. It is held for the whole batch until step 3 ends.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-EmbedFn = Callable[[Any, Any], jax.Array]
+EmbedFn = Callable[..., jax.Array]  # (params, batch[, features]) -> [rows, D]
+FeaturesFn = Callable[[Any, Any], Any]  # (params, batch) -> per-row arrays, held constant
 LossFn = Callable[..., tuple[jax.Array, Any]]
 
 
@@ -56,11 +61,34 @@ def _from_chunks(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
-def _embed_without_grad(embed_fn: EmbedFn, params: Any, batch: Any, num_chunks: int) -> jax.Array:
-    """Embeddings of ``batch`` computed one chunk at a time, holding no activations."""
+def _no_features(params: Any, batch: Any) -> None:
+    del params, batch
+
+
+def _ignoring_features(embed_fn: EmbedFn) -> EmbedFn:
+    return lambda params, batch, features: embed_fn(params, batch)
+
+
+def _embed_without_grad(
+    embed_fn: EmbedFn,
+    features_fn: FeaturesFn,
+    params: Any,
+    batch: Any,
+    num_chunks: int,
+) -> tuple[jax.Array, Any]:
+    """Embeddings of ``batch`` computed one chunk at a time, holding no activations.
+
+    Also returns ``features_fn``'s output per chunk (``[num_chunks, chunk_size, ...]`` leaves),
+    for the re-run to reuse.
+    """
     chunks = jax.tree.map(lambda x: _to_chunks(x, num_chunks), batch)
-    embeddings = jax.lax.map(lambda chunk: embed_fn(params, chunk), chunks)
-    return jax.lax.stop_gradient(_from_chunks(embeddings))
+
+    def embed_chunk(chunk):
+        features = jax.lax.stop_gradient(features_fn(params, chunk))
+        return embed_fn(params, chunk, features), features
+
+    embeddings, features = jax.lax.map(embed_chunk, chunks)
+    return jax.lax.stop_gradient(_from_chunks(embeddings)), features
 
 
 def _accumulate_param_grads(
@@ -70,18 +98,22 @@ def _accumulate_param_grads(
     embedding_grad: jax.Array,
     num_chunks: int,
     grads: Any,
+    features: Any,
 ) -> Any:
-    """Adds sum over chunks of d(embeddings)/d(params)^T . embedding_grad to ``grads``."""
+    """Adds sum over chunks of d(embeddings)/d(params)^T . embedding_grad to ``grads``.
+
+    ``features``: the first pass's ``features_fn`` output per chunk, a constant here.
+    """
     chunks = jax.tree.map(lambda x: _to_chunks(x, num_chunks), batch)
     cotangents = _to_chunks(embedding_grad, num_chunks)
 
-    def step(acc, chunk_and_cotangent):
-        chunk, cotangent = chunk_and_cotangent
-        _, vjp = jax.vjp(lambda p: embed_fn(p, chunk), params)
+    def step(acc, chunk_features_cotangent):
+        chunk, chunk_features, cotangent = chunk_features_cotangent
+        _, vjp = jax.vjp(lambda p: embed_fn(p, chunk, chunk_features), params)
         (chunk_grads,) = vjp(cotangent)
         return jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, chunk_grads), None
 
-    grads, _ = jax.lax.scan(step, grads, (chunks, cotangents))
+    grads, _ = jax.lax.scan(step, grads, (chunks, features, cotangents))
     return grads
 
 
@@ -91,11 +123,13 @@ def grad_cache_loss_and_grad(
     params: Any,
     *batches: Any,
     chunk_size: int,
+    features_fn: FeaturesFn | None = None,
 ) -> tuple[tuple[jax.Array, Any], Any]:
     """``jax.value_and_grad(has_aux=True)`` of a contrastive loss, computed chunk by chunk.
 
     Args:
-      embed_fn: ``embed_fn(params, batch) -> [rows, D]`` embeddings; deterministic.
+      embed_fn: ``embed_fn(params, batch) -> [rows, D]`` embeddings; deterministic. With
+        ``features_fn``: ``embed_fn(params, batch, features)``.
       loss_fn: ``loss_fn(params, *embeddings) -> (loss, aux)``, one embedding array per batch
         in ``batches`` order (e.g. queries, candidates, flattened hard negatives). ``params``
         is passed for what the loss reads directly, such as a learnable temperature.
@@ -104,6 +138,9 @@ def grad_cache_loss_and_grad(
         e.g. B queries, B candidates and B * H hard negatives).
       chunk_size: rows embedded at once; must divide every batch's size. Memory holds one
         chunk's activations; to keep every device busy, use a multiple of data * fsdp.
+      features_fn: optional ``features_fn(params, batch) -> pytree of [rows, ...] arrays``
+        (or None) that must not depend on the differentiated ``params``: gradients do not flow
+        through it. Computed in the first pass only and reused by the re-run.
 
     Returns:
       ``((loss, aux), grads)`` with ``grads`` shaped like ``params``.
@@ -121,11 +158,15 @@ def grad_cache_loss_and_grad(
                 f"{chunk_size}; use a chunk_size that divides every batch size"
             )
         num_chunks.append(size // chunk_size)
+    if features_fn is None:  # one code path: no features, and an embed_fn that takes none
+        features_fn = _no_features
+        embed_fn = _ignoring_features(embed_fn)
 
-    embeddings = [
-        _embed_without_grad(embed_fn, params, batch, n)
+    embedded = [
+        _embed_without_grad(embed_fn, features_fn, params, batch, n)
         for batch, n in zip(batches, num_chunks, strict=True)
     ]
+    embeddings = [embedding for embedding, _ in embedded]
     argnums = tuple(range(len(batches) + 1))
     (loss, aux), (grads, *embedding_grads) = jax.value_and_grad(
         loss_fn, argnums=argnums, has_aux=True
@@ -133,7 +174,9 @@ def grad_cache_loss_and_grad(
 
     # Accumulate in float32 so many small chunk contributions are not lost in bf16 params.
     grads = jax.tree.map(lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32)), grads)
-    for batch, embedding_grad, n in zip(batches, embedding_grads, num_chunks, strict=True):
-        grads = _accumulate_param_grads(embed_fn, params, batch, embedding_grad, n, grads)
+    for batch, (_, features), embedding_grad, n in zip(
+        batches, embedded, embedding_grads, num_chunks, strict=True
+    ):
+        grads = _accumulate_param_grads(embed_fn, params, batch, embedding_grad, n, grads, features)
     grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grads, params)
     return (loss, aux), grads

@@ -4,6 +4,12 @@ Model FLOPs count what the padded batch asks of the model (matmuls of every laye
 attention score matrix as computed, forward + backward = 3 x forward), not what a particular
 implementation spends: gradient-cache re-forwards and rematerialisation are excluded, so MFU is
 comparable across those settings.
+
+That 3 x forward convention (``train_step_flops``, the "6N" rule) also credits gradients nobody
+needs when parts are frozen. ``train_step_required_flops`` counts what a step with frozen parts
+cannot avoid: a frozen vision tower runs forward only (1x); a decoder with frozen base weights
+needs their forward and the activation gradients (2x), the attention scores 3x and trained
+adapters 3x. MFU at that count is the stricter figure; the trainer logs the convention's.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -90,6 +96,93 @@ def train_step_flops(config: ModelConfig, batch: Mapping[str, Any]) -> float:
         if isinstance(v, Mapping) and ("input_ids" in v or "has_text" in v)
     ]
     return 3.0 * sum(batch_forward_flops(config, side) for side in sides)
+
+
+def lora_forward_flops(
+    config: ModelConfig, rows: int, length: int, rank: int, targets: Sequence[str]
+) -> float:
+    """Matmul FLOPs of the decoder's LoRA adapters (x @ A @ B) on ``rows`` x ``length`` tokens."""
+    t = config.text
+    kv = t.num_kv_heads * t.head_dim
+    shapes = {  # (in, out) of each adapted projection, as in text_forward_flops
+        "q_proj": (t.hidden_size, t.hidden_size),
+        "k_proj": (t.hidden_size, kv),
+        "v_proj": (t.hidden_size, kv),
+        "o_proj": (t.hidden_size, t.hidden_size),
+        "gate_proj": (t.hidden_size, t.intermediate_size),
+        "up_proj": (t.hidden_size, t.intermediate_size),
+        "down_proj": (t.intermediate_size, t.hidden_size),
+    }
+    per_token = sum(2 * rank * sum(shapes[name]) for name in targets)
+    return float(rows * length * t.num_layers * per_token)
+
+
+def batch_required_flops(
+    config: ModelConfig,
+    model_batch: Mapping[str, Any],
+    *,
+    trainable: str,
+    lora_rank: int = 0,
+    lora_targets: Sequence[str] = (),
+) -> float:
+    """FLOPs one training pass over a model batch cannot avoid (``train_step_required_flops``)."""
+    if trainable not in ("full", "freeze_vision", "lora"):
+        raise ValueError(
+            f"unknown trainable mode {trainable!r}; expected full, freeze_vision, lora"
+        )
+    if "has_text" in model_batch:
+        return sum(
+            batch_required_flops(
+                config,
+                model_batch[part],
+                trainable=trainable,
+                lora_rank=lora_rank,
+                lora_targets=lora_targets,
+            )
+            for part in ("text", "image")
+        )
+    rows, length = model_batch["input_ids"].shape
+    t = config.text
+    text = text_forward_flops(config, rows, length)
+    attention = float(rows * length * t.num_layers * 2 * 2 * length * t.hidden_size)
+    # Base weights: forward + input gradient, + weight gradient when trained. The attention
+    # scores carry no weights; their backward (dQ, dK, dV, dP) is 2x their forward.
+    flops = (3.0 if trainable != "lora" else 2.0) * (text - attention) + 3.0 * attention
+    flops += 3.0 * lora_forward_flops(config, rows, length, lora_rank, lora_targets)
+    if "pixel_values" in model_batch and model_batch["pixel_values"].shape[1]:
+        vision = vision_forward_flops(config, rows, model_batch["pixel_values"].shape[1])
+        flops += (3.0 if trainable == "full" else 1.0) * vision
+    return flops
+
+
+def train_step_required_flops(
+    config: ModelConfig,
+    batch: Mapping[str, Any],
+    *,
+    trainable: str,
+    lora_rank: int = 0,
+    lora_targets: Sequence[str] = (),
+) -> float:
+    """FLOPs of one contrastive step that the trained parts make necessary, every side.
+
+    ``trainable`` is the optimizer's mode (``full``, ``freeze_vision``, ``lora``); the LoRA
+    adapters (rank ``lora_rank`` on ``lora_targets``; rank 0: none) are trained in every mode.
+    A frozen vision tower costs 1x its forward, a decoder with frozen base weights 2x its
+    matmuls' forward (forward + activation gradients, no weight gradients), attention scores
+    and adapters 3x. Remat and gradient-cache re-forwards are excluded, as in
+    ``train_step_flops`` (the 3 x forward convention, which this does not replace).
+    """
+    sides = [
+        v
+        for v in batch.values()
+        if isinstance(v, Mapping) and ("input_ids" in v or "has_text" in v)
+    ]
+    return sum(
+        batch_required_flops(
+            config, side, trainable=trainable, lora_rank=lora_rank, lora_targets=lora_targets
+        )
+        for side in sides
+    )
 
 
 _MEASURED_CPU_PEAK: float | None = None

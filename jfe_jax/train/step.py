@@ -98,13 +98,26 @@ def make_loss_and_grad(
                 **ids,
             )
 
-        def embed(trainable, model_batch):
+        def embed(trainable, model_batch, image_features=None):
             params = merge_params(trainable, state.frozen)
-            return module.apply({"params": params}, model_batch)[0]
+            return module.apply({"params": params}, model_batch, image_features)[0]
+
+        def frozen_image_features(trainable, model_batch):
+            if "has_text" in model_batch:  # late fusion: its parts run the tower themselves
+                return None
+            params = merge_params(trainable, state.frozen)
+            return module.apply({"params": params}, model_batch, method="image_features")
 
         if grad_cache_chunk:
+            # A frozen vision tower's output is the same in both passes: compute it once.
+            vision_frozen = not state.trainable.get("vision")
             return grad_cache_loss_and_grad(
-                embed, loss_from_embeddings, state.trainable, *sides, chunk_size=grad_cache_chunk
+                embed,
+                loss_from_embeddings,
+                state.trainable,
+                *sides,
+                chunk_size=grad_cache_chunk,
+                features_fn=frozen_image_features if vision_frozen else None,
             )
 
         def full_loss(trainable):

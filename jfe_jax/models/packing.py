@@ -1,0 +1,241 @@
+"""Sequence packing: several items share one row of the static ``[R, L]`` batch.
+
+An item is one query or candidate: a token sequence with zero or more images. Unpacked, each
+item takes a row padded to the batch length and a row's patch budget; packed, items are laid
+end to end in a row (first-fit decreasing by length) and their images share the row's budget,
+so less of the batch is padding. The model then needs to know where items start and end:
+
+* ``segment_ids [R, L]``: 1..S for the items of a row in the order they sit, 0 for padding;
+  the language model attends causally *within* a segment only.
+* ``position_ids [R, 3, L]``: M-RoPE positions restarted at each item, exactly as if the item
+  were alone in its row (rotary attention only sees position differences within a segment).
+* ``patch_segment_ids [R, P]``: one id per image of the row (as unpacked), so the vision tower
+  already keeps every image to itself.
+* ``pool_index [N, 2]``: (row, position of the last real token) of each item, in item order;
+  the encoder gathers its embedding there and returns ``[N, D]``.
+* ``item_mask [N]``: 1 for real items, 0 for slots that pad N to a static item count (their
+  embeddings come back as zeros).
+
+Everything here is host-side numpy; the shapes R, L, P and N are fixed by the caller so jit
+compiles one program per shape. Nothing is truncated: whatever does not fit raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from jfe_jax.models.config import ModelConfig
+from jfe_jax.models.inputs import image_runs, prepare_batch
+
+
+def _item_batch(config: ModelConfig, index: int, ids, pixels, grid) -> dict[str, np.ndarray]:
+    """``prepare_batch`` of one item alone (all its checks), with errors naming the item."""
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or ids.size == 0:
+        raise ValueError(f"item {index}: input_ids must be a non-empty 1-D array, got {ids.shape}")
+    if (pixels is None) != (grid is None):
+        raise ValueError(f"item {index}: pixel_values and image_grid_thw must be given together")
+    num_patches = None
+    if grid is not None:
+        grid = np.asarray(grid).reshape(-1, 3)
+        num_patches = int(np.prod(grid, axis=1).sum())
+        if not len(grid) and not np.size(pixels):
+            pixels, grid, num_patches = None, None, None  # an empty image list: text only
+    try:
+        return prepare_batch(config, ids[None], None, pixels, grid, num_patches=num_patches)
+    except ValueError as err:
+        raise ValueError(f"item {index} (checked alone, as row 0): {err}") from None
+
+
+def _pick_rows(needed: int, num_rows: int | Sequence[int] | None, row_multiple: int) -> int:
+    if num_rows is None:
+        return -(-needed // row_multiple) * row_multiple
+    if isinstance(num_rows, int):
+        return num_rows
+    fitting = [r for r in sorted(num_rows) if r >= needed]
+    if not fitting:
+        raise ValueError(
+            f"the items need {needed} packed rows but the largest row bucket is {max(num_rows)}"
+        )
+    return fitting[0]
+
+
+def pack_items(
+    config: ModelConfig,
+    input_ids: Sequence[np.ndarray],
+    pixel_values: Sequence[np.ndarray | None] | None = None,
+    image_grid_thw: Sequence[np.ndarray | None] | None = None,
+    *,
+    length: int,
+    num_patches: int = 0,
+    num_rows: int | Sequence[int] | None = None,
+    num_items: int | None = None,
+    row_multiple: int = 1,
+    pad_token_id: int = 0,
+) -> dict[str, np.ndarray]:
+    """Packs N items into R rows of ``length`` tokens and returns the packed model batch.
+
+    Args:
+      config: the model's architecture (token ids, vision geometry).
+      input_ids: per item, its token ids ``[n_i]`` (no padding), with one ``<|image_pad|>``
+        run per image.
+      pixel_values: per item, ``[patches_i, patch_dim]`` (all its images, in order) or None.
+      image_grid_thw: per item, ``[images_i, 3]`` or None.
+      length: L, tokens per row.
+      num_patches: P, image patches per row, shared by the images of the row's items; > 0
+        always emits pixel arrays (so text-only and image batches share one shape), 0 rejects
+        images.
+      num_rows: R as a number; or a list of allowed row counts (the smallest that fits is
+        taken); None: as few rows as fit, rounded up to ``row_multiple``.
+      num_items: N, item slots (>= the number of items); default: the number of items.
+      row_multiple: see ``num_rows``.
+      pad_token_id: id written at padding positions (masked out).
+
+    Returns:
+      ``input_ids``, ``attention_mask``, ``segment_ids`` ``[R, L]`` int32, ``position_ids``
+      ``[R, 3, L]`` int32, ``pool_index [N, 2]`` int32, ``item_mask [N]`` int32, and with
+      ``num_patches > 0`` ``pixel_values [R, P, patch_dim]`` float32, ``patch_segment_ids
+      [R, P]`` and ``patch_positions [R, P, 2]`` int32.
+
+    Raises:
+      ValueError: an item is malformed, longer than L, has more patches than P, or the items
+        do not fit in R rows or N slots; the message names the item and the numbers.
+    """
+    count = len(input_ids)
+    pixel_values = [None] * count if pixel_values is None else list(pixel_values)
+    image_grid_thw = [None] * count if image_grid_thw is None else list(image_grid_thw)
+    if count == 0:
+        raise ValueError("cannot pack an empty list of items")
+    if len(pixel_values) != count or len(image_grid_thw) != count:
+        raise ValueError(
+            f"{count} items of input_ids but {len(pixel_values)} of pixel_values and "
+            f"{len(image_grid_thw)} of image_grid_thw"
+        )
+    if length < 1 or num_patches < 0:
+        raise ValueError(f"length must be >= 1 and num_patches >= 0, got {length}, {num_patches}")
+    merge = config.vision.spatial_merge_size
+    if num_patches % merge**2:
+        raise ValueError(
+            f"patch budget {num_patches} is not a multiple of merge_size**2 = {merge**2}"
+        )
+    num_items = count if num_items is None else num_items
+    if count > num_items:
+        raise ValueError(f"{count} items do not fit in {num_items} item slots (num_items)")
+    if row_multiple < 1:
+        raise ValueError(f"row_multiple must be >= 1, got {row_multiple}")
+
+    alone = [
+        _item_batch(config, i, ids, pix, grid)
+        for i, (ids, pix, grid) in enumerate(zip(input_ids, pixel_values, image_grid_thw))
+    ]
+    sizes = [b["input_ids"].shape[1] for b in alone]
+    patches = [int((b["patch_segment_ids"] > 0).sum()) if "pixel_values" in b else 0 for b in alone]
+    for i, (n, p) in enumerate(zip(sizes, patches)):
+        if n > length:
+            raise ValueError(f"item {i} has {n} tokens but a packed row holds {length} (length)")
+        if p > num_patches:
+            raise ValueError(
+                f"item {i} has {p} image patches but a packed row's patch budget is "
+                f"{num_patches} (num_patches)"
+            )
+
+    # First-fit decreasing by length (then patches): each item goes to the first row it fits.
+    max_rows = num_rows if isinstance(num_rows, int) else None
+    rows: list[list[int]] = []
+    used_tokens: list[int] = []
+    used_patches: list[int] = []
+    for i in sorted(range(count), key=lambda i: (-sizes[i], -patches[i], i)):
+        row = next(
+            (
+                r
+                for r in range(len(rows))
+                if used_tokens[r] + sizes[i] <= length
+                and used_patches[r] + patches[i] <= num_patches
+            ),
+            None,
+        )
+        if row is None:
+            if max_rows is not None and len(rows) == max_rows:
+                raise ValueError(
+                    f"item {i} ({sizes[i]} tokens, {patches[i]} patches) does not fit: the "
+                    f"{count} items ({sum(sizes)} tokens, {sum(patches)} patches) need more than "
+                    f"{max_rows} rows of {length} tokens and {num_patches} patches (num_rows)"
+                )
+            rows.append([])
+            used_tokens.append(0)
+            used_patches.append(0)
+            row = len(rows) - 1
+        rows[row].append(i)
+        used_tokens[row] += sizes[i]
+        used_patches[row] += patches[i]
+    total_rows = _pick_rows(len(rows), num_rows, row_multiple)
+
+    out = {
+        "input_ids": np.full((total_rows, length), pad_token_id, np.int32),
+        "attention_mask": np.zeros((total_rows, length), np.int32),
+        "segment_ids": np.zeros((total_rows, length), np.int32),
+        "position_ids": np.ones((total_rows, 3, length), np.int32),
+        "pool_index": np.zeros((num_items, 2), np.int32),
+        "item_mask": np.zeros(num_items, np.int32),
+    }
+    if num_patches:
+        patch_dim = config.vision.patch_dim
+        out["pixel_values"] = np.zeros((total_rows, num_patches, patch_dim), np.float32)
+        out["patch_segment_ids"] = np.zeros((total_rows, num_patches), np.int32)
+        out["patch_positions"] = np.zeros((total_rows, num_patches, 2), np.int32)
+    for r, members in enumerate(rows):
+        cursor, patch_cursor, images = 0, 0, 0
+        for segment, i in enumerate(members, start=1):
+            item, n, p = alone[i], sizes[i], patches[i]
+            span = slice(cursor, cursor + n)
+            out["input_ids"][r, span] = item["input_ids"][0]
+            out["attention_mask"][r, span] = 1
+            out["segment_ids"][r, span] = segment
+            out["position_ids"][r, :, span] = item["position_ids"][0]
+            out["pool_index"][i] = (r, cursor + n - 1)
+            out["item_mask"][i] = 1
+            if p:
+                pspan = slice(patch_cursor, patch_cursor + p)
+                item_segments = item["patch_segment_ids"][0, :p]
+                out["pixel_values"][r, pspan] = item["pixel_values"][0, :p]
+                out["patch_segment_ids"][r, pspan] = item_segments + images
+                out["patch_positions"][r, pspan] = item["patch_positions"][0, :p]
+                images += int(item_segments.max())
+            cursor += n
+            patch_cursor += p
+    return out
+
+
+def items_from_rows(
+    config: ModelConfig,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray | None = None,
+    pixel_values: np.ndarray | None = None,
+    image_grid_thw: np.ndarray | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray | None], list[np.ndarray | None]]:
+    """Splits reference-style arrays (one item per row, ``prepare_batch``'s arguments) into
+    ``pack_items``' per-item lists: real tokens, the row's patches and its grids (or None)."""
+    input_ids = np.asarray(input_ids)
+    mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
+    ids = [row[m.astype(bool)] for row, m in zip(input_ids, mask)]
+    if image_grid_thw is None:
+        return ids, [None] * len(ids), [None] * len(ids)
+    grids = np.asarray(image_grid_thw).reshape(-1, 3)
+    offsets = np.concatenate([[0], np.cumsum(np.prod(grids, axis=1))])
+    pixels_out: list[np.ndarray | None] = []
+    grids_out: list[np.ndarray | None] = []
+    image = 0
+    for row in ids:
+        k = len(image_runs(row, config.image_token_id))
+        if k == 0:
+            pixels_out.append(None)
+            grids_out.append(None)
+            continue
+        if image + k > len(grids):
+            raise ValueError(f"input_ids has more <|image_pad|> runs than the {len(grids)} grids")
+        pixels_out.append(np.asarray(pixel_values)[offsets[image] : offsets[image + k]])
+        grids_out.append(grids[image : image + k])
+        image += k
+    return ids, pixels_out, grids_out
