@@ -30,7 +30,7 @@ SMALL = SyntheticConfig(
     train_queries_per_task=5,
     val_queries_per_task=2,
     test_queries_per_task=4,
-    train_queries_by_task=(("oven_task8", 7),),
+    train_query_multipliers=(("oven_task8", 2),),
     num_text_triples=6,
     num_image_captions=4,
 )
@@ -96,7 +96,7 @@ def test_manifest_records_config_seed_version_and_counts(bench):
     assert manifest["config"]["train_queries_per_task"] == 5
     for task in SYNTHETIC_TASKS:
         assert {s: manifest["tasks"][task][s]["queries"] for s in SPLITS} == {
-            "train": 7 if task == "oven_task8" else 5,
+            "train": 10 if task == "oven_task8" else 5,
             "val": 2,
             "test": 4,
         }
@@ -117,14 +117,14 @@ def test_output_passes_the_reader_with_zero_bad_records(bench):
         assert reader.tasks(split) == sorted(SYNTHETIC_TASKS)
         for task in SYNTHETIC_TASKS:
             expected = (
-                7 if (split, task) == ("train", "oven_task8") else SMALL.queries_per_task(split)
+                10 if (split, task) == ("train", "oven_task8") else SMALL.queries_per_task(split)
             )
             assert len(reader.read_queries(split, task)) == expected
             reader.read_qrels(split, task)
             if split != "train":
                 reader.read_pool(reader.local_pool_path(task, split))
         reader.read_pool(reader.global_pool_path(split))
-    assert len(reader.read_queries("union_train")) == 5 * len(SYNTHETIC_TASKS) + 2
+    assert len(reader.read_queries("union_train")) == 5 * len(SYNTHETIC_TASKS) + 5
     assert len(reader.read_queries("union_val")) == 2 * len(SYNTHETIC_TASKS)
     assert reader.total_bad_records == 0
 
@@ -297,8 +297,8 @@ def test_generate_replaces_only_its_own_output(bench, tmp_path):
 def test_config_rejects_unknown_tasks_and_bad_fractions():
     with pytest.raises(ValueError, match="unknown tasks \\['edis_task2'\\]"):
         SyntheticConfig(tasks=("edis_task2",))
-    with pytest.raises(ValueError, match="train_queries_by_task names unknown tasks"):
-        SyntheticConfig(train_queries_by_task=(("oven_task9", 3),))
+    with pytest.raises(ValueError, match="train_query_multipliers names unknown tasks"):
+        SyntheticConfig(train_query_multipliers=(("oven_task9", 3),))
     with pytest.raises(ValueError, match="split_fractions"):
         SyntheticConfig(split_fractions=(0.5, 0.5, 0.5))
 

@@ -478,7 +478,7 @@ def test_pair_queries_have_no_instruction(tokenizer, bench, sources):
 
 def test_keys_mark_repeated_candidates_and_filler_negatives(tokenizer, sources):
     source = sources["mbeir"]
-    record = dict(source[0])
+    record = dict(next(source[i] for i in range(len(source)) if source[i]["num_negatives"] >= 2))
     lonely = dict(source[1], num_negatives=0)
     batcher = _batcher(tokenizer, "mbeir", num_hard_negatives=3)
     batch = batcher([record, dict(record), lonely])

@@ -27,6 +27,14 @@ candidate_key, so the loss masks it for that query.
 Static shapes: L is the smallest of ``length_buckets`` that fits the longest row of a side,
 P the side's patch budget, so jit compiles at most len(length_buckets) programs per side.
 
+Packed (``pack=True``, early fusion only): each side is instead a packed model batch
+(``jfe_jax.data.collate.collate_packed``) of one static shape: ``ceil(items /
+pack_items_per_row)`` rows rounded up to ``pack_row_multiple``, of ``pack_length`` tokens
+(default the largest length bucket) and ``pack_items_per_row`` times the side's patch budget,
+with ``segment_ids``, ``pool_index [N, 2]`` (host-local rows) and ``item_mask [N]``, N being
+exactly the side's items (B, or B * H), so the model returns one embedding per item in the
+order above. Items that do not fit in those rows raise; nothing is cut.
+
 What the kinds read: "mbeir" (``MbeirTrainPairs``): query = instruction + query text/image,
 candidate = positive, hard negatives = ``negative_*``; "text_triples": query = sentence,
 candidate = positive, hard negative = hard_negative (H <= 1); "image_captions": query =
@@ -49,7 +57,7 @@ from absl import flags
 from PIL import Image, ImageOps
 from transformers import PreTrainedTokenizerBase
 
-from jfe_jax.data.collate import DEFAULT_LENGTH_BUCKETS, collate
+from jfe_jax.data.collate import DEFAULT_LENGTH_BUCKETS, collate, collate_packed
 from jfe_jax.data.image_processor import ImageProcessor
 from jfe_jax.data.late_fusion import FUSIONS, LateItem, late_collate, split_item
 from jfe_jax.data.mbeir import TASK_MODALITIES, Instructions, instruction_index
@@ -135,6 +143,11 @@ class ContrastiveBatcher:
         the candidate budget also applies to hard negatives.
       num_hard_negatives: H, hard negatives per query.
       skip_bad_records: log and count bad records (see ``encode_or_skip``) instead of raising.
+      pack: lay several items of a side end to end in each row (module docstring).
+      pack_items_per_row: with pack, the average items per row the side's row count allows.
+      pack_length: with pack, tokens per row; 0: the largest of ``length_buckets``.
+      pack_row_multiple: with pack, rows per side are rounded up to a multiple of this (the
+        batch shards this host feeds, so rows split evenly over its devices).
     """
 
     def __init__(
@@ -157,9 +170,20 @@ class ContrastiveBatcher:
         skip_bad_records: bool = False,
         padding_side: str = "right",
         fusion: str = "early",
+        pack: bool = False,
+        pack_items_per_row: int = 4,
+        pack_length: int = 0,
+        pack_row_multiple: int = 1,
     ):
         if fusion not in FUSIONS:
             raise ValueError(f"fusion {fusion!r} is unknown, expected one of {FUSIONS}")
+        if pack and fusion != "early":
+            raise ValueError(f"pack=True packs early-fusion items only, got fusion={fusion!r}")
+        if pack and (pack_items_per_row < 1 or pack_length < 0 or pack_row_multiple < 1):
+            raise ValueError(
+                f"pack_items_per_row={pack_items_per_row} and pack_row_multiple="
+                f"{pack_row_multiple} must be >= 1 and pack_length={pack_length} >= 0"
+            )
         self.fusion = fusion
         if kind not in KINDS:
             raise ValueError(f"kind {kind!r} is unknown, expected one of {KINDS}")
@@ -190,6 +214,15 @@ class ContrastiveBatcher:
         self.num_hard_negatives = num_hard_negatives
         self.skip_bad_records = skip_bad_records
         self.padding_side = padding_side
+        self.pack = pack
+        self.pack_items_per_row = pack_items_per_row
+        self.pack_length = pack_length or self.length_buckets[-1]
+        self.pack_row_multiple = pack_row_multiple
+        if pack and self.pack_length < self.max_length:
+            raise ValueError(
+                f"pack_length={self.pack_length} is shorter than max_length={self.max_length}: "
+                "an item of max_length tokens would not fit in a packed row"
+            )
         # Per process: with worker processes each worker counts its own records.
         self.bad_records = 0
         self._pending_skips = 0
@@ -336,10 +369,37 @@ class ContrastiveBatcher:
 
     # --- batching -----------------------------------------------------------------------------
 
-    def _collate(self, items: list, patch_budget: int) -> dict[str, Any]:
+    def _collate(self, items: list, patch_budget: int, side: str) -> dict[str, Any]:
         if self.fusion == "late":
             return late_collate(items, self._collate_early, patch_budget)
+        if self.pack:
+            return self._collate_packed(items, patch_budget, side)
         return self._collate_early(items, patch_budget)
+
+    def pack_rows(self, num_items: int) -> int:
+        """Rows of a packed side of ``num_items`` items (the same for every batch)."""
+        rows = -(-num_items // self.pack_items_per_row)
+        return -(-rows // self.pack_row_multiple) * self.pack_row_multiple
+
+    def _collate_packed(
+        self, items: list[ProcessedItem], patch_budget: int, side: str
+    ) -> dict[str, np.ndarray]:
+        num_rows = self.pack_rows(len(items))
+        try:
+            return collate_packed(
+                items,
+                config=self.model_config,
+                pad_token_id=self.tokenizer.pad_token_id,
+                patch_budget=patch_budget * self.pack_items_per_row,
+                length=self.pack_length,
+                num_rows=num_rows,
+            )
+        except ValueError as error:
+            raise ValueError(
+                f"{side}: {len(items)} items do not pack into {num_rows} rows of "
+                f"{self.pack_length} tokens and {patch_budget * self.pack_items_per_row} "
+                f"patches; lower pack_items_per_row or raise pack_length ({error})"
+            ) from error
 
     def _collate_early(
         self, items: list[ProcessedItem], patch_budget: int
@@ -356,9 +416,9 @@ class ContrastiveBatcher:
     def collate(self, examples: Sequence[EncodedExample]) -> dict[str, Any]:
         """Examples -> the batch dict of the module docstring."""
         batch: dict[str, Any] = {
-            "query": self._collate([e.query for e in examples], self.query_patch_budget),
+            "query": self._collate([e.query for e in examples], self.query_patch_budget, "query"),
             "candidate": self._collate(
-                [e.candidate for e in examples], self.candidate_patch_budget
+                [e.candidate for e in examples], self.candidate_patch_budget, "candidate"
             ),
             "query_key": np.array([e.query_key for e in examples], np.int32),
             "candidate_key": np.array([e.candidate_key for e in examples], np.int32),
@@ -370,7 +430,9 @@ class ContrastiveBatcher:
         }
         if self.num_hard_negatives:
             batch["hard_negative"] = self._collate(
-                [item for e in examples for item in e.hard_negatives], self.candidate_patch_budget
+                [item for e in examples for item in e.hard_negatives],
+                self.candidate_patch_budget,
+                "hard_negative",
             )
         return batch
 

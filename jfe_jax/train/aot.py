@@ -55,7 +55,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jfe_jax.encoder import dummy_batch
@@ -69,10 +68,14 @@ from jfe_jax.train.metrics import (
     train_step_flops,
     train_step_required_flops,
 )
-from jfe_jax.train.optimizer import make_optimizer, trainable_mask
 from jfe_jax.train.step import make_train_step, merge_params
 from jfe_jax.train.topology import GIB, TpuTopology, parse_topology, require_libtpu
-from jfe_jax.train.trainer import abstract_state, encoder_options, model_config_for
+from jfe_jax.train.trainer import (
+    abstract_state,
+    build_optimizer,
+    encoder_options,
+    model_config_for,
+)
 
 PROGRAMS = ("train", "export")
 
@@ -150,30 +153,6 @@ def train_batch(config, model_config: ModelConfig, shape: BatchShape, sharding) 
             rows * hard, shape, shape.candidate_patches, model_config, sharding
         )
     return batch
-
-
-def optimizer_and_mask(config: ml_collections.ConfigDict, abstract_params: Any):
-    """The optimizer and trainable mask exactly as ``trainer.train`` builds them."""
-    also = ("logit_scale",) if config.model.learn_temperature else ()
-    also += ("projection",) if config.model.projection_dim else ()
-    mask = trainable_mask(abstract_params, config.optimizer.trainable, also_trainable=also)
-    if not config.model.learn_temperature:
-        flat_mask = traverse_util.flatten_dict(mask)
-        flat_mask[("logit_scale",)] = False
-        mask = traverse_util.unflatten_dict(flat_mask)
-    optimizer = make_optimizer(
-        learning_rate=config.optimizer.learning_rate,
-        warmup_steps=config.optimizer.warmup_steps,
-        total_steps=config.train.num_steps,
-        end_learning_rate=config.optimizer.end_learning_rate,
-        weight_decay=config.optimizer.weight_decay,
-        max_grad_norm=config.optimizer.max_grad_norm or None,
-        b1=config.optimizer.b1,
-        b2=config.optimizer.b2,
-        eps=config.optimizer.eps,
-        lr_multipliers=dict(config.optimizer.lr_multipliers),
-    )
-    return optimizer, mask
 
 
 def model_config_of(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -337,7 +316,7 @@ def estimate(
         )
     module = encoder_options(config).module(model_config)
     boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), dummy_batch(model_config)))
-    optimizer, mask = optimizer_and_mask(config, nn.meta.unbox(boxed["params"]))
+    optimizer, mask = build_optimizer(config, nn.meta.unbox(boxed["params"]))
     shapes, shardings = abstract_state(module, optimizer, mask, mesh)
     results = []
     if "train" in programs:

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
@@ -23,6 +24,7 @@ from jfe_jax.data.pipeline import make_train_loader, make_transform
 from jfe_jax.data.tfds_builders import MbeirTrainPairs, PairData, build_dataset, load_source
 from jfe_jax.data.tokenizer import load_tokenizer
 from jfe_jax.models.config import ModelConfig
+from jfe_jax.train import mesh as mesh_lib
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +33,35 @@ PAIR_KINDS = ("text_triples", "image_captions")
 
 
 class RoundRobin:
-    """Takes batches from several grain iterators in turn; its state is all of theirs."""
+    """Takes batches from several grain iterators; its state is all of theirs.
 
-    def __init__(self, loaders: dict[str, Any]):
+    Without ``weights`` the streams take turns. With ``weights`` ({name: weight}) each turn
+    draws one stream with probability proportional to its weight, from a generator seeded by
+    ``(seed, turn)``: the same stream on every host at every turn, and nothing to save beyond
+    the turn counter.
+    """
+
+    def __init__(self, loaders: dict[str, Any], weights: dict[str, float] | None = None, seed=0):
         self.names = sorted(loaders)
         self.iterators = {name: iter(loaders[name]) for name in self.names}
         self.turn = 0
+        self.seed = seed
+        self.probabilities = None
+        if weights is not None:
+            if sorted(weights) != self.names or min(weights.values()) <= 0:
+                raise ValueError(f"weights {weights} must be positive, one per stream {self.names}")
+            total = sum(weights.values())
+            self.probabilities = np.array([weights[n] / total for n in self.names])
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, Any]:
-        name = self.names[self.turn % len(self.names)]
+        if self.probabilities is None:
+            name = self.names[self.turn % len(self.names)]
+        else:
+            rng = np.random.default_rng([self.seed, self.turn])
+            name = self.names[int(rng.choice(len(self.names), p=self.probabilities))]
         self.turn += 1
         return next(self.iterators[name])
 
@@ -88,15 +107,22 @@ def _builders(config: ml_collections.ConfigDict, tfds_dir: str) -> dict[str, Any
     """Prepares (or reuses) the TFDS datasets the config reads, by stream name."""
     d = config.data
     if d.kind == "mbeir":
-        return {
-            "mbeir": build_dataset(
-                MbeirTrainPairs,
-                tfds_dir,
-                mbeir_root=d.root,
-                query_split=d.split,
-                max_hard_negatives=max(d.num_hard_negatives, 1),
-                skip_bad_records=d.skip_bad_records,
+        common = dict(
+            mbeir_root=d.root,
+            query_split=d.split,
+            max_hard_negatives=max(d.num_hard_negatives, 1),
+            skip_bad_records=d.skip_bad_records,
+        )
+        if not d.task_batches:
+            return {"mbeir": build_dataset(MbeirTrainPairs, tfds_dir, **common)}
+        tasks = MBEIR(d.root).tasks(d.split)
+        if not tasks:
+            raise ValueError(
+                f"data.task_batches needs one query file per task in query/{d.split}/ of "
+                f"{d.root} (mbeir_<task>_{d.split}.jsonl); found none"
             )
+        return {
+            task: build_dataset(MbeirTrainPairs, tfds_dir, task=task, **common) for task in tasks
         }
     return {
         kind: build_dataset(
@@ -152,6 +178,15 @@ def make_train_data(
         truncate_text=d.truncate_text,
         skip_bad_records=d.skip_bad_records,
         fusion=config.model.fusion,
+        pack=d.pack,
+        pack_items_per_row=d.pack_items_per_row,
+        pack_length=d.pack_length,
+        # Rows split evenly over the batch shards this host's devices hold.
+        pack_row_multiple=(
+            mesh_lib.local_data_parallel_shards(mesh_lib.make_mesh(dict(config.mesh)))
+            if d.pack
+            else 1
+        ),
     )
     loader_options = dict(
         global_batch_size=d.global_batch_size,
@@ -182,7 +217,6 @@ def make_train_data(
                 f"data.root={d.root} has no pairs/text_triples.jsonl or pairs/image_captions.jsonl"
             )
     else:
-        builder = builders["mbeir"]
         transform = make_transform(
             tokenizer,
             image_processor,
@@ -196,8 +230,18 @@ def make_train_data(
             candidate_patch_budget=d.candidate_patch_budget,
             **common,
         )
-        loaders["mbeir"] = make_train_loader(
-            load_source(builder, "train"), transform=transform, **loader_options
-        )
+        sizes = {}
+        for name, builder in builders.items():
+            source = load_source(builder, "train")
+            sizes[name] = len(source)
+            if d.task_batches and sizes[name] < d.global_batch_size:
+                raise ValueError(
+                    f"data.task_batches: task {name} has {sizes[name]} training pairs, fewer "
+                    f"than one batch of data.global_batch_size={d.global_batch_size}"
+                )
+            loaders[name] = make_train_loader(source, transform=transform, **loader_options)
+        if d.task_batches:
+            log.info("one task per batch, drawn in proportion to its pairs: %s", sizes)
+            return RoundRobin(loaders, weights=sizes, seed=config.seed)
     log.info("training data: %s from %s (tokenizer %s)", sorted(loaders), d.root, tokenizer_dir)
     return RoundRobin(loaders)

@@ -148,8 +148,9 @@ def sharded_init(
     return params, shardings
 
 
-def _local_data_parallel_shards(mesh: Mesh) -> int:
-    """Number of distinct batch shards whose devices belong to this process."""
+def local_data_parallel_shards(mesh: Mesh) -> int:
+    """Number of distinct batch shards whose devices belong to this process (a per-host
+    batch, and a packed side's rows, must be a multiple of it)."""
     names = mesh.axis_names
     batch_dims = [names.index(axis) for axis in BATCH_AXES]
     process = jax.process_index()
@@ -161,35 +162,72 @@ def _local_data_parallel_shards(mesh: Mesh) -> int:
     return len(coords)
 
 
-def global_batch_from_host(local_batch: Any, mesh: Mesh) -> Any:
-    """Assembles this host's rows into global batch arrays sharded by ``batch_sharding``.
+def host_row_positions(shard_starts: Sequence[int], shard_size: int) -> np.ndarray:
+    """Global index of each of a host's local batch rows.
 
-    Every leaf of ``local_batch`` (numpy arrays) has the same leading size: the rows this
-    process feeds, split evenly over the batch shards its devices hold. On one host the local
-    batch is the global batch.
+    A host's local batch is its batch shards (each ``shard_size`` rows, starting at
+    ``shard_starts`` in the global batch) laid end to end in global order, as
+    ``jax.make_array_from_process_local_data`` expects; on one host this is ``arange``.
     """
-    sizes = {
-        jax.tree_util.keystr(path): np.shape(leaf)[0]
-        for path, leaf in jax.tree_util.tree_leaves_with_path(local_batch)
-    }
-    if len(set(sizes.values())) != 1:
-        raise ValueError(f"batch leaves disagree on their leading (batch) size: {sizes}")
-    local_size = next(iter(sizes.values()))
-    local_shards = _local_data_parallel_shards(mesh)
+    return np.concatenate([np.arange(s, s + shard_size) for s in sorted(set(shard_starts))])
+
+
+def globalize_pool_index(pool_index: np.ndarray, row_positions: np.ndarray) -> np.ndarray:
+    """A packed side's ``pool_index [N, 2]`` with its host-local rows made global rows."""
+    pool_index = np.array(pool_index, np.int32)
+    pool_index[:, 0] = row_positions[pool_index[:, 0]]
+    return pool_index
+
+
+def _leading_global_size(name: str, local_size: int, mesh: Mesh) -> int:
+    """The global leading size of a leaf this host feeds ``local_size`` rows of."""
+    local_shards = local_data_parallel_shards(mesh)
     if local_size % local_shards:
         if jax.process_count() == 1:
             check_batch_divisible(local_size, mesh)
         raise ValueError(
-            f"this host's batch of {local_size} rows does not split over the {local_shards} "
-            f"batch shards its devices hold; the per-host batch must be a multiple of "
+            f"{name}: this host's {local_size} rows do not split over the {local_shards} "
+            f"batch shards its devices hold; the per-host size must be a multiple of "
             f"{local_shards} (data-parallel size {data_parallel_size(mesh)})"
         )
     global_size = local_size // local_shards * data_parallel_size(mesh)
     check_batch_divisible(global_size, mesh)
+    return global_size
+
+
+def _globalize_packed_sides(tree: Any, mesh: Mesh) -> Any:
+    """Every packed side (a dict with ``pool_index``) with global row numbers in it."""
+    if not isinstance(tree, Mapping):
+        return tree
+    tree = {key: _globalize_packed_sides(value, mesh) for key, value in tree.items()}
+    if "pool_index" not in tree:
+        return tree
+    local_rows = np.shape(tree["input_ids"])[0]
+    global_rows = _leading_global_size("packed rows", local_rows, mesh)
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_rows,))
+    starts = [index[0].start or 0 for index in index_map.values()]
+    positions = host_row_positions(starts, global_rows // data_parallel_size(mesh))
+    tree["pool_index"] = globalize_pool_index(tree["pool_index"], positions)
+    return tree
+
+
+def global_batch_from_host(local_batch: Any, mesh: Mesh) -> Any:
+    """Assembles this host's rows into global batch arrays sharded by ``batch_sharding``.
+
+    Every leaf of ``local_batch`` (numpy arrays) is split over the batch shards this process's
+    devices hold along its leading axis; leaves may differ in leading size (a packed side has
+    R rows of tokens but N items of ``pool_index``), each a multiple of the local shard count.
+    A packed side's ``pool_index`` names host-local rows; it is rewritten to the global rows
+    they land on. On one host the local batch is the global batch.
+    """
+    local_batch = _globalize_packed_sides(local_batch, mesh)
     sharding = batch_sharding(mesh)
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(
-            sharding, np.asarray(x), (global_size, *np.shape(x)[1:])
-        ),
-        local_batch,
-    )
+
+    def to_global(path, leaf):
+        name = jax.tree_util.keystr(path)
+        global_size = _leading_global_size(name, np.shape(leaf)[0], mesh)
+        return jax.make_array_from_process_local_data(
+            sharding, np.asarray(leaf), (global_size, *np.shape(leaf)[1:])
+        )
+
+    return jax.tree_util.tree_map_with_path(to_global, local_batch)

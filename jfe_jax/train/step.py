@@ -50,7 +50,10 @@ def merge_params(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dic
 
 
 def side_rows(side: dict[str, Any]) -> int:
-    """Rows of one side's model batch (early fusion, or late fusion's text/image pair)."""
+    """Items of one side's model batch (early fusion, packed, or late fusion's text/image
+    pair): the rows of its embeddings."""
+    if "pool_index" in side:  # packed: several items per row
+        return side["pool_index"].shape[0]
     if "has_text" in side:
         return side["has_text"].shape[0]
     return side["input_ids"].shape[0]

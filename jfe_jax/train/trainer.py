@@ -129,6 +129,27 @@ def validate_config(config: ml_collections.ConfigDict) -> tuple[ModelConfig, jax
             f"data.global_batch_size={config.data.global_batch_size} is not divisible by the "
             f"{jax.process_count()} hosts"
         )
+    if config.data.pack:
+        if chunk:
+            raise ValueError(
+                f"data.pack with train.grad_cache_chunk={chunk}: gradient caching chunks every "
+                "batch leaf along axis 0, which splits a packed side's rows from its items; "
+                "set train.grad_cache_chunk=0 or data.pack=False"
+            )
+        if config.model.fusion != "early":
+            raise ValueError(
+                f"data.pack packs early-fusion items only, got model.fusion={config.model.fusion!r}"
+            )
+        if config.data.pack_items_per_row < 1:
+            raise ValueError(
+                f"data.pack_items_per_row must be >= 1, got {config.data.pack_items_per_row}"
+            )
+        pack_length = config.data.pack_length or max(config.data.length_buckets)
+        if pack_length < config.data.max_length:
+            raise ValueError(
+                f"data.pack_length={pack_length} is shorter than data.max_length="
+                f"{config.data.max_length}: an item of max_length tokens would not fit in a row"
+            )
     return model_config, mesh
 
 
@@ -275,26 +296,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict
     abstract_params = nn.meta.unbox(
         jax.eval_shape(lambda: module.init(jax.random.key(0), dummy_batch(model_config)))["params"]
     )
-    also = ("logit_scale",) if config.model.learn_temperature else ()
-    also += ("projection",) if config.model.projection_dim else ()
-    mask = trainable_mask(abstract_params, config.optimizer.trainable, also_trainable=also)
-    if not config.model.learn_temperature:
-        flat_mask = traverse_util.flatten_dict(mask)
-        flat_mask[("logit_scale",)] = False
-        mask = traverse_util.unflatten_dict(flat_mask)
     total_steps = config.train.num_steps
-    optimizer = make_optimizer(
-        learning_rate=config.optimizer.learning_rate,
-        warmup_steps=config.optimizer.warmup_steps,
-        total_steps=total_steps,
-        end_learning_rate=config.optimizer.end_learning_rate,
-        weight_decay=config.optimizer.weight_decay,
-        max_grad_norm=config.optimizer.max_grad_norm or None,
-        b1=config.optimizer.b1,
-        b2=config.optimizer.b2,
-        eps=config.optimizer.eps,
-        lr_multipliers=dict(config.optimizer.lr_multipliers),
-    )
+    optimizer, mask = build_optimizer(config, abstract_params)
     shapes, shardings = abstract_state(module, optimizer, mask, mesh)
     checkpointer = ckpt.Checkpointer(
         workdir,
@@ -452,6 +455,30 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict
     if jax.process_index() == 0:
         (epath.Path(workdir) / "train_summary.json").write_text(json.dumps(final, indent=2))
     return final
+
+
+def build_optimizer(config: ml_collections.ConfigDict, abstract_params: Any) -> tuple[Any, Any]:
+    """``(optimizer, trainable mask)`` of a config: what ``train`` (and ``jfe aot``) use."""
+    also = ("logit_scale",) if config.model.learn_temperature else ()
+    also += ("projection",) if config.model.projection_dim else ()
+    mask = trainable_mask(abstract_params, config.optimizer.trainable, also_trainable=also)
+    if not config.model.learn_temperature:
+        flat_mask = traverse_util.flatten_dict(mask)
+        flat_mask[("logit_scale",)] = False
+        mask = traverse_util.unflatten_dict(flat_mask)
+    optimizer = make_optimizer(
+        learning_rate=config.optimizer.learning_rate,
+        warmup_steps=config.optimizer.warmup_steps,
+        total_steps=config.train.num_steps,
+        end_learning_rate=config.optimizer.end_learning_rate,
+        weight_decay=config.optimizer.weight_decay,
+        max_grad_norm=config.optimizer.max_grad_norm or None,
+        b1=config.optimizer.b1,
+        b2=config.optimizer.b2,
+        eps=config.optimizer.eps,
+        lr_multipliers=dict(config.optimizer.lr_multipliers),
+    )
+    return optimizer, mask
 
 
 def padding_fractions(counts: dict[str, int]) -> dict[str, float]:

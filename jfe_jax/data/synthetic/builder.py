@@ -85,13 +85,19 @@ class BenchmarkBuilder:
         image.save(path, format="PNG", optimize=False, compress_level=6)
         return relative
 
-    def scene_image(self, folder: str, scene: Scene, variant: int = 0) -> str:
+    def scene_image(
+        self, folder: str, scene: Scene, variant: int = 0, *, largest: bool = False
+    ) -> str:
         """Path of a rendering of `scene` under mbeir_images/<folder>/<split>/, drawn on first
-        use. Different variants of one scene differ in canvas size and jitter."""
+        use. Different variants of one scene differ in canvas size and jitter; ``largest``
+        always takes the largest canvas of ``image_sizes`` (questions about where an object
+        is need a picture whose positions survive the model's 28-pixel merged patches)."""
         key = (folder, scene.key, variant)
         if key not in self.images:
             seed = derive_seed(self.seed, "render", folder, scene.key, variant)
             size = self.image_sizes[seed % len(self.image_sizes)]
+            if largest:
+                size = max(self.image_sizes, key=lambda s: s[0] * s[1])
             image = render(scene, size, jitter_seed=seed, jitter=self.jitter)
             split = self.split_of(scene)
             self.images[key] = self._save(image, folder, split, folder.removesuffix("_images"))

@@ -111,9 +111,9 @@ class SyntheticConfig:
     seed: int = 0  # one seed for the world, the splits, the sampling and the jitter
     tasks: tuple[str, ...] = SYNTHETIC_TASKS  # a subset of SYNTHETIC_TASKS
     train_queries_per_task: int = 300
-    # (task, count) pairs that replace train_queries_per_task for those tasks: the position
-    # questions of the OVEN tasks need more examples than the others to be learned.
-    train_queries_by_task: tuple[tuple[str, int], ...] = (("oven_task6", 600), ("oven_task8", 600))
+    # (task, factor) pairs: those tasks get factor x train_queries_per_task training queries.
+    # The position questions of the OVEN tasks need more examples than the others.
+    train_query_multipliers: tuple[tuple[str, int], ...] = (("oven_task6", 2), ("oven_task8", 2))
     val_queries_per_task: int = 8
     test_queries_per_task: int = 60
     hard_negatives: int = 2  # per query, in neg_cand_list (fewer when the world has fewer)
@@ -162,22 +162,20 @@ class SyntheticConfig:
             self.num_text_triples,
             self.num_image_captions,
         )
-        unknown = [t for t, _ in self.train_queries_by_task if t not in TASK_BUILDERS]
+        unknown = [t for t, _ in self.train_query_multipliers if t not in TASK_BUILDERS]
         if unknown:
             raise ValueError(
-                f"SyntheticConfig.train_queries_by_task names unknown tasks {unknown}; "
+                f"SyntheticConfig.train_query_multipliers names unknown tasks {unknown}; "
                 f"expected some of {SYNTHETIC_TASKS}"
             )
-        counts += tuple(n for _, n in self.train_queries_by_task)
+        counts += tuple(n for _, n in self.train_query_multipliers)
         if min(counts) < 0:
             raise ValueError(f"SyntheticConfig counts must be non-negative, got {counts}")
 
     def queries_per_task(self, split: str, task: str | None = None) -> int:
         """Queries ``task`` (default: any task without an override) gets in a split."""
         if split == "train" and task is not None:
-            overrides = dict(self.train_queries_by_task)
-            if task in overrides:
-                return overrides[task]
+            return self.train_queries_per_task * dict(self.train_query_multipliers).get(task, 1)
         return {
             "train": self.train_queries_per_task,
             "val": self.val_queries_per_task,

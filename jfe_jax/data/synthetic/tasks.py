@@ -261,7 +261,8 @@ def _question_queries(bench, task, split, rng, count, negatives, candidate):
         rng.shuffle(others)
         other_size = "small" if obj.size == "large" else "large"
         negs = [candidate(o) for o in [obj.replace(size=other_size), *others][:negatives]]
-        image = bench.scene_image(f"{_dataset(task)}_images", scene)
+        # The largest canvas: on a 56-pixel one the five positions share 2x2 merged patches.
+        image = bench.scene_image(f"{_dataset(task)}_images", scene, largest=True)
         bench.add_query(
             task,
             split,
