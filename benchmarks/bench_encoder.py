@@ -14,6 +14,9 @@ Rows of the table:
   JAX forward, packed       the same items packed several to a row (``--pack-length`` tokens,
                             the same patch budget per row; ``jfe_jax.models.packing``), jitted
                             forward on the packed batch; its padding is printed too
+  JAX ..., vision packed    the text rows as they are, the images laid densely into their own
+                            vision rows (``pack_vision``): forward, and ``Encoder.embed(...,
+                            pack_vision=True)`` with its host-side packing
   PyTorch                   model.model + pooling + normalisation
 
 Throughputs are the best of --repeats timed calls after --warmup calls, the implementations
@@ -43,7 +46,7 @@ from hf_reference import make_inputs  # noqa: E402
 
 from jfe_jax.encoder import Encoder  # noqa: E402
 from jfe_jax.models import layers  # noqa: E402
-from jfe_jax.models.packing import items_from_rows, pack_items  # noqa: E402
+from jfe_jax.models.packing import items_from_rows, pack_items, pack_vision  # noqa: E402
 from jfe_jax.models.padding import padding_report  # noqa: E402
 from jfe_jax.models.sizes import get_size  # noqa: E402
 
@@ -161,6 +164,17 @@ def main():
     )
     candidates["JAX forward, packed (einsum)"] = lambda: np.asarray(
         packed_forward(encoder.params, packed)
+    )
+    vision_packed = pack_vision(prepared, row_multiple=4)
+    print(
+        f"vision packed: the {len(grid)} images in {vision_packed['vision_pixel_values'].shape[0]}"
+        f" vision rows of {budget} patches (instead of {ids.shape[0]} text rows)"
+    )
+    candidates["JAX forward, vision packed (einsum)"] = lambda: np.asarray(
+        packed_forward(encoder.params, vision_packed)
+    )
+    candidates["JAX Encoder.embed(pack_vision=True) (einsum)"] = lambda: encoder.embed(
+        ids, mask, pixels, grid, pack_vision=True
     )
     torch_name = "PyTorch (transformers, sdpa)"
     candidates[torch_name] = lambda: torch_embed(model, ids, mask, pixels, grid)

@@ -252,10 +252,25 @@ class Encoder:
         return np.asarray(self._forward(self.params, batch)[1])
 
     def embed(
-        self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        image_grid_thw=None,
+        *,
+        pack_vision: bool = False,
     ) -> np.ndarray:
-        """Pooled (last real token), optionally projected, L2-normalised embeddings ``[B, D]``."""
+        """Pooled (last real token), optionally projected, L2-normalised embeddings ``[B, D]``.
+
+        ``pack_vision``: run the vision tower on the batch's images laid densely into their own
+        rows (``jfe_jax.models.packing.pack_vision``, vision rows rounded up to a multiple of
+        4) instead of on every text row's patch budget; same embeddings, less padding.
+        """
         batch = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw)
+        if pack_vision:
+            from jfe_jax.models.packing import pack_vision as pack
+
+            batch = pack(batch, row_multiple=4)
         return np.asarray(self._forward(self.params, batch)[0])
 
     def num_params(self, backbone_only: bool = True) -> int:

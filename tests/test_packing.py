@@ -297,3 +297,30 @@ def test_item_embedder_pack_option_gives_the_unpacked_embeddings(model, tmp_path
     assert batch["input_ids"].shape[0] == 8  # 15 items of 63..92 tokens in 8 rows, not 16
     with pytest.raises(ValueError, match="pack=True packs early-fusion items"):
         ItemEmbedder(encoder, pack=True, fusion="late", **kw)
+
+
+def test_images_packed_into_their_own_vision_rows_give_the_same_embeddings(model):
+    from jfe_jax.models.packing import pack_vision
+
+    config, encoder, forward = model
+    rows = [[5], [3, (4, 4), 5], [2, (2, 4), 1, (4, 2), 3], [9], [(6, 4), 2], [4, (2, 2)], [7]]
+    ids, mask, pixels, grid = make_inputs(config, rows, seed=5)
+    batch = prepare_batch(config, ids, mask, pixels, grid)
+    packed = pack_vision(batch, row_multiple=2)
+    # 6 images (16, 8, 8, 24, 4 patches ...) fill fewer vision rows than the 7 text rows
+    assert packed["vision_pixel_values"].shape[0] < batch["pixel_values"].shape[0]
+    assert "pixel_values" not in packed
+    want = np.asarray(forward(encoder.params, batch))
+    got = np.asarray(forward(encoder.params, packed))
+    np.testing.assert_allclose(got, want, atol=ATOL)
+    # The map matters: shuffling which image token goes where changes the embeddings.
+    wrong = dict(packed, image_token_index=packed["image_token_index"][::-1].copy())
+    assert np.abs(np.asarray(forward(encoder.params, wrong)) - want).max() > 1e-3
+    # The user-facing call takes the same path.
+    np.testing.assert_allclose(
+        encoder.embed(ids, mask, pixels, grid, pack_vision=True),
+        encoder.embed(ids, mask, pixels, grid),
+        atol=ATOL,
+    )
+    with pytest.raises(ValueError, match="does not fit a vision row of 8"):
+        pack_vision(batch, patch_budget=8)

@@ -109,6 +109,14 @@ class OneTowerEncoder(nn.Module):
         Computed apart, they can be fed back through ``image_features=`` (the train step reuses
         a frozen tower's output across the gradient cache's two passes).
         """
+        if "vision_pixel_values" in batch:  # images in their own rows (packing.pack_vision)
+            features = self.vision(
+                batch["vision_pixel_values"],
+                batch["vision_segment_ids"],
+                batch["vision_positions"],
+            )
+            flat = features.reshape(-1, features.shape[-1])
+            return jnp.take(flat, batch["image_token_index"], axis=0)
         if "pixel_values" not in batch or batch["pixel_values"].shape[1] == 0:
             return None
         return self.vision(

@@ -239,3 +239,83 @@ def items_from_rows(
         grids_out.append(grids[image : image + k])
         image += k
     return ids, pixels_out, grids_out
+
+
+def pack_vision(
+    batch: dict[str, np.ndarray], *, patch_budget: int | None = None, row_multiple: int = 1
+) -> dict[str, np.ndarray]:
+    """Moves a batch's images into their own densely filled rows for the vision tower.
+
+    A model batch keeps each text row's images in that row's patch budget P, so text-only rows
+    and small images leave most of ``pixel_values [B, P, D]`` as padding, and the vision tower
+    runs on all of it. This lays every image of the batch into V vision rows of
+    ``patch_budget`` patches (first-fit decreasing by size; default P) and adds the map back:
+
+    * ``vision_pixel_values [V, Pv, D]``, ``vision_segment_ids [V, Pv]`` (one id per image in
+      its vision row, 0 = padding), ``vision_positions [V, Pv, 2]``;
+    * ``image_token_index [B, P / merge**2]``: for the j-th merged image token of text row b,
+      its index among the vision tower's flattened outputs ``[V * Pv / merge**2]`` (0 where
+      the row has no j-th image token; those slots are never read).
+
+    The encoder then runs the tower on V rows instead of B and gathers each row's image tokens;
+    the embeddings are the same (every image still attends only to itself). The text keys are
+    kept; the per-row pixel keys are dropped. V is rounded up to ``row_multiple``.
+    """
+    if "pixel_values" not in batch or batch["pixel_values"].shape[1] == 0:
+        return dict(batch)
+    pixels = np.asarray(batch["pixel_values"])
+    segments = np.asarray(batch["patch_segment_ids"])
+    positions = np.asarray(batch["patch_positions"])
+    rows, budget, dim = pixels.shape
+    merge = 4  # merge_size**2: the vision tower merges each 2x2 block of consecutive patches
+    vision_budget = budget if patch_budget is None else int(patch_budget)
+    if vision_budget <= 0 or vision_budget % merge:
+        raise ValueError(f"patch_budget {vision_budget} must be a positive multiple of {merge}")
+    images = []  # (patches, text row, start in the row)
+    for b in range(rows):
+        row = segments[b]
+        for k in range(1, int(row.max(initial=0)) + 1):
+            where = np.flatnonzero(row == k)
+            if where.size:
+                images.append((int(where.size), b, int(where[0])))
+    if any(n > vision_budget for n, _, _ in images):
+        n = max(n for n, _, _ in images)
+        raise ValueError(f"an image of {n} patches does not fit a vision row of {vision_budget}")
+    order = sorted(range(len(images)), key=lambda i: -images[i][0])
+    fill: list[int] = []  # patches used per vision row
+    placed: dict[int, tuple[int, int]] = {}  # image -> (vision row, offset)
+    for i in order:
+        n = images[i][0]
+        row = next((v for v, used in enumerate(fill) if used + n <= vision_budget), None)
+        if row is None:
+            fill.append(0)
+            row = len(fill) - 1
+        placed[i] = (row, fill[row])
+        fill[row] += n
+    num_rows = max(1, -(-len(fill) // row_multiple) * row_multiple)
+    out = {
+        k: v
+        for k, v in batch.items()
+        if k not in ("pixel_values", "patch_segment_ids", "patch_positions")
+    }
+    v_pixels = np.zeros((num_rows, vision_budget, dim), dtype=pixels.dtype)
+    v_segments = np.zeros((num_rows, vision_budget), dtype=np.int32)
+    v_positions = np.zeros((num_rows, vision_budget, 2), dtype=np.int32)
+    index = np.zeros((rows, budget // merge), dtype=np.int32)
+    per_row = vision_budget // merge
+    images_in_row = [0] * num_rows
+    for i, (n, b, start) in enumerate(images):
+        v, offset = placed[i]
+        images_in_row[v] += 1
+        v_pixels[v, offset : offset + n] = pixels[b, start : start + n]
+        v_segments[v, offset : offset + n] = images_in_row[v]
+        v_positions[v, offset : offset + n] = positions[b, start : start + n]
+        tokens = np.arange(n // merge)
+        index[b, start // merge + tokens] = v * per_row + offset // merge + tokens
+    out.update(
+        vision_pixel_values=v_pixels,
+        vision_segment_ids=v_segments,
+        vision_positions=v_positions,
+        image_token_index=index,
+    )
+    return out
