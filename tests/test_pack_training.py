@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hf_reference import make_inputs
 from PIL import Image
+from train_fixtures import assert_trees_close, spread_weights
 
 from jfe_jax.data.collate import collate, collate_packed
 from jfe_jax.data.image_processor import ImageProcessor
@@ -81,21 +82,7 @@ def model():
     config = get_size("tiny")
     module = EncoderOptions().module(config)
     boxed = module.init(jax.random.key(0), dummy_batch(config))["params"]
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(boxed))
-    keys = jax.random.split(jax.random.key(7), len(leaves))
-    spread = []
-    for (path, leaf), key in zip(leaves, keys):
-        name = jax.tree_util.keystr(path)
-        noise = jax.random.normal(key, leaf.shape, leaf.dtype)
-        if "logit_scale" in name:
-            spread.append(leaf)
-        elif "scale" in name:
-            spread.append(1.0 + 0.2 * noise)
-        elif "bias" in name:
-            spread.append(0.1 * noise)
-        else:
-            spread.append(0.08 * noise)
-    params = jax.tree_util.tree_unflatten(treedef, spread)
+    params = spread_weights(nn.meta.unbox(boxed))
     return config, module, boxed, params
 
 
@@ -121,10 +108,7 @@ def _loss_and_grad(module, boxed, params, batch, mesh):
 
 
 def _assert_close(a, b):
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
-        scale = max(float(np.max(np.abs(y))), 1e-12)
-        diff = float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-        assert diff <= RTOL * scale, (jax.tree_util.keystr(path), diff, scale)
+    assert_trees_close(a, b, RTOL)
 
 
 def _check_packed_step_equals_unpacked(model, num_hard):

@@ -7,6 +7,7 @@ import pytest
 from hf_reference import make_inputs
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
+from train_fixtures import spread_weights
 
 from jfe_jax.data.collate import collate, collate_packed
 from jfe_jax.data.processing import ProcessedItem
@@ -44,21 +45,7 @@ def model():
     """The tiny encoder with well-spread random weights (the default init is near identity)."""
     config = get_size("tiny")
     encoder = Encoder.init(config, seed=0)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(encoder.params)
-    keys = jax.random.split(jax.random.key(7), len(leaves))
-    spread = []
-    for (path, leaf), key in zip(leaves, keys):
-        name = jax.tree_util.keystr(path)
-        noise = jax.random.normal(key, leaf.shape, leaf.dtype)
-        if "logit_scale" in name:
-            spread.append(leaf)
-        elif "scale" in name:
-            spread.append(1.0 + 0.2 * noise)
-        elif "bias" in name:
-            spread.append(0.1 * noise)
-        else:
-            spread.append(0.08 * noise)
-    params = jax.tree_util.tree_unflatten(treedef, spread)
+    params = spread_weights(encoder.params)
     module = encoder.module
     forward = jax.jit(lambda p, b: module.apply({"params": p}, b)[0])
     return config, Encoder(config, params, encoder.options), forward

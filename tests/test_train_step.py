@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from train_fixtures import ToyPairs
+from train_fixtures import ToyPairs, assert_trees_close
 
 from jfe_jax.encoder import EncoderOptions, dummy_batch
 from jfe_jax.models.axes import LOGICAL_RULES
@@ -66,10 +66,7 @@ def _loss_and_grad(module, state, batch, mesh=None, boxed=None, chunk=0):
 
 
 def _assert_close(a, b):
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
-        scale = max(float(np.max(np.abs(y))), 1e-12)
-        diff = float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-        assert diff <= RTOL * scale, (jax.tree_util.keystr(path), diff, scale)
+    assert_trees_close(a, b, RTOL)
 
 
 @pytest.mark.parametrize(

@@ -54,3 +54,35 @@ class ToyPairs:
 
     def set_state(self, state: dict) -> None:
         self.position = int(state["position"])
+
+
+def spread_weights(params, seed: int = 7):
+    """Random weights spread out enough that no layer is near identity: norm scales 1 +- 0.2,
+    biases 0.1 and kernels 0.08 standard normal; the temperature is kept."""
+    import jax
+
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    spread = []
+    for (path, leaf), key in zip(leaves, keys):
+        name = jax.tree_util.keystr(path)
+        noise = jax.random.normal(key, leaf.shape, leaf.dtype)
+        if "logit_scale" in name:
+            spread.append(leaf)
+        elif "scale" in name:
+            spread.append(1.0 + 0.2 * noise)
+        elif "bias" in name:
+            spread.append(0.1 * noise)
+        else:
+            spread.append(0.08 * noise)
+    return jax.tree_util.tree_unflatten(treedef, spread)
+
+
+def assert_trees_close(a, b, rtol: float) -> None:
+    """Every leaf of ``a`` within ``rtol`` x the max |value| of the same leaf of ``b``."""
+    import jax
+
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
+        scale = max(float(np.max(np.abs(y))), 1e-12)
+        diff = float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+        assert diff <= rtol * scale, (jax.tree_util.keystr(path), diff, scale)

@@ -88,13 +88,18 @@ def batch_forward_flops(config: ModelConfig, model_batch: Mapping[str, Any]) -> 
     return flops
 
 
-def train_step_flops(config: ModelConfig, batch: Mapping[str, Any]) -> float:
-    """Model FLOPs of one contrastive step (every side, forward + backward = 3x forward)."""
-    sides = [
+def model_sides(batch: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The model batches (query, candidate, hard negatives) among a train batch's values."""
+    return [
         v
         for v in batch.values()
         if isinstance(v, Mapping) and ("input_ids" in v or "has_text" in v)
     ]
+
+
+def train_step_flops(config: ModelConfig, batch: Mapping[str, Any]) -> float:
+    """Model FLOPs of one contrastive step (every side, forward + backward = 3x forward)."""
+    sides = model_sides(batch)
     return 3.0 * sum(batch_forward_flops(config, side) for side in sides)
 
 
@@ -172,11 +177,7 @@ def train_step_required_flops(
     and adapters 3x. Remat and gradient-cache re-forwards are excluded, as in
     ``train_step_flops`` (the 3 x forward convention, which this does not replace).
     """
-    sides = [
-        v
-        for v in batch.values()
-        if isinstance(v, Mapping) and ("input_ids" in v or "has_text" in v)
-    ]
+    sides = model_sides(batch)
     return sum(
         batch_required_flops(
             config, side, trainable=trainable, lora_rank=lora_rank, lora_targets=lora_targets
@@ -192,17 +193,22 @@ def measured_cpu_peak(size: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of a jitted float32 matmul on this host's CPU backend (the whole machine)."""
     global _MEASURED_CPU_PEAK
     if _MEASURED_CPU_PEAK is None:
-        device = jax.devices("cpu")[0]
-        a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
-        matmul = jax.jit(lambda x: x @ x)
-        matmul(a).block_until_ready()
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            matmul(a).block_until_ready()
-            best = min(best, time.perf_counter() - start)
-        _MEASURED_CPU_PEAK = 2 * size**3 / best
+        _MEASURED_CPU_PEAK = time_matmul(jax.devices("cpu")[0], size, repeats)
     return _MEASURED_CPU_PEAK
+
+
+def time_matmul(device: jax.Device, size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a jitted float32 ``size`` x ``size`` matmul on ``device``, best of ``repeats``
+    (measured afresh on every call; ``measured_cpu_peak`` keeps its first measurement)."""
+    a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
 
 
 def peak_flops(devices: list[jax.Device] | None = None) -> tuple[float, str]:
