@@ -179,9 +179,9 @@ def globalize_pool_index(pool_index: np.ndarray, row_positions: np.ndarray) -> n
     return pool_index
 
 
-def _leading_global_size(name: str, local_size: int, mesh: Mesh) -> int:
-    """The global leading size of a leaf this host feeds ``local_size`` rows of."""
-    local_shards = local_data_parallel_shards(mesh)
+def _leading_global_size(name: str, local_size: int, mesh: Mesh, local_shards: int) -> int:
+    """The global leading size of a leaf this host feeds ``local_size`` rows of, split over the
+    ``local_shards`` batch shards its devices hold (``local_data_parallel_shards``)."""
     if local_size % local_shards:
         if jax.process_count() == 1:
             check_batch_divisible(local_size, mesh)
@@ -195,15 +195,15 @@ def _leading_global_size(name: str, local_size: int, mesh: Mesh) -> int:
     return global_size
 
 
-def _globalize_packed_sides(tree: Any, mesh: Mesh) -> Any:
+def _globalize_packed_sides(tree: Any, mesh: Mesh, local_shards: int) -> Any:
     """Every packed side (a dict with ``pool_index``) with global row numbers in it."""
     if not isinstance(tree, Mapping):
         return tree
-    tree = {key: _globalize_packed_sides(value, mesh) for key, value in tree.items()}
+    tree = {key: _globalize_packed_sides(value, mesh, local_shards) for key, value in tree.items()}
     if "pool_index" not in tree:
         return tree
     local_rows = np.shape(tree["input_ids"])[0]
-    global_rows = _leading_global_size("packed rows", local_rows, mesh)
+    global_rows = _leading_global_size("packed rows", local_rows, mesh, local_shards)
     index_map = batch_sharding(mesh).addressable_devices_indices_map((global_rows,))
     starts = [index[0].start or 0 for index in index_map.values()]
     positions = host_row_positions(starts, global_rows // data_parallel_size(mesh))
@@ -220,12 +220,13 @@ def global_batch_from_host(local_batch: Any, mesh: Mesh) -> Any:
     A packed side's ``pool_index`` names host-local rows; it is rewritten to the global rows
     they land on. On one host the local batch is the global batch.
     """
-    local_batch = _globalize_packed_sides(local_batch, mesh)
+    local_shards = local_data_parallel_shards(mesh)  # once per batch, not per leaf
+    local_batch = _globalize_packed_sides(local_batch, mesh, local_shards)
     sharding = batch_sharding(mesh)
 
     def to_global(path, leaf):
         name = jax.tree_util.keystr(path)
-        global_size = _leading_global_size(name, np.shape(leaf)[0], mesh)
+        global_size = _leading_global_size(name, np.shape(leaf)[0], mesh, local_shards)
         return jax.make_array_from_process_local_data(
             sharding, np.asarray(leaf), (global_size, *np.shape(leaf)[1:])
         )
