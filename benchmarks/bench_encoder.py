@@ -165,7 +165,7 @@ def main():
     candidates["JAX forward, packed (einsum)"] = lambda: np.asarray(
         packed_forward(encoder.params, packed)
     )
-    vision_packed = pack_vision(prepared, row_multiple=4)
+    vision_packed = pack_vision(prepared, row_multiple=None)  # as Encoder.embed does
     print(
         f"vision packed: the {len(grid)} images in {vision_packed['vision_pixel_values'].shape[0]}"
         f" vision rows of {budget} patches (instead of {ids.shape[0]} text rows)"

@@ -123,15 +123,21 @@ class Encoder:
         self.module = options.module(config)
         self.params = params
         self.source_dir = source_dir
-        self.trace_count = 0  # how many times the forward was traced (one per input shape)
+        self.trace_count = 0  # traces of the forward: one per input shape and output kind
         self.step: int | None = None  # training step of a checkpoint loaded from a workdir
 
-        def forward(params, batch):
+        def embed(params, batch):
             self.trace_count += 1
-            embedding, out = self.module.apply({"params": params}, batch)
-            return embedding, out["last_hidden_state"].astype(jnp.float32)
+            return self.module.apply({"params": params}, batch)[0]
 
-        self._forward = jax.jit(forward)
+        def hidden(params, batch):
+            self.trace_count += 1
+            _, out = self.module.apply({"params": params}, batch, return_hidden=True)
+            return out["last_hidden_state"].astype(jnp.float32)
+
+        # Two programs: the embedding one skips the final layer's unpooled positions.
+        self._embed = jax.jit(embed)
+        self._hidden = jax.jit(hidden)
 
     # ------------------------------------------------------------------ construction
 
@@ -249,7 +255,7 @@ class Encoder:
     ) -> np.ndarray:
         """Final-layer hidden states ``[B, L, H]`` as float32 numpy."""
         batch = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw)
-        return np.asarray(self._forward(self.params, batch)[1])
+        return np.asarray(self._hidden(self.params, batch))
 
     def embed(
         self,
@@ -263,15 +269,16 @@ class Encoder:
         """Pooled (last real token), optionally projected, L2-normalised embeddings ``[B, D]``.
 
         ``pack_vision``: run the vision tower on the batch's images laid densely into their own
-        rows (``jfe_jax.models.packing.pack_vision``, vision rows rounded up to a multiple of
-        4) instead of on every text row's patch budget; same embeddings, less padding.
+        rows (``jfe_jax.models.packing.pack_vision``; the row count rounded up by
+        ``coarse_row_count``, so a few shapes compile) instead of on every text row's patch
+        budget; same embeddings, less padding.
         """
         batch = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw)
         if pack_vision:
             from jfe_jax.models.packing import pack_vision as pack
 
-            batch = pack(batch, row_multiple=4)
-        return np.asarray(self._forward(self.params, batch)[0])
+            batch = pack(batch, row_multiple=None)
+        return np.asarray(self._embed(self.params, batch))
 
     def num_params(self, backbone_only: bool = True) -> int:
         tree = {k: self.params[k] for k in BACKBONE} if backbone_only else self.params

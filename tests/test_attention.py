@@ -120,6 +120,57 @@ def test_implementations_give_the_same_gradients():
             np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
 
 
+def test_causal_query_blocks():
+    assert [layers.causal_query_blocks(n) for n in (7, 32, 63, 64, 96, 128, 130, 4096)] == [
+        1,
+        1,
+        1,
+        2,
+        2,
+        4,
+        2,
+        4,
+    ]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("length", [128, 64, 30])  # 4 query blocks, 2, and 1
+def test_causal_blocks_match_the_reference_and_full_attention(impl, length):
+    # causal=True skips the keys after each query block; queries with a visible key must get
+    # the reference's outputs and gradients (padding queries are multiplied by zero, as a
+    # masked loss does). Rows: right padding, left padding, two packed segments.
+    q, k, v = random_qkv(4, 2, length=length, batch=3, head_dim=8, seed=length)
+    valid = np.ones((3, length), bool)
+    valid[0, length - 5 :] = False
+    valid[1, :3] = False
+    seg = np.ones((3, length), np.int32)
+    seg[2, length // 3 :] = 2
+    causal = np.tril(np.ones((length, length), bool))
+    mask = causal[None] & valid[:, None, :] & (seg[:, :, None] == seg[:, None, :])
+    visible = mask.any(axis=-1)[..., None, None]
+    blocked = layers.attention(
+        q, k, v, jnp.asarray(mask), dtype=jnp.float32, impl=impl, causal=True
+    )
+    assert np.all(np.isfinite(blocked))
+    want = reference_attention(q, k, v, mask)
+    np.testing.assert_allclose(np.where(visible, blocked, 0), np.where(visible, want, 0), atol=ATOL)
+
+    def grads(causal):
+        def loss(q, k, v):
+            o = layers.attention(
+                q, k, v, jnp.asarray(mask), dtype=jnp.float32, impl=impl, causal=causal
+            )
+            return jnp.sum(jnp.where(visible, jnp.sin(o), 0.0))
+
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    for a, b in zip(grads(True), grads(False)):
+        np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="causal attention needs Lq == Lk"):
+        half = jnp.asarray(mask[:, : length // 2])
+        layers.attention(q[:, : length // 2], k, v, half, dtype=jnp.float32, causal=True)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_key_padding_mask_broadcasts_over_queries(impl):
     q, k, v = random_qkv(4, 2, seed=2)

@@ -82,6 +82,18 @@ def test_scanned_layers_give_the_same_hidden_states(tiny, hf_dir, encoder):
     )
 
 
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("case", ["left_padding", "images_of_different_sizes"])
+def test_pooled_last_layer_gives_the_embedding_of_the_full_hidden_states(case, scan, hf_dir):
+    # embed() runs the last decoder layer only at each row's pooled token (unrolled layers);
+    # it must agree with pooling the full final hidden states, to float32 rounding.
+    enc = Encoder.from_pretrained(hf_dir, scan_layers=scan)
+    rows, padding = CASES[case]
+    ids, mask, pixels, grid = make_inputs(enc.config, rows, padding=padding, seed=7)
+    expected = _pool(enc.hidden_states(ids, mask, pixels, grid), mask)
+    np.testing.assert_allclose(enc.embed(ids, mask, pixels, grid), expected, atol=1e-6)
+
+
 def test_bfloat16_compute_stays_close_to_the_float32_reference(tiny, hf_dir):
     # Stated tolerance for bfloat16 compute (float32 params, float32 norms/softmax):
     # embedding cosine >= 0.999 and hidden-state error <= 3% of the hidden states' max |value|
@@ -105,9 +117,11 @@ def test_one_trace_per_input_shape(tiny, hf_dir):
     b = make_inputs(config, [[2, (4, 4), 3], [9]], seed=2)  # same shapes, other values
     enc.embed(*a)
     enc.embed(*b)
-    enc.hidden_states(*a)
     assert enc.trace_count == 1
+    enc.hidden_states(*a)  # another program: all final-layer positions
+    enc.hidden_states(*b)
+    assert enc.trace_count == 2
     c = make_inputs(config, [[5], [3]], seed=5)  # text only: another shape
     enc.embed(*c)
     enc.embed(*c)
-    assert enc.trace_count == 2
+    assert enc.trace_count == 3

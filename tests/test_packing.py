@@ -311,3 +311,14 @@ def test_images_packed_into_their_own_vision_rows_give_the_same_embeddings(model
     )
     with pytest.raises(ValueError, match="does not fit a vision row of 8"):
         pack_vision(batch, patch_budget=8)
+
+
+def test_coarse_row_count_keeps_three_significant_bits():
+    from jfe_jax.models.packing import coarse_row_count
+
+    got = [coarse_row_count(n) for n in range(0, 42)]
+    assert got[:9] == [1, 1, 2, 3, 4, 5, 6, 7, 8]
+    assert got[9:17] == [10, 10, 12, 12, 14, 14, 16, 16]
+    assert got[17:21] == [20, 20, 20, 20] and got[33] == 40 and got[41] == 48
+    assert all(n <= r < max(2, 1.25 * n) for n, r in enumerate(got) if n)
+    assert len(set(got[8:])) == 11  # 8..41 compile as 11 shapes

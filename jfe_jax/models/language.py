@@ -63,13 +63,26 @@ class DecoderLayer(nn.Module):
         )
 
     @nn.compact
-    def __call__(self, x, mask, cos, sin):
+    def __call__(self, x, mask, cos, sin, query_points=None):
+        """``x [B, L, H] -> ([B, L, H], None)``.
+
+        ``query_points [N, 2]`` (row, position): the layer's output only at those tokens,
+        ``[N, 1, H]``. Keys and values still come from every token of the rows; the queries,
+        the output projection and the MLP run only at the N points. The last layer of an
+        encoder that pools one token per item needs no more (``LanguageModel(pool_index=)``).
+        """
         cfg = self.config
-        batch, length, _ = x.shape
         norm_kw = dict(eps=cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(name="input_layernorm", **norm_kw)(x)
+        h_q, cos_q, sin_q, mask_q, residual = h, cos, sin, mask, x
+        if query_points is not None:
+            rows, positions = query_points[:, 0], query_points[:, 1]
+            h_q, residual = h[rows, positions][:, None], x[rows, positions][:, None]
+            cos_q, sin_q = cos[rows, positions][:, None], sin[rows, positions][:, None]
+            mask_q = mask[rows, positions][:, None]
+        batch, length, _ = h_q.shape
         q = self._linear("q_proj", cfg.num_heads * cfg.head_dim, (axes.EMBED, axes.Q_HEADS), True)(
-            h
+            h_q
         )
         k = self._linear(
             "k_proj", cfg.num_kv_heads * cfg.head_dim, (axes.EMBED, axes.KV_HEADS), True
@@ -78,13 +91,16 @@ class DecoderLayer(nn.Module):
             "v_proj", cfg.num_kv_heads * cfg.head_dim, (axes.EMBED, axes.KV_HEADS), True
         )(h)
         q = q.reshape(batch, length, cfg.num_heads, cfg.head_dim)
-        k = k.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
-        v = v.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
+        k = k.reshape(*x.shape[:2], cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(*x.shape[:2], cfg.num_kv_heads, cfg.head_dim)
         q = axes.constrain(q, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS, None))
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        h = attention(q, k, v, mask, dtype=self.dtype).reshape(batch, length, -1)
+        q, k = apply_rotary(q, cos_q, sin_q), apply_rotary(k, cos, sin)
+        if query_points is not None:
+            k, v = k[rows], v[rows]
+        h = attention(q, k, v, mask_q, dtype=self.dtype, causal=query_points is None)
+        h = h.reshape(batch, length, -1)
         h = self._linear("o_proj", cfg.hidden_size, (axes.Q_HEADS, axes.EMBED), False)(h)
-        x = x + h
+        x = residual + h
         h = RMSNorm(name="post_attention_layernorm", **norm_kw)(x)
         gate = self._linear("gate_proj", cfg.intermediate_size, (axes.EMBED, axes.MLP), False)(h)
         up = self._linear("up_proj", cfg.intermediate_size, (axes.EMBED, axes.MLP), False)(h)
@@ -147,7 +163,13 @@ class LanguageModel(nn.Module):
             )
 
     def __call__(
-        self, input_ids, attention_mask, position_ids, image_features=None, segment_ids=None
+        self,
+        input_ids,
+        attention_mask,
+        position_ids,
+        image_features=None,
+        segment_ids=None,
+        pool_index=None,
     ):
         """Final-layer hidden states ``[B, L, H]`` (after the final norm).
 
@@ -159,6 +181,10 @@ class LanguageModel(nn.Module):
             takes ``image_features[b, j]``.
           segment_ids: ``[B, L]`` for packed rows (``jfe_jax.models.packing``): tokens attend
             only within their own segment; None: the whole row is one sequence.
+          pool_index: ``[N, 2]`` (row, position): return only the final hidden states at these
+            tokens, ``[N, H]``. With unrolled layers the last layer then runs its queries and
+            MLP only there (the same numbers, less work: the pooled embedding needs no other
+            final-layer position); scanned layers run in full and are gathered.
         """
         x = self.embed_tokens(input_ids)
         if image_features is not None:
@@ -174,7 +200,13 @@ class LanguageModel(nn.Module):
         if segment_ids is not None:
             mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
         cos, sin = mrope(jnp.swapaxes(position_ids, 0, 1), self.config)
+        if pool_index is not None and isinstance(self.layers, (list, tuple)):
+            x = run_layers(self.layers[:-1], x, mask, cos, sin)
+            x, _ = self.layers[-1](x, mask, cos, sin, pool_index)
+            return self.norm(x[:, 0])
         x = run_layers(self.layers, x, mask, cos, sin)
+        if pool_index is not None:
+            return self.norm(x[pool_index[:, 0], pool_index[:, 1]])
         x = self.norm(x)
         if self.is_initializing() and not self.tie_word_embeddings:
             self.lm_head(x[:, :1])  # create the (unused) head's params at init

@@ -179,6 +179,19 @@ def _check_impl(name: str) -> None:
         raise ValueError(f"unknown attention impl {name!r}; expected one of {ATTENTION_IMPLS}")
 
 
+def causal_query_blocks(length: int) -> int:
+    """How many query blocks causal attention splits a row of ``length`` tokens into.
+
+    Block i of n sees only the keys up to its own end, so the masked upper triangle is skipped
+    except within the diagonal blocks: the work is (n + 1) / 2n of full attention. Blocks stay
+    at least 32 queries long (smaller ones run slower on CPU than they save); at most 4.
+    """
+    for blocks in (4, 2):
+        if length % blocks == 0 and length // blocks >= 32:
+            return blocks
+    return 1
+
+
 def attention(
     query: jax.Array,
     key: jax.Array,
@@ -187,11 +200,19 @@ def attention(
     *,
     dtype: Dtype,
     impl: str | None = None,
+    causal: bool = False,
 ) -> jax.Array:
     """Masked softmax attention with grouped-query heads.
 
     A query whose keys are all masked (a padding position) gets uniform weights, never NaN, so
     padding rows stay finite and their zero cotangents cannot turn into NaN gradients.
+
+    With ``causal=True`` the caller promises that ``mask`` hides every key after its query
+    (``mask[b, q, k]`` False for ``k > q``, as a causal mask with padding or segments does).
+    The queries then run in ``causal_query_blocks(Lq)`` blocks, block i attending only to the
+    keys before its end: the same outputs for every query with a visible key (the skipped
+    weights are exactly zero), about 40% less work for 4 blocks. A fully masked query (a
+    padding position) then spreads its weights over its block's keys instead of all keys.
 
     Args:
       query: ``[B, Lq, H, D]``.
@@ -211,9 +232,22 @@ def attention(
             f"attention mask must be boolean [B, Lq, Lk] (or broadcastable to it), got "
             f"{mask.dtype} {mask.shape}"
         )
-    if impl == "dot_product_attention":
-        return _jax_nn_attention(query, key, value, mask, dtype=dtype)
-    return _einsum_attention(query, key, value, mask, dtype=dtype)
+    run = _jax_nn_attention if impl == "dot_product_attention" else _einsum_attention
+    q_len = query.shape[1]
+    if causal and key.shape[1] != q_len:
+        raise ValueError(f"causal attention needs Lq == Lk, got {q_len} and {key.shape[1]}")
+    blocks = causal_query_blocks(q_len) if causal else 1
+    if blocks == 1:
+        return run(query, key, value, mask, dtype=dtype)
+    mask = jnp.broadcast_to(mask, (query.shape[0], q_len, q_len))
+    size = q_len // blocks
+    outs = []
+    for i in range(blocks):
+        rows, end = slice(i * size, (i + 1) * size), (i + 1) * size
+        outs.append(
+            run(query[:, rows], key[:, :end], value[:, :end], mask[:, rows, :end], dtype=dtype)
+        )
+    return jnp.concatenate(outs, axis=1)
 
 
 def _einsum_attention(query, key, value, mask, *, dtype):

@@ -25,12 +25,16 @@ from jfe_jax.models.vision import VisionTower
 Dtype = Any
 
 
+def last_token_index(attention_mask: jax.Array) -> jax.Array:
+    """``[B, 2]`` (row, position) of each row's last real token (left or right padding)."""
+    batch, length = attention_mask.shape
+    positions = jnp.where(attention_mask.astype(bool), jnp.arange(length)[None, :], -1)
+    return jnp.stack([jnp.arange(batch), jnp.max(positions, axis=1)], axis=-1)
+
+
 def pool_last_token(hidden_states: jax.Array, attention_mask: jax.Array) -> jax.Array:
     """Hidden state of each row's last real token (works for left and right padding)."""
-    length = attention_mask.shape[1]
-    positions = jnp.where(attention_mask.astype(bool), jnp.arange(length)[None, :], -1)
-    last = jnp.max(positions, axis=1)
-    return jnp.take_along_axis(hidden_states, last[:, None, None], axis=1)[:, 0]
+    return pool_at(hidden_states, last_token_index(attention_mask))
 
 
 def pool_at(hidden_states: jax.Array, pool_index: jax.Array) -> jax.Array:
@@ -142,8 +146,14 @@ class OneTowerEncoder(nn.Module):
         )
 
     def __call__(
-        self, batch: dict[str, Any], image_features: jax.Array | None = None
+        self,
+        batch: dict[str, Any],
+        image_features: jax.Array | None = None,
+        return_hidden: bool = False,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``(embedding [N, D], out)``; ``out`` holds ``pooled`` and, with ``return_hidden``,
+        ``last_hidden_state [B, L, H]``. Without it the last layer runs only at the pooled
+        tokens (``LanguageModel(pool_index=)``): the same embeddings for less work."""
         if "has_text" in batch:
             if image_features is not None:
                 raise ValueError("precomputed image_features are for early-fusion batches only")
@@ -151,17 +161,32 @@ class OneTowerEncoder(nn.Module):
         packed = "pool_index" in batch
         if packed != ("segment_ids" in batch):
             raise ValueError("a packed batch needs both segment_ids and pool_index")
-        hidden = self.hidden_states(batch, image_features)
         if packed:
-            pooled = pool_at(hidden, batch["pool_index"])
+            pool_index = batch["pool_index"]
         else:
-            pooled = pool_last_token(hidden, batch["attention_mask"])
+            pool_index = last_token_index(batch["attention_mask"])
+        out = {}
+        if return_hidden:
+            out["last_hidden_state"] = self.hidden_states(batch, image_features)
+            pooled = pool_at(out["last_hidden_state"], pool_index)
+        else:
+            if image_features is None:
+                image_features = self.image_features(batch)
+            pooled = self.text(
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["position_ids"],
+                image_features,
+                segment_ids=batch.get("segment_ids"),
+                pool_index=pool_index,
+            )
+        out["pooled"] = pooled
         features = self.projection(pooled) if self.projection_dim else pooled
         embedding = l2_normalize(features)
         if "item_mask" in batch:
             # Slots that only pad N to a static item count embed to zero.
             embedding = jnp.where(batch["item_mask"][:, None].astype(bool), embedding, 0.0)
-        return embedding, {"last_hidden_state": hidden, "pooled": pooled}
+        return embedding, out
 
     def late_fusion(self, batch: dict[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The late-fusion baseline (``jfe_jax.data.late_fusion``): text and image parts

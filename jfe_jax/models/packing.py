@@ -241,8 +241,16 @@ def items_from_rows(
     return ids, pixels_out, grids_out
 
 
+def coarse_row_count(needed: int) -> int:
+    """``needed`` rounded up to three significant bits: 1-8 as they are, then 10, 12, 14, 16,
+    20, 24, 28, 32, 40, ... Four sizes per doubling bound the number of compiled shapes while
+    adding less than a quarter of padding rows (9 -> 10, 17 -> 20)."""
+    step = 1 << max(0, int(needed).bit_length() - 3)
+    return max(1, -(-int(needed) // step) * step)
+
+
 def pack_vision(
-    batch: dict[str, np.ndarray], *, patch_budget: int | None = None, row_multiple: int = 1
+    batch: dict[str, np.ndarray], *, patch_budget: int | None = None, row_multiple: int | None = 1
 ) -> dict[str, np.ndarray]:
     """Moves a batch's images into their own densely filled rows for the vision tower.
 
@@ -259,7 +267,8 @@ def pack_vision(
 
     The encoder then runs the tower on V rows instead of B and gathers each row's image tokens;
     the embeddings are the same (every image still attends only to itself). The text keys are
-    kept; the per-row pixel keys are dropped. V is rounded up to ``row_multiple``.
+    kept; the per-row pixel keys are dropped. V is rounded up to a multiple of
+    ``row_multiple``, or with None to ``coarse_row_count(V)`` (few shapes for a jitted caller).
     """
     if "pixel_values" not in batch or batch["pixel_values"].shape[1] == 0:
         return dict(batch)
@@ -292,7 +301,10 @@ def pack_vision(
             row = len(fill) - 1
         placed[i] = (row, fill[row])
         fill[row] += n
-    num_rows = max(1, -(-len(fill) // row_multiple) * row_multiple)
+    if row_multiple is None:
+        num_rows = coarse_row_count(len(fill))
+    else:
+        num_rows = max(1, -(-len(fill) // row_multiple) * row_multiple)
     out = {
         k: v
         for k, v in batch.items()
