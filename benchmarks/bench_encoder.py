@@ -8,16 +8,21 @@ tower on the flat list of patches) under ``torch.inference_mode`` with one threa
 then pools the last real token and L2-normalises; JAX runs ``Encoder.embed``.
 
 Rows of the table:
-  JAX forward (<impl>)      the jitted forward on the prepared batch (what a data pipeline
-                            feeds the device), once per attention implementation
-  JAX Encoder.embed (...)   the user-facing call: host-side checks and packing included
+  JAX forward (<impl>)      the jitted forward on the batch as ``Encoder.prepare`` lays it out
+                            (every text row with its own patch budget), once per attention
+                            implementation
+  JAX forward, vision packed  the text rows as they are, the images laid densely into their
+                            own vision rows (``pack_vision``, coarse row count), per impl
   JAX forward, packed       the same items packed several to a row (``--pack-length`` tokens,
                             the same patch budget per row; ``jfe_jax.models.packing``), jitted
                             forward on the packed batch; its padding is printed too
-  JAX ..., vision packed    the text rows as they are, the images laid densely into their own
-                            vision rows (``pack_vision``): forward, and ``Encoder.embed(...,
-                            pack_vision=True)`` with its host-side packing
+  JAX Encoder.embed         the user-facing call, host-side checks and packing included: by
+                            default with ``pack_vision``, and with ``pack_vision=False``
   PyTorch                   model.model + pooling + normalisation
+
+Every JAX row embeds with the last decoder layer run only at the pooled tokens (what
+``OneTowerEncoder`` does unless hidden states are asked for); PyTorch's ``model.model`` returns
+all final hidden states.
 
 Throughputs are the best of --repeats timed calls after --warmup calls, the implementations
 taking turns; the machine is shared, so the load average is printed with the table. The
@@ -145,19 +150,23 @@ def main():
         + ", ".join(f"{k} {v:.3f}" for k, v in padding_report(packed, config).items())
     )
 
+    vision_packed = pack_vision(prepared, coarse=True)  # as Encoder.embed does
+    print(
+        f"vision packed: the {len(grid)} images in {vision_packed['vision_pixel_values'].shape[0]}"
+        f" vision rows of {budget} patches (instead of {ids.shape[0]} text rows)"
+    )
     candidates = {}  # name -> a call returning [B, D] embeddings
     for impl in layers.ATTENTION_IMPLS:
         # A fresh jit per implementation, traced (at warm-up) under that implementation.
         forward = jax.jit(lambda params, batch: encoder.module.apply({"params": params}, batch)[0])
-        impl_encoder = Encoder(config, encoder.params, encoder.options)
         with layers.attention_impl(impl):
             forward(encoder.params, prepared)
-            impl_encoder.embed(ids, mask, pixels, grid)
+            forward(encoder.params, vision_packed)
         candidates[f"JAX forward ({impl})"] = lambda f=forward: np.asarray(
             f(encoder.params, prepared)
         )
-        candidates[f"JAX Encoder.embed ({impl})"] = lambda e=impl_encoder: e.embed(
-            ids, mask, pixels, grid
+        candidates[f"JAX forward, vision packed ({impl})"] = lambda f=forward: np.asarray(
+            f(encoder.params, vision_packed)
         )
     packed_forward = jax.jit(
         lambda params, batch: encoder.module.apply({"params": params}, batch)[0]
@@ -165,16 +174,9 @@ def main():
     candidates["JAX forward, packed (einsum)"] = lambda: np.asarray(
         packed_forward(encoder.params, packed)
     )
-    vision_packed = pack_vision(prepared, row_multiple=None)  # as Encoder.embed does
-    print(
-        f"vision packed: the {len(grid)} images in {vision_packed['vision_pixel_values'].shape[0]}"
-        f" vision rows of {budget} patches (instead of {ids.shape[0]} text rows)"
-    )
-    candidates["JAX forward, vision packed (einsum)"] = lambda: np.asarray(
-        packed_forward(encoder.params, vision_packed)
-    )
-    candidates["JAX Encoder.embed(pack_vision=True) (einsum)"] = lambda: encoder.embed(
-        ids, mask, pixels, grid, pack_vision=True
+    candidates["JAX Encoder.embed (einsum)"] = lambda: encoder.embed(ids, mask, pixels, grid)
+    candidates["JAX Encoder.embed(pack_vision=False) (einsum)"] = lambda: encoder.embed(
+        ids, mask, pixels, grid, pack_vision=False
     )
     torch_name = "PyTorch (transformers, sdpa)"
     candidates[torch_name] = lambda: torch_embed(model, ids, mask, pixels, grid)

@@ -271,7 +271,12 @@ def test_item_embedder_pack_option_gives_the_unpacked_embeddings(model, tmp_path
     kw = dict(tokenizer=tokenizer, batch_size=16, length_buckets=(256,), image_root=str(tmp_path))
     packer = ItemEmbedder(encoder, pack=True, **kw)
     packed = packer.embed(items)
-    np.testing.assert_allclose(packed, ItemEmbedder(encoder, **kw).embed(items), atol=ATOL, rtol=0)
+    unpacked = ItemEmbedder(encoder, **kw).embed(items)
+    np.testing.assert_allclose(packed, unpacked, atol=ATOL, rtol=0)
+    # Images in their own vision rows (sharded over the 8 devices), alone and with pack.
+    for pack in (False, True):
+        vision = ItemEmbedder(encoder, pack=pack, pack_vision=True, **kw).embed(items)
+        np.testing.assert_allclose(vision, unpacked, atol=ATOL, rtol=0)
     batch = collate_packed(
         [packer.process(it) for it in items],
         config=config,
@@ -284,6 +289,8 @@ def test_item_embedder_pack_option_gives_the_unpacked_embeddings(model, tmp_path
     assert batch["input_ids"].shape[0] == 8  # 15 items of 63..92 tokens in 8 rows, not 16
     with pytest.raises(ValueError, match="pack=True packs early-fusion items"):
         ItemEmbedder(encoder, pack=True, fusion="late", **kw)
+    with pytest.raises(ValueError, match="pack_vision=True packs early-fusion images"):
+        ItemEmbedder(encoder, pack_vision=True, fusion="late", **kw)
 
 
 def test_images_packed_into_their_own_vision_rows_give_the_same_embeddings(model):
@@ -303,12 +310,17 @@ def test_images_packed_into_their_own_vision_rows_give_the_same_embeddings(model
     # The map matters: shuffling which image token goes where changes the embeddings.
     wrong = dict(packed, image_token_index=packed["image_token_index"][::-1].copy())
     assert np.abs(np.asarray(forward(encoder.params, wrong)) - want).max() > 1e-3
-    # The user-facing call takes the same path.
+    # The user-facing call takes this path by default.
     np.testing.assert_allclose(
-        encoder.embed(ids, mask, pixels, grid, pack_vision=True),
         encoder.embed(ids, mask, pixels, grid),
+        encoder.embed(ids, mask, pixels, grid, pack_vision=False),
         atol=ATOL,
     )
+    # Row counts: as needed, coarse, then a multiple of (say) the device count.
+    needed = pack_vision(batch)["vision_pixel_values"].shape[0]
+    assert needed < 7
+    assert pack_vision(batch, coarse=True)["vision_pixel_values"].shape[0] == needed
+    assert pack_vision(batch, row_multiple=8)["vision_pixel_values"].shape[0] == 8
     with pytest.raises(ValueError, match="does not fit a vision row of 8"):
         pack_vision(batch, patch_budget=8)
 

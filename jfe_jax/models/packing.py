@@ -250,7 +250,11 @@ def coarse_row_count(needed: int) -> int:
 
 
 def pack_vision(
-    batch: dict[str, np.ndarray], *, patch_budget: int | None = None, row_multiple: int | None = 1
+    batch: dict[str, np.ndarray],
+    *,
+    patch_budget: int | None = None,
+    row_multiple: int = 1,
+    coarse: bool = False,
 ) -> dict[str, np.ndarray]:
     """Moves a batch's images into their own densely filled rows for the vision tower.
 
@@ -267,8 +271,9 @@ def pack_vision(
 
     The encoder then runs the tower on V rows instead of B and gathers each row's image tokens;
     the embeddings are the same (every image still attends only to itself). The text keys are
-    kept; the per-row pixel keys are dropped. V is rounded up to a multiple of
-    ``row_multiple``, or with None to ``coarse_row_count(V)`` (few shapes for a jitted caller).
+    kept; the per-row pixel keys are dropped. V is rounded up to ``coarse_row_count(V)`` with
+    ``coarse`` (few shapes for a jitted caller), then to a multiple of ``row_multiple`` (the
+    device count, for vision rows sharded over devices).
     """
     if "pixel_values" not in batch or batch["pixel_values"].shape[1] == 0:
         return dict(batch)
@@ -301,10 +306,8 @@ def pack_vision(
             row = len(fill) - 1
         placed[i] = (row, fill[row])
         fill[row] += n
-    if row_multiple is None:
-        num_rows = coarse_row_count(len(fill))
-    else:
-        num_rows = max(1, -(-len(fill) // row_multiple) * row_multiple)
+    num_rows = coarse_row_count(len(fill)) if coarse else max(1, len(fill))
+    num_rows = -(-num_rows // row_multiple) * row_multiple
     out = {
         k: v
         for k, v in batch.items()
