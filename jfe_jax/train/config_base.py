@@ -131,8 +131,8 @@ def demo_stage2_config() -> ml_collections.ConfigDict:
     c.data.kind = "mbeir"
     c.data.split = "train"
     c.optimizer.learning_rate = 1e-3
-    c.train.num_steps = 1600
-    c.train.checkpoint_every_steps = 400
+    c.train.num_steps = 2400
+    c.train.checkpoint_every_steps = 600
     return c
 
 
