@@ -159,9 +159,13 @@ def test_aot_compiles_the_demo_config_for_a_v5e_slice_and_reports_memory_and_flo
         assert numbers["compiled_flops"] > 0 and numbers["model_flops"] > 0, program
         assert numbers["xla_flops"] > 0, program
         assert numbers["cost_model_seconds"] > 0 and 0 < numbers["mfu"] < 1, program
-    # The step runs every side forward and backward: its compiled FLOPs are near 3x forward.
+    # Model FLOPs count 3x a full forward of every side. The compiled step does less: the last
+    # of tiny's 2 decoder layers runs its queries, o_proj and MLP at the pooled token only (it
+    # skips 63/64 of that layer's 90k FLOPs per token but k/v's 8k: about 45% of the decoder)
+    # and causal attention in 2 query blocks skips a quarter of layer 1's score work (2%), so
+    # the compiled step is expected near 0.55 of model FLOPs (measured 0.59).
     train = report["programs"]["train"]
-    assert 0.8 < train["compiled_flops"] * 8 / train["model_flops"] < 1.5
+    assert 0.5 < train["compiled_flops"] * 8 / train["model_flops"] < 0.75
 
 
 def test_aot_exits_1_with_does_not_fit_when_a_batch_exceeds_hbm(capsys):

@@ -6,10 +6,13 @@ implementation spends: gradient-cache re-forwards and rematerialisation are excl
 comparable across those settings.
 
 That 3 x forward convention (``train_step_flops``, the "6N" rule) also credits gradients nobody
-needs when parts are frozen. ``train_step_required_flops`` counts what a step with frozen parts
-cannot avoid: a frozen vision tower runs forward only (1x); a decoder with frozen base weights
-needs their forward and the activation gradients (2x), the attention scores 3x and trained
-adapters 3x. MFU at that count is the stricter figure; the trainer logs the convention's.
+needs when parts are frozen, and work an embedding does not need. ``train_step_required_flops``
+counts what a step cannot avoid: a frozen vision tower runs forward only (1x); a decoder with
+frozen base weights needs their forward and the activation gradients (2x), the attention
+scores 3x and trained adapters 3x; causal attention only as its query blocks compute it; and
+the last decoder layer only at the pooled tokens (plus its keys and values everywhere), as the
+unrolled model runs it. MFU at that count is the stricter figure; the trainer logs the
+convention's.
 """
 
 from __future__ import annotations
@@ -103,13 +106,11 @@ def train_step_flops(config: ModelConfig, batch: Mapping[str, Any]) -> float:
     return 3.0 * sum(batch_forward_flops(config, side) for side in sides)
 
 
-def lora_forward_flops(
-    config: ModelConfig, rows: int, length: int, rank: int, targets: Sequence[str]
-) -> float:
-    """Matmul FLOPs of the decoder's LoRA adapters (x @ A @ B) on ``rows`` x ``length`` tokens."""
+def _projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) of each decoder projection, as in ``text_forward_flops``."""
     t = config.text
     kv = t.num_kv_heads * t.head_dim
-    shapes = {  # (in, out) of each adapted projection, as in text_forward_flops
+    return {
         "q_proj": (t.hidden_size, t.hidden_size),
         "k_proj": (t.hidden_size, kv),
         "v_proj": (t.hidden_size, kv),
@@ -118,8 +119,47 @@ def lora_forward_flops(
         "up_proj": (t.hidden_size, t.intermediate_size),
         "down_proj": (t.intermediate_size, t.hidden_size),
     }
+
+
+def lora_forward_flops(
+    config: ModelConfig, rows: int, length: int, rank: int, targets: Sequence[str]
+) -> float:
+    """Matmul FLOPs of the decoder's LoRA adapters (x @ A @ B) on ``rows`` x ``length`` tokens."""
+    shapes = _projection_shapes(config)
     per_token = sum(2 * rank * sum(shapes[name]) for name in targets)
-    return float(rows * length * t.num_layers * per_token)
+    return float(rows * length * config.text.num_layers * per_token)
+
+
+def _decoder_required(
+    config: ModelConfig, rows: int, length: int, pooled: int, lora_rank: int, targets
+) -> tuple[float, float, float]:
+    """Forward FLOPs (projections, attention scores, LoRA adapters) the decoder cannot skip
+    when only ``pooled`` tokens' final states are used: every layer but the last in full,
+    with causal attention in query blocks (``layers.causal_query_blocks``); the last layer's
+    keys and values at every token, the rest of it at the pooled tokens only."""
+    from jfe_jax.models.layers import causal_query_blocks
+
+    t = config.text
+    shapes = _projection_shapes(config)
+    tokens = rows * length
+
+    def dense(names, n):
+        return float(n * sum(2 * i * o for i, o in (shapes[k] for k in names)))
+
+    def lora(names, n):
+        return float(n * sum(2 * lora_rank * sum(shapes[k]) for k in names if k in targets))
+
+    kv_names = ("k_proj", "v_proj")
+    rest = tuple(k for k in shapes if k not in kv_names)
+    blocks = causal_query_blocks(length)
+    causal = (blocks + 1) / (2 * blocks)  # share of the score matrix the blocks compute
+    per_token_scores = 2 * 2 * length * t.hidden_size
+    layers_before = t.num_layers - 1
+    projections = layers_before * dense(shapes, tokens) + dense(kv_names, tokens)
+    projections += dense(rest, pooled)
+    scores = layers_before * tokens * per_token_scores * causal + pooled * per_token_scores
+    adapters = layers_before * lora(shapes, tokens) + lora(kv_names, tokens) + lora(rest, pooled)
+    return projections, scores, adapters
 
 
 def batch_required_flops(
@@ -147,13 +187,13 @@ def batch_required_flops(
             for part in ("text", "image")
         )
     rows, length = model_batch["input_ids"].shape
-    t = config.text
-    text = text_forward_flops(config, rows, length)
-    attention = float(rows * length * t.num_layers * 2 * 2 * length * t.hidden_size)
+    pooled = model_batch["pool_index"].shape[0] if "pool_index" in model_batch else rows
+    projections, scores, adapters = _decoder_required(
+        config, rows, length, pooled, lora_rank, tuple(lora_targets)
+    )
     # Base weights: forward + input gradient, + weight gradient when trained. The attention
     # scores carry no weights; their backward (dQ, dK, dV, dP) is 2x their forward.
-    flops = (3.0 if trainable != "lora" else 2.0) * (text - attention) + 3.0 * attention
-    flops += 3.0 * lora_forward_flops(config, rows, length, lora_rank, lora_targets)
+    flops = (3.0 if trainable != "lora" else 2.0) * projections + 3.0 * scores + 3.0 * adapters
     if "pixel_values" in model_batch and model_batch["pixel_values"].shape[1]:
         vision = vision_forward_flops(config, rows, model_batch["pixel_values"].shape[1])
         flops += (3.0 if trainable == "full" else 1.0) * vision
