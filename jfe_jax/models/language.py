@@ -203,13 +203,14 @@ class LanguageModel(nn.Module):
         if pool_index is not None and isinstance(self.layers, (list, tuple)):
             x = run_layers(self.layers[:-1], x, mask, cos, sin)
             x, _ = self.layers[-1](x, mask, cos, sin, pool_index)
-            return self.norm(x[:, 0])
-        x = run_layers(self.layers, x, mask, cos, sin)
-        if pool_index is not None:
-            return self.norm(x[pool_index[:, 0], pool_index[:, 1]])
-        x = self.norm(x)
+            x = self.norm(x[:, 0])
+        else:
+            x = run_layers(self.layers, x, mask, cos, sin)
+            if pool_index is not None:
+                x = x[pool_index[:, 0], pool_index[:, 1]]
+            x = self.norm(x)
         if self.is_initializing() and not self.tie_word_embeddings:
-            self.lm_head(x[:, :1])  # create the (unused) head's params at init
+            self.lm_head(x[..., :1, :])  # create the (unused) head's params at init
         return x
 
     def logits(self, hidden_states):
