@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 from jfe_jax.data.image_processor import ImageProcessor
-from jfe_jax.data.pipeline import make_train_loader, make_transform
+from jfe_jax.data.loader import make_train_loader
+from jfe_jax.data.pipeline import make_transform
 from jfe_jax.data.synthetic import SyntheticConfig, corpus_texts, generate
 from jfe_jax.data.tfds_builders import MbeirTrainPairs, PairData, build_dataset, load_source
 from jfe_jax.data.tokenizer import build_tokenizer

@@ -17,14 +17,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from jfe_jax.data.image_processor import ImageProcessor
+from jfe_jax.data.loader import iterator_state, make_train_loader, restore_iterator
 from jfe_jax.data.mbeir import MBEIR, TASK_MODALITIES, instruction_index
-from jfe_jax.data.pipeline import (
-    iterator_state,
-    make_train_loader,
-    make_transform,
-    restore_iterator,
-    stable_key,
-)
+from jfe_jax.data.pipeline import make_transform, stable_key
 from jfe_jax.data.synthetic import (
     IMAGE_CAPTIONS_FILE,
     TEXT_TRIPLES_FILE,
@@ -245,7 +240,8 @@ class RefuseTensorFlow(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 sys.meta_path.insert(0, RefuseTensorFlow())
 
 from jfe_jax.data.image_processor import ImageProcessor
-from jfe_jax.data.pipeline import make_train_loader, make_transform
+from jfe_jax.data.loader import make_train_loader
+from jfe_jax.data.pipeline import make_transform
 from jfe_jax.data.tfds_builders import MbeirTrainPairs, PairData, build_dataset, load_source
 from jfe_jax.data.tokenizer import load_tokenizer
 from jfe_jax.models.sizes import get_size

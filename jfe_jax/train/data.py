@@ -19,8 +19,9 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from jfe_jax.data.image_processor import ImageProcessor
+from jfe_jax.data.loader import make_train_loader
 from jfe_jax.data.mbeir import MBEIR
-from jfe_jax.data.pipeline import make_train_loader, make_transform
+from jfe_jax.data.pipeline import make_transform
 from jfe_jax.data.tfds_builders import MbeirTrainPairs, PairData, build_dataset, load_source
 from jfe_jax.data.tokenizer import load_tokenizer
 from jfe_jax.models.config import ModelConfig
