@@ -128,12 +128,16 @@ class OneTowerEncoder(nn.Module):
         )
 
     def hidden_states(
-        self, batch: dict[str, jax.Array], image_features: jax.Array | None = None
+        self,
+        batch: dict[str, jax.Array],
+        image_features: jax.Array | None = None,
+        pool_index: jax.Array | None = None,
     ) -> jax.Array:
         """Final-layer hidden states ``[B, L, H]`` of the fused image+text sequence.
 
         ``image_features``: this batch's ``image_features(batch)``, precomputed; None runs the
-        vision tower here.
+        vision tower here. ``pool_index [N, 2]``: only the states at those (row, position)
+        tokens, ``[N, H]`` (``LanguageModel(pool_index=)``).
         """
         if image_features is None:
             image_features = self.image_features(batch)
@@ -143,6 +147,7 @@ class OneTowerEncoder(nn.Module):
             batch["position_ids"],
             image_features,
             segment_ids=batch.get("segment_ids"),
+            pool_index=pool_index,
         )
 
     def __call__(
@@ -170,16 +175,7 @@ class OneTowerEncoder(nn.Module):
             out["last_hidden_state"] = self.hidden_states(batch, image_features)
             pooled = pool_at(out["last_hidden_state"], pool_index)
         else:
-            if image_features is None:
-                image_features = self.image_features(batch)
-            pooled = self.text(
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch["position_ids"],
-                image_features,
-                segment_ids=batch.get("segment_ids"),
-                pool_index=pool_index,
-            )
+            pooled = self.hidden_states(batch, image_features, pool_index)
         out["pooled"] = pooled
         features = self.projection(pooled) if self.projection_dim else pooled
         embedding = l2_normalize(features)

@@ -48,12 +48,7 @@ PEAK_FLOPS = {
 def text_forward_flops(config: ModelConfig, rows: int, length: int) -> float:
     """Matmul FLOPs of the decoder on ``rows`` sequences of ``length`` tokens (no lm_head)."""
     t = config.text
-    kv = t.num_kv_heads * t.head_dim
-    per_token = 2 * (
-        t.hidden_size * t.hidden_size * 2  # q, o
-        + t.hidden_size * kv * 2  # k, v
-        + 3 * t.hidden_size * t.intermediate_size  # gate, up, down
-    )
+    per_token = sum(2 * i * o for i, o in _projection_shapes(config).values())
     attention = 2 * 2 * length * t.hidden_size  # scores and weighted values, per token
     return float(rows * length * t.num_layers * (per_token + attention))
 
@@ -107,7 +102,7 @@ def train_step_flops(config: ModelConfig, batch: Mapping[str, Any]) -> float:
 
 
 def _projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(in, out) of each decoder projection, as in ``text_forward_flops``."""
+    """(in, out) of each decoder projection (q, k, v, o, gate, up, down)."""
     t = config.text
     kv = t.num_kv_heads * t.head_dim
     return {
