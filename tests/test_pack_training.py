@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hf_reference import make_inputs
 from PIL import Image
-from train_fixtures import assert_trees_close, spread_weights
+from train_fixtures import assert_trees_close, loss_and_grad, spread_weights
 
 from jfe_jax.data.collate import collate, collate_packed
 from jfe_jax.data.image_processor import ImageProcessor
@@ -17,12 +17,11 @@ from jfe_jax.data.pipeline import ContrastiveBatcher
 from jfe_jax.data.processing import ProcessedItem
 from jfe_jax.data.tokenizer import build_tokenizer
 from jfe_jax.encoder import EncoderOptions, dummy_batch
-from jfe_jax.models.axes import LOGICAL_RULES
 from jfe_jax.models.packing import pack_items
 from jfe_jax.models.sizes import get_size
 from jfe_jax.train import mesh as mesh_lib
 from jfe_jax.train.config_base import demo_stage1_config
-from jfe_jax.train.step import TrainState, make_loss_and_grad
+from jfe_jax.train.step import TrainState
 from jfe_jax.train.trainer import validate_config
 
 RTOL = 1e-5  # relative to each leaf's max |value|, float32
@@ -87,24 +86,8 @@ def model():
 
 
 def _loss_and_grad(module, boxed, params, batch, mesh):
-    fn = make_loss_and_grad(
-        module,
-        learn_temperature=True,
-        symmetric=True,
-        mask_false_negatives=True,
-        grad_cache_chunk=0,
-    )
-    shardings = mesh_lib.logical_shardings(boxed, mesh, LOGICAL_RULES)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        trainable=jax.device_put(params, shardings),
-        frozen={},
-        opt_state=None,
-    )
-    global_batch = mesh_lib.global_batch_from_host(batch, mesh)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-        (loss, _), grads = jax.jit(fn)(state, global_batch)
-    return float(loss), jax.device_get(grads)
+    state = TrainState(step=jnp.zeros((), jnp.int32), trainable=params, frozen={}, opt_state=None)
+    return loss_and_grad(module, state, batch, mesh=mesh, boxed=boxed)
 
 
 def _assert_close(a, b):

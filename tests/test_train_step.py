@@ -5,14 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from train_fixtures import ToyPairs, assert_trees_close
+from train_fixtures import ToyPairs, assert_trees_close, loss_and_grad
 
 from jfe_jax.encoder import EncoderOptions, dummy_batch
-from jfe_jax.models.axes import LOGICAL_RULES
 from jfe_jax.models.sizes import get_size
 from jfe_jax.train import mesh as mesh_lib
 from jfe_jax.train.optimizer import trainable_mask
-from jfe_jax.train.step import TrainState, make_loss_and_grad, split_params
+from jfe_jax.train.step import TrainState, split_params
 
 RTOL = 1e-5  # relative to each leaf's max |value|, float32
 
@@ -42,29 +41,6 @@ def _state(params, mode):
     )
 
 
-def _loss_and_grad(module, state, batch, mesh=None, boxed=None, chunk=0):
-    fn = make_loss_and_grad(
-        module,
-        learn_temperature=True,
-        symmetric=True,
-        mask_false_negatives=True,
-        grad_cache_chunk=chunk,
-    )
-    if mesh is None:
-        (loss, _), grads = jax.jit(fn)(state, batch)
-        return float(loss), jax.device_get(grads)
-    shardings = mesh_lib.logical_shardings(boxed, mesh, LOGICAL_RULES)
-    t_shard, f_shard = split_params(shardings, trainable_mask(nn.meta.unbox(boxed), "full"))
-    sharded_state = state.replace(
-        trainable=jax.device_put(state.trainable, t_shard),
-        frozen=jax.device_put(state.frozen, f_shard),
-    )
-    sharded_batch = mesh_lib.global_batch_from_host(batch, mesh)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-        (loss, _), grads = jax.jit(fn)(sharded_state, sharded_batch)
-    return float(loss), jax.device_get(grads)
-
-
 def _assert_close(a, b):
     assert_trees_close(a, b, RTOL)
 
@@ -80,8 +56,8 @@ def _assert_close(a, b):
 def test_sharded_loss_and_gradients_equal_single_device(setup, shape):
     config, module, boxed, params, batch = setup
     state = _state(params, "full")
-    loss_1, grads_1 = _loss_and_grad(module, state, batch)
-    loss_n, grads_n = _loss_and_grad(module, state, batch, mesh_lib.make_mesh(shape), boxed)
+    loss_1, grads_1 = loss_and_grad(module, state, batch)
+    loss_n, grads_n = loss_and_grad(module, state, batch, mesh_lib.make_mesh(shape), boxed)
     assert abs(loss_n - loss_1) <= RTOL * abs(loss_1)
     _assert_close(grads_n, grads_1)
 
@@ -90,8 +66,8 @@ def test_sharded_loss_and_gradients_equal_single_device(setup, shape):
 def test_gradient_caching_equals_the_full_batch_gradient(setup, chunk):
     config, module, boxed, params, batch = setup
     state = _state(params, "full")
-    loss_full, grads_full = _loss_and_grad(module, state, batch)
-    loss_gc, grads_gc = _loss_and_grad(module, state, batch, chunk=chunk)
+    loss_full, grads_full = loss_and_grad(module, state, batch)
+    loss_gc, grads_gc = loss_and_grad(module, state, batch, chunk=chunk)
     assert abs(loss_gc - loss_full) <= RTOL * abs(loss_full)
     _assert_close(grads_gc, grads_full)
 
@@ -103,7 +79,7 @@ def test_lora_mode_differentiates_only_adapters_and_temperature(setup):
     state = TrainState(
         step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen, opt_state=None
     )
-    _, grads = _loss_and_grad(module, state, batch)
+    _, grads = loss_and_grad(module, state, batch)
     names = {
         jax.tree_util.keystr(p).split("'")[-2]
         for p, _ in jax.tree_util.tree_leaves_with_path(grads)

@@ -86,3 +86,38 @@ def assert_trees_close(a, b, rtol: float) -> None:
         scale = max(float(np.max(np.abs(y))), 1e-12)
         diff = float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
         assert diff <= rtol * scale, (jax.tree_util.keystr(path), diff, scale)
+
+
+def loss_and_grad(module, state, batch, mesh=None, boxed=None, chunk=0):
+    """(loss, grads) of one contrastive step (symmetric, learned temperature, false negatives
+    masked; grad cache ``chunk``), jitted; with a ``mesh``, the state placed in the logical
+    shardings of the ``boxed`` params (trainable and frozen parts alike) and the host batch
+    made global, traced under the mesh and the logical axis rules."""
+    import flax.linen as nn
+    import jax
+
+    from jfe_jax.models.axes import LOGICAL_RULES
+    from jfe_jax.train import mesh as mesh_lib
+    from jfe_jax.train.optimizer import trainable_mask
+    from jfe_jax.train.step import make_loss_and_grad, split_params
+
+    fn = make_loss_and_grad(
+        module,
+        learn_temperature=True,
+        symmetric=True,
+        mask_false_negatives=True,
+        grad_cache_chunk=chunk,
+    )
+    if mesh is None:
+        (loss, _), grads = jax.jit(fn)(state, batch)
+        return float(loss), jax.device_get(grads)
+    shardings = mesh_lib.logical_shardings(boxed, mesh, LOGICAL_RULES)
+    t_shard, f_shard = split_params(shardings, trainable_mask(nn.meta.unbox(boxed), "full"))
+    sharded_state = state.replace(
+        trainable=jax.device_put(state.trainable, t_shard),
+        frozen=jax.device_put(state.frozen, f_shard),
+    )
+    sharded_batch = mesh_lib.global_batch_from_host(batch, mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        (loss, _), grads = jax.jit(fn)(sharded_state, sharded_batch)
+    return float(loss), jax.device_get(grads)
