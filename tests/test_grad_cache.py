@@ -203,8 +203,10 @@ def encoder_setup():
 
 
 def _encoder_loss_and_grad(module, params, mode, chunk):
+    from train_fixtures import contrastive_loss_and_grad_fn
+
     from jfe_jax.train.optimizer import trainable_mask
-    from jfe_jax.train.step import TrainState, make_loss_and_grad, split_params
+    from jfe_jax.train.step import TrainState, split_params
 
     trainable, frozen = split_params(
         params, trainable_mask(params, mode, also_trainable=("logit_scale",))
@@ -212,14 +214,7 @@ def _encoder_loss_and_grad(module, params, mode, chunk):
     state = TrainState(
         step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen, opt_state=None
     )
-    fn = make_loss_and_grad(
-        module,
-        learn_temperature=True,
-        symmetric=True,
-        mask_false_negatives=True,
-        grad_cache_chunk=chunk,
-    )
-    return fn, state
+    return contrastive_loss_and_grad_fn(module, chunk), state
 
 
 def _count_forward_dots(jaxpr, scope: str) -> int:

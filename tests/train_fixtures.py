@@ -88,6 +88,20 @@ def assert_trees_close(a, b, rtol: float) -> None:
         assert diff <= rtol * scale, (jax.tree_util.keystr(path), diff, scale)
 
 
+def contrastive_loss_and_grad_fn(module, chunk=0):
+    """The train step's loss-and-gradient function as the tests use it: symmetric loss,
+    learned temperature, false negatives masked, grad cache ``chunk`` (0: off)."""
+    from jfe_jax.train.step import make_loss_and_grad
+
+    return make_loss_and_grad(
+        module,
+        learn_temperature=True,
+        symmetric=True,
+        mask_false_negatives=True,
+        grad_cache_chunk=chunk,
+    )
+
+
 def loss_and_grad(module, state, batch, mesh=None, boxed=None, chunk=0):
     """(loss, grads) of one contrastive step (symmetric, learned temperature, false negatives
     masked; grad cache ``chunk``), jitted; with a ``mesh``, the state placed in the logical
@@ -99,15 +113,9 @@ def loss_and_grad(module, state, batch, mesh=None, boxed=None, chunk=0):
     from jfe_jax.models.axes import LOGICAL_RULES
     from jfe_jax.train import mesh as mesh_lib
     from jfe_jax.train.optimizer import trainable_mask
-    from jfe_jax.train.step import make_loss_and_grad, split_params
+    from jfe_jax.train.step import split_params
 
-    fn = make_loss_and_grad(
-        module,
-        learn_temperature=True,
-        symmetric=True,
-        mask_false_negatives=True,
-        grad_cache_chunk=chunk,
-    )
+    fn = contrastive_loss_and_grad_fn(module, chunk)
     if mesh is None:
         (loss, _), grads = jax.jit(fn)(state, batch)
         return float(loss), jax.device_get(grads)
