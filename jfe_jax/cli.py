@@ -7,13 +7,23 @@ Subcommands are registered in ``COMMANDS``; each has its own ``--help``.
 
 from __future__ import annotations
 
-import argparse
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
+from jfe_jax.errors import (
+    ArgumentParser,
+    DropBackgroundTracebacks,
+    debug_enabled,
+    describe_error,
+    positive_int,
+)
+from jfe_jax.train.run_control import TrainingInterrupted
+
 
 def _convert(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="jfe convert",
         description="Read a Hugging Face Qwen2-VL directory (or a jfe-jax export) into JAX and "
         "write it back in Hugging Face format, optionally in another dtype.",
@@ -33,6 +43,41 @@ def _convert(argv: Sequence[str]) -> int:
         f"(text layers {cfg.text.num_layers}, vision blocks {cfg.vision.depth})"
     )
     return 0
+
+
+def _config_file(argv: Sequence[str]) -> str | None:
+    """The ``--config FILE.py[:argument]`` file named on the command line, checked to exist.
+
+    ml_collections reports a missing file only as "failed loading config file".
+    """
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        path = value.split(":", 1)[0]
+        if not os.path.isfile(path):
+            raise ValueError(f"config file {path} does not exist (cwd {os.getcwd()})")
+        return path
+    return None
+
+
+def _config_load_error(path: str | None, error: Exception) -> ValueError:
+    """One line for an exception raised while a config file ran: its file, line and cause."""
+    import traceback
+
+    where = path or "(config)"
+    if path is not None:
+        lines = [
+            frame.lineno
+            for frame in traceback.extract_tb(error.__traceback__)
+            if os.path.abspath(frame.filename) == os.path.abspath(path)
+        ]
+        if lines:
+            where = f"{path} line {lines[-1]}"
+    return ValueError(f"config file {where}: {type(error).__name__}: {error}")
 
 
 def parse_config_flags(prog: str, argv: Sequence[str], *, extra: Sequence[str] = ("workdir",)):
@@ -56,8 +101,11 @@ def parse_config_flags(prog: str, argv: Sequence[str], *, extra: Sequence[str] =
     )
     for name in extra:
         flags.DEFINE_string(name, None, name, flag_values=values)
+    config_file = _config_file(argv)
     try:
         values([prog, *argv])
+    except SyntaxError as e:
+        raise ValueError(f"config file {e.filename} line {e.lineno}: {e.msg}") from e
     except (flags.Error, AttributeError, KeyError) as e:
         cause = e.args[0] if isinstance(e, AttributeError) and e.args else e
         if isinstance(cause, KeyError):  # a locked config refusing a key it does not have
@@ -65,7 +113,11 @@ def parse_config_flags(prog: str, argv: Sequence[str], *, extra: Sequence[str] =
                 f"unknown config key {cause.args[0]} in a --config.* override (see "
                 "jfe_jax/train/config_base.py for the keys)"
             ) from e
+        if isinstance(e, AttributeError):
+            raise _config_load_error(config_file, e) from e
         raise ValueError(str(e)) from e
+    except Exception as e:  # anything get_config() raised
+        raise _config_load_error(config_file, e) from e
     if values.config is None:
         raise ValueError("--config FILE.py is required")
     missing = [f"--{name}" for name in extra if values[name].value is None]
@@ -78,7 +130,11 @@ def _train(argv: Sequence[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(
             "usage: jfe train --config configs/FILE.py --workdir DIR [--config.a.b=value ...]\n"
-            "Runs (or resumes) a training stage; see configs/ and jfe_jax/train/config_base.py."
+            "Runs (or resumes) a training stage; see configs/ and jfe_jax/train/config_base.py.\n"
+            "SIGTERM or a first Ctrl-C saves a checkpoint after the current step and stops; "
+            "rerunning the same command resumes.\n"
+            f"Exit status: 0 finished; {EXIT_ERROR} bad config or input; {EXIT_INTERRUPTED} "
+            f"stopped by SIGTERM or Ctrl-C (checkpoint saved); {EXIT_ABORTED} a second Ctrl-C."
         )
         return 0
     values = parse_config_flags("jfe train", argv)
@@ -96,14 +152,15 @@ def _train(argv: Sequence[str]) -> int:
 
 
 def _demo(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="jfe demo",
         description="Generate the synthetic M-BEIR benchmark, train both JFE stages on a tiny "
         "model, export, index with ScaNN and evaluate; finished stages are skipped on rerun.",
+        epilog=STOP_HELP,
     )
     parser.add_argument("--workdir", required=True, help="where everything is written")
     parser.add_argument("--fresh", action="store_true", help="redo every stage")
-    parser.add_argument("--steps", type=int, default=None, help="override steps per stage")
+    parser.add_argument("--steps", type=positive_int, default=None, help="override steps per stage")
     args = parser.parse_args(argv)
     import logging
 
@@ -127,14 +184,15 @@ def _demo(argv: Sequence[str]) -> int:
 
 
 def _experiment(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="jfe experiment",
         description="fusion: train the late-fusion baseline beside the demo's early-fusion "
         "model (same data, steps, tower) and compare them per task and per JFE group.",
+        epilog=STOP_HELP,
     )
     parser.add_argument("name", choices=["fusion"])
     parser.add_argument("--workdir", required=True, help="a demo workdir (made if missing)")
-    parser.add_argument("--steps", type=int, default=None, help="override steps per stage")
+    parser.add_argument("--steps", type=positive_int, default=None, help="override steps per stage")
     args = parser.parse_args(argv)
     import logging
 
@@ -177,23 +235,70 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
 }
 
 
+def _close_progress_bars() -> None:
+    """Ends the progress bars a failure left open, so the error starts on its own line."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(tqdm, "tqdm", None) and tqdm.tqdm._instances or ()):
+        bar.close()
+
+
+EXIT_ERROR = 2  # bad input or an expected failure (one line on stderr naming the cause)
+EXIT_INTERRUPTED = 3  # SIGTERM or a first Ctrl-C stopped training; its checkpoint is saved
+EXIT_ABORTED = 130  # a second Ctrl-C (or one outside training): stopped at once
+STOP_HELP = (
+    f"SIGTERM or a first Ctrl-C during training saves a checkpoint after the current step and "
+    f"exits {EXIT_INTERRUPTED}; rerunning the same command resumes the stopped stage. A second "
+    f"Ctrl-C exits {EXIT_ABORTED} at once."
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``jfe`` console script."""
+    """Entry point of the ``jfe`` console script.
+
+    Expected failures (bad input, a missing or unreadable file, a full disk, a checkpoint
+    that cannot be read) print one line and return ``EXIT_ERROR``; ``--debug`` anywhere on
+    the command line, or ``JFE_DEBUG=1``, shows the traceback instead.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or debug_enabled()
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = ["usage: jfe COMMAND [options]", "", "commands:"]
+        lines = ["usage: jfe [--debug] COMMAND [options]", "", "commands:"]
         lines += [f"  {name:12s} {help_}" for name, (_, help_) in COMMANDS.items()]
+        lines += ["", "--debug (or JFE_DEBUG=1): show the traceback of a failure"]
         print("\n".join(lines))
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\njfe: unknown command {argv[0]!r}", file=sys.stderr)
-            return 2
+            return EXIT_ERROR
         return 0
     command, _ = COMMANDS[argv[0]]
+    background = DropBackgroundTracebacks()
+    if not debug:
+        logging.getLogger("absl").addFilter(background)
     try:
         return command(argv[1:])
-    except ValueError as e:  # bad input: one clear line, no traceback
-        print(f"jfe {argv[0]}: error: {e}", file=sys.stderr)
-        return 2
+    except TrainingInterrupted as e:  # not a failure: the run is resumable
+        _close_progress_bars()
+        print(f"jfe {argv[0]}: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        _close_progress_bars()
+        print(f"jfe {argv[0]}: aborted by Ctrl-C", file=sys.stderr)
+        return EXIT_ABORTED
+    except Exception as e:
+        message = None if debug else describe_error(e)
+        if message is None:
+            raise
+        _close_progress_bars()
+        print(f"jfe {argv[0]}: error: {message}", file=sys.stderr)
+        # Reads still in flight when a checkpoint restore failed are reported as the process
+        # ends ("Task exception was never retrieved"); the line above said what went wrong.
+        logging.getLogger("asyncio").disabled = True
+        return EXIT_ERROR
+    finally:
+        logging.getLogger("absl").removeFilter(background)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,15 @@
     ScaNN index -> M-BEIR evaluation (table, results.json, results.png)
 
 Each stage leaves a marker of completion in the workdir; a second run skips finished stages
-(``fresh=True`` redoes them all). ``demo_summary.json`` records what ran and how long it took.
+(``fresh=True`` redoes them all). A training stage is finished only when it reached its last
+step: one stopped by SIGTERM or Ctrl-C raises ``TrainingInterrupted`` (``stage`` set), and the
+next run resumes it from its checkpoint. ``demo_summary.json`` records what ran and how long
+it took.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -21,25 +25,39 @@ import ml_collections
 from jfe_jax.data.synthetic import SyntheticConfig, generate
 from jfe_jax.data.synthetic.generate import MANIFEST_FILE
 from jfe_jax.eval.recall import read_table_json
+from jfe_jax.paths import absolute
 from jfe_jax.train.config_base import demo_stage1_config, demo_stage2_config
+from jfe_jax.train.run_control import TrainingInterrupted, training_completed
 
 log = logging.getLogger(__name__)
 
 STAGES = ("data", "stage1", "stage2", "eval")
 
 
-def _done(workdir: str, stage: str) -> bool:
+def _done(workdir: str, stage: str, num_steps: dict[str, int]) -> bool:
+    if stage in num_steps:  # a training stage: done once it reached its last step
+        return training_completed(os.path.join(workdir, stage), num_steps[stage])
     markers = {
         "data": os.path.join("data", MANIFEST_FILE),
-        "stage1": os.path.join("stage1", "train_summary.json"),
-        "stage2": os.path.join("stage2", "train_summary.json"),
         "eval": os.path.join("eval", "results.json"),
     }
     return os.path.isfile(os.path.join(workdir, markers[stage]))
 
 
+def train_stage(config: ml_collections.ConfigDict, run_dir: str, stage: str) -> None:
+    """``train``, with the stage named in a ``TrainingInterrupted`` (``jfe demo: stage2 ...``)."""
+    from jfe_jax.train.trainer import train
+
+    try:
+        train(config, run_dir)
+    except TrainingInterrupted as e:
+        e.stage = stage
+        raise
+
+
 def demo_configs(workdir: str, *, steps: int | None = None) -> tuple[Any, Any]:
     """The two stage configs of the demo, pointed at the workdir's data and stage-1 run."""
+    workdir = absolute(workdir)
     data = os.path.join(workdir, "data")
     stage1, stage2 = demo_stage1_config(), demo_stage2_config()
     stage1.data.root = stage2.data.root = data
@@ -63,16 +81,18 @@ def run_demo(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Runs (or finishes) the demo in ``workdir``; returns the evaluation results."""
+    workdir = absolute(workdir)
     os.makedirs(workdir, exist_ok=True)
     if fresh:
         for stage in STAGES:
             shutil.rmtree(os.path.join(workdir, stage), ignore_errors=True)
     stage1_config, stage2_config = demo_configs(workdir, steps=steps)
+    num_steps = {"stage1": stage1_config.train.num_steps, "stage2": stage2_config.train.num_steps}
     timings: dict[str, Any] = {}
     start_all = time.perf_counter()
 
     def stage(name, fn):
-        if _done(workdir, name):
+        if _done(workdir, name, num_steps):
             log.info("demo: %s already done, skipping (use --fresh to redo)", name)
             timings[name] = "skipped"
             return
@@ -90,14 +110,8 @@ def run_demo(
         ),
     )
 
-    def train_stage(config: ml_collections.ConfigDict, name: str):
-        from jfe_jax.train.trainer import train
-
-        run_dir = os.path.join(workdir, name)
-        train(config, run_dir)
-
-    stage("stage1", lambda: train_stage(stage1_config, "stage1"))
-    stage("stage2", lambda: train_stage(stage2_config, "stage2"))
+    for name, config in (("stage1", stage1_config), ("stage2", stage2_config)):
+        stage(name, functools.partial(train_stage, config, os.path.join(workdir, name), name))
 
     def evaluate():
         from jfe_jax.encoder import Encoder

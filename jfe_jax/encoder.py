@@ -23,16 +23,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jfe_jax.models import fingerprint as fingerprint_lib
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.hf_io import load_hf_params, save_hf_checkpoint
 from jfe_jax.models.inputs import prepare_batch
 from jfe_jax.models.language import LORA_TARGETS_ALL
 from jfe_jax.models.one_tower import OneTowerEncoder
 from jfe_jax.models.safetensors_io import SafetensorsFile, _write_file
+from jfe_jax.paths import absolute
 
 ENCODER_FILE = "jfe_encoder.json"  # our options, next to the HF files
 HEAD_FILE = "jfe_head.safetensors"  # params outside the HF backbone: logit_scale, projection
 BACKBONE = ("vision", "text")
+
+# Options that do not change what the model computes, left out of its fingerprint.
+_LAYOUT_OPTIONS = ("scan_layers", "remat", "temperature")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -125,6 +130,9 @@ class Encoder:
         self.source_dir = source_dir
         self.trace_count = 0  # traces of the forward: one per input shape and output kind
         self.step: int | None = None  # training step of a checkpoint loaded from a workdir
+        # (params, kind, path) of the files the params were loaded from; set by the loaders.
+        self._loaded_from: tuple[Any, str, str] | None = None
+        self._fingerprint: tuple[Any, str] | None = None  # (params it describes, fingerprint)
 
         def embed(params, batch):
             self.trace_count += 1
@@ -157,6 +165,7 @@ class Encoder:
         was written by ``save_pretrained``, else the defaults; keyword ``overrides`` replace
         single fields (e.g. ``dtype="bfloat16"``, ``lora_rank=64``).
         """
+        path = absolute(path)
         if not os.path.isdir(path):
             raise ValueError(f"{path} is not a directory")
         if os.path.isdir(os.path.join(path, "checkpoints")):
@@ -185,7 +194,9 @@ class Encoder:
             head = SafetensorsFile(head_path)
             params.update({tuple(n.split("/")): np.asarray(head.get(n)) for n in head.keys()})
         params = jax.tree_util.tree_map(jnp.asarray, traverse_util.unflatten_dict(params))
-        return cls(config, params, options, source_dir=path)
+        encoder = cls(config, params, options, source_dir=path)
+        encoder._loaded_from = (params, "hf", path)
+        return encoder
 
     @classmethod
     def from_workdir(
@@ -201,6 +212,7 @@ class Encoder:
         from jfe_jax.train.checkpoint import read_run_config, restore_params
         from jfe_jax.train.trainer import encoder_options, load_model_config
 
+        workdir = absolute(workdir)
         config = load_model_config(workdir)
         if options is None:
             options = encoder_options(ml_collections.ConfigDict(read_run_config(workdir)))
@@ -208,10 +220,41 @@ class Encoder:
         params, step = restore_params(workdir, step)
         encoder = cls(config, params, options, source_dir=workdir)
         encoder.step = step
+        encoder._loaded_from = (params, "workdir", workdir)
         return encoder
+
+    @property
+    def fingerprint(self) -> str:
+        """Content hash of what this encoder computes (``jfe_jax.models.fingerprint``).
+
+        The weights it was loaded from (a workdir checkpoint's state and step, or a Hugging
+        Face directory's weight files), else its params, plus the options that change its
+        outputs. A moved or copied model keeps it; another step or more training changes it.
+        Computed on first use and cached (recomputed if ``params`` is replaced).
+        """
+        if self._fingerprint is None or self._fingerprint[0] is not self.params:
+            loaded = self._loaded_from
+            _, kind, path = loaded if loaded and loaded[0] is self.params else (None, "params", "")
+            if kind == "workdir":
+                from jfe_jax.train.checkpoint import checkpoint_dir
+
+                state = os.path.join(checkpoint_dir(path), str(self.step), "state")
+                weights = fingerprint_lib.hash_tree(
+                    state, contents_up_to=fingerprint_lib.CHECKPOINT_CONTENTS_UP_TO
+                )
+            elif kind == "hf":
+                weights = fingerprint_lib.hash_hf_weights(path)
+            else:
+                weights = fingerprint_lib.hash_params(self.params)
+            options = dataclasses.asdict(self.options)
+            options = {k: v for k, v in options.items() if k not in _LAYOUT_OPTIONS}
+            identity = {"kind": kind, "weights": weights, "step": self.step, "options": options}
+            self._fingerprint = (self.params, fingerprint_lib.hash_json(identity))
+        return self._fingerprint[1]
 
     def save_pretrained(self, path: str, *, dtype: str = "float32") -> None:
         """Writes a Hugging Face directory (LoRA merged) plus our head params and options."""
+        path = absolute(path)
         host = jax.device_get(self.params)
         save_hf_checkpoint(
             path,

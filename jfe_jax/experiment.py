@@ -13,9 +13,11 @@ import json
 import os
 from typing import Any
 
-from jfe_jax.demo import demo_configs, run_demo
+from jfe_jax.demo import demo_configs, run_demo, train_stage
 from jfe_jax.eval.plots import plot_headline_recall
 from jfe_jax.eval.recall import TASK_GROUPS, read_table_json, task_id
+from jfe_jax.paths import absolute
+from jfe_jax.train.run_control import training_completed
 
 # Tasks whose queries or candidates combine an image and a text: where fusion can matter.
 BOTH_MODALITIES = (2, 6, 7, 8)
@@ -67,17 +69,17 @@ def run_fusion_experiment(
     workdir: str, *, steps: int | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """Runs (or finishes) both systems and writes ``fusion/`` results; returns them."""
+    workdir = absolute(workdir)
     run_demo(workdir, steps=steps, progress=progress)  # the early-fusion system
     late_dir = os.path.join(workdir, "late")
     stage1, stage2 = demo_configs(workdir, steps=steps)
     with stage1.unlocked(), stage2.unlocked():
         stage1.model.fusion = stage2.model.fusion = "late"
         stage2.model.init_from = os.path.join(late_dir, "stage1")
-    from jfe_jax.train.trainer import train
-
     for name, config in (("stage1", stage1), ("stage2", stage2)):
-        if not os.path.isfile(os.path.join(late_dir, name, "train_summary.json")):
-            train(config, os.path.join(late_dir, name))
+        run_dir = os.path.join(late_dir, name)
+        if not training_completed(run_dir, config.train.num_steps):
+            train_stage(config, run_dir, f"late-fusion {name}")
     late_eval = os.path.join(late_dir, "eval")
     if not os.path.isfile(os.path.join(late_eval, "results.json")):
         from jfe_jax.encoder import Encoder

@@ -49,6 +49,11 @@ def config(num_steps):
     return c
 
 
+def get_config():
+    """The toy config as a ``jfe train --config`` file (interrupt_script.py)."""
+    return config(6)
+
+
 if __name__ == "__main__":
     workdir, steps = sys.argv[1], int(sys.argv[2])
     hang = int(sys.argv[3]) if len(sys.argv) > 3 else None

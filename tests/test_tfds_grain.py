@@ -3,6 +3,7 @@
 import collections
 import gc
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -499,9 +500,11 @@ def test_bad_record_raises_naming_it(tokenizer, sources):
     with pytest.raises(ValueError, match=f"stores at most {NEGATIVES} per query"):
         too_many.encode_or_skip(source[0])
     record = next(source[i] for i in range(len(source)) if source[i]["positive_image"])
+    # The record's id and input line, and the image file (not just a record key).
+    where = f"record {_text(record['example_id'])} ({_text(record['source'])}): positive image "
     with pytest.raises(
         ValueError,
-        match=f"record {_text(record['example_id'])}: positive image is not a readable image",
+        match=re.escape(f"{where}{_text(record['positive_image_path'])} is not a readable image"),
     ):
         _batcher(tokenizer, "mbeir").encode(_corrupt(record))
     with pytest.raises(ValueError, match="query image has .* patches but the patch budget is 0"):

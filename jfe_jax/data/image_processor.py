@@ -27,7 +27,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -134,25 +134,45 @@ def load_image(
         raise FileNotFoundError(f"image file not found: {path}")
     if not os.path.isfile(path):
         raise ValueError(f"image path {path} is not a regular file")
+    name = f"image file {path}"
+    return decode_opened(open_image(path, max_image_pixels=max_image_pixels, name=name), name)
+
+
+def open_image(
+    source: str | os.PathLike | BinaryIO, *, max_image_pixels: int, name: str
+) -> Image.Image:
+    """``Image.open`` (the header only) with the decompression-bomb guard: ValueError naming
+    ``name`` when the header is unreadable or claims more than ``max_image_pixels`` pixels.
+
+    No pixel is decoded yet: the caller decodes (``decode_opened``) or closes the image.
+    """
     try:
-        image = Image.open(path)
+        image = Image.open(source)
     except Image.DecompressionBombError as err:
-        raise ValueError(f"image file {path} is too large to decode safely: {err}") from err
-    except OSError as err:  # UnidentifiedImageError is an OSError
-        raise ValueError(f"image file {path} is not a readable image: {err}") from err
+        raise ValueError(f"{name} is too large to decode safely: {err}") from err
+    except Image.UnidentifiedImageError:  # its message is the repr of an in-memory file
+        raise ValueError(f"{name} is not a readable image: unknown or corrupt format") from None
+    except OSError as err:
+        raise ValueError(f"{name} is not a readable image: {err}") from err
+    width, height = image.size
+    if width * height > max_image_pixels:
+        image.close()
+        raise ValueError(
+            f"{name} is {width}x{height} = {width * height} pixels;"
+            f" expected at most max_image_pixels={max_image_pixels}"
+        )
+    return image
+
+
+def decode_opened(image: Image.Image, name: str) -> Image.Image:
+    """Decodes an ``open_image`` result, applies its EXIF orientation and closes the file;
+    ValueError naming ``name`` for truncated or corrupt data after a valid header."""
     try:
-        width, height = image.size
-        if width * height > max_image_pixels:
-            raise ValueError(
-                f"image file {path} is {width}x{height} = {width * height} pixels;"
-                f" expected at most max_image_pixels={max_image_pixels}"
-            )
-        try:
-            image.load()
-            # exif_transpose always returns a new image, so closing the file below is safe.
-            return ImageOps.exif_transpose(image)
-        except (OSError, SyntaxError) as err:  # truncated or corrupt data after a valid header
-            raise ValueError(f"image file {path} could not be decoded: {err}") from err
+        image.load()
+        # exif_transpose always returns a new image, so closing the file below is safe.
+        return ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError) as err:
+        raise ValueError(f"{name} could not be decoded: {err}") from err
     finally:
         image.close()
 

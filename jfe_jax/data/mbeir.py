@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
+from jfe_jax.paths import absolute
+
 logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
@@ -422,7 +424,7 @@ class MBEIR:
     def __init__(
         self, root: str | os.PathLike, *, check_images: bool = False, skip_bad_records: bool = False
     ):
-        self.root = Path(root)
+        self.root = Path(absolute(root))
         if not self.root.is_dir():
             raise FileNotFoundError(f"M-BEIR root {self.root} is not a directory")
         self._real_root = Path(os.path.realpath(self.root))

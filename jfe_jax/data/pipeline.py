@@ -54,11 +54,11 @@ from typing import Any
 
 import grain.python as grain
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from jfe_jax.data.collate import DEFAULT_LENGTH_BUCKETS, collate, collate_packed
-from jfe_jax.data.image_processor import ImageProcessor
+from jfe_jax.data.image_processor import ImageProcessor, decode_opened, open_image
 from jfe_jax.data.late_fusion import FUSIONS, LateItem, late_collate, split_item
 from jfe_jax.data.mbeir import TASK_MODALITIES, Instructions, instruction_index
 from jfe_jax.data.processing import DEFAULT_EMBED_PROMPT, ProcessedItem, encode_item
@@ -84,18 +84,8 @@ def _str(value: Any) -> str:
 def decode_image(data: bytes, max_image_pixels: int, name: str) -> Image.Image:
     """Encoded image bytes -> PIL image with EXIF orientation applied; ValueError naming
     ``name`` for corrupt data or an image over ``max_image_pixels`` (checked before decoding)."""
-    try:
-        image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > max_image_pixels:
-            raise ValueError(
-                f"{name} is {width}x{height} pixels; expected at most "
-                f"max_image_pixels={max_image_pixels}"
-            )
-        image.load()
-        return ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ValueError(f"{name} is not a readable image: {error}") from error
+    image = open_image(io.BytesIO(data), max_image_pixels=max_image_pixels, name=name)
+    return decode_opened(image, name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +95,7 @@ class _Side:
     text: str | None
     image: bytes | None
     key: str
+    image_path: str = ""  # the image file, relative to the data root, for error messages
 
 
 def _text_side(record: Mapping[str, Any], field: str) -> _Side:
@@ -261,19 +252,30 @@ class ContrastiveBatcher:
         if self.kind == "image_captions":
             image = bytes(record["image"])
             image_key = "image:" + hashlib.sha256(image).hexdigest()
-            return _text_side(record, "caption"), _Side(None, image, image_key), []
+            path = _str(record.get("image_path", ""))
+            return _text_side(record, "caption"), _Side(None, image, image_key, path), []
 
-        def side(text: Any, image: Any, key: str) -> _Side:
-            return _Side(_str(text) or None, bytes(image) or None, key)
+        def side(text: Any, image: Any, key: str, path: Any) -> _Side:
+            return _Side(_str(text) or None, bytes(image) or None, key, _str(path))
 
+        # Datasets prepared before version 1.1.0 store no negative image paths.
+        negative_paths = record.get("negative_image_paths", [b""] * len(record["negative_dids"]))
         negatives = [
             side(record["negative_texts"][i], record["negative_images"][i],
-                 "did:" + _str(record["negative_dids"][i]))
+                 "did:" + _str(record["negative_dids"][i]), negative_paths[i])
             for i in range(int(record["num_negatives"]))
         ]  # fmt: skip
-        query = side(record["query_text"], record["query_image"], "qid:" + _str(record["qid"]))
+        query = side(
+            record["query_text"],
+            record["query_image"],
+            "qid:" + _str(record["qid"]),
+            record.get("query_image_path", ""),
+        )
         positive = side(
-            record["positive_text"], record["positive_image"], "did:" + _str(record["positive_did"])
+            record["positive_text"],
+            record["positive_image"],
+            "did:" + _str(record["positive_did"]),
+            record.get("positive_image_path", ""),
         )
         return query, positive, negatives
 
@@ -284,7 +286,8 @@ class ContrastiveBatcher:
     ) -> ProcessedItem | LateItem:
         image = None
         if side.image is not None:
-            image = decode_image(side.image, self.image_processor.max_image_pixels, f"{what} image")
+            name = f"{what} image {side.image_path}" if side.image_path else f"{what} image"
+            image = decode_image(side.image, self.image_processor.max_image_pixels, name)
 
         def encode(*, text, image, instruction):
             return encode_item(
@@ -320,6 +323,8 @@ class ContrastiveBatcher:
         """Processes one record; ValueError naming the record when anything in it is bad."""
         self.check_layout(record)
         record_id = self._record_id(record)
+        if record.get("source"):  # "file:line" of the input record (datasets from 1.1.0 on)
+            record_id = f"{record_id} ({_str(record['source'])})"
         try:
             query, positive, negatives = self._sides(record)
             instruction = self.instruction(record) if self.kind == "mbeir" else None

@@ -9,6 +9,7 @@ with up to ``max_hard_negatives`` hard negatives from the query's ``neg_cand_lis
 
     example_id         str    "<qid>|<did>|<n>", n counting repeats (union_up_train repeats
                               queries to upsample small tasks)
+    source             str    "<query file>:<line>", relative to the root
     qid                str    "<dataset_id>:<n>"
     query_text         str
     query_image        bytes  the encoded image file (PNG/JPEG/...), read from the root
@@ -22,7 +23,8 @@ with up to ``max_hard_negatives`` hard negatives from the query's ``neg_cand_lis
                               jfe_jax.data.mbeir.instruction_index)
     positive_did / positive_text / positive_image / positive_image_path / positive_modality
     num_negatives      int32  how many of the N slots below are filled (N = max_hard_negatives)
-    negative_dids / negative_texts / negative_images / negative_modalities   [N], padded
+    negative_dids / negative_texts / negative_images / negative_image_paths /
+    negative_modalities   [N], padded
 
 ``PairData``: stage-1 pairs, one config per kind. jsonl input, one object per line (the
 synthetic generator writes these; real NLI / caption data must be converted to it)::
@@ -30,14 +32,25 @@ synthetic generator writes these; real NLI / caption data must be converted to i
     text_triples    {"id": str, "sentence": str, "positive": str, "hard_negative": str}
     image_captions  {"id": str, "image_path": str (relative to the root), "caption": str}
 
-and examples with the same fields, plus ``image`` (bytes) for image_captions.
+and examples with the same fields, plus ``source`` ("pairs/<kind>.jsonl:<line>") and, for
+image_captions, ``image`` (bytes).
 
 Where the input is: the builder config's root (``mbeir_root`` / ``root``), or else TFDS's
 ``manual_dir`` (``download_config=tfds.download.DownloadConfig(manual_dir=ROOT)``, which is
-what ``build_dataset(..., manual_dir=ROOT)`` passes). Bad input records (malformed JSON, a
-positive or negative missing from the pool, a missing image file, an empty text) raise a
-ValueError naming the file and line; with ``skip_bad_records=True`` they are logged, skipped
-and counted in ``builder.info.metadata["skipped_records"]`` ({reason or file: count}).
+what ``build_dataset(..., manual_dir=ROOT)`` passes).
+
+Bad input records (malformed JSON, a positive or negative missing from the pool, an empty
+text, a bad image) fail the build with one ValueError naming the file and line of each of the
+first few and how many there are; with ``skip_bad_records=True`` they are logged, skipped and
+counted in ``builder.info.metadata["skipped_records"]`` ({reason or file: count}), those with a
+bad image also in ``metadata["skipped_bad_images"]``. An image is bad when it is missing, when
+its header is unreadable or claims more than ``max_image_pixels`` pixels (the
+``ImageProcessor`` decompression-bomb cap, checked before any pixel is decoded), and, with
+``verify_images="full"``, when its data does not decode (a truncated file).
+
+``build_dataset`` reuses a prepared dataset only while its sources are unchanged (settings,
+input files, every image read: see ``jfe_jax.data.prepared_sources``), else rebuilds it, and
+lets one process prepare at a time.
 """
 
 from __future__ import annotations
@@ -45,6 +58,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import inspect
+import io
 import json
 import logging
 import os
@@ -56,7 +70,22 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from jfe_jax.data.mbeir import MBEIR, TASK_MODALITIES, Candidate, parse_task_name
+from jfe_jax.data.image_processor import DEFAULT_MAX_IMAGE_PIXELS, decode_opened, open_image
+from jfe_jax.data.mbeir import (
+    INSTRUCTIONS_FILE,
+    MBEIR,
+    TASK_MODALITIES,
+    Candidate,
+    Query,
+    parse_task_name,
+)
+from jfe_jax.data.prepared_sources import (
+    Signature,
+    file_signature,
+    prepare_lock,
+    stale_reason,
+    write_sources,
+)
 from jfe_jax.data.synthetic.pairs import IMAGE_CAPTIONS_FILE, TEXT_TRIPLES_FILE
 
 logger = logging.getLogger(__name__)
@@ -66,6 +95,25 @@ PAIR_KINDS: dict[str, str] = {
     "text_triples": TEXT_TRIPLES_FILE,
     "image_captions": IMAGE_CAPTIONS_FILE,
 }
+# header: open each image and check its size against max_image_pixels (no pixel decoded);
+# full: also decode it (catches truncated data); none: copy the bytes unchecked.
+VERIFY_IMAGES = ("header", "full", "none")
+NAMED_BAD_RECORDS = 3  # bad records quoted in a failed build's error
+# A build that finds this many bad records stops looking (a wrong root, say) and fails.
+MAX_BAD_RECORDS = 1000
+
+
+class BadImageError(ValueError):
+    """A record's image is missing, unreadable, too large or (verify_images="full") corrupt."""
+
+
+def _check_settings(verify_images: str, max_image_pixels: int) -> None:
+    if verify_images not in VERIFY_IMAGES:
+        raise ValueError(
+            f"verify_images {verify_images!r} is unknown, expected one of {VERIFY_IMAGES}"
+        )
+    if max_image_pixels < 1:
+        raise ValueError(f"max_image_pixels is {max_image_pixels}; expected >= 1")
 
 
 def _text() -> tfds.features.Text:
@@ -78,12 +126,15 @@ def _bytes(shape: tuple[int, ...] = ()) -> tfds.features.Tensor:
 
 
 class _NoTensorFlowBuilder(tfds.core.GeneratorBasedBuilder):
-    """Base builder: array_record only, and a code path that needs no importlib_resources.
+    """Base builder: array_record only, a code path that needs no importlib_resources, and
+    the bad-record policy and image checks of both builders.
 
     TFDS 4.9.10 finds a builder's source file through the `importlib_resources` backport,
     which is not installed for Python >= 3.9; the file that defines the class is the same
     answer.
     """
+
+    ROOT_FIELD = "root"  # the config field that names the input root
 
     @tfds.core.utils.classproperty
     @classmethod
@@ -99,41 +150,131 @@ class _NoTensorFlowBuilder(tfds.core.GeneratorBasedBuilder):
             )
         super().__init__(**kwargs)
         self._skipped: collections.Counter[str] = collections.Counter()
+        self._errors: list[ValueError] = []  # bad records found, when not skipping them
+        self._skipped_images: list[str] = []  # why each record skipped for its image was bad
+        self._image_problems: dict[str, str | None] = {}  # each image checked once
+        # Every image file the build looked at (relative to the root), for jfe_sources.json.
+        self.source_images: dict[str, Signature] = {}
 
-    def _input_root(self, root: str | None, dl_manager: Any) -> Path:
+    def input_root(self, manual_dir: str | os.PathLike | None) -> Path:
         """The config's root, else the manual_dir; FileNotFoundError naming what was tried."""
-        path = Path(root) if root else Path(os.fspath(dl_manager.manual_dir))
-        if not path.is_dir():
+        root = getattr(self.builder_config, self.ROOT_FIELD) or manual_dir
+        path = Path(os.fspath(root)) if root else None
+        if path is None or not path.is_dir():
             raise FileNotFoundError(
                 f"{self.name}: input root {path} is not a directory; set "
                 "the config's root or pass download_config.manual_dir"
             )
         return path
 
+    def _split_root(self, dl_manager: Any) -> Path:
+        """``input_root`` in _split_generators (TFDS's manual_dir must exist when read)."""
+        has_root = bool(getattr(self.builder_config, self.ROOT_FIELD))
+        return self.input_root(None if has_root else dl_manager.manual_dir)
+
+    def input_files(self, root: Path) -> list[Path]:
+        """The files (besides images) that the dataset is built from."""
+        raise NotImplementedError
+
+    def source_settings(self, root: Path) -> dict[str, Any]:
+        """What, besides its input files, decides the dataset's content (jfe_sources.json)."""
+        # The root counts as resolved (a relative and an absolute path name the same input).
+        skip = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)} | {self.ROOT_FIELD}
+        config = self.builder_config
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        return {
+            "builder": self.name,
+            "version": str(self.version),
+            "config": config.name,
+            "input_root": os.path.realpath(root),
+            **{name: value for name, value in fields.items() if name not in skip},
+        }
+
+    def _read_image(self, path: Path, relative: str, what: str) -> bytes:
+        """An image file's bytes, checked as the config's verify_images says; BadImageError
+        naming ``what`` (the record) and the file."""
+        if relative not in self.source_images:  # M-BEIR reads a pool image for many queries
+            self.source_images[relative] = file_signature(path)
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise BadImageError(f"{what}: cannot read image {path}: {error}") from error
+        config = self.builder_config
+        if config.verify_images != "none":
+            if relative not in self._image_problems:
+                self._image_problems[relative] = _image_problem(
+                    data, f"image {path}", config.max_image_pixels, config.verify_images
+                )
+            if self._image_problems[relative]:
+                raise BadImageError(f"{what}: {self._image_problems[relative]}")
+        return data
+
     def _bad(self, reason: str, error: ValueError, skip: bool) -> None:
         if not skip:
-            raise error
+            # Go on looking, to name how many there are; fail at the end (or at too many).
+            self._errors.append(error)
+            if len(self._errors) >= MAX_BAD_RECORDS:
+                raise self._build_error()
+            return
         self._skipped[reason] += 1
+        if isinstance(error, BadImageError):
+            self._skipped_images.append(str(error))
         self.info.metadata["skipped_records"] = dict(self._skipped)
         logger.warning("skipping bad record: %s", error)
 
+    def _build_error(self) -> ValueError:
+        """One error for the bad records found: the first few, and how many."""
+        errors = self._errors
+        if len(errors) == 1:
+            return errors[0]
+        count = f"{len(errors)} or more" if len(errors) >= MAX_BAD_RECORDS else len(errors)
+        named = "; ".join(str(e) for e in errors[:NAMED_BAD_RECORDS])
+        more = len(errors) - NAMED_BAD_RECORDS
+        return ValueError(
+            f"{self.name}/{self.builder_config.name}: {count} bad records "
+            f"(skip_bad_records=True skips them): {named}"
+            + (f"; and {more} more" if more > 0 else "")
+        )
+
+    def _finish_generation(self) -> None:
+        """After the last example: fail for bad records, or record the skipped ones."""
+        if self._errors:
+            raise self._build_error()
+        self.info.metadata["skipped_records"] = dict(self._skipped)
+        self.info.metadata["skipped_bad_images"] = len(self._skipped_images)
+        if self._skipped_images:
+            logger.warning(
+                "%s/%s: skipped %d records with bad images: %s",
+                self.name,
+                self.builder_config.name,
+                len(self._skipped_images),
+                "; ".join(self._skipped_images[:NAMED_BAD_RECORDS]),
+            )
+
     def _info_with(self, features: dict[str, Any]) -> tfds.core.DatasetInfo:
-        metadata = tfds.core.MetadataDict(skipped_records={})
+        metadata = tfds.core.MetadataDict(skipped_records={}, skipped_bad_images=0)
         return self.dataset_info_from_configs(
             features=tfds.features.FeaturesDict(features), metadata=metadata
         )
 
 
+def _image_problem(data: bytes, name: str, max_image_pixels: int, verify: str) -> str | None:
+    """Why encoded image bytes would fail training, or None: the ImageProcessor's header and
+    size check, and with verify="full" a complete decode."""
+    try:
+        image = open_image(io.BytesIO(data), max_image_pixels=max_image_pixels, name=name)
+        if verify == "full":
+            decode_opened(image, name)
+        else:
+            image.close()
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def _padded(values: list[bytes], length: int) -> np.ndarray:
     """A fixed-length object array of bytes, filled with b"" (what a [N] bytes feature takes)."""
     return np.array(values + [b""] * (length - len(values)), dtype=object)
-
-
-def _read_bytes(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as error:
-        raise ValueError(f"{what}: cannot read image {path}: {error}") from error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,10 +293,13 @@ class MbeirTrainConfig(tfds.core.BuilderConfig):
     pool: str | None = None  # pool jsonl (relative to the root); None: the split's union pool
     max_hard_negatives: int = 4  # N, the fixed length of the negative_* fields
     skip_bad_records: bool = False  # log and count bad records instead of raising
+    verify_images: str = "header"  # header | full | none (see VERIFY_IMAGES)
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # the ImageProcessor's cap
 
     def __post_init__(self):
         if self.max_hard_negatives < 0:
             raise ValueError(f"max_hard_negatives is {self.max_hard_negatives}; expected >= 0")
+        _check_settings(self.verify_images, self.max_image_pixels)
         if self.task is not None:
             parse_task_name(self.task)
         if not self.name:
@@ -165,13 +309,17 @@ class MbeirTrainConfig(tfds.core.BuilderConfig):
 class MbeirTrainPairs(_NoTensorFlowBuilder):
     """M-BEIR (query, positive, hard negatives) examples; fields in the module docstring."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First version."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "First version.",
+        "1.1.0": "source and negative_image_paths fields; images checked when built.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Set MbeirTrainConfig.mbeir_root, or pass manual_dir=<the M-BEIR root> (the folder "
         "holding query/, cand_pool/, instructions/ and mbeir_images/)."
     )
     CONFIG_CLASS = MbeirTrainConfig
+    ROOT_FIELD = "mbeir_root"
 
     def _info(self) -> tfds.core.DatasetInfo:
         n = self.builder_config.max_hard_negatives
@@ -185,6 +333,7 @@ class MbeirTrainPairs(_NoTensorFlowBuilder):
         return self._info_with(
             {
                 "example_id": _text(),
+                "source": _text(),
                 "qid": _text(),
                 "query_text": _text(),
                 "query_image": _bytes(),
@@ -198,24 +347,52 @@ class MbeirTrainPairs(_NoTensorFlowBuilder):
                 "negative_dids": _bytes((n,)),
                 "negative_texts": _bytes((n,)),
                 "negative_images": _bytes((n,)),
+                "negative_image_paths": _bytes((n,)),
                 "negative_modalities": _bytes((n,)),
             }
         )
 
+    def _pool_path(self, reader: MBEIR) -> Path:
+        config = self.builder_config
+        pool_split = "val" if "val" in config.query_split else "train"
+        return reader.root / config.pool if config.pool else reader.global_pool_path(pool_split)
+
+    def input_files(self, root: Path) -> list[Path]:
+        config = self.builder_config
+        reader = MBEIR(root)
+        if config.task is None:
+            queries = reader.query_files(config.query_split)
+        else:
+            queries = [reader.query_path(config.query_split, config.task)]
+        return [*queries, self._pool_path(reader), reader.root / INSTRUCTIONS_FILE]
+
     def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
         config = self.builder_config
         reader = MBEIR(
-            self._input_root(config.mbeir_root, dl_manager),
+            self._split_root(dl_manager),
             skip_bad_records=config.skip_bad_records,
         )
-        pool_split = "val" if "val" in config.query_split else "train"
-        pool_path = config.pool or reader.global_pool_path(pool_split)
-        return {"train": self._generate_examples(reader, pool_path)}
+        return {"train": self._generate_examples(reader, self._pool_path(reader))}
 
-    def _item(self, reader: MBEIR, candidate: Candidate) -> dict[str, Any]:
-        image = b""
-        if candidate.image_path is not None:
-            image = _read_bytes(reader.image_file(candidate), f"candidate {candidate.did}")
+    def _image(self, reader: MBEIR, record: Query | Candidate, what: str, prefix="") -> bytes:
+        """The record's image bytes (b"" when it has none), checked; BadImageError naming
+        ``what``, or for a missing file ``prefix`` and the record's own file and line."""
+        if record.image_path is None:
+            return b""
+        try:
+            path = reader.image_file(record)
+        except ValueError as error:  # outside the root, or missing
+            if record.image_path not in self.source_images:  # stat each image once
+                self.source_images[record.image_path] = file_signature(
+                    reader.root / record.image_path
+                )
+            raise BadImageError(f"{prefix}{error}") from None
+        return self._read_image(path, record.image_path, what)
+
+    def _item(self, reader: MBEIR, candidate: Candidate, query: Query) -> dict[str, Any]:
+        prefix = f"{query.source}: query {query.qid}: "
+        what = f"{prefix}candidate {candidate.did} ({candidate.source})"
+        image = self._image(reader, candidate, what, prefix)
         return {
             "did": candidate.did,
             "text": candidate.text or "",
@@ -236,9 +413,7 @@ class MbeirTrainPairs(_NoTensorFlowBuilder):
                 prompts = instructions.prompts_for(
                     query.dataset_id, query.modality, TASK_MODALITIES[query.task_id][1]
                 )
-                query_image = b""
-                if query.image_path is not None:
-                    query_image = _read_bytes(reader.image_file(query), f"query {query.qid}")
+                query_image = self._image(reader, query, f"{query.source}: query {query.qid}")
                 missing = [d for d in query.pos_cand_list + query.neg_cand_list if d not in pool]
                 if missing:
                     raise ValueError(
@@ -246,15 +421,16 @@ class MbeirTrainPairs(_NoTensorFlowBuilder):
                         f"{missing} that are not in the pool {pool_path}"
                     )
                 negatives = [
-                    self._item(reader, pool[d])
+                    self._item(reader, pool[d], query)
                     for d in query.neg_cand_list[: config.max_hard_negatives]
                 ]
-                positives = [self._item(reader, pool[d]) for d in query.pos_cand_list]
+                positives = [self._item(reader, pool[d], query) for d in query.pos_cand_list]
             except ValueError as error:
                 self._bad(query.source.rsplit(":", 1)[0], error, config.skip_bad_records)
                 continue
             n = config.max_hard_negatives
             shared = {
+                "source": query.source,
                 "qid": query.qid,
                 "query_text": query.text or "",
                 "query_image": query_image,
@@ -267,6 +443,7 @@ class MbeirTrainPairs(_NoTensorFlowBuilder):
                 "negative_dids": _padded([x["did"].encode() for x in negatives], n),
                 "negative_texts": _padded([x["text"].encode() for x in negatives], n),
                 "negative_images": _padded([x["image"] for x in negatives], n),
+                "negative_image_paths": _padded([x["image_path"].encode() for x in negatives], n),
                 "negative_modalities": _padded([x["modality"].encode() for x in negatives], n),
             }
             for positive in positives:
@@ -284,7 +461,7 @@ class MbeirTrainPairs(_NoTensorFlowBuilder):
         # The reader's own skips (malformed lines, duplicate dids) count too.
         for source, count in reader.bad_records.items():
             self._skipped[source] += count
-        self.info.metadata["skipped_records"] = dict(self._skipped)
+        self._finish_generation()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,6 +478,8 @@ class PairDataConfig(tfds.core.BuilderConfig):
     root: str | None = None  # folder that holds the file and the images; None: manual_dir
     file: str | None = None  # the jsonl, relative to root; None: pairs/<kind>.jsonl
     skip_bad_records: bool = False  # log and count bad records instead of raising
+    verify_images: str = "header"  # header | full | none (see VERIFY_IMAGES)
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # the ImageProcessor's cap
 
     def __post_init__(self):
         if self.kind not in PAIR_KINDS:
@@ -308,6 +487,7 @@ class PairDataConfig(tfds.core.BuilderConfig):
                 f"PairDataConfig.kind {self.kind!r} is unknown, expected one of "
                 f"{sorted(PAIR_KINDS)}"
             )
+        _check_settings(self.verify_images, self.max_image_pixels)
         self.name = self.name or self.kind
 
 
@@ -320,8 +500,8 @@ _PAIR_TEXT_FIELDS = {
 class PairData(_NoTensorFlowBuilder):
     """Stage-1 text triples or image-caption pairs; schema in the module docstring."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First version."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First version.", "1.1.0": "source field; images checked."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Set PairDataConfig.root, or pass manual_dir=<folder holding pairs/*.jsonl and the "
         "images they name>."
@@ -330,16 +510,20 @@ class PairData(_NoTensorFlowBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         kind = self.builder_config.kind
-        features: dict[str, Any] = {"id": _text()}
+        features: dict[str, Any] = {"id": _text(), "source": _text()}
         features.update({field: _text() for field in _PAIR_TEXT_FIELDS[kind]})
         if kind == "image_captions":
             features["image"] = _bytes()
         return self._info_with(features)
 
+    def input_files(self, root: Path) -> list[Path]:
+        config = self.builder_config
+        return [root / (config.file or PAIR_KINDS[config.kind])]
+
     def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
         config = self.builder_config
-        root = self._input_root(config.root, dl_manager)
-        path = root / (config.file or PAIR_KINDS[config.kind])
+        root = self._split_root(dl_manager)
+        (path,) = self.input_files(root)
         if not path.is_file():
             raise FileNotFoundError(f"{config.kind} file {path} does not exist")
         return {"train": self._generate_examples(root, path)}
@@ -356,7 +540,7 @@ class PairData(_NoTensorFlowBuilder):
             raise ValueError(f"{where}: id {record_id!r} must be a non-empty string")
         if record_id in seen:
             raise ValueError(f"{where}: id {record_id!r} already appeared at {seen[record_id]}")
-        example = {"id": record_id}
+        example = {"id": record_id, "source": where}
         for field in _PAIR_TEXT_FIELDS[self.builder_config.kind]:
             value = record.get(field)
             if not isinstance(value, str) or not value.strip():
@@ -373,23 +557,27 @@ class PairData(_NoTensorFlowBuilder):
                     f"{where}: record {record_id} image_path "
                     f"{example['image_path']!r} resolves outside {root}"
                 )
-            example["image"] = _read_bytes(Path(image), f"{where}: record {record_id}")
+            example["image"] = self._read_image(
+                Path(image), example["image_path"], f"{where}: record {record_id}"
+            )
         seen[record_id] = where
         return example
 
     def _generate_examples(self, root: Path, path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         seen: dict[str, str] = {}
+        relative = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
-                where = f"{path.name}:{lineno}"
+                where = f"{relative}:{lineno}"
                 try:
                     example = self._parse(root, line, where, seen)
                 except ValueError as error:
                     self._bad(path.name, error, self.builder_config.skip_bad_records)
                     continue
                 yield example["id"], example
+        self._finish_generation()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,20 +590,44 @@ def build_dataset(
     data_dir: str | os.PathLike,
     *,
     manual_dir: str | os.PathLike | None = None,
+    check_sources: bool = True,
     **config: Any,
 ) -> tfds.core.DatasetBuilder:
     """Prepares a dataset (array_record, no TensorFlow) under data_dir and returns its builder.
 
     ``config`` holds the builder config's fields (``MbeirTrainConfig`` or ``PairDataConfig``,
     e.g. ``mbeir_root=..., query_split="union_train", max_hard_negatives=4``); ``manual_dir``
-    is the input root when the config names none. A dataset already prepared under the
-    same name and version is reused, not rebuilt.
+    is the input root when the config names none.
+
+    A dataset already prepared under the same name and version is reused while its sources
+    are unchanged (the config, the input files and every image it read; see
+    ``jfe_jax.data.prepared_sources``); otherwise it is removed and rebuilt, saying why in an
+    INFO log line. ``check_sources=False`` reuses a prepared dataset without looking (another
+    host checked it). One process prepares at a time: a second one waits for the lock in
+    data_dir, then reuses what the first prepared.
     """
-    builder = builder_cls(data_dir=os.fspath(data_dir), config=builder_cls.CONFIG_CLASS(**config))
-    download_config = tfds.download.DownloadConfig(
-        manual_dir=os.fspath(manual_dir) if manual_dir is not None else None
-    )
-    builder.download_and_prepare(download_config=download_config)
+    data_dir = os.fspath(data_dir)
+    builder_config = builder_cls.CONFIG_CLASS(**config)
+    with prepare_lock(data_dir):
+        builder = builder_cls(data_dir=data_dir, config=builder_config)
+        if builder.is_prepared() and not check_sources:
+            return builder
+        # TFDS's own default manual_dir, when neither the config nor the caller names a root.
+        root = builder.input_root(manual_dir or Path(data_dir, "downloads", "manual"))
+        settings = builder.source_settings(root)
+        files = {os.fspath(path): file_signature(path) for path in builder.input_files(root)}
+        if builder.is_prepared():
+            reason = stale_reason(builder.data_path, settings, files, root)
+            if reason is None:
+                return builder
+            logger.info("rebuilding the prepared dataset %s: %s", builder.data_path, reason)
+            builder.data_path.rmtree()
+            builder = builder_cls(data_dir=data_dir, config=builder_config)
+        download_config = tfds.download.DownloadConfig(
+            manual_dir=os.fspath(manual_dir) if manual_dir is not None else None
+        )
+        builder.download_and_prepare(download_config=download_config)
+        write_sources(builder.data_path, settings, files, builder.source_images)
     return builder
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Sequence
 
+from jfe_jax.errors import ArgumentParser, positive_int
+
 
 def eval_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="jfe eval",
         description="M-BEIR Recall@1/5/10 per task (UniIR's hit rate), headline column, JFE's "
         "five groups, ScaNN beside exact search; deterministic instructions.",
@@ -24,8 +25,15 @@ def eval_main(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--index-mode", default="auto", choices=["auto", "brute_force", "ah", "tree_ah"]
     )
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--label", default="JFE")
+    parser.add_argument(
+        "--no-overwrite",
+        dest="overwrite",
+        action="store_false",
+        help="refuse, rather than rebuild, embeddings or indexes cached in --out by another "
+        "model, checkpoint, item format or pool",
+    )
     args = parser.parse_args(argv)
 
     from jfe_jax.eval.mbeir_eval import evaluate_mbeir
@@ -44,6 +52,7 @@ def eval_main(argv: Sequence[str]) -> int:
         instruction_seed=args.seed,
         index_mode=args.index_mode,
         label=args.label,
+        overwrite=args.overwrite,
     )
     print(result["text"])
     print(

@@ -1,8 +1,9 @@
 """M-BEIR evaluation: Recall@k (UniIR's hit rate) per task, JFE's five groups, ScaNN vs exact.
 
 For each task of a split, its candidate pool (the task's local pool, or the union pool) is
-exported once into ``<out>/embeddings/<pool>`` (resumable, reused by later tasks and runs),
-indexed with ScaNN (``<out>/index/<pool>``), and searched with the task's queries, each
+exported once into ``<out>/embeddings/<pool>`` and indexed with ScaNN (``<out>/index/<pool>``),
+both reused by later tasks and runs of the same model fingerprint, item format and pool file
+and rebuilt otherwise (``jfe_jax.index.export``), then searched with the task's queries, each
 prefixed with a deterministic instruction. Exact search over the same embeddings runs beside
 it, so the table can say how much ScaNN's approximation costs.
 
@@ -26,8 +27,10 @@ from jfe_jax.eval.plots import plot_headline_recall
 from jfe_jax.eval.recall import format_task_table, recall_at_k, task_table, write_table_json
 from jfe_jax.index.embedder import Item, ItemEmbedder
 from jfe_jax.index.exact import exact_search
-from jfe_jax.index.export import export_embeddings, load_embeddings
+from jfe_jax.index.export import REBUILD_HINT, export_embeddings, file_source, load_embeddings
+from jfe_jax.index.identity import MODEL_KEYS, RECORD_KEYS, model_identity
 from jfe_jax.index.scann_index import Index
+from jfe_jax.paths import absolute
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +59,16 @@ def query_item(mbeir: MBEIR, query: Query, mode: str, seed: int) -> Item:
 
 
 def pool_embeddings(
-    embedder: ItemEmbedder, mbeir: MBEIR, pool_path: Path, out_dir: str, *, progress: bool
-) -> tuple[np.ndarray, list[str]]:
-    """Exports a pool jsonl once (resumable) and returns its embeddings and dids."""
+    embedder: ItemEmbedder,
+    mbeir: MBEIR,
+    pool_path: Path,
+    out_dir: str,
+    *,
+    progress: bool,
+    overwrite: bool = True,
+) -> tuple[np.ndarray, list[str], dict[str, Any]]:
+    """Exports a pool jsonl once (resumable; another model's cache is rebuilt, or refused
+    when ``overwrite`` is False) and returns its embeddings, dids and export metadata."""
     name = pool_path.name.removesuffix(".jsonl")
     directory = os.path.join(out_dir, "embeddings", name)
     records = (
@@ -70,18 +80,28 @@ def pool_embeddings(
         directory,
         progress=progress,
         metadata={"pool": str(pool_path.relative_to(mbeir.root))},
+        source=file_source(pool_path, mbeir.root),
+        overwrite=overwrite,
     )
-    embeddings, ids, _ = load_embeddings(directory)
-    return embeddings, ids
+    return load_embeddings(directory)
 
 
-def scann_index(embeddings, ids, directory: str, *, mode: str, metadata: dict) -> Index:
-    """Builds (or reloads, when it matches) the ScaNN index of a pool."""
-    expect = {"n": len(ids), "dim": embeddings.shape[1], "model": metadata.get("model")}
+def scann_index(
+    embeddings, ids, directory: str, *, mode: str, metadata: dict, overwrite: bool = True
+) -> Index:
+    """Builds the ScaNN index of a pool, or reloads it when it was built over the same pool
+    (``metadata["source"]``) by the same model fingerprint and item format."""
+    expect = {
+        "n": len(ids),
+        "dim": embeddings.shape[1],
+        **{key: metadata[key] for key in (*MODEL_KEYS, "source")},
+    }
     if os.path.isfile(os.path.join(directory, "index_metadata.json")):
         try:
             return Index.load(directory, expect=expect)
         except ValueError as e:
+            if not overwrite:
+                raise ValueError(f"{e}; {REBUILD_HINT}") from e
             log.warning("rebuilding index %s: %s", directory, e)
     index = Index.build(embeddings, ids, mode=mode, metadata=metadata)
     index.save(directory)
@@ -102,10 +122,17 @@ def evaluate_mbeir(
     index_mode: str = "auto",
     label: str = "JFE",
     progress: bool = True,
+    overwrite: bool = True,
 ) -> dict[str, Any]:
-    """Evaluates ``embedder`` on the M-BEIR-layout directory ``root``; returns the results dict."""
+    """Evaluates ``embedder`` on the M-BEIR-layout directory ``root``; returns the results dict.
+
+    Pool embeddings and indexes cached in ``out_dir`` by another model fingerprint, item
+    format or pool file are rebuilt (a WARNING says what differs), or with ``overwrite=False``
+    refused with a ValueError.
+    """
     if pool not in ("local", "global"):
         raise ValueError(f"pool must be 'local' or 'global', got {pool!r}")
+    root, out_dir = absolute(root), absolute(out_dir)
     mbeir = MBEIR(root)
     available = mbeir.tasks(split)
     tasks = list(tasks or available)
@@ -121,13 +148,19 @@ def evaluate_mbeir(
         pool_path = (
             mbeir.local_pool_path(task, split) if pool == "local" else mbeir.global_pool_path(split)
         )
-        cand_emb, cand_ids = pool_embeddings(embedder, mbeir, pool_path, out_dir, progress=progress)
+        cand_emb, cand_ids, export = pool_embeddings(
+            embedder, mbeir, pool_path, out_dir, progress=progress, overwrite=overwrite
+        )
         index = scann_index(
             cand_emb,
             cand_ids,
             os.path.join(out_dir, "index", pool_path.name.removesuffix(".jsonl")),
             mode=index_mode,
-            metadata={"model": embedder.encoder.source_dir, "pool": pool_path.name},
+            metadata={
+                **{key: export[key] for key in (*RECORD_KEYS, "source")},
+                "pool": pool_path.name,
+            },
+            overwrite=overwrite,
         )
         queries = mbeir.read_queries(split, task)
         qrels = mbeir.read_qrels(split, task)
@@ -174,8 +207,7 @@ def evaluate_mbeir(
         "pool": pool,
         "instruction_mode": instruction_mode,
         "instruction_seed": instruction_seed,
-        "model": embedder.encoder.source_dir,
-        "checkpoint_step": embedder.encoder.step,
+        **model_identity(embedder),
         "prompt": embedder.prompt,
         "details": details,
     }

@@ -8,14 +8,16 @@ import os
 import sys
 from collections.abc import Sequence
 
+from jfe_jax.errors import ArgumentParser, positive_int
+
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="jfe train workdir or HF Qwen2-VL dir")
-    parser.add_argument("--batch-size", type=int, default=32, help="rows per device step")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="rows per device step")
 
 
 def export_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="jfe export",
         description="Embed an M-BEIR candidate pool (or a task's queries) into resumable shards.",
     )
@@ -26,15 +28,24 @@ def export_main(argv: Sequence[str]) -> int:
     what.add_argument("--queries", help="a task whose queries to embed (with instructions)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--out", required=True, help="export directory")
-    parser.add_argument("--shard-size", type=int, default=4096)
+    parser.add_argument(
+        "--shard-size", type=positive_int, default=4096, help="items per shard (default 4096)"
+    )
     parser.add_argument("--instruction-mode", default="fixed", choices=["fixed", "seeded"])
     parser.add_argument("--seed", type=int, default=0, help="seed of seeded instructions")
+    parser.add_argument(
+        "--no-overwrite",
+        dest="overwrite",
+        action="store_false",
+        help="refuse, rather than rebuild, shards in --out made by another model, checkpoint, "
+        "item format or source",
+    )
     args = parser.parse_args(argv)
 
     from jfe_jax.data.mbeir import MBEIR
     from jfe_jax.eval.mbeir_eval import query_item
     from jfe_jax.index.embedder import Item, embedder_for
-    from jfe_jax.index.export import export_embeddings
+    from jfe_jax.index.export import export_embeddings, file_source
 
     mbeir = MBEIR(args.mbeir_root)
     embedder = embedder_for(args.model, batch_size=args.batch_size, image_root=args.mbeir_root)
@@ -49,6 +60,7 @@ def export_main(argv: Sequence[str]) -> int:
             "pool": str(path.relative_to(mbeir.root)),
             "mbeir_root": os.path.abspath(args.mbeir_root),
         }
+        source = file_source(path, mbeir.root)
     else:
         queries = mbeir.read_queries(args.split, args.queries)
         records = ((q.qid, query_item(mbeir, q, args.instruction_mode, args.seed)) for q in queries)
@@ -57,8 +69,18 @@ def export_main(argv: Sequence[str]) -> int:
             "instruction_mode": args.instruction_mode,
             "instruction_seed": args.seed,
         }
+        source = {
+            **extra,
+            **file_source(mbeir.query_path(args.split, args.queries), mbeir.root),
+        }
     meta = export_embeddings(
-        embedder, records, args.out, shard_size=args.shard_size, metadata=extra
+        embedder,
+        records,
+        args.out,
+        shard_size=args.shard_size,
+        metadata=extra,
+        source=source,
+        overwrite=args.overwrite,
     )
     print(
         f"exported {meta['total_items']} items ({meta['dim']}-d) into {meta['num_shards']} "
@@ -76,7 +98,7 @@ def index_main(argv: Sequence[str]) -> int:
 
 
 def _index_build(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="jfe index build",
         description="Build a ScaNN index from `jfe export` shards (defaults chosen by pool size).",
     )
@@ -90,10 +112,12 @@ def _index_build(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
 
     from jfe_jax.index.export import load_embeddings
+    from jfe_jax.index.identity import RECORD_KEYS
     from jfe_jax.index.scann_index import Index
 
     embeddings, ids, meta = load_embeddings(args.embeddings)
-    keep = ("model", "checkpoint_step", "prompt", "dim", "pool", "mbeir_root")
+    # What made the embeddings (jfe_jax.index.identity), which the searches check.
+    keep = (*RECORD_KEYS, "source", "prompt", "pool", "mbeir_root")
     index = Index.build(
         embeddings,
         ids,
@@ -102,7 +126,7 @@ def _index_build(argv: Sequence[str]) -> int:
         num_leaves_to_search=args.num_leaves_to_search,
         training_sample_size=args.training_sample_size,
         reorder_k=args.reorder_k,
-        metadata={k: meta[k] for k in keep if k in meta and k != "dim"},
+        metadata={k: meta[k] for k in keep if k in meta},
     )
     index.save(args.out)
     print(
@@ -113,20 +137,22 @@ def _index_build(argv: Sequence[str]) -> int:
 
 
 def _index_search(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="jfe index search", description="Search an index with exported query embeddings."
     )
     parser.add_argument("--index", required=True)
     parser.add_argument("--queries", required=True, help="export directory of the queries")
-    parser.add_argument("-k", type=int, default=10)
+    parser.add_argument("-k", type=positive_int, default=10)
     parser.add_argument("--out", required=True, help="JSON lines: qid, ids, scores")
     args = parser.parse_args(argv)
 
     from jfe_jax.index.export import load_embeddings
+    from jfe_jax.index.identity import check_index_model
     from jfe_jax.index.scann_index import Index
 
     queries, qids, meta = load_embeddings(args.queries)
-    index = Index.load(args.index, expect={"dim": meta["dim"], "model": meta["model"]})
+    index = Index.load(args.index, expect={"dim": meta["dim"]})
+    check_index_model(index.metadata, meta, args.index, this="the queries' export has")
     ids, scores = index.search(queries, args.k)
     with open(args.out, "w", encoding="utf-8") as f:
         for qid, row_ids, row_scores in zip(qids, ids, scores):
@@ -145,7 +171,7 @@ def _index_search(argv: Sequence[str]) -> int:
 
 
 def search_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="jfe search",
         description="Search an index with a text, an image, or both (and an instruction).",
     )
@@ -154,7 +180,7 @@ def search_main(argv: Sequence[str]) -> int:
     parser.add_argument("--text")
     parser.add_argument("--image", help="path of a query image")
     parser.add_argument("--instruction", help="task instruction prefixed to the query")
-    parser.add_argument("-k", type=int, default=5)
+    parser.add_argument("-k", type=positive_int, default=5)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     if not args.text and not args.image:
@@ -162,10 +188,12 @@ def search_main(argv: Sequence[str]) -> int:
 
     from jfe_jax.data.mbeir import MBEIR
     from jfe_jax.index.embedder import Item, embedder_for
+    from jfe_jax.index.identity import check_index_model, model_identity
     from jfe_jax.index.scann_index import Index
 
     embedder = embedder_for(args.model, batch_size=args.batch_size)
     index = Index.load(args.index, expect={"dim": embedder.dim})
+    check_index_model(index.metadata, model_identity(embedder), args.index, this="--model has")
     query = embedder.embed(
         [Item(args.text, args.image and os.path.abspath(args.image), args.instruction)]
     )

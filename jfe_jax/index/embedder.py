@@ -9,6 +9,7 @@ need no cross-host communication.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -23,7 +24,9 @@ from jfe_jax.data.late_fusion import FUSIONS, LateItem, late_collate, split_item
 from jfe_jax.data.processing import DEFAULT_EMBED_PROMPT, ProcessedItem, encode_item
 from jfe_jax.data.tokenizer import load_tokenizer
 from jfe_jax.encoder import Encoder
+from jfe_jax.models.fingerprint import hash_json
 from jfe_jax.models.packing import pack_vision
+from jfe_jax.paths import absolute
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +113,7 @@ class ItemEmbedder:
         self.length_buckets = tuple(length_buckets)
         side = self.image_processor.max_pixels // (vision.patch_size**2)
         self.patch_budget = patch_budget or max(16, -(-side // 16) * 16)
-        self.image_root = image_root
+        self.image_root = absolute(image_root)
         devices = jax.local_devices()
         self._num_devices = len(devices)
         self.batch_size = -(-batch_size // len(devices)) * len(devices)
@@ -133,6 +136,30 @@ class ItemEmbedder:
     @property
     def dim(self) -> int:
         return self.encoder.options.projection_dim or self.encoder.config.text.hidden_size
+
+    @functools.cached_property
+    def item_format(self) -> dict[str, Any]:
+        """What the encoder is fed for an item, besides the item: prompt, static shapes, image
+        preprocessing, fusion and the tokenizer's hash. Embeddings made under another item
+        format are not interchangeable. ``pack``/``pack_vision`` give the same embeddings,
+        so they are left out."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        vocab = (
+            backend.to_str() if backend is not None else sorted(self.tokenizer.get_vocab().items())
+        )
+        return {
+            "prompt": self.prompt,
+            "length_buckets": list(self.length_buckets),
+            "patch_budget": self.patch_budget,
+            "image_processor": dataclasses.asdict(self.image_processor),
+            "fusion": self.fusion,
+            "tokenizer": hash_json(vocab),
+        }
+
+    @functools.cached_property
+    def item_format_hash(self) -> str:
+        """Hex digest of ``item_format``."""
+        return hash_json(self.item_format)
 
     def _encode(self, *, text, image, instruction) -> ProcessedItem:
         return encode_item(

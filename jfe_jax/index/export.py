@@ -4,19 +4,26 @@ Layout of an export directory::
 
     shard-00000/embeddings.npy   float32 [n, D], unit norm
     shard-00000/ids.json         the n string ids, in row order
-    metadata-host000.json        model, checkpoint step, dim, prompt, normalisation, shard
-                                 size, total items, the shards this host wrote
+    shard-00000/identity.json    what made the shard (``jfe_jax.index.identity``): model
+                                 fingerprint, item format, source, shard size
+    metadata-host000.json        that identity, model path, checkpoint step, dim, prompt,
+                                 normalisation, total items, the shards this host wrote
 
 Shard s holds items [s * shard_size, (s + 1) * shard_size) of the stream and is written by
 host ``s % process_count``. Memory stays at one shard whatever the pool size. A shard is
 written to a temporary folder and renamed when complete, so an interrupted export resumes by
-skipping the shards that exist.
+skipping the shards that exist. A shard is reused only when its identity and ids are this
+export's: shards made by another model, checkpoint, item format or source are removed and
+rebuilt (or, with ``overwrite=False``, refused), never relabelled. Each host checks and
+removes only the shards it owns, so hosts never race.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -26,9 +33,76 @@ import numpy as np
 from tqdm import tqdm
 
 from jfe_jax.index.embedder import Item, ItemEmbedder
+from jfe_jax.index.identity import EXPORT_KEYS, mismatch, model_identity
+from jfe_jax.models.fingerprint import hash_file
+
+log = logging.getLogger(__name__)
 
 SHARD_PATTERN = "shard-{:05d}"
 METADATA_PATTERN = "metadata-host{:03d}.json"
+IDENTITY_FILE = "identity.json"
+_SHARD_NAME = re.compile(r"shard-(\d+)(\.tmp)?")
+_METADATA_NAME = re.compile(r"metadata-host(\d+)\.json")
+REBUILD_HINT = "rerun without --no-overwrite (overwrite=True) to rebuild"
+
+
+def file_source(path: str | os.PathLike, root: str | os.PathLike) -> dict[str, Any]:
+    """A source file's identity: its path relative to ``root``, size and content hash."""
+    return {
+        "file": os.path.relpath(path, root).replace(os.sep, "/"),
+        "bytes": os.path.getsize(path),
+        "blake2b": hash_file(path),
+    }
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _remove_stale(
+    out_dir: str,
+    identity: dict[str, Any],
+    *,
+    overwrite: bool,
+    process_index: int,
+    process_count: int,
+) -> None:
+    """Removes this host's shards and metadata that another identity made (a WARNING names
+    what differs), or raises ValueError when ``overwrite`` is False. Host 0 also removes the
+    metadata of hosts beyond ``process_count`` (an earlier export on more hosts)."""
+    stale, reasons = [], []
+    for name in sorted(os.listdir(out_dir)):
+        path = os.path.join(out_dir, name)
+        shard, meta = _SHARD_NAME.fullmatch(name), _METADATA_NAME.fullmatch(name)
+        if shard and int(shard.group(1)) % process_count == process_index:
+            if shard.group(2):  # an interrupted write: never reused
+                stale.append(path)
+            elif what := mismatch(_read_json(os.path.join(path, IDENTITY_FILE)), identity):
+                stale.append(path)
+                reasons.append(what)
+        elif meta:
+            host = int(meta.group(1))
+            if host >= process_count and process_index == 0:  # an export on more hosts
+                stale.append(path)
+            elif host == process_index and (what := mismatch(_read_json(path), identity)):
+                stale.append(path)
+                reasons.append(what)
+    if reasons:
+        message = f"export {out_dir} was made {reasons[0]}"
+        if not overwrite:
+            raise ValueError(f"{message}; {REBUILD_HINT}")
+        log.warning(
+            "%s: removing %d stale file(s) of this host and rebuilding", message, len(stale)
+        )
+    for path in stale:
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
 
 
 def _shard_chunks(
@@ -52,17 +126,33 @@ def export_embeddings(
     shard_size: int = 4096,
     total: int | None = None,
     metadata: dict[str, Any] | None = None,
+    source: dict[str, Any] | None = None,
+    overwrite: bool = True,
     process_index: int | None = None,
     process_count: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Embeds ``(id, Item)`` records into shards of ``out_dir``; returns this host's metadata.
 
-    Every host streams the same records and embeds only its own shards.
+    Every host streams the same records and embeds only its own shards. ``source`` (JSON)
+    names the records (``file_source(pool, root)``, or a query set's task, split and
+    instruction settings); shards already in ``out_dir`` are reused only when they were made
+    by this model fingerprint and item format from this source with this shard size (and hold
+    the same ids). Other shards are removed and rebuilt with a WARNING, or with
+    ``overwrite=False`` refused with a ValueError naming what differs. ``metadata`` is
+    added to the metadata file as it is.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     os.makedirs(out_dir, exist_ok=True)
+    identity = {**model_identity(embedder), "source": source or {}, "shard_size": shard_size}
+    _remove_stale(
+        out_dir,
+        identity,
+        overwrite=overwrite,
+        process_index=process_index,
+        process_count=process_count,
+    )
     written, skipped, count, seen_ids = [], [], 0, set()
     bar = tqdm(
         total=total, desc=f"export {os.path.basename(out_dir)}", unit="item", disable=not progress
@@ -77,11 +167,17 @@ def export_embeddings(
             bar.update(len(chunk))
             continue
         final = os.path.join(out_dir, SHARD_PATTERN.format(shard))
-        if os.path.isdir(final):
-            skipped.append(shard)
-            bar.update(len(chunk))
-            continue
         ids = [record_id for record_id, _ in chunk]
+        if os.path.isdir(final):
+            if _read_json(os.path.join(final, "ids.json")) == ids:
+                skipped.append(shard)
+                bar.update(len(chunk))
+                continue
+            message = f"export {out_dir}: {os.path.basename(final)} holds other ids than the stream"
+            if not overwrite:
+                raise ValueError(f"{message}; {REBUILD_HINT}")
+            log.warning("%s: rebuilding it", message)
+            shutil.rmtree(final)
         rows = []
         for start in range(0, len(chunk), embedder.batch_size):
             part = chunk[start : start + embedder.batch_size]
@@ -93,18 +189,17 @@ def export_embeddings(
         np.save(os.path.join(tmp, "embeddings.npy"), np.concatenate(rows).astype(np.float32))
         with open(os.path.join(tmp, "ids.json"), "w", encoding="utf-8") as f:
             json.dump(ids, f)
+        with open(os.path.join(tmp, IDENTITY_FILE), "w", encoding="utf-8") as f:
+            json.dump(identity, f, indent=2, sort_keys=True)
         os.replace(tmp, final)
         written.append(shard)
     bar.close()
-    encoder = embedder.encoder
     host_metadata = {
         "format": "jfe-jax embeddings",
-        "model": encoder.source_dir,
-        "checkpoint_step": encoder.step,
+        **identity,
         "dim": embedder.dim,
         "prompt": embedder.prompt,
         "normalized": True,
-        "shard_size": shard_size,
         "total_items": count,
         "num_shards": -(-count // shard_size),
         "process_index": process_index,
@@ -122,7 +217,8 @@ def load_embeddings(out_dir: str) -> tuple[np.ndarray, list[str], dict[str, Any]
     """All shards of an export, in stream order: (embeddings [n, D], ids, metadata).
 
     Raises:
-      ValueError: no metadata, hosts that disagree, or a missing shard (named).
+      ValueError: no metadata, metadata without a model fingerprint (an older export), hosts
+        that disagree, or a missing shard or one made under another identity (named).
     """
     if not os.path.isdir(out_dir):
         raise ValueError(f"{out_dir} is not an export directory")
@@ -134,7 +230,12 @@ def load_embeddings(out_dir: str) -> tuple[np.ndarray, list[str], dict[str, Any]
     if not metas:
         raise ValueError(f"{out_dir} has no metadata-host*.json: the export did not finish")
     first = metas[0]
-    for key in ("dim", "shard_size", "total_items", "model", "prompt"):
+    if not first.get("model_fingerprint"):
+        raise ValueError(
+            f"export {out_dir} has no model fingerprint (made by an older jfe-jax), so nothing "
+            "says which model made it; rerun jfe export into it to rebuild it"
+        )
+    for key in ("dim", "total_items", *EXPORT_KEYS):
         values = {json.dumps(m.get(key)) for m in metas}
         if len(values) > 1:
             raise ValueError(f"the hosts of {out_dir} disagree on {key}: {sorted(values)}")
@@ -145,6 +246,14 @@ def load_embeddings(out_dir: str) -> tuple[np.ndarray, list[str], dict[str, Any]
             raise ValueError(
                 f"export {out_dir} is missing shard {SHARD_PATTERN.format(shard)} of "
                 f"{first['num_shards']} (a host did not finish; rerun the export to resume)"
+            )
+        what = mismatch(
+            _read_json(os.path.join(path, IDENTITY_FILE)), first, this="its metadata says"
+        )
+        if what:
+            raise ValueError(
+                f"export {out_dir}: {SHARD_PATTERN.format(shard)} was made {what}; rerun the "
+                "export to rebuild it"
             )
         embeddings.append(np.load(os.path.join(path, "embeddings.npy")))
         with open(os.path.join(path, "ids.json"), encoding="utf-8") as f:

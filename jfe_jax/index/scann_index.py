@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from jfe_jax.paths import absolute
+
 METRICS = ("dot_product", "squared_l2")
 MODES = ("auto", "brute_force", "ah", "tree_ah")
 BRUTE_FORCE_BELOW = 20_000  # pool sizes under this are searched exactly
@@ -351,7 +353,7 @@ class Index:
 
     def save(self, directory: str | os.PathLike) -> None:
         """Writes the index to `directory` (created if needed; files there are overwritten)."""
-        directory = os.fspath(directory)
+        directory = absolute(directory)
         scann_dir = os.path.join(directory, SCANN_DIR)
         os.makedirs(scann_dir, exist_ok=True)
         # Relative asset paths, so the directory can be copied or moved as a whole.
@@ -373,7 +375,7 @@ class Index:
         so an index built by another model or for another dimension is caught before search.
         Raises FileNotFoundError when a file of the index is missing.
         """
-        directory = os.fspath(directory)
+        directory = absolute(directory)
         metadata_path = os.path.join(directory, METADATA_FILE)
         ids_path = os.path.join(directory, IDS_FILE)
         scann_dir = os.path.join(directory, SCANN_DIR)

@@ -42,7 +42,6 @@ decoder with frozen base weights 2x, adapters 3x) and the MFU at them, the stric
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -58,6 +57,7 @@ import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jfe_jax.encoder import dummy_batch
+from jfe_jax.errors import ArgumentParser
 from jfe_jax.models.axes import LOGICAL_RULES, MESH_AXES
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.sizes import get_size
@@ -482,7 +482,7 @@ def parse_config(prog: str, argv: Sequence[str]) -> ml_collections.ConfigDict:
 
 def aot_main(argv: Sequence[str]) -> int:
     """``jfe aot``: 0 when every program fits, 1 when one does not, 2 on bad input."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="jfe aot",
         allow_abbrev=False,
         description="Compile a config's train step and export forward for a TPU slice on this "

@@ -63,6 +63,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.prompt = "Summarize above image and sentence in one word:"  # embedding prompt
     c.data.worker_count = 0  # grain worker processes (0: in the main process)
     c.data.skip_bad_records = False  # count and log bad records instead of raising
+    # How the dataset build checks each image before training reads it: header (open it and
+    # check its size against the decompression-bomb cap; no pixel decoded), full (also decode
+    # it: catches truncated files, costs one decode per image), none.
+    c.data.verify_images = "header"
     # Pack several items of a side end to end in each row (segment-masked attention, one
     # static shape per side). Early fusion only; not with train.grad_cache_chunk (it chunks
     # every leaf along axis 0, which mixes rows and items of a packed side).

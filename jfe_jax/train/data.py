@@ -104,15 +104,24 @@ def find_tokenizer_dir(config: ml_collections.ConfigDict) -> str:
     )
 
 
-def _builders(config: ml_collections.ConfigDict, tfds_dir: str) -> dict[str, Any]:
+def _builders(
+    config: ml_collections.ConfigDict, tfds_dir: str, max_image_pixels: int
+) -> dict[str, Any]:
     """Prepares (or reuses) the TFDS datasets the config reads, by stream name."""
     d = config.data
+    checks = dict(
+        skip_bad_records=d.skip_bad_records,
+        verify_images=d.verify_images,
+        max_image_pixels=max_image_pixels,
+        # Host 0 has checked the sources of what it prepared; the others reuse it as it is.
+        check_sources=jax.process_index() == 0,
+    )
     if d.kind == "mbeir":
         common = dict(
             mbeir_root=d.root,
             query_split=d.split,
             max_hard_negatives=max(d.num_hard_negatives, 1),
-            skip_bad_records=d.skip_bad_records,
+            **checks,
         )
         if not d.task_batches:
             return {"mbeir": build_dataset(MbeirTrainPairs, tfds_dir, **common)}
@@ -126,9 +135,7 @@ def _builders(config: ml_collections.ConfigDict, tfds_dir: str) -> dict[str, Any
             task: build_dataset(MbeirTrainPairs, tfds_dir, task=task, **common) for task in tasks
         }
     return {
-        kind: build_dataset(
-            PairData, tfds_dir, root=d.root, kind=kind, skip_bad_records=d.skip_bad_records
-        )
+        kind: build_dataset(PairData, tfds_dir, root=d.root, kind=kind, **checks)
         for kind in PAIR_KINDS
         if os.path.isfile(os.path.join(d.root, "pairs", f"{kind}.jsonl"))
     }
@@ -169,7 +176,7 @@ def make_train_data(
     # Host 0 prepares the datasets first; the other hosts then find them prepared.
     if jax.process_index() != 0:
         multihost_utils.sync_global_devices("jfe tfds prepared")
-    builders = _builders(config, tfds_dir)
+    builders = _builders(config, tfds_dir, image_processor.max_image_pixels)
     if jax.process_index() == 0 and jax.process_count() > 1:
         multihost_utils.sync_global_devices("jfe tfds prepared")
     common = dict(

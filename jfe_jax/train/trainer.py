@@ -30,10 +30,12 @@ from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.hf_io import load_hf_params
 from jfe_jax.models.padding import padding_counts
 from jfe_jax.models.sizes import get_size
+from jfe_jax.paths import absolute, absolute_config_paths
 from jfe_jax.train import checkpoint as ckpt
 from jfe_jax.train import mesh as mesh_lib
 from jfe_jax.train.metrics import MetricWriter, peak_flops, reduce_metrics, train_step_flops
 from jfe_jax.train.optimizer import make_optimizer, make_schedule, trainable_mask
+from jfe_jax.train.run_control import SUMMARY_FILE, TrainingInterrupted, lock_workdir
 from jfe_jax.train.step import TrainState, make_train_step, merge_params, split_params
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,20 @@ def validate_config(config: ml_collections.ConfigDict) -> tuple[ModelConfig, jax
         raise ValueError(f"data.kind must be 'pairs' or 'mbeir', got {config.data.kind!r}")
     if config.train.num_steps < 1:
         raise ValueError(f"train.num_steps must be >= 1, got {config.train.num_steps}")
+    if config.train.keep_checkpoints < 1:
+        raise ValueError(
+            f"train.keep_checkpoints must be >= 1, got {config.train.keep_checkpoints}: the run "
+            "would leave no checkpoint to resume from or export"
+        )
+    if not config.optimizer.learning_rate > 0:
+        raise ValueError(
+            f"optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate}"
+        )
+    if config.optimizer.trainable == "lora" and config.model.lora_rank < 1:
+        raise ValueError(
+            f"optimizer.trainable='lora' needs model.lora_rank >= 1, got "
+            f"{config.model.lora_rank}: without adapters nothing would train"
+        )
     if not 0 <= config.optimizer.warmup_steps < config.train.num_steps:
         raise ValueError(
             f"optimizer.warmup_steps={config.optimizer.warmup_steps} must be in "
@@ -279,15 +295,26 @@ def initial_params(config, module, model_config, mesh, param_shardings):
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict[str, Any]:
-    """Runs (or resumes) training; returns the final metrics.
+    """Runs (or resumes) training to ``train.num_steps``; returns the final metrics.
 
     ``data`` overrides the pipeline built from ``config.data`` (tests): an iterator of host
     batches with ``get_state()`` / ``set_state(dict)``.
+
+    Raises:
+      TrainingInterrupted: SIGTERM or a first Ctrl-C stopped the run; its checkpoint is saved.
+      ValueError: a config that cannot work, or a workdir another trainer is using.
     """
     # ---------------------------------------------------------------- setup and checks
+    workdir, config = absolute(workdir), absolute_config_paths(config)
     if config.train.distributed:
         jax.distributed.initialize()
     model_config, mesh = validate_config(config)
+    with lock_workdir(workdir):
+        return _train_locked(config, workdir, model_config, mesh, data)
+
+
+def _train_locked(config, workdir, model_config, mesh, data) -> dict[str, Any]:
+    """``train`` once this run holds the workdir."""
     write_run_record(workdir, config, model_config, mesh)
     options = encoder_options(config)
     module = options.module(model_config)
@@ -374,11 +401,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict
 
     # ---------------------------------------------------------------- loop
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-    checkpointer.install_sigterm_handler()
+    checkpointer.install_stop_handlers()
     schedule_lr = make_lr_fn(config)
     start_step = int(jax.device_get(state.step))
     last_good = resume_step
-    final: dict[str, Any] = {}
+    stopped_at = None  # the step after which SIGTERM / Ctrl-C stopped the run
+    warned_zero_grad = False
+    final: dict[str, Any] = {"step": start_step}
     pending: list[tuple[int, Any]] = []
     window_start, window_examples, window_tokens, window_flops = time.perf_counter(), 0, 0, 0.0
     window_padding: dict[str, int] = {}
@@ -413,7 +442,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict
                 )
             pending.append((step, metrics))
             last_step = step == total_steps
-            if step % config.train.log_every == 0 or last_step or checkpointer.preempted:
+            save = checkpointer.should_save(step, last_step=last_step)  # sets .stopping too
+            if step % config.train.log_every == 0 or last_step or checkpointer.stopping:
                 elapsed = time.perf_counter() - window_start
                 scalars = reduce_metrics(accumulate(jax.device_get([m for _, m in pending])))
                 scalars.update(
@@ -432,6 +462,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict
                     mfu=f"{scalars['mfu']:.1%}",
                 )
                 final = dict(scalars, step=step)
+                if scalars.get("grad_norm") == 0.0 and not warned_zero_grad:
+                    log.warning(
+                        "the gradient norm was exactly 0 at every step of the log window ending "
+                        "at step %d: nothing is training (every parameter frozen?)",
+                        step,
+                    )
+                    warned_zero_grad = True
                 pending.clear()
                 window_start, window_examples, window_tokens, window_flops = (
                     time.perf_counter(),
@@ -440,20 +477,25 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict
                     0.0,
                 )
                 window_padding = {}
-            if checkpointer.should_save(step, last_step=last_step):
+            if save:
                 checkpointer.save(step, state, data_state=data.get_state(), config=config.to_dict())
                 last_good = step
             bar.update(1)
-            if checkpointer.preempted:
-                log.warning("stopping after step %d on SIGTERM (checkpoint saved)", step)
+            if checkpointer.stopping and not last_step:
+                log.warning("stopping after step %d of %d (checkpoint saved)", step, total_steps)
+                stopped_at = step
                 break
     finally:
         bar.close()
         checkpointer.close()
         writer.close()
-    final["peak_flops_source"] = peak_source
+    final.update(
+        peak_flops_source=peak_source, total_steps=total_steps, completed=stopped_at is None
+    )
     if jax.process_index() == 0:
-        (epath.Path(workdir) / "train_summary.json").write_text(json.dumps(final, indent=2))
+        (epath.Path(workdir) / SUMMARY_FILE).write_text(json.dumps(final, indent=2))
+    if stopped_at is not None:  # after the checkpoint is closed: rerunning resumes from it
+        raise TrainingInterrupted(stopped_at, total_steps, checkpointer.directory)
     return final
 
 

@@ -1,0 +1,253 @@
+"""Expected failures of the ``jfe`` command: one line naming the path and cause, exit code 2.
+
+Each case here used to end in a traceback (or hundreds of lines of them). ``--debug`` and
+``JFE_DEBUG=1`` bring the traceback back.
+"""
+
+import contextlib
+import errno
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from jfe_jax.cli import EXIT_ERROR, main
+from jfe_jax.data.synthetic import SyntheticConfig, generate
+from jfe_jax.encoder import Encoder
+from jfe_jax.errors import describe_error
+from jfe_jax.models.sizes import get_size
+from jfe_jax.train import checkpoint as ckpt
+from jfe_jax.train.config_base import base_config
+from jfe_jax.train.trainer import train
+
+SMALL = SyntheticConfig(
+    tasks=("mscoco_task0",),
+    train_queries_per_task=4,
+    val_queries_per_task=2,
+    test_queries_per_task=4,
+    num_text_triples=8,
+    num_image_captions=8,
+)
+
+
+def error_line(capsys, command: str) -> str:
+    """The one line a failed command printed on stderr (beside progress bars, nothing)."""
+    err = capsys.readouterr().err
+    progress = re.compile(r"\[\d\d:\d\d")  # tqdm's elapsed time
+    lines = [line for line in err.splitlines() if line.strip() and not progress.search(line)]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"jfe {command}: error: "), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """``bench`` (data), ``model`` (tiny HF dir with tokenizer), ``index`` of its pool."""
+    base = tmp_path_factory.mktemp("errors")
+    root, model, index = str(base / "bench"), str(base / "model"), str(base / "index")
+    generate(root, SMALL, progress=False)
+    Encoder.init(get_size("tiny"), seed=4).save_pretrained(model)
+    for name in os.listdir(os.path.join(root, "tokenizer")):
+        shutil.copy(os.path.join(root, "tokenizer", name), model)
+    pool = str(base / "pool")
+    common = ["--model", model, "--mbeir-root", root]
+    assert main(["export", *common, "--pool", "mscoco_task0", "--out", pool]) == 0
+    assert main(["index", "build", "--embeddings", pool, "--out", index]) == 0
+    return base
+
+
+@contextlib.contextmanager
+def read_only(path):
+    """``path`` made unwritable, for root too (``chattr +i``; root ignores permission bits)."""
+    if os.geteuid() != 0:
+        os.chmod(path, 0o555)
+        try:
+            yield
+        finally:
+            os.chmod(path, 0o755)
+        return
+    done = subprocess.run(["chattr", "+i", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.fail(f"cannot make {path} read-only as root: {done.stderr.decode()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_missing_inputs_of_search_are_one_line(world, capsys):
+    model, index = str(world / "model"), str(world / "index")
+    capsys.readouterr()
+    missing = str(world / "no_such.png")
+    assert main(["search", "--model", model, "--index", index, "--image", missing]) == EXIT_ERROR
+    assert missing in error_line(capsys, "search")
+    nowhere = str(world / "no_index")
+    assert main(["search", "--model", model, "--index", nowhere, "--text", "x"]) == EXIT_ERROR
+    assert nowhere in error_line(capsys, "search")
+
+
+def test_missing_mbeir_root_pool_and_out_folder_are_one_line(world, capsys):
+    model, root = str(world / "model"), str(world / "bench")
+    capsys.readouterr()
+    nowhere = str(world / "no_root")
+    args = ["eval", "--model", model, "--mbeir-root", nowhere, "--out", str(world / "e")]
+    assert main(args) == EXIT_ERROR
+    assert nowhere in error_line(capsys, "eval")
+    args = ["export", "--model", model, "--mbeir-root", root, "--pool", "nope_task9"]
+    assert main([*args, "--out", str(world / "x")]) == EXIT_ERROR
+    assert "nope_task9" in error_line(capsys, "export")
+    queries = str(world / "q")
+    assert (
+        main(
+            ["export", "--model", model, "--mbeir-root", root, "--queries", "mscoco_task0"]
+            + ["--out", queries]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    out = str(world / "missing_folder" / "hits.jsonl")
+    args = ["index", "search", "--index", str(world / "index"), "--queries", queries]
+    assert main([*args, "--out", out]) == EXIT_ERROR
+    assert out in error_line(capsys, "index")
+
+
+def test_non_positive_counts_are_refused_in_one_line(world, capsys):
+    model, root = str(world / "model"), str(world / "bench")
+    capsys.readouterr()
+    args = ["export", "--model", model, "--mbeir-root", root, "--pool", "mscoco_task0"]
+    assert main([*args, "--out", str(world / "y"), "--shard-size", "0"]) == EXIT_ERROR
+    line = error_line(capsys, "export")
+    assert "--shard-size" in line and "at least 1" in line
+    args = ["search", "--model", model, "--index", str(world / "index"), "--text", "x", "-k"]
+    assert main([*args, "0"]) == EXIT_ERROR
+    assert "-k" in error_line(capsys, "search")
+
+
+def test_missing_image_during_eval_names_the_file(world, capsys, tmp_path):
+    root = str(tmp_path / "bench")
+    shutil.copytree(world / "bench", root)
+    with open(
+        os.path.join(root, "cand_pool", "local", "mbeir_mscoco_task0_test_cand_pool.jsonl")
+    ) as f:
+        image = next(json.loads(line)["img_path"] for line in f if json.loads(line)["img_path"])
+    os.remove(os.path.join(root, image))
+    capsys.readouterr()
+    args = ["eval", "--model", str(world / "model"), "--mbeir-root", root]
+    assert main([*args, "--out", str(tmp_path / "eval")]) == EXIT_ERROR
+    assert image in error_line(capsys, "eval")
+
+
+def test_config_file_missing_or_broken_is_one_line_with_its_line_number(tmp_path, capsys):
+    capsys.readouterr()
+    missing = str(tmp_path / "nope.py")
+    assert main(["train", "--config", missing, "--workdir", str(tmp_path / "w")]) == EXIT_ERROR
+    assert f"config file {missing} does not exist" in error_line(capsys, "train")
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config(:\n    pass\n")
+    assert main(["train", "--config", str(broken), "--workdir", str(tmp_path / "w")]) == 2
+    assert f"{broken} line 1" in error_line(capsys, "train")
+    failing = tmp_path / "failing.py"
+    failing.write_text("def get_config():\n\n    return undefined_name\n")
+    assert main(["train", "--config", str(failing), "--workdir", str(tmp_path / "w")]) == 2
+    line = error_line(capsys, "train")
+    assert f"{failing} line 3" in line and "NameError" in line
+
+
+def test_debug_flag_and_environment_show_the_traceback(tmp_path, monkeypatch):
+    missing = str(tmp_path / "nope.py")
+    with pytest.raises(ValueError, match="does not exist"):
+        main(["--debug", "train", "--config", missing, "--workdir", str(tmp_path / "w")])
+    monkeypatch.setenv("JFE_DEBUG", "1")
+    with pytest.raises(ValueError, match="does not exist"):
+        main(["train", "--config", missing, "--workdir", str(tmp_path / "w")])
+
+
+def test_read_only_workdir_is_one_line(tmp_path, capsys):
+    config = tmp_path / "stage1.py"
+    config.write_text(
+        "from jfe_jax.train.config_base import demo_stage1_config\n\n"
+        "def get_config():\n    c = demo_stage1_config()\n    c.lock()\n    return c\n"
+    )
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    capsys.readouterr()
+    with read_only(locked):
+        args = ["train", "--config", str(config), "--workdir", str(locked / "run")]
+        assert main([*args, f"--config.data.root={tmp_path}"]) == EXIT_ERROR
+    line = error_line(capsys, "train")
+    assert str(locked / "run") in line and "permission denied" in line
+
+
+def toy_config(num_steps: int):
+    c = base_config()
+    c.data.global_batch_size = 8
+    c.optimizer.warmup_steps = 0
+    c.train.num_steps = num_steps
+    c.train.checkpoint_every_steps = 1
+    c.train.async_checkpointing = False
+    c.lock()
+    return c
+
+
+def test_truncated_checkpoint_is_one_line_naming_it(tmp_path, capsys):
+    from train_fixtures import ToyPairs
+
+    workdir = str(tmp_path / "run")
+    train(toy_config(1), workdir, data=ToyPairs(get_size("tiny"), batch_size=8))
+    state = os.path.join(ckpt.checkpoint_dir(workdir), "1", "state")
+    largest = max(
+        (os.path.join(d, f) for d, _, files in os.walk(state) for f in files), key=os.path.getsize
+    )
+    with open(largest, "r+b") as f:
+        f.truncate(100)
+    capsys.readouterr()
+    assert main(["convert", "--src", workdir, "--dst", str(tmp_path / "out")]) == EXIT_ERROR
+    line = error_line(capsys, "convert")
+    assert f"checkpoint {ckpt.checkpoint_dir(workdir)}/1 cannot be read" in line
+
+
+def test_full_disk_while_saving_is_one_line(tmp_path, capsys, monkeypatch):
+    from train_fixtures import ToyPairs
+
+    workdir = str(tmp_path / "run")
+    target = f"{workdir}/checkpoints/1.orbax-checkpoint-tmp/state/_sharding"
+
+    def full_disk(self, step, state, **kwargs):
+        # How Orbax's writer (TensorStore) reports it, wrapped as in a failed async save.
+        raise ValueError(
+            f'RESOURCE_EXHAUSTED: Error writing local file "{target}": Failed to write 63074 '
+            "bytes to file 11: No space left on device [os_error_code='28']"
+        )
+
+    monkeypatch.setattr(ckpt.Checkpointer, "save", full_disk)
+    config = tmp_path / "toy.py"
+    config.write_text(
+        "from jfe_jax.train.config_base import base_config\n\n"
+        "def get_config():\n    c = base_config()\n    c.data.global_batch_size = 8\n"
+        "    c.optimizer.warmup_steps = 0\n    c.train.num_steps = 1\n    c.lock()\n"
+        "    return c\n"
+    )
+    toy = ToyPairs(get_size("tiny"), batch_size=8)
+    monkeypatch.setattr("jfe_jax.train.data.make_train_data", lambda *args: toy)
+    capsys.readouterr()
+    assert main(["train", "--config", str(config), "--workdir", workdir]) == EXIT_ERROR
+    line = error_line(capsys, "train")
+    assert line == (
+        f"jfe train: error: no space left on the device writing {target}; free some space and rerun"
+    )
+
+
+def test_describe_error_finds_a_full_disk_anywhere_in_the_chain():
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", "/w/metrics.jsonl")
+        except OSError as inner:
+            raise RuntimeError("background save failed") from inner
+    except RuntimeError as outer:
+        assert describe_error(outer) == (
+            "no space left on the device writing /w/metrics.jsonl; free some space and rerun"
+        )
+    assert describe_error(RuntimeError("a bug")) is None  # keeps its traceback

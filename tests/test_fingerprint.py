@@ -1,0 +1,284 @@
+"""Model fingerprints, and caches and indexes that are never reused for another model."""
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from jfe_jax.cli import main
+from jfe_jax.data.synthetic import SyntheticConfig, generate
+from jfe_jax.encoder import Encoder
+from jfe_jax.index.embedder import Item, embedder_for
+from jfe_jax.index.export import IDENTITY_FILE, export_embeddings, load_embeddings
+from jfe_jax.models.fingerprint import short
+from jfe_jax.models.sizes import get_size
+from jfe_jax.train.checkpoint import Checkpointer
+from jfe_jax.train.config_base import base_config
+from jfe_jax.train.trainer import MODEL_CONFIG_FILE
+
+TASK = "mscoco_task0"
+POOL = "mbeir_mscoco_task0_test_cand_pool"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A small benchmark and two tiny models (seeds 2 and 9) with its tokenizer."""
+    base = tmp_path_factory.mktemp("fp")
+    root = str(base / "bench")
+    generate(
+        root,
+        SyntheticConfig(
+            tasks=(TASK, "webqa_task1"),
+            train_queries_per_task=4,
+            val_queries_per_task=2,
+            test_queries_per_task=6,
+            num_text_triples=8,
+            num_image_captions=8,
+        ),
+        progress=False,
+    )
+    models = {}
+    for name, seed in (("a", 2), ("b", 9)):
+        models[name] = str(base / f"model_{name}")
+        Encoder.init(get_size("tiny"), seed=seed).save_pretrained(models[name])
+        for file in os.listdir(os.path.join(root, "tokenizer")):
+            shutil.copy(os.path.join(root, "tokenizer", file), models[name])
+    return root, models, base
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+# ------------------------------------------------------------------------------ fingerprints
+
+
+def test_moved_model_keeps_its_fingerprint_and_another_model_differs(setup, tmp_path):
+    _, models, _ = setup
+    moved = shutil.copytree(models["a"], tmp_path / "moved")
+    a = Encoder.from_pretrained(models["a"])
+    assert Encoder.from_pretrained(str(moved)).fingerprint == a.fingerprint
+    assert Encoder.from_pretrained(models["b"]).fingerprint != a.fingerprint
+    assert len(a.fingerprint) == 64 and a.fingerprint is a.fingerprint  # computed once
+
+
+def test_in_memory_fingerprint_hashes_params_and_output_options():
+    config = get_size("tiny")
+    a = Encoder.init(config, seed=2)
+    copy = jax.tree_util.tree_map(jnp.array, a.params)
+    assert Encoder(config, copy, a.options).fingerprint == a.fingerprint
+    other = jax.tree_util.tree_map(lambda x: x * 0.5, a.params)
+    assert Encoder(config, other, a.options).fingerprint != a.fingerprint
+    bf16 = Encoder(config, a.params, dataclasses.replace(a.options, dtype="bfloat16"))
+    assert bf16.fingerprint != a.fingerprint
+    layout = Encoder(config, a.params, dataclasses.replace(a.options, remat="full"))
+    assert layout.fingerprint == a.fingerprint  # remat changes memory, not outputs
+    a.params = other  # replaced params are hashed again
+    assert a.fingerprint != layout.fingerprint
+
+
+def _save_workdir(workdir, params_by_step):
+    """A training workdir as the trainer writes it, with the given params at each step."""
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(base_config().to_json_best_effort())
+    with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w") as f:
+        json.dump(get_size("tiny").to_hf_dict(), f)
+    checkpointer = Checkpointer(
+        str(workdir), every_steps=1, every_seconds=1e9, keep=5, asynchronous=False
+    )
+    for step, params in params_by_step.items():
+        state = {
+            "step": jnp.asarray(step),
+            "trainable": {k: v for k, v in params.items() if k != "vision"},
+            "frozen": {"vision": params["vision"]},
+        }
+        checkpointer.save(step, state, data_state={"position": step}, config={})
+    checkpointer.close()
+
+
+def test_workdir_fingerprint_follows_the_checkpoint_not_the_path(tmp_path):
+    p1 = Encoder.init(get_size("tiny"), seed=2).params
+    p2 = jax.tree_util.tree_map(lambda x: x * 0.5, p1)  # "more training"
+    _save_workdir(tmp_path / "run", {1: p1, 2: p2})
+    step1 = Encoder.from_workdir(str(tmp_path / "run"), step=1)
+    step2 = Encoder.from_workdir(str(tmp_path / "run"), step=2)
+    assert step1.step == 1 and step2.step == 2
+    assert step1.fingerprint != step2.fingerprint
+    moved = shutil.move(tmp_path / "run", tmp_path / "moved")
+    assert Encoder.from_pretrained(str(moved)).fingerprint == step2.fingerprint
+    # A run retrained to the same step with other weights is another model.
+    _save_workdir(tmp_path / "rerun", {1: p2})
+    assert Encoder.from_workdir(str(tmp_path / "rerun"), step=1).fingerprint != step1.fingerprint
+    flat = traverse_util.flatten_dict(jax.device_get(step2.params))
+    for key, value in traverse_util.flatten_dict(jax.device_get(p2)).items():
+        np.testing.assert_array_equal(flat[key], value)
+
+
+def test_item_format_names_what_the_model_is_fed(setup, tmp_path):
+    _, models, _ = setup
+    encoder = Encoder.from_pretrained(models["a"])
+    plain = embedder_for(encoder)
+    assert embedder_for(encoder, pack=True).item_format_hash == plain.item_format_hash
+    other = embedder_for(encoder, prompt="In one word:")
+    assert other.item_format_hash != plain.item_format_hash
+    items = [(f"t{i}", Item(text=f"a red circle {i}")) for i in range(3)]
+    out = str(tmp_path / "out")
+    export_embeddings(plain, items, out, progress=False)
+    with pytest.raises(ValueError, match=r"with item format .* \(they differ in prompt\)"):
+        export_embeddings(other, items, out, progress=False, overwrite=False)
+    assert export_embeddings(plain, items, out, progress=False)["resumed_shards"] == [0]
+    renamed = [(f"u{i}", item) for i, (_, item) in enumerate(items)]
+    with pytest.raises(ValueError, match="shard-00000 holds other ids than the stream"):
+        export_embeddings(plain, renamed, out, progress=False, overwrite=False)
+
+
+# ------------------------------------------------------------------------------ caches
+
+
+def test_export_over_another_models_export_is_rebuilt_or_refused(setup, capsys, caplog):
+    root, models, base = setup
+    common = ["--mbeir-root", root, "--pool", TASK, "--shard-size", "4"]
+    fresh, reused = str(base / "export_fresh_b"), str(base / "export_reused")
+    assert main(["export", "--model", models["b"], *common, "--out", fresh]) == 0
+    assert main(["export", "--model", models["a"], *common, "--out", reused]) == 0
+    a_fp = load_embeddings(reused)[2]["model_fingerprint"]
+    b_fp = load_embeddings(fresh)[2]["model_fingerprint"]
+    # Another model's shards, some of them missing (an export that was cut short).
+    os.remove(os.path.join(reused, "metadata-host000.json"))
+    shutil.rmtree(os.path.join(reused, "shard-00001"))
+    capsys.readouterr()
+    args = ["export", "--model", models["b"], *common, "--out", reused]
+    assert main([*args, "--no-overwrite"]) == 2
+    err = _error_line(capsys)
+    assert (
+        f"was made by model fingerprint {short(a_fp)} ({models['a']}), this is {short(b_fp)}" in err
+    )
+    assert "rerun without --no-overwrite" in err
+    with caplog.at_level(logging.WARNING):
+        assert main(args) == 0
+    assert "removing" in caplog.text and short(a_fp) in caplog.text
+    assert "0 already there" in capsys.readouterr().out  # nothing of model a was reused
+    want, want_ids, _ = load_embeddings(fresh)
+    got, got_ids, meta = load_embeddings(reused)
+    assert got_ids == want_ids and meta["model_fingerprint"] == b_fp
+    np.testing.assert_array_equal(got, want)
+    assert main(args) == 0  # the same model again: every shard reused
+    assert f"({meta['num_shards']} already there)" in capsys.readouterr().out
+    assert meta["num_shards"] > 2
+
+
+def test_export_without_fingerprint_is_stale(setup, capsys):
+    root, models, base = setup
+    out = str(base / "export_old")
+    args = ["export", "--model", models["a"], "--mbeir-root", root, "--pool", TASK, "--out", out]
+    assert main(args) == 0
+    # An export written before fingerprints: no identity in its shards or metadata.
+    os.remove(os.path.join(out, "shard-00000", IDENTITY_FILE))
+    meta_path = os.path.join(out, "metadata-host000.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    del meta["model_fingerprint"]
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    capsys.readouterr()
+    with pytest.raises(ValueError, match="has no model fingerprint"):
+        load_embeddings(out)
+    assert main(["index", "build", "--embeddings", out, "--out", str(base / "old_index")]) == 2
+    assert "rerun jfe export into it" in _error_line(capsys)
+    assert main([*args, "--no-overwrite"]) == 2
+    assert "without a model fingerprint" in _error_line(capsys)
+    assert main(args) == 0
+    assert load_embeddings(out)[2]["model_fingerprint"]
+
+
+def _read_results(out):
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)
+
+
+def test_eval_over_another_models_cache_recomputes_it(setup, capsys):
+    root, models, base = setup
+    common = ["--mbeir-root", root, "--tasks", TASK]
+    fresh, reused = str(base / "eval_fresh_b"), str(base / "eval_reused")
+    assert main(["eval", "--model", models["b"], *common, "--out", fresh]) == 0
+    assert main(["eval", "--model", models["a"], *common, "--out", reused]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", models["b"], *common, "--out", reused, "--no-overwrite"]) == 2
+    assert "was made by model fingerprint" in _error_line(capsys)
+    assert main(["eval", "--model", models["b"], *common, "--out", reused]) == 0
+    want, got = _read_results(fresh), _read_results(reused)
+    assert got["model_fingerprint"] == want["model_fingerprint"]
+    assert got["tasks"] == want["tasks"] and got["details"] == want["details"]
+    want_emb = load_embeddings(os.path.join(fresh, "embeddings", POOL))[0]
+    np.testing.assert_array_equal(
+        load_embeddings(os.path.join(reused, "embeddings", POOL))[0], want_emb
+    )
+    index_meta = os.path.join(reused, "index", POOL, "index_metadata.json")
+    with open(index_meta) as f:
+        assert json.load(f)["user"]["model_fingerprint"] == want["model_fingerprint"]
+
+
+# ------------------------------------------------------------------------------ indexes
+
+
+def test_search_refuses_another_models_index_and_accepts_the_moved_model(setup, capsys, tmp_path):
+    root, models, base = setup
+    pool, index = str(base / "search_pool"), str(base / "search_index")
+    assert (
+        main(
+            ["export", "--model", models["a"], "--mbeir-root", root, "--pool", TASK, "--out", pool]
+        )
+        == 0
+    )
+    assert main(["index", "build", "--embeddings", pool, "--out", index]) == 0
+    a_fp = load_embeddings(pool)[2]["model_fingerprint"]
+    query = ["--index", index, "--text", "a red circle", "-k", "3", "--json"]
+    capsys.readouterr()
+    assert main(["search", "--model", models["b"], *query]) == 2
+    err = _error_line(capsys)
+    assert f"made by model fingerprint {short(a_fp)} ({models['a']}), --model has" in err
+    assert "was this index built by another model" in err
+    moved = str(shutil.copytree(models["a"], tmp_path / "moved_a"))
+    assert main(["search", "--model", moved, *query]) == 0
+    assert len(json.loads(capsys.readouterr().out)["hits"]) == 3
+
+    queries_b = str(base / "search_queries_b")
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                models["b"],
+                "--mbeir-root",
+                root,
+                "--queries",
+                TASK,
+                "--out",
+                queries_b,
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    hits = str(tmp_path / "hits.jsonl")
+    assert main(["index", "search", "--index", index, "--queries", queries_b, "--out", hits]) == 2
+    assert "the queries' export has" in _error_line(capsys)
+
+    # An index built before fingerprints cannot be matched to a model: rebuild it.
+    with open(os.path.join(index, "index_metadata.json")) as f:
+        meta = json.load(f)
+    del meta["user"]["model_fingerprint"]
+    with open(os.path.join(index, "index_metadata.json"), "w") as f:
+        json.dump(meta, f)
+    assert main(["search", "--model", models["a"], *query]) == 2
+    assert "has no model fingerprint" in _error_line(capsys)
