@@ -24,7 +24,8 @@ STOPPED = "stopped at step {} of {} (checkpoint saved); rerun the same command t
 
 
 def _jfe(tmp_path, command, workdir, steps, signal_spec=None):
-    """Runs interrupt_script.py (``jfe COMMAND`` through cli.main); (exit status, output)."""
+    """Runs interrupt_script.py (``jfe COMMAND`` through cli.main) in ``tmp_path`` with the
+    workdir given relative to it, as a user types it; (exit status, output)."""
     env = dict(os.environ)
     env.pop("JFE_TEST_SIGNAL", None)
     if signal_spec:
@@ -37,7 +38,8 @@ def _jfe(tmp_path, command, workdir, steps, signal_spec=None):
         env.get("XLA_FLAGS", "") + " --xla_cpu_collective_call_terminate_timeout_seconds=600"
     )
     proc = subprocess.run(
-        [sys.executable, SCRIPT, command, str(workdir), str(steps)],
+        [sys.executable, SCRIPT, command, os.path.relpath(workdir, tmp_path), str(steps)],
+        cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

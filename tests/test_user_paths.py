@@ -2,7 +2,8 @@
 
 Orbax refuses relative checkpoint paths and a relative M-BEIR root used to be joined twice;
 these tests run in a working directory that is neither the repository nor the data's, and
-name every input and output relative to it.
+name every input and output relative to it. ``jfe train`` and ``jfe demo`` into relative
+workdirs, stopped and resumed, are in test_interrupt.py.
 """
 
 import json
@@ -15,7 +16,6 @@ import pytest
 
 from jfe_jax.cli import main
 from jfe_jax.data.synthetic import SyntheticConfig, generate
-from jfe_jax.demo import run_demo
 from jfe_jax.encoder import Encoder
 from jfe_jax.models.sizes import get_size
 
@@ -58,28 +58,21 @@ def world(tmp_path_factory):
     return base
 
 
-def test_train_saves_resumes_and_chains_stages_with_relative_paths(world, monkeypatch):
+def test_train_from_a_relative_init_from_and_data_root_then_load_it_relative(world, monkeypatch):
+    # Saving into a relative workdir and resuming from it through `jfe train`: test_interrupt.py.
     monkeypatch.chdir(world / "cwd")
-    with open("stage1_small.py", "w") as f:
+    with open("stage2_small.py", "w") as f:
         f.write(CONFIG_FILE)
-    args = ["train", "--config", "stage1_small.py", "--workdir", "runs/s1"]
-    assert main([*args, "--config.data.root=../bench"]) == 0
-    assert os.path.isdir("runs/s1/checkpoints/2")
-    # A longer run of the same command resumes from step 2 and saves step 3.
-    assert main([*args, "--config.data.root=../bench", "--config.train.num_steps=3"]) == 0
-    assert os.path.isdir("runs/s1/checkpoints/3")
-    with open("runs/s1/metrics.jsonl") as f:
-        steps = [json.loads(line)["step"] for line in f]
-    assert steps == [1, 2, 3]
-    # Stage 2 from the relative stage-1 workdir; then the result loads by a relative path.
+    args = ["train", "--config", "stage2_small.py", "--workdir", "runs/s2"]
     stage2 = [
         "--config.stage=stage2",
         "--config.data.kind=mbeir",
-        "--config.model.init_from=runs/s1",
+        "--config.model.init_from=../model",
         "--config.data.root=../bench",
         "--config.train.num_steps=1",
     ]
-    assert main(["train", "--config", "stage1_small.py", "--workdir", "runs/s2", *stage2]) == 0
+    assert main([*args, *stage2]) == 0
+    assert os.path.isdir("runs/s2/checkpoints/1") and os.path.isdir("runs/s2/tfds")
     encoder = Encoder.from_pretrained("runs/s2")
     assert encoder.step == 1 and encoder.source_dir == os.path.abspath("runs/s2")
 
@@ -115,14 +108,3 @@ def test_export_index_search_eval_and_convert_with_relative_paths(world, monkeyp
         jax.tree_util.tree_leaves(original.params), jax.tree_util.tree_leaves(converted.params)
     ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-@pytest.mark.slow
-def test_demo_runs_in_a_relative_workdir_and_a_rerun_skips_every_stage(world, monkeypatch):
-    monkeypatch.chdir(world / "cwd")
-    results = run_demo("workdir/demo", steps=2, synthetic=SMALL, progress=False)
-    assert set(results["table"]["tasks"]) == set(SMALL.tasks)
-    assert os.path.isfile("workdir/demo/eval/results.json")
-    again = run_demo("workdir/demo", steps=2, synthetic=SMALL, progress=False)
-    assert set(again["demo_summary"]["seconds"].values()) == {"skipped"}
-    assert again["table"] == results["table"]

@@ -432,18 +432,24 @@ def _train_locked(config, workdir, model_config, mesh, data) -> dict[str, Any]:
             window_flops += train_step_flops(model_config, host_batch) * jax.process_count()
             for name, value in padding_counts(host_batch, model_config).items():
                 window_padding[name] = window_padding.get(name, 0) + value
-            loss = float(jax.device_get(metrics["loss"][0]) / jax.device_get(metrics["loss"][1]))
-            if not math.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss is {loss} at step {step}; stopping. The last good checkpoint is "
-                    f"step {last_good} in {checkpointer.directory}"
-                    if last_good is not None
-                    else f"loss is {loss} at step {step}; stopping before any checkpoint was saved"
-                )
+            # The loss is read back only to log or save: meanwhile the host prepares the next
+            # batch while the device runs this step.
             pending.append((step, metrics))
             last_step = step == total_steps
             save = checkpointer.should_save(step, last_step=last_step)  # sets .stopping too
-            if step % config.train.log_every == 0 or last_step or checkpointer.stopping:
+            log_now = step % config.train.log_every == 0 or last_step or checkpointer.stopping
+            if log_now or save:
+                bad = _first_non_finite_loss(pending)
+                if bad is not None:
+                    bad_step, loss = bad
+                    raise NonFiniteLossError(
+                        f"loss is {loss} at step {bad_step}; stopping. The last good checkpoint "
+                        f"is step {last_good} in {checkpointer.directory}"
+                        if last_good is not None
+                        else f"loss is {loss} at step {bad_step}; stopping before any checkpoint "
+                        "was saved"
+                    )
+            if log_now:
                 elapsed = time.perf_counter() - window_start
                 scalars = reduce_metrics(accumulate(jax.device_get([m for _, m in pending])))
                 scalars.update(
@@ -497,6 +503,16 @@ def _train_locked(config, workdir, model_config, mesh, data) -> dict[str, Any]:
     if stopped_at is not None:  # after the checkpoint is closed: rerunning resumes from it
         raise TrainingInterrupted(stopped_at, total_steps, checkpointer.directory)
     return final
+
+
+def _first_non_finite_loss(pending: list[tuple[int, Any]]) -> tuple[int, float] | None:
+    """``(step, loss)`` of the first of the pending steps whose loss is not finite, or None."""
+    losses = jax.device_get([metrics["loss"] for _, metrics in pending])
+    for (step, _), (total, count) in zip(pending, losses):
+        loss = float(total / count)
+        if not math.isfinite(loss):
+            return step, loss
+    return None
 
 
 def build_optimizer(config: ml_collections.ConfigDict, abstract_params: Any) -> tuple[Any, Any]:
