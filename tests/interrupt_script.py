@@ -90,6 +90,8 @@ if __name__ == "__main__":
         patch_data(toy_stages=("stage1", "stage2"))
         argv = ["train", "--config", os.path.join(HERE, "resume_script.py"), "--workdir", workdir]
         argv.append(f"--config.train.num_steps={steps}")
+        if jax.device_count() != 8:  # resume_script's mesh is 2 x 2 x 2
+            argv += ["--config.mesh.data=-1", "--config.mesh.fsdp=1", "--config.mesh.tensor=1"]
     else:
         patch_data(toy_stages=("stage1",))
         jfe_jax.demo.SyntheticConfig = lambda: TINY_BENCHMARK

@@ -13,24 +13,16 @@ import shutil
 import subprocess
 
 import pytest
+from bench_fixtures import make_bench, small_synthetic, tiny_model
 
 from jfe_jax.cli import EXIT_ERROR, main
-from jfe_jax.data.synthetic import SyntheticConfig, generate
-from jfe_jax.encoder import Encoder
 from jfe_jax.errors import describe_error
 from jfe_jax.models.sizes import get_size
 from jfe_jax.train import checkpoint as ckpt
 from jfe_jax.train.config_base import base_config
 from jfe_jax.train.trainer import train
 
-SMALL = SyntheticConfig(
-    tasks=("mscoco_task0",),
-    train_queries_per_task=4,
-    val_queries_per_task=2,
-    test_queries_per_task=4,
-    num_text_triples=8,
-    num_image_captions=8,
-)
+SMALL = small_synthetic(("mscoco_task0",), test_queries_per_task=4)
 
 
 def error_line(capsys, command: str) -> str:
@@ -47,11 +39,8 @@ def error_line(capsys, command: str) -> str:
 def world(tmp_path_factory):
     """``bench`` (data), ``model`` (tiny HF dir with tokenizer), ``index`` of its pool."""
     base = tmp_path_factory.mktemp("errors")
-    root, model, index = str(base / "bench"), str(base / "model"), str(base / "index")
-    generate(root, SMALL, progress=False)
-    Encoder.init(get_size("tiny"), seed=4).save_pretrained(model)
-    for name in os.listdir(os.path.join(root, "tokenizer")):
-        shutil.copy(os.path.join(root, "tokenizer", name), model)
+    root = make_bench(base / "bench", SMALL)
+    model, index = tiny_model(base / "model", root, seed=4), str(base / "index")
     pool = str(base / "pool")
     common = ["--model", model, "--mbeir-root", root]
     assert main(["export", *common, "--pool", "mscoco_task0", "--out", pool]) == 0

@@ -2,40 +2,22 @@
 
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
+from bench_fixtures import make_bench, small_synthetic, tiny_model
 
 from jfe_jax.cli import main
-from jfe_jax.data.synthetic import SyntheticConfig, generate
-from jfe_jax.encoder import Encoder
 from jfe_jax.index.exact import exact_search_numpy
 from jfe_jax.index.export import load_embeddings
-from jfe_jax.models.sizes import get_size
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("cli")
-    root = str(base / "bench")
-    generate(
-        root,
-        SyntheticConfig(
-            tasks=("mscoco_task0", "webqa_task1", "cirr_task7"),
-            train_queries_per_task=4,
-            val_queries_per_task=2,
-            test_queries_per_task=6,
-            num_text_triples=8,
-            num_image_captions=8,
-        ),
-        progress=False,
-    )
-    model = str(base / "model")
-    Encoder.init(get_size("tiny"), seed=2).save_pretrained(model)
-    for name in os.listdir(os.path.join(root, "tokenizer")):
-        shutil.copy(os.path.join(root, "tokenizer", name), model)
-    return root, model, base
+    tasks = ("mscoco_task0", "webqa_task1", "cirr_task7")
+    root = make_bench(base / "bench", small_synthetic(tasks))
+    return root, tiny_model(base / "model", root, seed=2), base
 
 
 def test_export_index_and_search_return_the_exact_top_k(setup, capsys):
@@ -93,9 +75,7 @@ def test_search_errors_are_clear(setup, capsys):
     assert main(["search", "--model", model, "--index", index]) == 2
     assert "needs --text, --image or both" in capsys.readouterr().err
     other = str(base / "other_model")
-    Encoder.init(get_size("tiny").replace(tie_word_embeddings=False), seed=9).save_pretrained(other)
-    for name in os.listdir(os.path.join(root, "tokenizer")):
-        shutil.copy(os.path.join(root, "tokenizer", name), other)
+    tiny_model(other, root, seed=9, tie_word_embeddings=False)
     queries = str(base / "q_other")
     main(
         [

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from bench_fixtures import make_bench, small_synthetic, tiny_model
 from flax import traverse_util
 
 from jfe_jax.cli import main
-from jfe_jax.data.synthetic import SyntheticConfig, generate
 from jfe_jax.encoder import Encoder
 from jfe_jax.index.embedder import Item, embedder_for
 from jfe_jax.index.export import IDENTITY_FILE, export_embeddings, load_embeddings
@@ -31,25 +31,10 @@ POOL = "mbeir_mscoco_task0_test_cand_pool"
 def setup(tmp_path_factory):
     """A small benchmark and two tiny models (seeds 2 and 9) with its tokenizer."""
     base = tmp_path_factory.mktemp("fp")
-    root = str(base / "bench")
-    generate(
-        root,
-        SyntheticConfig(
-            tasks=(TASK, "webqa_task1"),
-            train_queries_per_task=4,
-            val_queries_per_task=2,
-            test_queries_per_task=6,
-            num_text_triples=8,
-            num_image_captions=8,
-        ),
-        progress=False,
-    )
-    models = {}
-    for name, seed in (("a", 2), ("b", 9)):
-        models[name] = str(base / f"model_{name}")
-        Encoder.init(get_size("tiny"), seed=seed).save_pretrained(models[name])
-        for file in os.listdir(os.path.join(root, "tokenizer")):
-            shutil.copy(os.path.join(root, "tokenizer", file), models[name])
+    root = make_bench(base / "bench", small_synthetic((TASK, "webqa_task1")))
+    models = {
+        name: tiny_model(base / f"model_{name}", root, seed) for name, seed in (("a", 2), ("b", 9))
+    }
     return root, models, base
 
 

@@ -8,24 +8,17 @@ workdirs, stopped and resumed, are in test_interrupt.py.
 
 import json
 import os
-import shutil
 
 import jax
 import numpy as np
 import pytest
+from bench_fixtures import make_bench, small_synthetic, tiny_model
 
 from jfe_jax.cli import main
-from jfe_jax.data.synthetic import SyntheticConfig, generate
 from jfe_jax.encoder import Encoder
-from jfe_jax.models.sizes import get_size
 
-SMALL = SyntheticConfig(
-    tasks=("mscoco_task0", "webqa_task1"),
-    train_queries_per_task=16,
-    val_queries_per_task=2,
-    test_queries_per_task=4,
-    num_text_triples=32,
-    num_image_captions=32,
+SMALL = small_synthetic(
+    ("mscoco_task0", "webqa_task1"), train_queries_per_task=16, test_queries_per_task=4
 )
 
 # A stage config file as a user writes one: the demo's stage 1, made small.
@@ -49,11 +42,7 @@ def get_config():
 def world(tmp_path_factory):
     """``<base>/bench`` (data), ``<base>/model`` (a tiny HF dir) and ``<base>/cwd``, empty."""
     base = tmp_path_factory.mktemp("paths")
-    generate(str(base / "bench"), SMALL, progress=False)
-    model = base / "model"
-    Encoder.init(get_size("tiny"), seed=3).save_pretrained(str(model))
-    for name in os.listdir(base / "bench" / "tokenizer"):
-        shutil.copy(base / "bench" / "tokenizer" / name, model)
+    tiny_model(base / "model", make_bench(base / "bench", SMALL), seed=3)
     (base / "cwd").mkdir()
     return base
 
