@@ -11,12 +11,13 @@ import zlib
 from pathlib import Path
 
 import pytest
+from bench_fixtures import make_bench, small_synthetic
 
 from jfe_jax.data import prepared_sources
 from jfe_jax.data.image_processor import ImageProcessor
 from jfe_jax.data.mbeir import MBEIR
 from jfe_jax.data.pipeline import make_transform
-from jfe_jax.data.synthetic import IMAGE_CAPTIONS_FILE, SyntheticConfig, generate
+from jfe_jax.data.synthetic import IMAGE_CAPTIONS_FILE
 from jfe_jax.data.tfds_builders import MbeirTrainPairs, PairData, build_dataset, load_source
 from jfe_jax.data.tokenizer import load_tokenizer
 from jfe_jax.models.sizes import get_size
@@ -27,15 +28,8 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic") / "data"
-    config = SyntheticConfig(
-        tasks=("mscoco_task0", "mscoco_task3"),
-        train_queries_per_task=3,
-        val_queries_per_task=1,
-        test_queries_per_task=1,
-        num_text_triples=8,
-        num_image_captions=8,
-    )
-    generate(root, config, progress=False)
+    counts = dict(train_queries_per_task=3, val_queries_per_task=1, test_queries_per_task=1)
+    make_bench(root, small_synthetic(("mscoco_task0", "mscoco_task3"), **counts))
     return root
 
 
