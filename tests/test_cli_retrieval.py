@@ -139,9 +139,17 @@ def test_eval_writes_table_json_and_plot(setup, capsys):
         results = json.load(f)
     assert set(results["tasks"]) == {"mscoco_task0", "webqa_task1", "cirr_task7"}
     assert results["instruction_mode"] == "fixed"
+    assert results["ranking"] == "exact" and results["queries_without_qrels"] == 0
+    assert results["tasks"]["cirr_task7"]["headline_k"] == 5
     for task, detail in results["details"].items():
-        assert detail["exact_search_recall"] == {
+        # UniIR's k: R@1/5/10 here (no fashion task).
+        assert set(results["tasks"][task]["recall"]) == {"recall@1", "recall@5", "recall@10"}
+        # brute-force ScaNN on these small pools equals exact search
+        assert detail["scann"]["recall"] == {
             k.removeprefix("recall@"): v for k, v in results["tasks"][task]["recall"].items()
-        }  # brute-force ScaNN on these small pools equals exact search
+        }
+        assert detail["scann"]["agreement_at_5"] == 1.0
+        with open(os.path.join(out, "runs", f"{task}.local.tsv")) as f:
+            assert len(f.readlines()) == detail["queries"] * 10
     assert os.path.getsize(os.path.join(out, "results.png")) > 1000
     assert np.isfinite(results["average"])

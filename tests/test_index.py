@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jfe_jax.index import exact as exact_module
-from jfe_jax.index.exact import exact_search, exact_search_numpy
+from jfe_jax.index.exact import ExactIndex, exact_search, exact_search_numpy
 from jfe_jax.index.scann_index import Index, resolve_settings
 
 
@@ -88,6 +88,56 @@ def test_exact_search_compiles_once_for_all_blocks_of_one_shape():
         queries = rng.standard_normal((num_queries, 12)).astype(np.float32)
         exact_search(queries, database, 7, query_block=16)
     assert exact_module._search_block._cache_size() == compiled + 2  # blocks of 16, then of 3
+
+
+def test_exact_index_places_the_pool_once_and_matches_float64_numpy_with_ties(monkeypatch):
+    """The database is transferred once, when the index is made; later searches (several
+    query blocks, several calls) move only queries. Ties go to the lower row."""
+    rng = np.random.default_rng(3)
+    # Small integers: every score is exact in float32 and float64, so ties are real ties
+    # (many of them) and the order must match the reference everywhere.
+    database = rng.integers(-4, 5, (1003, 32)).astype(np.float32)  # 1003 = 8 * 125 + 3
+    database[[10, 500, 700, 1002]] = 4.0  # the best match of the first query, four times
+    queries = rng.integers(-4, 5, (41, 32)).astype(np.float32)
+    queries[0] = 4.0
+    puts = []
+    real_put = jax.device_put
+    monkeypatch.setattr(
+        exact_module.jax,
+        "device_put",
+        lambda x, *a, **kw: puts.append(np.shape(x)) or real_put(x, *a, **kw),
+    )
+    index = ExactIndex(database)
+    assert index.placements == 1 and not index.streamed
+    db_puts = [shape for shape in puts if shape == (1008, 32)]
+    assert len(db_puts) == 1
+    ref_indices, ref_scores = exact_search_numpy(queries, database, 9)
+    for _ in range(2):
+        # No implicit transfer either: the resident database is used as it is.
+        with jax.transfer_guard_host_to_device("disallow"):
+            indices, scores = index.search(queries, 9, query_block=16)
+        np.testing.assert_array_equal(indices, ref_indices)
+        np.testing.assert_array_equal(scores, ref_scores)
+    np.testing.assert_array_equal(indices[0, :4], [10, 500, 700, 1002])
+    assert index.placements == 1
+    assert [shape for shape in puts if shape == (1008, 32)] == db_puts
+
+
+def test_exact_index_streams_a_pool_larger_than_the_device_budget():
+    rng = np.random.default_rng(4)
+    database = rng.integers(-4, 5, (1003, 16)).astype(np.float32)  # exact scores, many ties
+    database[[5, 42, 400, 999]] = 4.0  # ties across stream blocks
+    queries = rng.integers(-4, 5, (21, 16)).astype(np.float32)
+    queries[0] = 4.0
+    # 8 devices x 30 rows x 64 bytes: blocks of 240 rows, 5 of them.
+    index = ExactIndex(database, max_bytes_per_device=30 * 16 * 4)
+    assert index.streamed and index.placements == 0
+    indices, scores = index.search(queries, 12)
+    assert index.placements == 5
+    ref_indices, ref_scores = exact_search_numpy(queries, database, 12)
+    np.testing.assert_array_equal(indices, ref_indices)
+    np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(indices[0, :4], [5, 42, 400, 999])
 
 
 def test_exact_search_rejects_k_larger_than_pool_and_mismatched_dims():

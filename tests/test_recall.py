@@ -63,11 +63,14 @@ def test_recall_equals_slicing_implementation_on_random_rankings():
     assert 0 < got[1] < got[50] < 1  # the fixture exercises misses and hits
 
 
+def test_query_without_positives_scores_zero_and_stays_in_the_mean():
+    # UniIR's compute_recall_at_k returns 0.0 for a query with no relevant documents.
+    assert recall_at_k([["a"], ["b"]], [{"a"}, set()], ks=(1,)) == {1: 0.5}
+
+
 def test_recall_rejects_inconsistent_input():
     with pytest.raises(ValueError, match="2 rankings but 1 positive sets"):
         recall_at_k([["a"], ["b"]], [{"a"}])
-    with pytest.raises(ValueError, match="query 1 has no positives"):
-        recall_at_k([["a"], ["b"]], [{"a"}, set()])
     with pytest.raises(ValueError, match="query 0's ranking lists an id more than once"):
         recall_at_k([["a", "b", "a"]], [{"a"}])
     with pytest.raises(ValueError, match="every k must be a positive integer, got 0"):

@@ -1,15 +1,25 @@
-"""M-BEIR evaluation: Recall@k (UniIR's hit rate) per task, JFE's five groups, ScaNN vs exact.
+"""M-BEIR evaluation: Recall@k (UniIR's hit rate) per task from exact search, JFE's five groups.
 
 For each task of a split, its candidate pool (the task's local pool, or the union pool) is
-exported once into ``<out>/embeddings/<pool>`` and indexed with ScaNN (``<out>/index/<pool>``),
-both reused by later tasks and runs of the same model fingerprint, item format and pool file
-and rebuilt otherwise (``jfe_jax.index.export``), then searched with the task's queries, each
-prefixed with a deterministic instruction. Exact search over the same embeddings runs beside
-it, so the table can say how much ScaNN's approximation costs.
+exported once into ``<out>/embeddings/<pool>`` (reused by later tasks and runs of the same
+model fingerprint, item format and pool file, rebuilt otherwise: ``jfe_jax.index.export``)
+and placed once on the device mesh as an ``ExactIndex``; the task's queries, each prefixed
+with a deterministic instruction, are ranked by exact inner-product search, as UniIR ranks
+(faiss Flat). That ranking gives the reported numbers. Unless ``index_mode="none"``, a ScaNN
+index of the pool (``<out>/index/<pool>``) is searched too, and its agreement with the exact
+ranking (ScaNN's recall@k against exact top k) and its own Recall@k are reported beside.
 
-Outputs in ``out``: ``results.json`` (per-task Recall@1/5/10, headline, groups, average,
-ScaNN-vs-exact recall, and how the run was made), ``results.png`` (bar chart) and the table
-printed by the CLI.
+The metric is UniIR's (``src/common/mbeir_retriever.py``): the positives of a query are all
+its qrels lines with relevance > 0, from any dataset, in the local and the global setting
+alike; a query scores 1 at k when any of them is in its first k. A query with no positive
+qrels line scores 0 (UniIR's ``compute_recall_at_k`` returns 0.0 for it); such queries are
+counted per task in ``results.json`` and a WARNING names them. ``pos_cand_list`` is never
+used for scoring.
+
+Outputs in ``out``: ``results.json`` (per-task Recall@k, headline, groups, average, the
+item format, instruction mode, ranking method, ScaNN agreement, and how the run was made),
+``runs/<task>.<pool>.tsv`` (every query's exact top k: qid, rank, did, score, for
+reproducing any number), ``results.png`` (bar chart) and the table printed by the CLI.
 """
 
 from __future__ import annotations
@@ -22,11 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from jfe_jax.data.mbeir import MBEIR, Query
+from jfe_jax.data.mbeir import MBEIR, Query, headline_k
 from jfe_jax.eval.plots import plot_headline_recall
 from jfe_jax.eval.recall import format_task_table, recall_at_k, task_table, write_table_json
 from jfe_jax.index.embedder import Item, ItemEmbedder
-from jfe_jax.index.exact import exact_search
+from jfe_jax.index.exact import ExactIndex
 from jfe_jax.index.export import REBUILD_HINT, export_embeddings, file_source, load_embeddings
 from jfe_jax.index.identity import MODEL_KEYS, RECORD_KEYS, model_identity
 from jfe_jax.index.scann_index import Index
@@ -34,9 +44,25 @@ from jfe_jax.paths import absolute
 
 log = logging.getLogger(__name__)
 
-# UniIR's global-pool rule: for OVEN (5) and InfoSeek (6), only positives from the query's own
-# dataset count.
-OWN_DATASET_POSITIVES = (5, 6)
+# UniIR's reported k: R@1/5/10, and R@10/20/50 on the fashion tasks (whose headline is R@10).
+DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
+FASHION_KS: tuple[int, ...] = (10, 20, 50)
+INDEX_MODES = ("auto", "brute_force", "ah", "tree_ah", "none")
+
+
+def task_ks(task: str, ks: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The k reported for a task: ``ks`` when given, else UniIR's (R@10/20/50 for the fashion
+    tasks, R@1/5/10 otherwise); the task's headline k is always included."""
+    if ks is None:
+        ks = FASHION_KS if headline_k(task) == 10 else DEFAULT_KS
+    return tuple(sorted({int(k) for k in ks} | {headline_k(task)}))
+
+
+def positives_from_qrels(
+    queries: Sequence[Query], qrels: dict[str, dict[str, int]]
+) -> list[set[str]]:
+    """Each query's positives: every qrels line with relevance > 0 (empty if it has none)."""
+    return [{did for did, rel in qrels.get(q.qid, {}).items() if rel > 0} for q in queries]
 
 
 def chance_recall(num_positives: Sequence[int], pool_size: int, k: int) -> float:
@@ -116,7 +142,7 @@ def evaluate_mbeir(
     split: str = "test",
     tasks: Sequence[str] | None = None,
     pool: str = "local",
-    ks: Sequence[int] = (1, 5, 10),
+    ks: Sequence[int] | None = None,
     instruction_mode: str = "fixed",
     instruction_seed: int = 0,
     index_mode: str = "auto",
@@ -126,12 +152,20 @@ def evaluate_mbeir(
 ) -> dict[str, Any]:
     """Evaluates ``embedder`` on the M-BEIR-layout directory ``root``; returns the results dict.
 
+    Numbers come from exact search. ``ks``: the k reported for every task (its headline k is
+    added); default UniIR's per task (`task_ks`). ``index_mode``: the ScaNN index searched
+    beside exact search for its agreement ("none": no ScaNN index).
+
     Pool embeddings and indexes cached in ``out_dir`` by another model fingerprint, item
     format or pool file are rebuilt (a WARNING says what differs), or with ``overwrite=False``
     refused with a ValueError.
     """
     if pool not in ("local", "global"):
         raise ValueError(f"pool must be 'local' or 'global', got {pool!r}")
+    if index_mode not in INDEX_MODES:
+        raise ValueError(f"index_mode must be one of {INDEX_MODES}, got {index_mode!r}")
+    if ks is not None and (not ks or any(not isinstance(k, int) or k < 1 for k in ks)):
+        raise ValueError(f"ks must be positive integers, got {ks!r}")
     root, out_dir = absolute(root), absolute(out_dir)
     mbeir = MBEIR(root)
     available = mbeir.tasks(split)
@@ -141,72 +175,100 @@ def evaluate_mbeir(
         raise ValueError(
             f"split {split!r} of {root} has no queries for {unknown}; it has {available}"
         )
-    os.makedirs(out_dir, exist_ok=True)
-    kmax = max(ks)
+    os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
     results, details = {}, {}
+    # One resident exact index per pool file: the global pool is placed on the devices once.
+    exact_indexes: dict[str, tuple[ExactIndex, np.ndarray, list[str], dict, Index | None]] = {}
     for task in tasks:
         pool_path = (
             mbeir.local_pool_path(task, split) if pool == "local" else mbeir.global_pool_path(split)
         )
-        cand_emb, cand_ids, export = pool_embeddings(
-            embedder, mbeir, pool_path, out_dir, progress=progress, overwrite=overwrite
-        )
-        index = scann_index(
-            cand_emb,
-            cand_ids,
-            os.path.join(out_dir, "index", pool_path.name.removesuffix(".jsonl")),
-            mode=index_mode,
-            metadata={
-                **{key: export[key] for key in (*RECORD_KEYS, "source")},
-                "pool": pool_path.name,
-            },
-            overwrite=overwrite,
-        )
-        queries = mbeir.read_queries(split, task)
-        qrels = mbeir.read_qrels(split, task)
-        positives = []
-        for q in queries:
-            pos = {did for did, rel in qrels.get(q.qid, {}).items() if rel > 0} or set(
-                q.pos_cand_list
+        pool_name = pool_path.name.removesuffix(".jsonl")
+        if pool_name not in exact_indexes:
+            exact_indexes.clear()  # a local pool is used by one task: free the devices
+            cand_emb, cand_ids, export = pool_embeddings(
+                embedder, mbeir, pool_path, out_dir, progress=progress, overwrite=overwrite
             )
-            if pool == "global" and q.dataset_id in OWN_DATASET_POSITIVES:
-                pos = {d for d in pos if d.split(":")[0] == str(q.dataset_id)} or pos
-            positives.append(pos)
+            scann = None
+            if index_mode != "none":
+                scann = scann_index(
+                    cand_emb,
+                    cand_ids,
+                    os.path.join(out_dir, "index", pool_name),
+                    mode=index_mode,
+                    metadata={
+                        **{key: export[key] for key in (*RECORD_KEYS, "source")},
+                        "pool": pool_path.name,
+                    },
+                    overwrite=overwrite,
+                )
+            exact_indexes[pool_name] = (ExactIndex(cand_emb), cand_emb, cand_ids, export, scann)
+        exact, cand_emb, cand_ids, export, scann = exact_indexes[pool_name]
+        queries = mbeir.read_queries(split, task)
+        positives = positives_from_qrels(queries, mbeir.read_qrels(split, task))
+        without = [q.qid for q, pos in zip(queries, positives) if not pos]
+        if without:
+            log.warning(
+                "%s: %d of %d queries have no positive qrels line and score 0 (as in UniIR), "
+                "e.g. %s",
+                task,
+                len(without),
+                len(queries),
+                ", ".join(without[:5]),
+            )
+        reported = task_ks(task, ks)
+        k = min(max(reported), len(cand_ids))
         query_emb = embedder.embed(
             query_item(mbeir, q, instruction_mode, instruction_seed) for q in queries
         )
-        k = min(kmax, len(cand_ids))
-        scann_ids, _ = index.search(query_emb, k)
-        exact_rows, _ = exact_search(query_emb, cand_emb, k)
+        exact_rows, exact_scores = exact.search(query_emb, k)
         exact_ids = np.asarray(cand_ids, dtype=object)[exact_rows]
-        results[task] = recall_at_k(scann_ids.tolist(), positives, ks)
-        exact_recall = recall_at_k(exact_ids.tolist(), positives, ks)
-        overlap = np.mean(
-            [
-                len(set(a[:k]) & set(b[:k])) / k
-                for a, b in zip(scann_ids.tolist(), exact_ids.tolist())
-            ]
+        results[task] = recall_at_k(exact_ids.tolist(), positives, reported)
+        write_run(
+            os.path.join(out_dir, "runs", f"{task}.{pool}.tsv"), queries, exact_ids, exact_scores
         )
-        details[task] = {
+        detail = {
             "queries": len(queries),
+            "queries_without_qrels": len(without),
             "pool": pool_path.name,
             "pool_size": len(cand_ids),
             # Recall@k of a random ranking of this pool: what "k times chance" refers to.
             "chance_recall": {
-                int(kk): chance_recall([len(p) for p in positives], len(cand_ids), kk) for kk in ks
+                int(kk): chance_recall([len(p) for p in positives], len(cand_ids), kk)
+                for kk in reported
             },
-            "exact_search_recall": {int(kk): v for kk, v in exact_recall.items()},
-            f"scann_recall_at_{k}_vs_exact": float(overlap),
-            "index_settings": dict(index.metadata.get("settings", {})) or None,
         }
-        log.info("%s: %s (exact %s)", task, results[task], exact_recall)
+        if scann is not None:
+            scann_ids, _ = scann.search(query_emb, k)
+            scann_ids = scann_ids.tolist()
+            kh = min(headline_k(task), k)
+            detail["scann"] = {
+                "recall": {
+                    int(kk): v for kk, v in recall_at_k(scann_ids, positives, reported).items()
+                },
+                # ScaNN's recall@k against the exact top k: 1.0 when ScaNN is exact.
+                f"agreement_at_{kh}": float(
+                    np.mean(
+                        [
+                            len(set(a[:kh]) & set(b[:kh])) / kh
+                            for a, b in zip(scann_ids, exact_ids.tolist())
+                        ]
+                    )
+                ),
+                "settings": dict(scann.metadata.get("settings", {})) or None,
+            }
+        details[task] = detail
+        log.info("%s: exact %s", task, results[task])
     table = task_table(results)
     extra = {
         "label": label,
         "split": split,
         "pool": pool,
+        "ranking": "exact",  # the numbers above; ScaNN's, when built, are under details
+        "ks": list(ks) if ks is not None else "uniir",
         "instruction_mode": instruction_mode,
         "instruction_seed": instruction_seed,
+        "queries_without_qrels": sum(d["queries_without_qrels"] for d in details.values()),
         **model_identity(embedder),
         "prompt": embedder.prompt,
         "details": details,
@@ -216,5 +278,26 @@ def evaluate_mbeir(
     return {
         "table": table,
         **extra,
-        "text": format_task_table(table, title=f"{label} ({split}, {pool} pools)"),
+        "text": format_task_table(table, title=f"{label} ({split}, {pool} pools, exact search)"),
     }
+
+
+def write_run(path: str, queries: Sequence[Query], ids: np.ndarray, scores: np.ndarray) -> None:
+    """A TREC-style run file: ``qid Q0 did rank score jfe`` per retrieved candidate."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for q, row_ids, row_scores in zip(queries, ids, scores):
+            for rank, (did, score) in enumerate(zip(row_ids, row_scores), start=1):
+                f.write(f"{q.qid} Q0 {did} {rank} {float(score):.7g} jfe\n")
+    os.replace(tmp, path)
+
+
+def scann_agreement(details: dict[str, Any]) -> dict[str, float]:
+    """{task: ScaNN's recall@k against the exact top k} for the tasks with a ScaNN index."""
+    out = {}
+    for task, detail in details.items():
+        scann = detail.get("scann") or {}
+        for key, value in scann.items():
+            if key.startswith("agreement_at_"):
+                out[task] = value
+    return out

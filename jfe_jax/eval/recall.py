@@ -31,9 +31,10 @@ def recall_at_k(
     """Mean hit rate at each k: {k: fraction of queries with a positive in their first k}.
 
     retrieved_ids[i] is query i's ranking, best first (it may be shorter than k: a small
-    pool); positives[i] its relevant candidate ids (at least one).
-    Raises ValueError for mismatched lengths, no queries, a query without positives, a
-    ranking that lists an id twice, or a k below 1.
+    pool); positives[i] its relevant candidate ids. A query without positives scores 0 at
+    every k and stays in the mean, as in UniIR's ``compute_recall_at_k``.
+    Raises ValueError for mismatched lengths, no queries, a ranking that lists an id twice,
+    or a k below 1.
     """
     if len(retrieved_ids) != len(positives):
         raise ValueError(
@@ -48,8 +49,6 @@ def recall_at_k(
     hits = dict.fromkeys(ks, 0)
     for query, (ranking, relevant) in enumerate(zip(retrieved_ids, positives)):
         relevant = set(relevant)
-        if not relevant:
-            raise ValueError(f"query {query} has no positives; expected at least one")
         ranking = list(ranking)
         if len(set(ranking)) != len(ranking):
             raise ValueError(f"query {query}'s ranking lists an id more than once")

@@ -6,9 +6,17 @@ merged into the global top k. Queries go through in fixed-size blocks so that th
 matrix held at any moment stays bounded, and every block has the same shape, so the search
 compiles once per (block shape, database shape, k).
 
-Tie-breaking: among equal scores the lower database row comes first, in both `exact_search`
-and `exact_search_numpy`. `jax.lax.top_k` keeps the lower index among ties; shards hold
-contiguous row ranges in order, so the merge keeps that order across shards too.
+``ExactIndex`` places the database on the devices once and keeps it there: every later
+search (every query block, every task sharing a pool) reuses the resident shards. A database
+larger than ``max_bytes_per_device`` per device is streamed instead: it is cut into row
+blocks that each fit, and each search places one block at a time and merges the blocks'
+top k on the host (the same ranking, ties included, at the cost of one transfer per block per
+search).
+
+Tie-breaking: among equal scores the lower database row comes first, in `ExactIndex`,
+`exact_search` and `exact_search_numpy`. `jax.lax.top_k` keeps the lower index among ties;
+shards hold contiguous row ranges in order, so the merge keeps that order across shards, and
+streamed blocks are merged with a stable sort in block order.
 """
 
 from __future__ import annotations
@@ -24,24 +32,35 @@ from jax.sharding import PartitionSpec as P
 # Scores held per device for one query block (float32): 2**26 is 256 MiB.
 _MAX_SCORES_PER_BLOCK = 2**26
 _MAX_QUERY_BLOCK = 1024
+# Database bytes per device above which the database is streamed in row blocks: 4 GiB of
+# float32 rows, room for the score block and XLA's buffers on a 16 GiB TPU v5e chip.
+DEFAULT_MAX_BYTES_PER_DEVICE = 4 * 2**30
 
 
 def _check_inputs(queries: np.ndarray, database: np.ndarray, k: int) -> None:
     """Raises ValueError when the shapes or k cannot describe a search."""
     if queries.ndim != 2:
         raise ValueError(f"queries must be 2-D [num_queries, dim], got shape {queries.shape}")
-    if database.ndim != 2:
-        raise ValueError(f"database must be 2-D [num_rows, dim], got shape {database.shape}")
+    _check_database(database)
     if queries.shape[1] != database.shape[1]:
         raise ValueError(
             f"queries have dim {queries.shape[1]} but the database has dim {database.shape[1]}"
         )
+    _check_k(k, database.shape[0])
+
+
+def _check_database(database) -> None:
+    if database.ndim != 2:
+        raise ValueError(f"database must be 2-D [num_rows, dim], got shape {database.shape}")
     if database.shape[0] == 0:
         raise ValueError("database is empty; expected at least one row")
+
+
+def _check_k(k, num_rows: int) -> None:
     if not isinstance(k, int | np.integer) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
-    if k > database.shape[0]:
-        raise ValueError(f"k={k} is larger than the database ({database.shape[0]} rows)")
+    if k > num_rows:
+        raise ValueError(f"k={k} is larger than the database ({num_rows} rows)")
 
 
 def default_mesh() -> Mesh:
@@ -72,7 +91,7 @@ def _search_block(
         )
         first_row = jax.lax.axis_index(axis) * rows_per_shard
         rows = first_row + jnp.arange(rows_per_shard, dtype=jnp.int32)
-        # Padding rows score -inf; since k <= num_valid they never reach the final top k.
+        # Padding rows score -inf and come after every real row among the candidates.
         scores = jnp.where(rows[None, :] < n_valid, scores, -jnp.inf)
         top_scores, top_local = jax.lax.top_k(scores, k_local)
         return top_scores, (top_local + first_row).astype(jnp.int32)
@@ -90,6 +109,140 @@ def _search_block(
     return jnp.take_along_axis(cand_rows, positions, axis=1), top_scores
 
 
+class _Shards:
+    """One row block of the database, padded to a multiple of the shard count."""
+
+    def __init__(self, rows, first_row: int, mesh: Mesh):
+        (axis,) = mesh.axis_names
+        num_shards = mesh.shape[axis]
+        self.first_row = first_row
+        self.num_rows = rows.shape[0]
+        self.rows_per_shard = -(-self.num_rows // num_shards)
+        self._host = rows
+        self._mesh = mesh
+
+    def place(self) -> tuple[jax.Array, jax.Array]:
+        """(the padded block sharded over the mesh, its valid row count, replicated)."""
+        (axis,) = self._mesh.axis_names
+        num_shards = self._mesh.shape[axis]
+        padding = ((0, self.rows_per_shard * num_shards - self.num_rows), (0, 0))
+        # A host array is padded on the host, so each device receives only its own rows.
+        xp = np if isinstance(self._host, np.ndarray) else jnp
+        padded = xp.pad(xp.asarray(self._host, dtype=xp.float32), padding)
+        placed = jax.device_put(padded, NamedSharding(self._mesh, P(axis, None)))
+        num_valid = jax.device_put(jnp.int32(self.num_rows), NamedSharding(self._mesh, P()))
+        return placed, num_valid
+
+
+class ExactIndex:
+    """Exact top-k by dot product over a database held on a 1-D device mesh.
+
+    The database is placed on the devices once, when the index is made, and stays there for
+    every `search` (``placements`` counts the transfers). If one device's share would exceed
+    ``max_bytes_per_device``, the database is kept on the host in row blocks that fit and
+    streamed block by block on each search (``streamed`` is True).
+
+    Args:
+      database: [num_rows, dim] float array (finite values); any num_rows, divisible by the
+        device count or not.
+      mesh: a 1-D mesh whose devices share the rows; default: all devices.
+      max_bytes_per_device: float32 database bytes per device above which it is streamed.
+    """
+
+    def __init__(
+        self,
+        database: np.ndarray | jax.Array,
+        *,
+        mesh: Mesh | None = None,
+        max_bytes_per_device: int = DEFAULT_MAX_BYTES_PER_DEVICE,
+    ):
+        if isinstance(database, np.ndarray) and database.dtype != np.float32:
+            database = database.astype(np.float32)
+        _check_database(database)
+        mesh = default_mesh() if mesh is None else mesh
+        if len(mesh.axis_names) != 1:
+            raise ValueError(f"mesh must be 1-D, got axes {mesh.axis_names}")
+        (axis,) = mesh.axis_names
+        self.mesh = mesh
+        self.num_rows, self.dim = int(database.shape[0]), int(database.shape[1])
+        num_shards = mesh.shape[axis]
+        row_bytes = 4 * self.dim
+        max_rows = max(num_shards, (max_bytes_per_device // row_bytes) * num_shards)
+        self.placements = 0
+        self._blocks = [
+            _Shards(database[start : start + max_rows], start, mesh)
+            for start in range(0, self.num_rows, max_rows)
+        ]
+        self.streamed = len(self._blocks) > 1
+        self._resident = None if self.streamed else self._place(self._blocks[0])
+
+    def _place(self, block: _Shards) -> tuple[jax.Array, jax.Array]:
+        self.placements += 1
+        return block.place()
+
+    def search(
+        self, queries: np.ndarray | jax.Array, k: int, *, query_block: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(indices int32 [num_queries, k], scores float32 [num_queries, k]) as numpy arrays,
+        best first; equal scores are ordered by lower row index.
+
+        ``query_block``: queries scored at once; default: as many as keep one block's scores
+        within 2**26 floats per device (at most 1024)."""
+        if queries.ndim != 2:
+            raise ValueError(f"queries must be 2-D [num_queries, dim], got shape {queries.shape}")
+        if queries.shape[1] != self.dim:
+            raise ValueError(
+                f"queries have dim {queries.shape[1]} but the database has dim {self.dim}"
+            )
+        _check_k(k, self.num_rows)
+        if query_block is not None and query_block < 1:
+            raise ValueError(f"query_block must be a positive integer, got {query_block}")
+        if isinstance(queries, np.ndarray):
+            queries = queries.astype(np.float32, copy=False)
+        if not self.streamed:
+            return self._search_resident(self._resident, self._blocks[0], queries, k, query_block)
+        found_rows, found_scores = [], []
+        for block in self._blocks:
+            block_k = min(k, block.num_rows)
+            rows, scores = self._search_resident(
+                self._place(block), block, queries, block_k, query_block
+            )
+            found_rows.append(rows + block.first_row)
+            found_scores.append(scores)
+        rows = np.concatenate(found_rows, axis=1)
+        scores = np.concatenate(found_scores, axis=1)
+        # Blocks are in row order and each is in rank order: a stable sort keeps lower rows
+        # first among equal scores.
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return (
+            np.take_along_axis(rows, order, axis=1).astype(np.int32),
+            np.take_along_axis(scores, order, axis=1),
+        )
+
+    def _search_resident(self, placed, block: _Shards, queries, k: int, query_block):
+        database, num_valid = placed
+        replicated = NamedSharding(self.mesh, P())
+        num_queries = queries.shape[0]
+        block_size = min(
+            query_block or query_block_size(num_queries, block.rows_per_shard), num_queries
+        )
+        indices = np.empty((num_queries, k), dtype=np.int32)
+        scores = np.empty((num_queries, k), dtype=np.float32)
+        for start in range(0, num_queries, block_size):
+            chunk = queries[start : start + block_size]
+            size = chunk.shape[0]
+            # The last block is zero-padded to the common shape so it reuses the compiled search;
+            # host queries are padded on the host and placed explicitly.
+            xp = np if isinstance(chunk, np.ndarray) else jnp
+            chunk = xp.pad(xp.asarray(chunk, dtype=xp.float32), ((0, block_size - size), (0, 0)))
+            block_indices, block_scores = _search_block(
+                jax.device_put(chunk, replicated), database, num_valid, k=k, mesh=self.mesh
+            )
+            indices[start : start + size] = np.asarray(block_indices)[:size]
+            scores[start : start + size] = np.asarray(block_scores)[:size]
+        return indices, scores
+
+
 def exact_search(
     queries: np.ndarray | jax.Array,
     database: np.ndarray | jax.Array,
@@ -97,8 +250,10 @@ def exact_search(
     *,
     mesh: Mesh | None = None,
     query_block: int | None = None,
+    max_bytes_per_device: int = DEFAULT_MAX_BYTES_PER_DEVICE,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by dot product, database rows sharded over a 1-D mesh.
+    """Exact top-k by dot product, database rows sharded over a 1-D mesh: a one-off
+    `ExactIndex` (use the class to search one database several times).
 
     Args:
       queries: [num_queries, dim] float array (finite values).
@@ -108,6 +263,7 @@ def exact_search(
       mesh: a 1-D mesh whose devices share the database rows; default: all devices.
       query_block: queries scored at once; default: as many as keep one block's scores
         within 2**26 floats per device (at most 1024).
+      max_bytes_per_device: above this the database is streamed in row blocks.
 
     Returns:
       (indices int32 [num_queries, k], scores float32 [num_queries, k]) as numpy arrays,
@@ -115,39 +271,8 @@ def exact_search(
     """
     queries = np.asarray(queries, dtype=np.float32) if isinstance(queries, np.ndarray) else queries
     _check_inputs(queries, database, k)
-    mesh = default_mesh() if mesh is None else mesh
-    if len(mesh.axis_names) != 1:
-        raise ValueError(f"mesh must be 1-D, got axes {mesh.axis_names}")
-    (axis,) = mesh.axis_names
-    num_shards = mesh.shape[axis]
-
-    num_rows = database.shape[0]
-    rows_per_shard = -(-num_rows // num_shards)
-    row_padding = ((0, rows_per_shard * num_shards - num_rows), (0, 0))
-    # A host array is padded on the host, so each device receives only its own rows.
-    xp = np if isinstance(database, np.ndarray) else jnp
-    padded = xp.pad(xp.asarray(database, dtype=xp.float32), row_padding)
-    padded = jax.device_put(padded, NamedSharding(mesh, P(axis, None)))
-    replicated = NamedSharding(mesh, P())
-    num_valid = jax.device_put(jnp.int32(num_rows), replicated)
-
-    num_queries = queries.shape[0]
-    if query_block is not None and query_block < 1:
-        raise ValueError(f"query_block must be a positive integer, got {query_block}")
-    block = min(query_block or query_block_size(num_queries, rows_per_shard), num_queries)
-    indices = np.empty((num_queries, k), dtype=np.int32)
-    scores = np.empty((num_queries, k), dtype=np.float32)
-    for start in range(0, num_queries, block):
-        chunk = jnp.asarray(queries[start : start + block], dtype=jnp.float32)
-        size = chunk.shape[0]
-        # The last block is zero-padded to the common shape so it reuses the compiled search.
-        chunk = jnp.pad(chunk, ((0, block - size), (0, 0)))
-        block_indices, block_scores = _search_block(
-            jax.device_put(chunk, replicated), padded, num_valid, k=k, mesh=mesh
-        )
-        indices[start : start + size] = np.asarray(block_indices)[:size]
-        scores[start : start + size] = np.asarray(block_scores)[:size]
-    return indices, scores
+    index = ExactIndex(database, mesh=mesh, max_bytes_per_device=max_bytes_per_device)
+    return index.search(queries, k, query_block=query_block)
 
 
 def exact_search_numpy(
