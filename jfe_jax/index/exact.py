@@ -32,9 +32,20 @@ from jax.sharding import PartitionSpec as P
 # Scores held per device for one query block (float32): 2**26 is 256 MiB.
 _MAX_SCORES_PER_BLOCK = 2**26
 _MAX_QUERY_BLOCK = 1024
-# Database bytes per device above which the database is streamed in row blocks: 4 GiB of
-# float32 rows, room for the score block and XLA's buffers on a 16 GiB TPU v5e chip.
-DEFAULT_MAX_BYTES_PER_DEVICE = 4 * 2**30
+# Database bytes per device above which the database is streamed in row blocks, where the
+# runtime does not report device memory (CPU): 4 GiB. Otherwise a quarter of the smallest
+# device's memory, leaving room for the score blocks and XLA's buffers.
+FALLBACK_MAX_BYTES_PER_DEVICE = 4 * 2**30
+
+
+def default_max_bytes_per_device(mesh: Mesh) -> int:
+    """A quarter of the smallest device memory in ``mesh``, or 4 GiB if none is reported."""
+    limits = []
+    for device in mesh.devices.flat:
+        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+        if stats and stats.get("bytes_limit"):
+            limits.append(int(stats["bytes_limit"]) // 4)
+    return min(limits) if limits else FALLBACK_MAX_BYTES_PER_DEVICE
 
 
 def _check_inputs(queries: np.ndarray, database: np.ndarray, k: int) -> None:
@@ -146,7 +157,8 @@ class ExactIndex:
       database: [num_rows, dim] float array (finite values); any num_rows, divisible by the
         device count or not.
       mesh: a 1-D mesh whose devices share the rows; default: all devices.
-      max_bytes_per_device: float32 database bytes per device above which it is streamed.
+      max_bytes_per_device: float32 database bytes per device above which it is streamed
+        (default: `default_max_bytes_per_device`).
     """
 
     def __init__(
@@ -154,7 +166,7 @@ class ExactIndex:
         database: np.ndarray | jax.Array,
         *,
         mesh: Mesh | None = None,
-        max_bytes_per_device: int = DEFAULT_MAX_BYTES_PER_DEVICE,
+        max_bytes_per_device: int | None = None,
     ):
         if isinstance(database, np.ndarray) and database.dtype != np.float32:
             database = database.astype(np.float32)
@@ -164,6 +176,8 @@ class ExactIndex:
             raise ValueError(f"mesh must be 1-D, got axes {mesh.axis_names}")
         (axis,) = mesh.axis_names
         self.mesh = mesh
+        if max_bytes_per_device is None:
+            max_bytes_per_device = default_max_bytes_per_device(mesh)
         self.num_rows, self.dim = int(database.shape[0]), int(database.shape[1])
         num_shards = mesh.shape[axis]
         row_bytes = 4 * self.dim
@@ -250,7 +264,7 @@ def exact_search(
     *,
     mesh: Mesh | None = None,
     query_block: int | None = None,
-    max_bytes_per_device: int = DEFAULT_MAX_BYTES_PER_DEVICE,
+    max_bytes_per_device: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by dot product, database rows sharded over a 1-D mesh: a one-off
     `ExactIndex` (use the class to search one database several times).
