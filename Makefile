@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 WORKDIR ?= workdir/demo
-LINT_PATHS := jfe_jax tests $(wildcard benchmarks/*.py configs/*.py launch/*.py)
+LINT_PATHS := jfe_jax tests $(wildcard benchmarks/*.py benchmarks/device/*.py configs/*.py launch/*.py)
 
 .PHONY: venv demo test lint format
 

@@ -114,22 +114,10 @@ def run_demo(
         stage(name, functools.partial(train_stage, config, os.path.join(workdir, name), name))
 
     def evaluate():
-        from jfe_jax.encoder import Encoder
         from jfe_jax.eval.mbeir_eval import evaluate_mbeir
-        from jfe_jax.index.embedder import ItemEmbedder
+        from jfe_jax.index.embedder import embedder_for
 
-        encoder = Encoder.from_pretrained(os.path.join(workdir, "stage2"))
-        d = stage2_config.data
-        embedder = ItemEmbedder(
-            encoder,
-            prompt=d.prompt,
-            length_buckets=tuple(d.length_buckets),
-            patch_budget=d.candidate_patch_budget,
-            max_pixels=d.image_max_pixels,
-            min_pixels=d.image_min_pixels,
-            image_root=data_dir,
-            batch_size=64,
-        )
+        embedder = embedder_for(os.path.join(workdir, "stage2"), image_root=data_dir, batch_size=64)
         evaluate_mbeir(embedder, data_dir, os.path.join(workdir, "eval"), progress=progress)
 
     stage("eval", evaluate)

@@ -23,9 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jfe_jax.data.image_processor import PREPROCESSOR_CONFIG
+from jfe_jax.data.item_format import ItemFormat
 from jfe_jax.models import fingerprint as fingerprint_lib
 from jfe_jax.models.config import ModelConfig
-from jfe_jax.models.hf_io import load_hf_params, save_hf_checkpoint
+from jfe_jax.models.hf_io import copy_side_files, load_hf_params, save_hf_checkpoint
 from jfe_jax.models.inputs import prepare_batch
 from jfe_jax.models.language import LORA_TARGETS_ALL
 from jfe_jax.models.one_tower import OneTowerEncoder
@@ -33,6 +35,7 @@ from jfe_jax.models.safetensors_io import SafetensorsFile, _write_file
 from jfe_jax.paths import absolute
 
 ENCODER_FILE = "jfe_encoder.json"  # our options, next to the HF files
+TOKENIZER_DIR = "tokenizer"  # where a training workdir keeps its tokenizer
 HEAD_FILE = "jfe_head.safetensors"  # params outside the HF backbone: logit_scale, projection
 BACKBONE = ("vision", "text")
 
@@ -110,6 +113,20 @@ def init_params(module: OneTowerEncoder, rng: jax.Array, *, keep=None):
 def _is_extra(path: tuple[str, ...]) -> bool:
     """Params a Hugging Face checkpoint does not have: the head and LoRA adapters."""
     return path[0] not in BACKBONE or path[-1] in ("lora_a", "lora_b")
+
+
+def _write_preprocessor_config(directory: str, item_format: ItemFormat) -> None:
+    """``preprocessor_config.json`` with the format's image settings, over the keys of one
+    copied from the source (e.g. ``processor_class``), which are kept."""
+    path = os.path.join(directory, PREPROCESSOR_CONFIG)
+    settings = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            settings = json.load(f)
+    settings.update(item_format.image_processor().to_hf_dict())
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 class Encoder:
@@ -252,9 +269,23 @@ class Encoder:
             self._fingerprint = (self.params, fingerprint_lib.hash_json(identity))
         return self._fingerprint[1]
 
-    def save_pretrained(self, path: str, *, dtype: str = "float32") -> None:
-        """Writes a Hugging Face directory (LoRA merged) plus our head params and options."""
+    def save_pretrained(
+        self, path: str, *, dtype: str = "float32", item_format: ItemFormat | None = None
+    ) -> ItemFormat:
+        """Writes a Hugging Face directory (LoRA merged) plus our head params and options, the
+        tokenizer files, the item format (``jfe_item_format.json``) and a
+        ``preprocessor_config.json`` with its pixel limits: transformers' ``AutoProcessor``
+        and the model class load the result, and ``embedder_for`` feeds it what it was
+        trained on. ``item_format``: default, the one of the directory loaded from
+        (``ItemFormat.of_model``). Returns the format written."""
         path = absolute(path)
+        if item_format is None:
+            item_format = (
+                ItemFormat.of_model(self.source_dir, self.config.vision)[0]
+                if self.source_dir
+                else ItemFormat.for_vision(self.config.vision)
+            )
+        item_format.check_vision(self.config.vision)
         host = jax.device_get(self.params)
         save_hf_checkpoint(
             path,
@@ -264,6 +295,10 @@ class Encoder:
             dtype=np.dtype(_dtype(dtype)),
             side_files_from=self.source_dir,
         )
+        if self.source_dir:  # a training workdir keeps its tokenizer in tokenizer/
+            copy_side_files(os.path.join(self.source_dir, TOKENIZER_DIR), path)
+        item_format.save(path)
+        _write_preprocessor_config(path, item_format)
         head = {k: v for k, v in host.items() if k not in BACKBONE}
         flat = traverse_util.flatten_dict(head, sep="/")
         _write_file(
@@ -274,6 +309,7 @@ class Encoder:
         fields["lora_targets"] = list(fields["lora_targets"])
         with open(os.path.join(path, ENCODER_FILE), "w", encoding="utf-8") as f:
             json.dump({"format": "jfe-jax encoder", "options": fields}, f, indent=2)
+        return item_format
 
     # ------------------------------------------------------------------ running
 

@@ -82,23 +82,13 @@ def run_fusion_experiment(
             train_stage(config, run_dir, f"late-fusion {name}")
     late_eval = os.path.join(late_dir, "eval")
     if not os.path.isfile(os.path.join(late_eval, "results.json")):
-        from jfe_jax.encoder import Encoder
         from jfe_jax.eval.mbeir_eval import evaluate_mbeir
-        from jfe_jax.index.embedder import ItemEmbedder
+        from jfe_jax.index.embedder import embedder_for
 
-        d = stage2.data
-        embedder = ItemEmbedder(
-            Encoder.from_pretrained(os.path.join(late_dir, "stage2")),
-            prompt=d.prompt,
-            length_buckets=tuple(d.length_buckets),
-            patch_budget=d.candidate_patch_budget,
-            max_pixels=d.image_max_pixels,
-            min_pixels=d.image_min_pixels,
-            image_root=d.root,
-            batch_size=64,
-            fusion="late",
-        )
-        evaluate_mbeir(embedder, d.root, late_eval, label="late fusion", progress=progress)
+        # The late workdir's item format says fusion="late".
+        root = stage2.data.root
+        embedder = embedder_for(os.path.join(late_dir, "stage2"), image_root=root, batch_size=64)
+        evaluate_mbeir(embedder, root, late_eval, label="late fusion", progress=progress)
     early, _ = read_table_json(os.path.join(workdir, "eval", "results.json"))
     late, _ = read_table_json(os.path.join(late_eval, "results.json"))
     out = os.path.join(workdir, "fusion")

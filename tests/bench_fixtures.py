@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 
+from jfe_jax.data.item_format import ItemFormat
 from jfe_jax.data.synthetic import SyntheticConfig, generate
 from jfe_jax.encoder import Encoder
 from jfe_jax.models.sizes import get_size
@@ -31,9 +32,13 @@ def make_bench(root: str | os.PathLike, config: SyntheticConfig) -> str:
 
 def tiny_model(directory: str | os.PathLike, bench: str | os.PathLike, seed: int, **size) -> str:
     """A randomly initialised ``tiny`` model (``size`` replaces config fields) saved in Hugging
-    Face format with the benchmark's tokenizer; returns the directory."""
+    Face format with the benchmark's tokenizer and a small item format; returns the directory."""
     directory = str(directory)
-    Encoder.init(get_size("tiny").replace(**size), seed=seed).save_pretrained(directory)
+    encoder = Encoder.init(get_size("tiny").replace(**size), seed=seed)
+    # Images of at most 112x112 pixels: a 64-patch budget keeps the CLI tests fast.
+    encoder.save_pretrained(
+        directory, item_format=ItemFormat.for_vision(encoder.config.vision, max_pixels=112 * 112)
+    )
     tokenizer = os.path.join(str(bench), "tokenizer")
     for name in os.listdir(tokenizer):
         shutil.copy(os.path.join(tokenizer, name), directory)

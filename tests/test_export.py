@@ -36,7 +36,12 @@ def setup(tmp_path_factory):
         records.append((f"9:{i}", Item(text=text, image=image)))
     encoder = Encoder.init(get_size("tiny"), seed=3)
     embedder = ItemEmbedder(
-        encoder, tokenizer=tokenizer, batch_size=12, length_buckets=(128,), image_root=str(root)
+        encoder,
+        tokenizer=tokenizer,
+        batch_size=12,
+        length_buckets=(128,),
+        max_pixels=112 * 112,
+        image_root=str(root),
     )
     return embedder, records, root
 

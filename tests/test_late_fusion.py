@@ -24,7 +24,13 @@ def embedders(tmp_path_factory):
     for i in range(4):
         Image.fromarray(rng.integers(0, 255, (56, 84, 3), dtype=np.uint8)).save(root / f"{i}.png")
     encoder = Encoder.init(get_size("tiny"), seed=5)
-    kw = dict(tokenizer=tokenizer, batch_size=8, length_buckets=(128,), image_root=str(root))
+    kw = dict(
+        tokenizer=tokenizer,
+        batch_size=8,
+        length_buckets=(128,),
+        max_pixels=112 * 112,
+        image_root=str(root),
+    )
     return ItemEmbedder(encoder, **kw), ItemEmbedder(encoder, fusion="late", **kw)
 
 

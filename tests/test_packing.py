@@ -268,7 +268,13 @@ def test_item_embedder_pack_option_gives_the_unpacked_embeddings(model, tmp_path
         Item(text="what is on the left", image="1.png"),
         Item(text="blue"),
     ] * 3
-    kw = dict(tokenizer=tokenizer, batch_size=16, length_buckets=(256,), image_root=str(tmp_path))
+    kw = dict(
+        tokenizer=tokenizer,
+        batch_size=16,
+        length_buckets=(256,),
+        max_pixels=112 * 112,
+        image_root=str(tmp_path),
+    )
     packer = ItemEmbedder(encoder, pack=True, **kw)
     packed = packer.embed(items)
     unpacked = ItemEmbedder(encoder, **kw).embed(items)

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from jfe_jax.errors import ArgumentParser, positive_int
+
+
+def _log_our_info() -> None:
+    """jfe-jax's INFO lines (e.g. the item format a model is fed) on stderr; other libraries
+    stay at WARNING."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("jfe_jax").setLevel(logging.INFO)
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +55,7 @@ def export_main(argv: Sequence[str]) -> int:
     from jfe_jax.index.embedder import Item, embedder_for
     from jfe_jax.index.export import export_embeddings, file_source
 
+    _log_our_info()
     mbeir = MBEIR(args.mbeir_root)
     embedder = embedder_for(args.model, batch_size=args.batch_size, image_root=args.mbeir_root)
     if args.pool:
@@ -191,6 +200,7 @@ def search_main(argv: Sequence[str]) -> int:
     from jfe_jax.index.identity import check_index_model, model_identity
     from jfe_jax.index.scann_index import Index
 
+    _log_our_info()
     embedder = embedder_for(args.model, batch_size=args.batch_size)
     index = Index.load(args.index, expect={"dim": embedder.dim})
     check_index_model(index.metadata, model_identity(embedder), args.index, this="--model has")

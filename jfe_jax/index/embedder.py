@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -18,15 +19,17 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jfe_jax.data.collate import DEFAULT_LENGTH_BUCKETS, collate, collate_packed
-from jfe_jax.data.image_processor import ImageProcessor
-from jfe_jax.data.late_fusion import FUSIONS, LateItem, late_collate, split_item
-from jfe_jax.data.processing import DEFAULT_EMBED_PROMPT, ProcessedItem, encode_item
+from jfe_jax.data.collate import collate, collate_packed
+from jfe_jax.data.item_format import ItemFormat
+from jfe_jax.data.late_fusion import LateItem, late_collate, split_item
+from jfe_jax.data.processing import ProcessedItem, encode_item
 from jfe_jax.data.tokenizer import load_tokenizer
 from jfe_jax.encoder import Encoder
 from jfe_jax.models.fingerprint import hash_json
 from jfe_jax.models.packing import pack_vision
 from jfe_jax.paths import absolute
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,67 +55,62 @@ def find_tokenizer(encoder: Encoder) -> str:
 class ItemEmbedder:
     """Embeds ``Item``s with an ``Encoder``, ``batch_size`` rows at a time on all local devices.
 
+    Build one with ``embedder_for(model)``: it reads the model's item format. Direct
+    construction is for tests and for formats made in code.
+
     Args:
       encoder: the model.
+      item_format: prompt, static shapes (length buckets; every row padded to
+        ``item_format.patch_budget`` patches, the larger of the query and candidate budgets),
+        image preprocessing, fusion and packing; longer items raise unless the format
+        truncates text. Default: ``ItemFormat`` with the encoder's patch sizes.
       tokenizer: a tokenizer or its directory; default: the one next to the encoder.
-      image_processor: default: Qwen2-VL's with ``max_pixels``/``min_pixels``.
-      prompt: the embedding prompt after each item (the one used in training).
       batch_size: rows per call, rounded up to a multiple of the local device count.
-      length_buckets, patch_budget: static shapes (longer items raise; nothing is cut).
       image_root: directory image paths are relative to (and must stay inside).
-      pack: lay several items end to end in each row (``jfe_jax.models.packing``): same
-        embeddings, less padding. Rows are the fewest that fit, rounded up to the local device
-        count times a power of two (a few compiled shapes per length bucket); each row keeps
-        ``patch_budget`` patches, shared by its items' images. Early fusion only.
       pack_vision: run the vision tower on the batch's images laid densely into their own
         rows (``jfe_jax.models.packing.pack_vision``; row count coarse, then a multiple of the
         local device count) instead of on every row's patch budget: same embeddings, less
         vision work when many items have no or small images. Early fusion only; combines
         with ``pack``.
+      **fields: ``ItemFormat`` fields that replace the format's (e.g. ``prompt``,
+        ``max_pixels``; ``patch_budget`` sets both budgets). ``pack`` lays several items end
+        to end in each row (``jfe_jax.models.packing``): same embeddings, less padding. Rows
+        are the fewest that fit, rounded up to the local device count times a power of two
+        (a few compiled shapes per length bucket); each row keeps ``patch_budget`` patches,
+        shared by its items' images. Early fusion only.
     """
 
     def __init__(
         self,
         encoder: Encoder,
+        item_format: ItemFormat | None = None,
         *,
         tokenizer: Any = None,
-        image_processor: ImageProcessor | None = None,
-        prompt: str = DEFAULT_EMBED_PROMPT,
         batch_size: int = 32,
-        length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
-        patch_budget: int | None = None,
-        max_pixels: int = 112 * 112,
-        min_pixels: int = 56 * 56,
         image_root: str | None = None,
-        fusion: str = "early",
-        pack: bool = False,
         pack_vision: bool = False,
+        **fields: Any,
     ):
-        if fusion not in FUSIONS:
-            raise ValueError(f"fusion {fusion!r} is unknown, expected one of {FUSIONS}")
-        if pack and fusion != "early":
-            raise ValueError(f"pack=True packs early-fusion items; fusion is {fusion!r}")
-        if pack_vision and fusion != "early":
-            raise ValueError(f"pack_vision=True packs early-fusion images; fusion is {fusion!r}")
-        self.pack = pack
+        vision = encoder.config.vision
+        if "patch_budget" in fields:
+            budget = fields.pop("patch_budget") or 0
+            fields.update(query_patch_budget=budget, candidate_patch_budget=budget)
+        if item_format is None:
+            item_format = ItemFormat.for_vision(vision, **fields)
+        elif fields:
+            item_format = dataclasses.replace(item_format, **fields)
+        item_format.check_vision(vision)
+        if pack_vision and item_format.fusion != "early":
+            raise ValueError(
+                f"pack_vision=True packs early-fusion images; fusion is {item_format.fusion!r}"
+            )
+        self.format = item_format
         self.pack_vision = pack_vision
-        self.fusion = fusion
         self.encoder = encoder
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = load_tokenizer(tokenizer or find_tokenizer(encoder))
         self.tokenizer = tokenizer
-        vision = encoder.config.vision
-        self.image_processor = image_processor or ImageProcessor(
-            min_pixels=min_pixels,
-            max_pixels=max_pixels,
-            patch_size=vision.patch_size,
-            temporal_patch_size=vision.temporal_patch_size,
-            merge_size=vision.spatial_merge_size,
-        )
-        self.prompt = prompt
-        self.length_buckets = tuple(length_buckets)
-        side = self.image_processor.max_pixels // (vision.patch_size**2)
-        self.patch_budget = patch_budget or max(16, -(-side // 16) * 16)
+        self.image_processor = item_format.image_processor()
         self.image_root = absolute(image_root)
         devices = jax.local_devices()
         self._num_devices = len(devices)
@@ -133,28 +131,28 @@ class ItemEmbedder:
         pad_id = tokenizer.pad_token_id
         self.pad_token_id = pad_id if pad_id is not None else 0
 
+    # The format's settings under the names the rest of the package uses.
+    prompt = property(lambda self: self.format.prompt)
+    length_buckets = property(lambda self: self.format.length_buckets)
+    patch_budget = property(lambda self: self.format.patch_budget)
+    fusion = property(lambda self: self.format.fusion)
+    pack = property(lambda self: self.format.pack)
+
     @property
     def dim(self) -> int:
         return self.encoder.options.projection_dim or self.encoder.config.text.hidden_size
 
     @functools.cached_property
     def item_format(self) -> dict[str, Any]:
-        """What the encoder is fed for an item, besides the item: prompt, static shapes, image
-        preprocessing, fusion and the tokenizer's hash. Embeddings made under another item
-        format are not interchangeable. ``pack``/``pack_vision`` give the same embeddings,
-        so they are left out."""
+        """What the encoder is fed for an item, besides the item: the format's fields that
+        change embeddings (``ItemFormat.identity``) and the tokenizer's hash. Embeddings made
+        under another item format are not interchangeable. ``pack``/``pack_vision`` give the
+        same embeddings, so they are left out."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         vocab = (
             backend.to_str() if backend is not None else sorted(self.tokenizer.get_vocab().items())
         )
-        return {
-            "prompt": self.prompt,
-            "length_buckets": list(self.length_buckets),
-            "patch_budget": self.patch_budget,
-            "image_processor": dataclasses.asdict(self.image_processor),
-            "fusion": self.fusion,
-            "tokenizer": hash_json(vocab),
-        }
+        return {**self.format.identity(), "tokenizer": hash_json(vocab)}
 
     @functools.cached_property
     def item_format_hash(self) -> str:
@@ -169,7 +167,8 @@ class ItemEmbedder:
             image=image,
             instruction=instruction,
             prompt=self.prompt,
-            max_length=max(self.length_buckets),
+            max_length=self.format.max_length,
+            truncate_text=self.format.truncate_text,
             image_root=self.image_root,
         )
 
@@ -235,28 +234,24 @@ class ItemEmbedder:
 
 
 def embedder_for(model: str | Encoder, **overrides: Any) -> ItemEmbedder:
-    """An ``ItemEmbedder`` with the settings a model was trained with.
+    """The one way to get an ``ItemEmbedder`` for a model: with the item format it was trained
+    with (``ItemFormat.of_model``: its ``jfe_item_format.json``, else a workdir's config.json,
+    else its ``preprocessor_config.json``, else Qwen2-VL's defaults), logged in one line.
 
-    For a ``jfe train`` workdir, the prompt, length buckets, patch budget, image pixel limits
-    and fusion come from its config.json; for a Hugging Face directory the defaults apply.
-    ``overrides`` (e.g. ``batch_size``, ``image_root``) win.
+    ``overrides``: embedder options (``batch_size``, ``image_root``, ``tokenizer``,
+    ``pack_vision``) and ``ItemFormat`` fields (e.g. ``prompt``, ``pack``), which win.
     """
     encoder = model if isinstance(model, Encoder) else Encoder.from_pretrained(model)
-    settings: dict[str, Any] = {}
-    config_path = os.path.join(encoder.source_dir or "", "config.json")
-    if encoder.step is not None and os.path.isfile(config_path):
-        import json
-
-        with open(config_path, encoding="utf-8") as f:
-            run = json.load(f)
-        d = run["data"]
-        settings = dict(
-            prompt=d["prompt"],
-            length_buckets=tuple(d["length_buckets"]),
-            patch_budget=max(d["query_patch_budget"], d["candidate_patch_budget"]) or None,
-            max_pixels=d["image_max_pixels"],
-            min_pixels=d["image_min_pixels"],
-            fusion=run["model"].get("fusion", "early"),
-        )
-    settings.update(overrides)
-    return ItemEmbedder(encoder, **settings)
+    if encoder.source_dir:
+        item_format, origin = ItemFormat.of_model(encoder.source_dir, encoder.config.vision)
+    else:
+        item_format, origin = ItemFormat.for_vision(encoder.config.vision), "defaults (no files)"
+    changed = sorted(set(overrides) & {f.name for f in dataclasses.fields(ItemFormat)})
+    embedder = ItemEmbedder(encoder, item_format, **overrides)
+    log.info(
+        "item format from %s%s: %s",
+        origin,
+        f", with {', '.join(changed)} overridden" if changed else "",
+        embedder.format.describe(),
+    )
+    return embedder

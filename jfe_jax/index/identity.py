@@ -14,6 +14,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from jfe_jax.data.item_format import differences
 from jfe_jax.models.fingerprint import short
 
 MODEL_KEYS = ("model_fingerprint", "item_format_hash")  # what computed the embeddings
@@ -76,10 +77,10 @@ def mismatch(
         )
     if "item_format_hash" in keys and stored.get("item_format_hash") != current["item_format_hash"]:
         old, new = stored.get("item_format") or {}, current.get("item_format") or {}
-        fields = sorted(k for k in {*old, *new} if _canonical(old.get(k)) != _canonical(new.get(k)))
         found.append(
             f"with item format {short(stored.get('item_format_hash'))}, {this} "
-            f"{short(current['item_format_hash'])} (they differ in {', '.join(fields) or '?'})"
+            f"{short(current['item_format_hash'])} (they differ in "
+            f"{'; '.join(differences(old, new)) or '?'})"
         )
     if "source" in keys and _canonical(stored.get("source")) != _canonical(current["source"]):
         found.append(

@@ -294,8 +294,18 @@ def save_hf_checkpoint(
     hf_config["dtype"] = np.dtype(dtype).name
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
         json.dump(hf_config, f, indent=2, sort_keys=True)
-    if side_files_from and os.path.abspath(side_files_from) != os.path.abspath(directory):
+    if side_files_from:
+        copy_side_files(side_files_from, directory)
+
+
+def copy_side_files(source: str, directory: str) -> list[str]:
+    """Copies the ``SIDE_FILES`` (tokenizer, processor, generation settings) that ``source``
+    has into ``directory``; returns their names."""
+    copied = []
+    if os.path.abspath(source) != os.path.abspath(directory):
         for name in SIDE_FILES:
-            src = os.path.join(side_files_from, name)
+            src = os.path.join(source, name)
             if os.path.isfile(src):
                 shutil.copyfile(src, os.path.join(directory, name))
+                copied.append(name)
+    return copied

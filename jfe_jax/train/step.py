@@ -147,7 +147,7 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = dict(metrics)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["temperature"] = jnp.exp(-merge_params(trainable, state.frozen)["logit_scale"])
         new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
         return new_state, metrics

@@ -24,6 +24,7 @@ from etils import epath
 from flax import traverse_util
 from tqdm import tqdm
 
+from jfe_jax.data.item_format import ItemFormat
 from jfe_jax.encoder import EncoderOptions, dummy_batch
 from jfe_jax.models.axes import LOGICAL_RULES
 from jfe_jax.models.config import ModelConfig
@@ -175,12 +176,14 @@ def validate_config(config: ml_collections.ConfigDict) -> tuple[ModelConfig, jax
 def write_run_record(
     workdir: str, config: ml_collections.ConfigDict, model_config: ModelConfig, mesh
 ) -> None:
-    """config.json, model_config.json and run_info.json (versions, devices, mesh)."""
+    """config.json, model_config.json, jfe_item_format.json (what the model is fed: read back
+    by ``embedder_for`` and ``jfe convert``) and run_info.json (versions, devices, mesh)."""
     if jax.process_index() != 0:
         return
     root = epath.Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    ItemFormat.from_train_config(config, model_config.vision).save(workdir)
     (root / MODEL_CONFIG_FILE).write_text(
         json.dumps(model_config.to_hf_dict(), indent=2, sort_keys=True)
     )
