@@ -25,10 +25,14 @@ from jfe_jax.train.run_control import TrainingInterrupted
 def _convert(argv: Sequence[str]) -> int:
     parser = ArgumentParser(
         prog="jfe convert",
-        description="Read a Hugging Face Qwen2-VL directory (or a jfe-jax export) into JAX and "
-        "write it back in Hugging Face format, optionally in another dtype.",
+        description="Read a Hugging Face Qwen2-VL directory, a jfe-jax export or a jfe train "
+        "workdir (its latest checkpoint, LoRA merged) into JAX and write it in Hugging Face "
+        "format, optionally in another dtype, with the tokenizer, a preprocessor_config.json "
+        "and the item format (jfe_item_format.json) it was trained with.",
     )
-    parser.add_argument("--src", required=True, help="Hugging Face model directory to read")
+    parser.add_argument(
+        "--src", required=True, help="Hugging Face model directory or jfe train workdir to read"
+    )
     parser.add_argument("--dst", required=True, help="directory to write")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
@@ -36,12 +40,13 @@ def _convert(argv: Sequence[str]) -> int:
     from jfe_jax.encoder import Encoder
 
     encoder = Encoder.from_pretrained(args.src)
-    encoder.save_pretrained(args.dst, dtype=args.dtype)
+    item_format = encoder.save_pretrained(args.dst, dtype=args.dtype)
     cfg = encoder.config
     print(
         f"wrote {args.dst}: {encoder.num_params():,} backbone parameters in {args.dtype} "
         f"(text layers {cfg.text.num_layers}, vision blocks {cfg.vision.depth})"
     )
+    print(f"item format: {item_format.describe()}")
     return 0
 
 

@@ -100,9 +100,9 @@ GPU = Plan(
     repeats=5,
     train_size="2b",
     train_shape="",
-    train_batches="64,32,16",
+    train_batches="32,24,16",  # measured on an H100 80GB: 32 and 24 do not fit, 16 does
     train_steps=3,
-    deadline_s=400.0,
+    deadline_s=480.0,
 )
 SMOKE = dataclasses.replace(
     GPU,
