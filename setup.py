@@ -32,6 +32,7 @@ EXTRAS_REQUIRE = {
     "test": [
         "torch==2.13.0",
         "pytest>=8",
+        "pytest-xdist==3.8.0",
         "ruff==0.17.5",
         "faiss-cpu==1.15.1",
         "nbclient>=0.10",
