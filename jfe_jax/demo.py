@@ -72,6 +72,32 @@ def demo_configs(workdir: str, *, steps: int | None = None) -> tuple[Any, Any]:
     return stage1, stage2
 
 
+# Whole-demo seconds at the default steps against the machine's JAX float32 2048x2048 matmul
+# rate, fitted to two fresh runs: 422 s at about 450 GFLOP/s, 810 s at 212 GFLOP/s
+# (benchmarks/README.md, "Main job"): seconds = 76 + 155500 / GFLOP/s.
+_DEMO_FIXED_S, _DEMO_GFLOP = 76.0, 155_500.0
+_DEMO_DEFAULT_STEPS = 2700  # stage 1 + stage 2
+
+
+def estimate_demo_time(num_steps: dict[str, int]) -> float:
+    """Measures this machine's matmul rate, logs it with the demo's expected wall time, and
+    returns the rate in GFLOP/s."""
+    from jfe_jax.train.metrics import measured_cpu_peak
+
+    gflops = measured_cpu_peak() / 1e9
+    seconds = _DEMO_FIXED_S + _DEMO_GFLOP / gflops
+    # Training is about 90% of the demo and scales with the steps.
+    steps = sum(num_steps.values())
+    seconds = 0.1 * seconds + 0.9 * seconds * steps / _DEMO_DEFAULT_STEPS
+    log.info(
+        "demo: this machine's JAX float32 2048x2048 matmul runs at %.0f GFLOP/s; a fresh demo "
+        "takes about %.0f minutes here (7 at 450 GFLOP/s, 13.5 at 212)",
+        gflops,
+        seconds / 60,
+    )
+    return gflops
+
+
 def run_demo(
     workdir: str,
     *,
@@ -90,6 +116,7 @@ def run_demo(
     num_steps = {"stage1": stage1_config.train.num_steps, "stage2": stage2_config.train.num_steps}
     timings: dict[str, Any] = {}
     start_all = time.perf_counter()
+    matmul_gflops = estimate_demo_time(num_steps)
 
     def stage(name, fn):
         if _done(workdir, name, num_steps):
@@ -123,6 +150,7 @@ def run_demo(
     stage("eval", evaluate)
     table, extra = read_table_json(os.path.join(workdir, "eval", "results.json"))
     summary = {
+        "matmul_gflops": round(matmul_gflops, 1),
         "seconds": timings,
         "total_seconds": round(time.perf_counter() - start_all, 1),
         "average_headline_recall": table["average"],

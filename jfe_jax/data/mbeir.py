@@ -1,6 +1,6 @@
 """Reader for M-BEIR, UniIR's multimodal retrieval benchmark, in its on-disk layout.
 
-Layout under the root (see REFERENCE.md):
+Layout under the root (M-BEIR's own, as released with UniIR):
   query/{train,val,test,union_train,union_val}/mbeir_<dataset>_task<k>_<split>.jsonl
   cand_pool/local/mbeir_<task>[_<split>]_cand_pool.jsonl
   cand_pool/global/mbeir_union_<split>_cand_pool.jsonl
@@ -104,11 +104,6 @@ INSTRUCTION_MODES: tuple[str, ...] = ("fixed", "seeded")
 _TASK_NAME = re.compile(r"^([a-z0-9]+)_task(\d+)$")
 _QUERY_FILE = re.compile(r"^mbeir_([a-z0-9]+_task\d+)_([a-z_]+)\.jsonl$")
 _PROMPT_COLUMN = re.compile(r"^prompt_?(\d+)$")
-
-
-def task_name(dataset: str, task_id: int) -> str:
-    """Returns M-BEIR's name for a task, e.g. ("mscoco", 0) -> "mscoco_task0"."""
-    return f"{dataset}_task{task_id}"
 
 
 def parse_task_name(name: str) -> tuple[str, int]:
@@ -585,10 +580,6 @@ class MBEIR:
     def iter_local_pool(self, task: str, split: str = "test") -> Iterator[Candidate]:
         """Streams a task's own pool (see `local_pool_path`)."""
         return self.iter_candidates(self.local_pool_path(task, split))
-
-    def iter_global_pool(self, split: str = "test") -> Iterator[Candidate]:
-        """Streams the union pool of a split."""
-        return self.iter_candidates(self.global_pool_path(split))
 
     def read_pool(self, path: str | os.PathLike) -> dict[str, Candidate]:
         """A pool file as {did: Candidate}, in file order; a repeated did is a bad record."""

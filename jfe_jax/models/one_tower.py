@@ -32,11 +32,6 @@ def last_token_index(attention_mask: jax.Array) -> jax.Array:
     return jnp.stack([jnp.arange(batch), jnp.max(positions, axis=1)], axis=-1)
 
 
-def pool_last_token(hidden_states: jax.Array, attention_mask: jax.Array) -> jax.Array:
-    """Hidden state of each row's last real token (works for left and right padding)."""
-    return pool_at(hidden_states, last_token_index(attention_mask))
-
-
 def pool_at(hidden_states: jax.Array, pool_index: jax.Array) -> jax.Array:
     """Packed pooling: ``hidden_states [R, L, H]`` at ``pool_index [N, 2]`` (row, position)
     -> ``[N, H]``, one vector per item in item order."""

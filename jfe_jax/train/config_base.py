@@ -11,7 +11,7 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = "stage1"  # stage1: post-training adaptation on pairs; stage2: M-BEIR instructions
-    c.seed = 0  # data order; every other random choice derives from it with fold_in(seed, step)
+    c.seed = 0  # data order, seeded instructions, random init when init_from is empty
 
     c.model = ml_collections.ConfigDict()
     c.model.size = "tiny"  # a named size (tiny, small, 2b, 7b) used when init_from is empty

@@ -30,7 +30,7 @@ from etils import epath
 
 from jfe_jax.models.config import ModelConfig
 
-# Peak dense bf16 FLOP/s per chip (vendor figures; REFERENCE.md "TPU throughput anchors").
+# Peak dense bf16 FLOP/s per chip (the vendors' published figures for each TPU generation).
 PEAK_FLOPS = {
     "tpu v4": 275e12,
     "tpu v5 lite": 197e12,  # v5e
@@ -114,15 +114,6 @@ def _projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
         "up_proj": (t.hidden_size, t.intermediate_size),
         "down_proj": (t.intermediate_size, t.hidden_size),
     }
-
-
-def lora_forward_flops(
-    config: ModelConfig, rows: int, length: int, rank: int, targets: Sequence[str]
-) -> float:
-    """Matmul FLOPs of the decoder's LoRA adapters (x @ A @ B) on ``rows`` x ``length`` tokens."""
-    shapes = _projection_shapes(config)
-    per_token = sum(2 * rank * sum(shapes[name]) for name in targets)
-    return float(rows * length * config.text.num_layers * per_token)
 
 
 def _decoder_required(

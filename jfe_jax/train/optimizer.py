@@ -1,7 +1,8 @@
 """AdamW with warmup + cosine decay, clipping, weight-decay masks, lr groups and frozen params.
 
 Parameters are selected by their path string, the tree keys joined by "/" (for example
-``vision/blocks/attn/qkv/kernel`` or ``text/layers/mlp/up/lora_a``). Patterns are regular
+``vision/blocks_0/qkv/kernel`` or ``text/layers_0/up_proj/lora_a``; with scanned layers
+``text/layers/up_proj/lora_a``). Patterns are regular
 expressions matched anywhere in the path (``re.search``), so they work whether or not the tree
 still has its top-level ``params`` key.
 """
@@ -28,7 +29,7 @@ DEFAULT_GROUP = "default"
 
 
 def path_str(path: tuple[Any, ...]) -> str:
-    """A tree key path as a "/"-joined string, e.g. ``text/layers/attn/q/lora_a``."""
+    """A tree key path as a "/"-joined string, e.g. ``text/layers_0/q_proj/lora_a``."""
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
@@ -63,7 +64,7 @@ def trainable_mask(params: Any, mode: str, *, also_trainable: tuple[str, ...] = 
 
     Modes: ``full`` (everything), ``freeze_vision`` (everything outside ``vision/``), ``lora``
     (only path components starting with ``lora``). Paths matching a pattern in
-    ``also_trainable`` (e.g. ``"projection"``, ``"temperature"``) are trainable in any mode.
+    ``also_trainable`` (e.g. ``"projection"``, ``"logit_scale"``) are trainable in any mode.
     """
     if mode not in TRAINABLE_MODES:
         raise ValueError(f"unknown trainable mode {mode!r}; expected one of {TRAINABLE_MODES}")

@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 
+from jfe_jax.logs import tpu_present
 from jfe_jax.train.metrics import PEAK_FLOPS
 
 GIB = 2**30
@@ -34,8 +35,8 @@ GIB = 2**30
 class Generation:
     """What a TPU generation's chips offer and how its slices are named."""
 
-    peak_flops: float  # dense bf16 FLOP/s per chip (REFERENCE.md)
-    hbm_gib: float  # HBM per chip (REFERENCE.md)
+    peak_flops: float  # dense bf16 FLOP/s per chip (vendor figure)
+    hbm_gib: float  # HBM per chip (vendor figure)
     ici_gbps: float  # inter-chip interconnect per chip, all links (Cloud TPU docs)
     clock_hz: float  # peak / (2 x MXU multiply-adds per cycle)
     cores_in_name: int  # TensorCores per chip that the GEN-N accelerator type counts
@@ -121,6 +122,11 @@ class TpuTopology:
         # libtpu takes /tmp/libtpu_lockfile unless several processes may load it; a
         # compile-only topology opens no chip, so it must not wait for other JAX processes.
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        if not tpu_present():
+            # Without these, libtpu prints that it cannot find this host's TPU type and
+            # workers; they do not change the compile-only topology (same programs, tested).
+            os.environ.setdefault("TPU_ACCELERATOR_TYPE", self.accelerator_type)
+            os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
         try:
             devices = topologies.get_topology_desc(
                 platform="tpu", topology_name=self.libtpu_name, **kwargs
