@@ -5,16 +5,21 @@ BIN := $(VENV)/bin
 WORKDIR ?= workdir/demo
 LINT_PATHS := jfe_jax tests $(wildcard benchmarks/*.py benchmarks/device/*.py configs/*.py launch/*.py)
 
-.PHONY: venv demo test lint format
+.PHONY: venv venv-demo demo test lint format
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# Tests, lint and the TPU tools (libtpu for `jfe aot`).
 venv: $(BIN)/python
 	$(BIN)/pip install -q -e ".[test,tpu]"
 
-demo: venv
+# Only what the demo needs: the package and its dependencies.
+venv-demo: $(BIN)/python
+	$(BIN)/pip install -q -e .
+
+demo: venv-demo
 	$(BIN)/jfe demo --workdir $(WORKDIR)
 
 test: venv

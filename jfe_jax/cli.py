@@ -1,8 +1,10 @@
 """The ``jfe`` command.
 
-    jfe convert --src HF_DIR --dst OUT_DIR [--dtype bfloat16] [--check]
+    jfe [--debug] [--verbose] COMMAND [options]      jfe COMMAND --help      jfe --version
 
-Subcommands are registered in ``COMMANDS``; each has its own ``--help``.
+Subcommands are registered in ``COMMANDS``; each has its own ``--help``, which shows every
+option's default. Every command logs through ``jfe_jax.logs.setup_logging``: jfe-jax's INFO
+lines, other libraries' warnings (their INFO lines too with ``--verbose``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+import jfe_jax
 from jfe_jax.errors import (
     ArgumentParser,
     DropBackgroundTracebacks,
@@ -19,6 +22,7 @@ from jfe_jax.errors import (
     describe_error,
     positive_int,
 )
+from jfe_jax.logs import setup_logging
 from jfe_jax.train.run_control import TrainingInterrupted
 
 
@@ -34,7 +38,12 @@ def _convert(argv: Sequence[str]) -> int:
         "--src", required=True, help="Hugging Face model directory or jfe train workdir to read"
     )
     parser.add_argument("--dst", required=True, help="directory to write")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the written weights",
+    )
     args = parser.parse_args(argv)
 
     from jfe_jax.encoder import Encoder
@@ -131,23 +140,67 @@ def parse_config_flags(prog: str, argv: Sequence[str], *, extra: Sequence[str] =
     return values
 
 
+def config_files() -> list[str]:
+    """The config files a user can pass to ``--config``: ``configs/*.py`` of the working
+    directory, else of the source checkout next to the package."""
+    here = os.path.join(os.getcwd(), "configs")
+    beside = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    for directory in (here, beside):
+        if os.path.isdir(directory):
+            names = sorted(n for n in os.listdir(directory) if n.endswith(".py"))
+            rel = os.path.relpath(directory)
+            shown = rel if not rel.startswith("..") else directory
+            return [os.path.join(shown, n) for n in names if not n.startswith("_")]
+    return []
+
+
+def _summary_line(path: str) -> str:
+    """The first line of a config file's docstring ("" if it has none)."""
+    import ast
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = ast.get_docstring(ast.parse(f.read())) or ""
+    except (OSError, SyntaxError):
+        return ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def _train_help() -> str:
+    configs = config_files()
+    lines = [
+        "usage: jfe train --config configs/FILE.py --workdir DIR [--config.a.b=value ...]",
+        "",
+        "Runs (or resumes) a training stage (stage 1 or stage 2) from a config file.",
+        "",
+        "options:",
+        "  -h, --help            show this help message and exit",
+        "  --config FILE.py[:ARG]",
+        "                        ml_collections config file (its get_config(ARG)) (required)",
+        "  --workdir DIR         where checkpoints, metrics and the run record go; an existing",
+        "                        one is resumed from its latest checkpoint (required)",
+        "  --config.a.b=value    override one config field; every field, with its default and",
+        "                        comment, is in jfe_jax/train/config_base.py (default: none)",
+        "",
+        "configs:" if configs else "configs: none found (no configs/ folder here)",
+        *(f"  {path:26s}{_summary_line(path)}".rstrip() for path in configs),
+        "",
+        "SIGTERM or a first Ctrl-C saves a checkpoint after the current step and stops; "
+        "rerunning the same command resumes.",
+        f"Exit status: 0 finished; {EXIT_ERROR} bad config or input; {EXIT_INTERRUPTED} "
+        f"stopped by SIGTERM or Ctrl-C (checkpoint saved); {EXIT_ABORTED} a second Ctrl-C.",
+    ]
+    return "\n".join(lines)
+
+
 def _train(argv: Sequence[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
-        print(
-            "usage: jfe train --config configs/FILE.py --workdir DIR [--config.a.b=value ...]\n"
-            "Runs (or resumes) a training stage; see configs/ and jfe_jax/train/config_base.py.\n"
-            "SIGTERM or a first Ctrl-C saves a checkpoint after the current step and stops; "
-            "rerunning the same command resumes.\n"
-            f"Exit status: 0 finished; {EXIT_ERROR} bad config or input; {EXIT_INTERRUPTED} "
-            f"stopped by SIGTERM or Ctrl-C (checkpoint saved); {EXIT_ABORTED} a second Ctrl-C."
-        )
+        print(_train_help())
         return 0
     values = parse_config_flags("jfe train", argv)
-    import logging
 
     from jfe_jax.train.trainer import train
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     summary = train(values.config, values.workdir)
     print(
         f"finished step {summary.get('step')}: loss {summary.get('loss', float('nan')):.4f}, "
@@ -165,16 +218,14 @@ def _demo(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--workdir", required=True, help="where everything is written")
     parser.add_argument("--fresh", action="store_true", help="redo every stage")
-    parser.add_argument("--steps", type=positive_int, default=None, help="override steps per stage")
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="steps per stage; default: the configs'"
+    )
     args = parser.parse_args(argv)
-    import logging
 
     from jfe_jax.demo import run_demo
     from jfe_jax.eval.recall import format_task_table
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    for noisy in ("absl", "jax._src.xla_bridge", "tensorflow_datasets"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     results = run_demo(args.workdir, fresh=args.fresh, steps=args.steps)
     title = "JFE demo: synthetic M-BEIR test split, local pools (Recall, %)"
     print(format_task_table(results["table"], title=title))
@@ -204,17 +255,15 @@ def _experiment(argv: Sequence[str]) -> int:
         "model (same data, steps, tower) and compare them per task and per JFE group.",
         epilog=STOP_HELP,
     )
-    parser.add_argument("name", choices=["fusion"])
+    parser.add_argument("name", choices=["fusion"], help="the experiment")
     parser.add_argument("--workdir", required=True, help="a demo workdir (made if missing)")
-    parser.add_argument("--steps", type=positive_int, default=None, help="override steps per stage")
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="steps per stage; default: the configs'"
+    )
     args = parser.parse_args(argv)
-    import logging
 
     from jfe_jax.experiment import run_fusion_experiment
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    for noisy in ("absl", "jax._src.xla_bridge", "tensorflow_datasets"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     result = run_fusion_experiment(args.workdir, steps=args.steps)
     print("Headline recall (%), synthetic M-BEIR test split, local pools")
     print(result["table"])
@@ -275,16 +324,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or debug_enabled()
-    argv = [a for a in argv if a != "--debug"]
+    verbose = "--verbose" in argv
+    argv = [a for a in argv if a not in ("--debug", "--verbose")]
+    if argv and argv[0] == "--version":
+        print(f"jfe-jax {jfe_jax.__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = ["usage: jfe [--debug] COMMAND [options]", "", "commands:"]
+        lines = ["usage: jfe [--debug] [--verbose] COMMAND [options]", "", "commands:"]
         lines += [f"  {name:12s} {help_}" for name, (_, help_) in COMMANDS.items()]
-        lines += ["", "--debug (or JFE_DEBUG=1): show the traceback of a failure"]
+        lines += [
+            "",
+            "options:",
+            "  --debug       show the traceback of a failure (also JFE_DEBUG=1) (default: off)",
+            "  --verbose     other libraries' INFO lines too (Orbax, absl, JAX, TensorFlow "
+            "Datasets) (default: off)",
+            "  --version     print the version and exit",
+            "",
+            "jfe COMMAND --help: the command's options, each with its default",
+        ]
         print("\n".join(lines))
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\njfe: unknown command {argv[0]!r}", file=sys.stderr)
             return EXIT_ERROR
         return 0
+    setup_logging(verbose=verbose)
     command, _ = COMMANDS[argv[0]]
     background = DropBackgroundTracebacks()
     if not debug:

@@ -1,11 +1,17 @@
 """``Encoder``: the user-facing one-tower model (load, run, save).
 
     enc = Encoder.from_pretrained("/path/to/Qwen2-VL-2B-Instruct")
+    emb = enc.encode(texts=["a dog on a beach"])         # [1, D], unit norm
+    emb = enc.encode(images=["dog.jpg"], texts=["What breed is it?"],
+                     instruction="Retrieve the answer to the question about the image.")
     hidden = enc.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw)
     emb = enc.embed(input_ids, attention_mask, pixel_values, image_grid_thw)
     enc.save_pretrained("/path/to/out")  # transformers loads it
 
-The array arguments are exactly those of transformers' Qwen2-VL forward; outputs are numpy.
+``encode`` takes items (texts, images, or image + text pairs) and feeds them in the item
+format the model was trained with (``jfe_jax.index.embedder.embedder_for``). The array
+arguments of ``hidden_states`` and ``embed`` are exactly those of transformers' Qwen2-VL
+forward; outputs are numpy.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -22,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from PIL import Image
 
 from jfe_jax.data.image_processor import PREPROCESSOR_CONFIG
 from jfe_jax.data.item_format import ItemFormat
@@ -150,6 +157,7 @@ class Encoder:
         # (params, kind, path) of the files the params were loaded from; set by the loaders.
         self._loaded_from: tuple[Any, str, str] | None = None
         self._fingerprint: tuple[Any, str] | None = None  # (params it describes, fingerprint)
+        self._embedders: dict[Any, Any] = {}  # encode's ItemEmbedders, by (params, options)
 
         def embed(params, batch):
             self.trace_count += 1
@@ -360,6 +368,90 @@ class Encoder:
             batch = pack(batch, coarse=True)
         return np.asarray(self._embed(self.params, batch))
 
+    def encode(
+        self,
+        texts: str | Sequence[str] | None = None,
+        images: Any = None,
+        instruction: str | Sequence[str | None] | None = None,
+        *,
+        batch_size: int = 32,
+        **options: Any,
+    ) -> np.ndarray:
+        """Embeddings ``[n, D]`` (float32, unit norm) of ``n`` items, in order.
+
+        ``texts``: a list of strings; ``images``: a list of PIL images, uint8 arrays (H, W, C)
+        or image file paths. Give one of them for text-only or image-only items, or both, of
+        the same length, for image + text pairs (e.g. an image and a question about it).
+        ``instruction``: the task instruction prefixed to every item (a string), or one per
+        item (a list; None for none), as in stage-2 training's queries. A single string, image
+        or path is taken as a list of one.
+
+        Items are laid out in the item format the model was trained with (its
+        ``jfe_item_format.json``, a workdir's training config, or its
+        ``preprocessor_config.json``; see ``embedder_for``), and run data-parallel on this
+        host's devices, ``batch_size`` at a time. ``options``: ``embedder_for`` overrides
+        (``image_root``, ``pack_vision``, ``ItemFormat`` fields such as ``prompt``). The same
+        as ``embedder_for(encoder, ...).embed([Item(text, image, instruction), ...])``.
+        """
+        from jfe_jax.index.embedder import Item, embedder_for
+
+        texts = _as_list(texts, "texts", lambda x: isinstance(x, str))
+        images = _as_list(images, "images", _is_one_image)
+        if texts is None and images is None:
+            raise ValueError("encode needs texts=[...], images=[...] or both")
+        if texts is not None and images is not None and len(texts) != len(images):
+            raise ValueError(
+                f"got {len(texts)} texts and {len(images)} images; image + text pairs need "
+                "lists of the same length (or pass only one of them)"
+            )
+        n = len(texts if texts is not None else images)
+        if n == 0:
+            raise ValueError("encode got empty lists; expected at least one text or image")
+        if instruction is None or isinstance(instruction, str):
+            instructions = [instruction] * n
+        else:
+            instructions = list(instruction)
+            if len(instructions) != n:
+                raise ValueError(
+                    f"got {len(instructions)} instructions for {n} items; pass one string "
+                    "for all, or a list with one per item"
+                )
+        key = (id(self.params), batch_size, tuple(sorted((k, repr(v)) for k, v in options.items())))
+        cached = self._embedders.get(key)
+        if cached is None or cached[0] is not self.params:
+            self._embedders.clear()  # one live embedder: each holds a copy of the params
+            cached = (self.params, embedder_for(self, batch_size=batch_size, **options))
+            self._embedders[key] = cached
+        items = [
+            Item(
+                texts[i] if texts is not None else None,
+                images[i] if images is not None else None,
+                instructions[i],
+            )
+            for i in range(n)
+        ]
+        return cached[1].embed(items)
+
     def num_params(self, backbone_only: bool = True) -> int:
         tree = {k: self.params[k] for k in BACKBONE} if backbone_only else self.params
         return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _is_one_image(value: Any) -> bool:
+    """A single image rather than a list of them: a PIL image, a path, an (H, W[, C]) array."""
+    if isinstance(value, np.ndarray):
+        return value.ndim in (2, 3)
+    return isinstance(value, str | os.PathLike | Image.Image)
+
+
+def _as_list(value: Any, name: str, is_one) -> list | None:
+    """``value`` as a list (a single item wrapped); ValueError for what is not a sequence."""
+    if value is None:
+        return None
+    if is_one(value):
+        return [value]
+    if isinstance(value, np.ndarray) and value.ndim == 4:
+        return list(value)  # a stack of same-size images
+    if not isinstance(value, Sequence):
+        raise ValueError(f"{name} must be a list; got {type(value).__name__}")
+    return list(value)

@@ -96,10 +96,38 @@ class UsageError(ValueError):
     """A command line that does not parse (reported like any bad input: one line, exit 2)."""
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Help that shows every option's default: ``(default: X)``, ``(default: none)`` when it
+    is unset, ``(default: off)`` for a flag, or ``(required)``; a help text that names its
+    default itself (``default:`` or ``%(default)s``) is kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "%(default)" in text
+            or "default:" in text
+            or not action.option_strings
+            or action.default is argparse.SUPPRESS
+            or isinstance(action, argparse._HelpAction | argparse._VersionAction)
+        ):
+            return text
+        if action.required:
+            return f"{text} (required)".strip()
+        if isinstance(action, argparse._StoreConstAction):  # store_true / store_false
+            return f"{text} (default: off)".strip()
+        if action.default is None or action.default == "":
+            return f"{text} (default: none)".strip()
+        return f"{text} (default: %(default)s)".strip()
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors raise ``UsageError`` (one line pointing at ``--help``)
     instead of printing the usage and exiting, so ``jfe_jax.cli.main`` returns 2 for them as
-    for any other bad input."""
+    for any other bad input. Its help shows every option's default (``HelpFormatter``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise UsageError(f"{message} (see {self.prog} --help)")

@@ -26,10 +26,16 @@ SMALL = small_synthetic(("mscoco_task0",), test_queries_per_task=4)
 
 
 def error_line(capsys, command: str) -> str:
-    """The one line a failed command printed on stderr (beside progress bars, nothing)."""
+    """The one line a failed command printed on stderr (beside progress bars and jfe-jax's
+    INFO log lines, nothing)."""
     err = capsys.readouterr().err
     progress = re.compile(r"\[\d\d:\d\d")  # tqdm's elapsed time
-    lines = [line for line in err.splitlines() if line.strip() and not progress.search(line)]
+    info = re.compile(r"^[\d-]+ [\d:,]+ INFO \[jfe_jax\.")
+    lines = [
+        line
+        for line in err.splitlines()
+        if line.strip() and not progress.search(line) and not info.match(line)
+    ]
     assert len(lines) == 1, err
     assert lines[0].startswith(f"jfe {command}: error: "), err
     return lines[0]

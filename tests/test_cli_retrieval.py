@@ -8,6 +8,7 @@ import pytest
 from bench_fixtures import make_bench, small_synthetic, tiny_model
 
 from jfe_jax.cli import main
+from jfe_jax.data.mbeir import MBEIR
 from jfe_jax.index.exact import exact_search_numpy
 from jfe_jax.index.export import load_embeddings
 
@@ -64,6 +65,18 @@ def test_export_index_and_search_return_the_exact_top_k(setup, capsys):
     out = json.loads(capsys.readouterr().out)
     assert len(out["hits"]) == 3 and all(h["id"] in pool_ids for h in out["hits"])
     assert all(h["image"] and os.path.isfile(h["image"]) for h in out["hits"])
+
+    # --task: the task's instruction from the data, as evaluation prefixes it to its queries.
+    mbeir = MBEIR(root)
+    expected = mbeir.instruction_for(mbeir.read_queries("test", "mscoco_task0")[0])
+    query = ["search", "--model", model, "--index", index, "--text", "a red circle", "--json"]
+    assert main([*query, "--task", "mscoco_task0"]) == 0
+    by_task = json.loads(capsys.readouterr().out)
+    assert by_task["query"]["instruction"] == expected
+    assert main([*query, "--instruction", expected]) == 0
+    assert json.loads(capsys.readouterr().out)["hits"] == by_task["hits"]
+    assert main([*query, "--task", "cirr_task7"]) == 2  # an image + text task
+    assert "takes image,text queries" in capsys.readouterr().err
 
 
 def test_search_errors_are_clear(setup, capsys):
@@ -153,3 +166,11 @@ def test_eval_writes_table_json_and_plot(setup, capsys):
             assert len(f.readlines()) == detail["queries"] * 10
     assert os.path.getsize(os.path.join(out, "results.png")) > 1000
     assert np.isfinite(results["average"])
+
+    # jfe eval's (and so the demo's) indexes name their pool file: with the M-BEIR root,
+    # jfe search shows each hit's text and image, and --task takes the task's instruction.
+    index = os.path.join(out, "index", "mbeir_mscoco_task0_test_cand_pool")
+    query = ["--model", model, "--index", index, "--mbeir-root", root, "--json", "-k", "2"]
+    assert main(["search", *query, "--task", "mscoco_task0", "--text", "a red circle"]) == 0
+    hits = json.loads(capsys.readouterr().out)["hits"]
+    assert len(hits) == 2 and all(h["image"] and os.path.isfile(h["image"]) for h in hits)

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 
 import jax
@@ -39,9 +40,16 @@ def setup(tmp_path_factory):
 
 
 def _error_line(capsys) -> str:
+    """The one line a failed command printed on stderr, beside progress bars and jfe-jax's
+    INFO log lines."""
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    return err
+    progress = re.compile(r"\[\d\d:\d\d")  # tqdm's elapsed time
+    info = re.compile(r"^[\d-]+ [\d:,]+ INFO \[jfe_jax\.")
+    lines = [
+        line for line in err.splitlines() if not progress.search(line) and not info.match(line)
+    ]
+    assert len(lines) == 1, err
+    return lines[0]
 
 
 # ------------------------------------------------------------------------------ fingerprints

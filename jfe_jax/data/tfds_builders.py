@@ -626,6 +626,8 @@ def build_dataset(
         download_config = tfds.download.DownloadConfig(
             manual_dir=os.fspath(manual_dir) if manual_dir is not None else None
         )
+        if not logging.getLogger("tensorflow_datasets").isEnabledFor(logging.INFO):
+            tfds.disable_progress_bar()  # quiet unless `jfe --verbose`: only our lines
         builder.download_and_prepare(download_config=download_config)
         write_sources(builder.data_path, settings, files, builder.source_images)
     return builder

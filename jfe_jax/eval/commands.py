@@ -17,12 +17,22 @@ def eval_main(argv: Sequence[str]) -> int:
         "it; deterministic instructions.",
     )
     parser.add_argument("--model", required=True, help="jfe train workdir or HF Qwen2-VL dir")
-    parser.add_argument("--mbeir-root", required=True)
+    parser.add_argument("--mbeir-root", required=True, help="M-BEIR-layout directory")
     parser.add_argument("--out", required=True, help="output directory (embeddings are cached)")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default="test", help="M-BEIR split")
     parser.add_argument("--tasks", default="", help="comma-separated; default: all in the split")
-    parser.add_argument("--pool", default="local", choices=["local", "global"])
-    parser.add_argument("--instruction-mode", default="fixed", choices=["fixed", "seeded"])
+    parser.add_argument(
+        "--pool",
+        default="local",
+        choices=["local", "global"],
+        help="candidates: each task's own pool, or the union of all",
+    )
+    parser.add_argument(
+        "--instruction-mode",
+        default="fixed",
+        choices=["fixed", "seeded"],
+        help="each query's instruction: the task's first (fixed) or one drawn per query (seeded)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of seeded instructions")
     parser.add_argument(
         "--ks",
@@ -37,8 +47,8 @@ def eval_main(argv: Sequence[str]) -> int:
         help="the ScaNN index searched beside exact search, for its agreement (the reported "
         "numbers are always exact); none: no ScaNN index (default: %(default)s)",
     )
-    parser.add_argument("--batch-size", type=positive_int, default=64)
-    parser.add_argument("--label", default="JFE")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="rows per step")
+    parser.add_argument("--label", default="JFE", help="the model's name in the table and plot")
     parser.add_argument(
         "--no-overwrite",
         dest="overwrite",

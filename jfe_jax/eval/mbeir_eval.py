@@ -199,6 +199,8 @@ def evaluate_mbeir(
                     metadata={
                         **{key: export[key] for key in (*RECORD_KEYS, "source")},
                         "pool": pool_path.name,
+                        # what `jfe search` needs to show each hit's text and image
+                        "mbeir_root": str(mbeir.root),
                     },
                     overwrite=overwrite,
                 )

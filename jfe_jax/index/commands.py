@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from jfe_jax.errors import ArgumentParser, positive_int
-
-
-def _log_our_info() -> None:
-    """jfe-jax's INFO lines (e.g. the item format a model is fed) on stderr; other libraries
-    stay at WARNING."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("jfe_jax").setLevel(logging.INFO)
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -34,12 +26,15 @@ def export_main(argv: Sequence[str]) -> int:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--pool", help="a task's local pool (e.g. mscoco_task0) or 'global'")
     what.add_argument("--queries", help="a task whose queries to embed (with instructions)")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default="test", help="M-BEIR split")
     parser.add_argument("--out", required=True, help="export directory")
+    parser.add_argument("--shard-size", type=positive_int, default=4096, help="items per shard")
     parser.add_argument(
-        "--shard-size", type=positive_int, default=4096, help="items per shard (default 4096)"
+        "--instruction-mode",
+        default="fixed",
+        choices=["fixed", "seeded"],
+        help="each query's instruction: the task's first (fixed) or one drawn per query (seeded)",
     )
-    parser.add_argument("--instruction-mode", default="fixed", choices=["fixed", "seeded"])
     parser.add_argument("--seed", type=int, default=0, help="seed of seeded instructions")
     parser.add_argument(
         "--no-overwrite",
@@ -55,7 +50,6 @@ def export_main(argv: Sequence[str]) -> int:
     from jfe_jax.index.embedder import Item, embedder_for
     from jfe_jax.index.export import export_embeddings, file_source
 
-    _log_our_info()
     mbeir = MBEIR(args.mbeir_root)
     embedder = embedder_for(args.model, batch_size=args.batch_size, image_root=args.mbeir_root)
     if args.pool:
@@ -100,8 +94,16 @@ def export_main(argv: Sequence[str]) -> int:
 
 
 def index_main(argv: Sequence[str]) -> int:
+    usage = (
+        "usage: jfe index {build,search} ...\n\n"
+        "  build    build a ScaNN index from `jfe export` shards (jfe index build --help)\n"
+        "  search   search it with exported queries (jfe index search --help)"
+    )
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
     if not argv or argv[0] not in ("build", "search"):
-        print("usage: jfe index {build,search} ...  (see jfe index build --help)", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     return _index_build(argv[1:]) if argv[0] == "build" else _index_search(argv[1:])
 
@@ -113,11 +115,28 @@ def _index_build(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--embeddings", required=True, help="export directory of the pool")
     parser.add_argument("--out", required=True, help="index directory to write")
-    parser.add_argument("--mode", default="auto", choices=["auto", "brute_force", "ah", "tree_ah"])
-    parser.add_argument("--num-leaves", type=int)
-    parser.add_argument("--num-leaves-to-search", type=int)
-    parser.add_argument("--training-sample-size", type=int)
-    parser.add_argument("--reorder-k", type=int)
+    parser.add_argument(
+        "--mode",
+        default="auto",
+        choices=["auto", "brute_force", "ah", "tree_ah"],
+        help="ScaNN searcher; auto: brute force for small pools, tree + AH for large ones",
+    )
+    parser.add_argument(
+        "--num-leaves", type=int, help="tree_ah partitions; default: chosen from the pool size"
+    )
+    parser.add_argument(
+        "--num-leaves-to-search",
+        type=int,
+        help="partitions searched per query; default: chosen from the pool size",
+    )
+    parser.add_argument(
+        "--training-sample-size",
+        type=int,
+        help="embeddings the partitioner is trained on; default: chosen from the pool size",
+    )
+    parser.add_argument(
+        "--reorder-k", type=int, help="candidates rescored exactly; default: chosen by mode"
+    )
     args = parser.parse_args(argv)
 
     from jfe_jax.index.export import load_embeddings
@@ -149,9 +168,9 @@ def _index_search(argv: Sequence[str]) -> int:
     parser = ArgumentParser(
         prog="jfe index search", description="Search an index with exported query embeddings."
     )
-    parser.add_argument("--index", required=True)
+    parser.add_argument("--index", required=True, help="index directory (jfe index build)")
     parser.add_argument("--queries", required=True, help="export directory of the queries")
-    parser.add_argument("-k", type=positive_int, default=10)
+    parser.add_argument("-k", type=positive_int, default=10, help="hits per query")
     parser.add_argument("--out", required=True, help="JSON lines: qid, ids, scores")
     args = parser.parse_args(argv)
 
@@ -185,11 +204,22 @@ def search_main(argv: Sequence[str]) -> int:
         description="Search an index with a text, an image, or both (and an instruction).",
     )
     _model_args(parser)
-    parser.add_argument("--index", required=True)
-    parser.add_argument("--text")
+    parser.add_argument("--index", required=True, help="index directory (jfe index build)")
+    parser.add_argument("--text", help="query text")
     parser.add_argument("--image", help="path of a query image")
-    parser.add_argument("--instruction", help="task instruction prefixed to the query")
-    parser.add_argument("-k", type=positive_int, default=5)
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--instruction", help="task instruction prefixed to the query")
+    how.add_argument(
+        "--task",
+        help="an M-BEIR task (e.g. mscoco_task0) whose instruction, from "
+        "the data's instructions file, is prefixed to the query as in evaluation",
+    )
+    parser.add_argument(
+        "--mbeir-root",
+        help="M-BEIR-layout directory: the instructions for --task, the hits' texts and "
+        "images; default: the one the index was built from",
+    )
+    parser.add_argument("-k", type=positive_int, default=5, help="hits to show")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     if not args.text and not args.image:
@@ -200,34 +230,77 @@ def search_main(argv: Sequence[str]) -> int:
     from jfe_jax.index.identity import check_index_model, model_identity
     from jfe_jax.index.scann_index import Index
 
-    _log_our_info()
     embedder = embedder_for(args.model, batch_size=args.batch_size)
     index = Index.load(args.index, expect={"dim": embedder.dim})
     check_index_model(index.metadata, model_identity(embedder), args.index, this="--model has")
+    meta = index.metadata.get("user", {})
+    instruction = args.instruction
+    if args.task is not None:
+        root = args.mbeir_root or meta.get("mbeir_root")
+        if not root:
+            raise ValueError(
+                f"--task {args.task} needs --mbeir-root: the index {args.index} names no M-BEIR "
+                "directory"
+            )
+        instruction = task_instruction(MBEIR(root), args.task, args.text, args.image)
+        args.instruction = instruction
     query = embedder.embed(
-        [Item(args.text, args.image and os.path.abspath(args.image), args.instruction)]
+        [Item(args.text, args.image and os.path.abspath(args.image), instruction)]
     )
     ids, scores = index.search(query, args.k)
     hits = [
         {"rank": r + 1, "id": str(i), "score": float(s)}
         for r, (i, s) in enumerate(zip(ids[0], scores[0]))
     ]
-    meta = index.metadata.get("user", {})
-    if meta.get("mbeir_root") and meta.get("pool"):
+    root = args.mbeir_root or meta.get("mbeir_root")
+    pool = root and meta.get("pool") and _pool_file(MBEIR(root), meta["pool"])
+    if pool:  # the hits' text and image, from the pool the index was built from
         wanted = {h["id"] for h in hits}
-        mbeir = MBEIR(meta["mbeir_root"])
-        found = {c.did: c for c in mbeir.iter_candidates(meta["pool"]) if c.did in wanted}
+        found = {c.did: c for c in MBEIR(root).iter_candidates(pool) if c.did in wanted}
         for h in hits:
             c = found.get(h["id"])
             h["text"] = c.text if c else None
-            h["image"] = (
-                os.path.join(meta["mbeir_root"], c.image_path) if c and c.image_path else None
-            )
+            h["image"] = os.path.join(root, c.image_path) if c and c.image_path else None
     if args.json:
         print(json.dumps({"query": vars(args) | {"model": args.model}, "hits": hits}, indent=2))
         return 0
+    if instruction:
+        print(f"instruction: {instruction}")
     print(f"{'rank':>4}  {'score':>7}  {'id':<14} text / image")
     for h in hits:
         detail = " | ".join(x for x in (h.get("text"), h.get("image")) if x)
         print(f"{h['rank']:>4}  {h['score']:>7.4f}  {h['id']:<14} {detail}")
     return 0
+
+
+def _pool_file(mbeir, pool: str) -> str | None:
+    """The pool file an index names: a path under the M-BEIR root (``jfe export``'s indexes),
+    or a file name in its local or global pool folder (``jfe eval``'s); None if absent."""
+    for candidate in (pool, f"cand_pool/local/{pool}", f"cand_pool/global/{pool}"):
+        if (mbeir.root / candidate).is_file():
+            return candidate
+    return None
+
+
+def task_instruction(mbeir, task: str, text: str | None, image: str | None) -> str:
+    """The instruction a query of M-BEIR task ``task`` gets in evaluation (the fixed one: its
+    first prompt), read from ``mbeir``'s instructions file for the task's dataset and
+    modalities; ValueError when the task has no queries there or the query's modality is
+    not the task's."""
+    from jfe_jax.data.mbeir import parse_task_name
+
+    parse_task_name(task)
+    for split in ("test", "val", "train"):
+        if task in mbeir.tasks(split):
+            query = next(iter(mbeir.iter_queries(split, task)), None)
+            if query is not None:
+                break
+    else:
+        raise ValueError(f"task {task} has no queries in {mbeir.root}/query; see jfe eval's tasks")
+    given = "image,text" if text and image else ("image" if image else "text")
+    if given != query.modality:
+        raise ValueError(
+            f"task {task} takes {query.modality} queries; this query is {given} "
+            "(use --instruction for another kind)"
+        )
+    return mbeir.instruction_for(query)

@@ -30,11 +30,11 @@ from typing import Any
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from jfe_jax.index.embedder import Item, ItemEmbedder
 from jfe_jax.index.identity import EXPORT_KEYS, mismatch, model_identity
 from jfe_jax.models.fingerprint import hash_file
+from jfe_jax.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def export_embeddings(
         process_count=process_count,
     )
     written, skipped, count, seen_ids = [], [], 0, set()
-    bar = tqdm(
+    bar = progress_bar(
         total=total, desc=f"export {os.path.basename(out_dir)}", unit="item", disable=not progress
     )
     for shard, chunk in _shard_chunks(records, shard_size):

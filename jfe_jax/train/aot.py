@@ -495,7 +495,9 @@ def aot_main(argv: Sequence[str]) -> int:
         help="v5p-128, v5e-256, v4-16, v6e-16 (v4/v5p-N count TensorCores, v5e/v6e-N chips) "
         "or v5p:4x4x4, v5e:16x16 (chips per axis)",
     )
-    parser.add_argument("--batch-shape", default="", help="L=512,P=1024 (also QP=, CP=)")
+    parser.add_argument(
+        "--batch-shape", default="", help="L=512,P=1024 (also QP=, CP=); default: the config's"
+    )
     parser.add_argument("--programs", default=",".join(PROGRAMS), help="train,export")
     parser.add_argument("--json", default="", help="also write the numbers to this file")
     try:

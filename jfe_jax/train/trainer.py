@@ -22,7 +22,6 @@ import numpy as np
 import optax
 from etils import epath
 from flax import traverse_util
-from tqdm import tqdm
 
 from jfe_jax.data.item_format import ItemFormat
 from jfe_jax.encoder import EncoderOptions, dummy_batch
@@ -32,6 +31,7 @@ from jfe_jax.models.hf_io import load_hf_params
 from jfe_jax.models.padding import padding_counts
 from jfe_jax.models.sizes import get_size
 from jfe_jax.paths import absolute, absolute_config_paths
+from jfe_jax.progress import progress_bar
 from jfe_jax.train import checkpoint as ckpt
 from jfe_jax.train import mesh as mesh_lib
 from jfe_jax.train.metrics import MetricWriter, peak_flops, reduce_metrics, train_step_flops
@@ -319,6 +319,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict
 def _train_locked(config, workdir, model_config, mesh, data) -> dict[str, Any]:
     """``train`` once this run holds the workdir."""
     write_run_record(workdir, config, model_config, mesh)
+    log.info(
+        "mesh: %s over %d devices (%s) in %d processes",
+        " x ".join(f"{name}={size}" for name, size in mesh.shape.items()),
+        mesh.devices.size,
+        mesh.devices.flat[0].device_kind,
+        jax.process_count(),
+    )
     options = encoder_options(config)
     module = options.module(model_config)
 
@@ -414,7 +421,7 @@ def _train_locked(config, workdir, model_config, mesh, data) -> dict[str, Any]:
     pending: list[tuple[int, Any]] = []
     window_start, window_examples, window_tokens, window_flops = time.perf_counter(), 0, 0, 0.0
     window_padding: dict[str, int] = {}
-    bar = tqdm(
+    bar = progress_bar(
         total=total_steps,
         initial=start_step,
         desc=f"{config.stage}",

@@ -25,8 +25,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from jfe_jax.data.mbeir import (
     DATASET_IDS,
     DATASET_NAMES,
@@ -39,6 +37,7 @@ from jfe_jax.data.synthetic.builder import SPLITS, BenchmarkBuilder
 from jfe_jax.data.synthetic.tasks import TASK_BUILDERS
 from jfe_jax.data.synthetic.world import derive_seed
 from jfe_jax.data.tokenizer import build_tokenizer
+from jfe_jax.progress import progress_bar
 
 VERSION = 1
 MANIFEST_FILE = "synthetic_manifest.json"
@@ -330,7 +329,7 @@ def generate(
         jitter=config.jitter,
     )
     steps = [(task, split) for split in SPLITS for task in config.tasks]
-    with tqdm(total=len(steps) + 3, desc="synthetic M-BEIR", disable=not progress) as bar:
+    with progress_bar(total=len(steps) + 3, desc="synthetic M-BEIR", disable=not progress) as bar:
         for task, split in steps:
             bar.set_postfix_str(f"{task} {split}")
             rng = random.Random(derive_seed(config.seed, "queries", task, split))
