@@ -501,7 +501,7 @@ def train_step(plan: Plan, batches: list, peak: float, report: Report) -> dict:
         train_step_flops,
         train_step_required_flops,
     )
-    from jfe_jax.train.step import TrainState, make_train_step, split_params
+    from jfe_jax.train.step import TrainState, jit_train_step, split_params
     from jfe_jax.train.trainer import abstract_state, build_optimizer, encoder_options
 
     overrides = ["--config.mesh.fsdp=1", "--config.mesh.data=-1"]
@@ -555,20 +555,7 @@ def train_step(plan: Plan, batches: list, peak: float, report: Report) -> dict:
         if got != jax.tree_util.tree_map(lambda s: (s.shape, str(s.dtype)), want):
             raise ValueError(f"batch layout differs from jfe aot's: {got} vs {want}")
         batch = jax.device_put(host, batch_sharding)
-        step = make_train_step(
-            module,
-            optimizer,
-            learn_temperature=config.model.learn_temperature,
-            symmetric=config.loss.symmetric,
-            mask_false_negatives=config.loss.mask_false_negatives,
-            grad_cache_chunk=chunk,
-        )
-        jitted = jax.jit(
-            step,
-            in_shardings=(shardings, batch_sharding),
-            out_shardings=(shardings, mesh_lib.replicated_sharding(mesh)),
-            donate_argnums=0,
-        )
+        jitted = jit_train_step(module, optimizer, config, shardings, mesh)
         print(f"  batch {rows}, chunk {chunk}: compiling", flush=True)
         try:
             start = time.perf_counter()

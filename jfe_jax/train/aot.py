@@ -8,7 +8,7 @@ slice (``jfe_jax.train.topology``, which also documents the names: v4/v5p-N coun
 TensorCores, v5e/v6e-N chips). Two programs are lowered with abstract inputs and compiled by
 the TPU compiler:
 
-* ``train``: the trainer's jitted step (``make_train_step``), traced as ``trainer.train``
+* ``train``: the trainer's jitted step (``step.jit_train_step``), traced as ``trainer.train``
   traces it, with the config's mesh resolved against the slice's chip count, the state in its
   training shardings and donated, and the data pipeline's batch of ``data.global_batch_size``
   rows at the largest length bucket and the config's patch budgets (hard negatives included);
@@ -68,7 +68,7 @@ from jfe_jax.train.metrics import (
     train_step_flops,
     train_step_required_flops,
 )
-from jfe_jax.train.step import make_train_step, merge_params
+from jfe_jax.train.step import jit_train_step, merge_params
 from jfe_jax.train.topology import GIB, TpuTopology, parse_topology, require_libtpu
 from jfe_jax.train.trainer import (
     abstract_state,
@@ -325,20 +325,7 @@ def estimate(
         state = jax.tree_util.tree_map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
         )
-        step = make_train_step(
-            module,
-            optimizer,
-            learn_temperature=config.model.learn_temperature,
-            symmetric=config.loss.symmetric,
-            mask_false_negatives=config.loss.mask_false_negatives,
-            grad_cache_chunk=chunk,
-        )
-        jitted = jax.jit(
-            step,
-            in_shardings=(shardings, batch_sharding),
-            out_shardings=(shardings, mesh_lib.replicated_sharding(mesh)),
-            donate_argnums=0,
-        )
+        jitted = jit_train_step(module, optimizer, config, shardings, mesh)
         with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
             lowered = jitted.lower(state, batch)
         required = train_step_required_flops(

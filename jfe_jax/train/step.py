@@ -153,3 +153,32 @@ def make_train_step(
         return new_state, metrics
 
     return step
+
+
+def jit_train_step(
+    module: flax.linen.Module,
+    optimizer: optax.GradientTransformation,
+    config: Any,
+    shardings: Any,
+    mesh: jax.sharding.Mesh,
+) -> Any:
+    """The trainer's jitted step for a training ``config`` (loss options and
+    ``train.grad_cache_chunk`` from it): state sharded by ``shardings`` and donated, the batch
+    split over the mesh's data axes, metrics replicated. ``train()``, ``jfe aot`` and the
+    device benchmark all compile this one."""
+    from jfe_jax.train import mesh as mesh_lib
+
+    step = make_train_step(
+        module,
+        optimizer,
+        learn_temperature=config.model.learn_temperature,
+        symmetric=config.loss.symmetric,
+        mask_false_negatives=config.loss.mask_false_negatives,
+        grad_cache_chunk=config.train.grad_cache_chunk,
+    )
+    return jax.jit(
+        step,
+        in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
+        out_shardings=(shardings, mesh_lib.replicated_sharding(mesh)),
+        donate_argnums=0,
+    )

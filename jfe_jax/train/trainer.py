@@ -37,7 +37,7 @@ from jfe_jax.train import mesh as mesh_lib
 from jfe_jax.train.metrics import MetricWriter, peak_flops, reduce_metrics, train_step_flops
 from jfe_jax.train.optimizer import make_optimizer, make_schedule, trainable_mask
 from jfe_jax.train.run_control import SUMMARY_FILE, TrainingInterrupted, lock_workdir
-from jfe_jax.train.step import TrainState, make_train_step, merge_params, split_params
+from jfe_jax.train.step import TrainState, jit_train_step, merge_params, split_params
 
 log = logging.getLogger(__name__)
 
@@ -372,21 +372,7 @@ def _train_locked(config, workdir, model_config, mesh, data) -> dict[str, Any]:
     log.info("initial weights: %s", origin)
 
     # ---------------------------------------------------------------- compile
-    step_fn = make_train_step(
-        module,
-        optimizer,
-        learn_temperature=config.model.learn_temperature,
-        symmetric=config.loss.symmetric,
-        mask_false_negatives=config.loss.mask_false_negatives,
-        grad_cache_chunk=config.train.grad_cache_chunk,
-    )
-    batch_sharding = mesh_lib.batch_sharding(mesh)
-    jitted = jax.jit(
-        step_fn,
-        in_shardings=(shardings, batch_sharding),
-        out_shardings=(shardings, mesh_lib.replicated_sharding(mesh)),
-        donate_argnums=0,
-    )
+    jitted = jit_train_step(module, optimizer, config, shardings, mesh)
     compiled: dict[Any, Any] = {}
     peak, peak_source = peak_flops()
 
