@@ -5,7 +5,7 @@ state) it builds the real train step (``make_train_step`` with ``make_optimizer`
 warmup + cosine, clipping, weight decay; every parameter trained but the fixed temperature),
 feeds a ToyPairs batch (query: text only; candidate: every other row carries a 4x4-patch image)
 and times whole steps.
-Model FLOPs per step come from ``jfe_jax.train.metrics.train_step_flops`` (3 x forward, every
+Model FLOPs per step come from ``jfe_jax.models.flops.train_step_flops`` (3 x forward, every
 side, padded shapes; remat recomputation not counted), so FLOP/s = model FLOPs / step time.
 They count the full model: every query against every key, the last layer at every position.
 The step does less (causal attention in query blocks; with unrolled layers the last layer's
@@ -42,12 +42,13 @@ from train_fixtures import ToyPairs  # noqa: E402
 
 from jfe_jax.encoder import EncoderOptions, init_params  # noqa: E402
 from jfe_jax.models import layers  # noqa: E402
+from jfe_jax.models.flops import train_step_flops  # noqa: E402
 from jfe_jax.models.padding import padding_report  # noqa: E402
 from jfe_jax.models.sizes import get_size  # noqa: E402
 from jfe_jax.train.hlo_cost import hlo_costs  # noqa: E402
-from jfe_jax.train.metrics import time_matmul, train_step_flops  # noqa: E402
 from jfe_jax.train.optimizer import make_optimizer  # noqa: E402
 from jfe_jax.train.step import TrainState, make_train_step  # noqa: E402
+from jfe_jax.train.topology import time_matmul  # noqa: E402
 
 DEFAULT_CONFIGS = (
     "16x32,16x64,32x64,32x128,32x128:dot_product_attention,32x128:scan,32x128:remat,32x128:nodonate"

@@ -82,7 +82,7 @@ _DEMO_DEFAULT_STEPS = 2700  # stage 1 + stage 2
 def estimate_demo_time(num_steps: dict[str, int]) -> float:
     """Measures this machine's matmul rate, logs it with the demo's expected wall time, and
     returns the rate in GFLOP/s."""
-    from jfe_jax.train.metrics import measured_cpu_peak
+    from jfe_jax.train.topology import measured_cpu_peak
 
     gflops = measured_cpu_peak() / 1e9
     seconds = _DEMO_FIXED_S + _DEMO_GFLOP / gflops

@@ -35,9 +35,8 @@ from jfe_jax.data.item_format import ItemFormat
 from jfe_jax.models import fingerprint as fingerprint_lib
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.hf_io import copy_side_files, load_hf_params, save_hf_checkpoint
-from jfe_jax.models.inputs import prepare_batch
-from jfe_jax.models.language import LORA_TARGETS_ALL
-from jfe_jax.models.one_tower import OneTowerEncoder
+from jfe_jax.models.inputs import dummy_batch, prepare_batch
+from jfe_jax.models.one_tower import EncoderOptions, OneTowerEncoder, _dtype
 from jfe_jax.models.safetensors_io import SafetensorsFile, _write_file
 from jfe_jax.paths import absolute
 
@@ -48,55 +47,6 @@ BACKBONE = ("vision", "text")
 
 # Options that do not change what the model computes, left out of its fingerprint.
 _LAYOUT_OPTIONS = ("scan_layers", "remat", "temperature")
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def _dtype(name: str | Any) -> Any:
-    if isinstance(name, str):
-        if name not in _DTYPES:
-            raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
-        return _DTYPES[name]
-    return name
-
-
-@dataclasses.dataclass(frozen=True)
-class EncoderOptions:
-    """How the backbone is run and what sits on top of it (see ``OneTowerEncoder``)."""
-
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    scan_layers: bool = False
-    remat: str = "none"
-    lora_rank: int = 0
-    lora_alpha: float = 0.0
-    lora_targets: tuple[str, ...] = LORA_TARGETS_ALL
-    projection_dim: int = 0
-    temperature: float = 0.05
-
-    def module(self, config: ModelConfig) -> OneTowerEncoder:
-        return OneTowerEncoder(
-            config,
-            dtype=_dtype(self.dtype),
-            param_dtype=_dtype(self.param_dtype),
-            scan_layers=self.scan_layers,
-            remat=self.remat,
-            lora_rank=self.lora_rank,
-            lora_alpha=self.lora_alpha,
-            lora_targets=tuple(self.lora_targets),
-            projection_dim=self.projection_dim,
-            temperature=self.temperature,
-        )
-
-
-def dummy_batch(config: ModelConfig, batch: int = 1, length: int = 8) -> dict[str, np.ndarray]:
-    """A smallest valid batch with one image, for init and shape inference."""
-    merge = config.vision.spatial_merge_size
-    ids = np.zeros((batch, length), dtype=np.int32)
-    ids[:, 1] = config.image_token_id
-    grids = np.array([[1, merge, merge]] * batch)
-    pixels = np.zeros((batch * merge * merge, config.vision.patch_dim), dtype=np.float32)
-    return prepare_batch(config, ids, None, pixels, grids)
 
 
 def init_params(module: OneTowerEncoder, rng: jax.Array, *, keep=None):
@@ -234,8 +184,8 @@ class Encoder:
         """Loads the latest (or ``step``) checkpoint of a ``jfe train`` workdir."""
         import ml_collections
 
-        from jfe_jax.train.checkpoint import read_run_config, restore_params
-        from jfe_jax.train.trainer import encoder_options, load_model_config
+        from jfe_jax.train.checkpoint import load_model_config, read_run_config, restore_params
+        from jfe_jax.train.setup import encoder_options
 
         workdir = absolute(workdir)
         config = load_model_config(workdir)

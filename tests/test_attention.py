@@ -7,11 +7,10 @@ import pytest
 from hf_reference import make_inputs
 
 from jfe_jax.encoder import Encoder
-from jfe_jax.models import layers
+from jfe_jax.models import flops, layers
 from jfe_jax.models.inputs import prepare_batch
 from jfe_jax.models.padding import padding_report
 from jfe_jax.models.sizes import get_size
-from jfe_jax.train import metrics
 
 ATOL = 1e-5  # float32 against float64, inputs of unit scale
 IMPLS = layers.ATTENTION_IMPLS
@@ -267,11 +266,11 @@ def test_padding_report_matches_hand_counts():
     assert report["vision_attention_padding"] == pytest.approx((288 - (64 + 64)) / 288)
     # Row 1's two images: 8 real patches, 4 x 4 + 4 x 4 same-image pairs of its 64.
     assert report["vision_attention_cross_image"] == pytest.approx((64 - 32) / 288)
-    padded = metrics.text_forward_flops(config, 2, 8) + metrics.vision_forward_flops(config, 2, 12)
+    padded = flops.text_forward_flops(config, 2, 8) + flops.vision_forward_flops(config, 2, 12)
     real = (
-        metrics.text_forward_flops(config, 1, 6)
-        + metrics.text_forward_flops(config, 1, 8)
-        + 2 * metrics.vision_forward_flops(config, 1, 8)
+        flops.text_forward_flops(config, 1, 6)
+        + flops.text_forward_flops(config, 1, 8)
+        + 2 * flops.vision_forward_flops(config, 1, 8)
     )
     assert report["flops_padding"] == pytest.approx(1 - real / padded)
 

@@ -20,9 +20,8 @@ from jfe_jax.index.embedder import Item, embedder_for
 from jfe_jax.index.export import IDENTITY_FILE, export_embeddings, load_embeddings
 from jfe_jax.models.fingerprint import short
 from jfe_jax.models.sizes import get_size
-from jfe_jax.train.checkpoint import Checkpointer
+from jfe_jax.train.checkpoint import MODEL_CONFIG_FILE, Checkpointer
 from jfe_jax.train.config_base import base_config
-from jfe_jax.train.trainer import MODEL_CONFIG_FILE
 
 TASK = "mscoco_task0"
 POOL = "mbeir_mscoco_task0_test_cand_pool"

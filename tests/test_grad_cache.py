@@ -185,7 +185,8 @@ def encoder_setup():
     images (queries are text only)."""
     from train_fixtures import ToyPairs
 
-    from jfe_jax.encoder import EncoderOptions, dummy_batch
+    from jfe_jax.models.inputs import dummy_batch
+    from jfe_jax.models.one_tower import EncoderOptions
     from jfe_jax.models.sizes import get_size
 
     config = get_size("tiny")

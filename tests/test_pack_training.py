@@ -16,13 +16,14 @@ from jfe_jax.data.image_processor import ImageProcessor
 from jfe_jax.data.pipeline import ContrastiveBatcher
 from jfe_jax.data.processing import ProcessedItem
 from jfe_jax.data.tokenizer import build_tokenizer
-from jfe_jax.encoder import EncoderOptions, dummy_batch
+from jfe_jax.models.inputs import dummy_batch
+from jfe_jax.models.one_tower import EncoderOptions
 from jfe_jax.models.packing import pack_items
 from jfe_jax.models.sizes import get_size
 from jfe_jax.train import mesh as mesh_lib
 from jfe_jax.train.config_base import demo_stage1_config
+from jfe_jax.train.setup import validate_config
 from jfe_jax.train.step import TrainState
-from jfe_jax.train.trainer import validate_config
 
 RTOL = 1e-5  # relative to each leaf's max |value|, float32
 PAD = 0

@@ -12,15 +12,15 @@ from train_fixtures import spread_weights
 from jfe_jax.data.collate import collate, collate_packed
 from jfe_jax.data.processing import ProcessedItem
 from jfe_jax.data.tokenizer import build_tokenizer
-from jfe_jax.encoder import Encoder, dummy_batch
+from jfe_jax.encoder import Encoder
 from jfe_jax.index.embedder import Item, ItemEmbedder
+from jfe_jax.models import flops
 from jfe_jax.models.axes import LOGICAL_RULES
-from jfe_jax.models.inputs import prepare_batch
+from jfe_jax.models.inputs import dummy_batch, prepare_batch
 from jfe_jax.models.packing import items_from_rows, pack_items
 from jfe_jax.models.padding import padding_report
 from jfe_jax.models.sizes import get_size
 from jfe_jax.train import mesh as mesh_lib
-from jfe_jax.train import metrics
 
 # float32 embeddings (unit norm) of a packed row against the item alone: the masked softmax
 # sums over other keys in another order, nothing more (measured here: at most 4e-7).
@@ -180,9 +180,9 @@ def test_padding_report_of_a_packed_batch_matches_hand_counts():
     assert report["token_padding"] == pytest.approx(6 / 16)
     assert report["text_attention_padding"] == pytest.approx((128 - (64 + 4)) / 128)
     assert report["text_attention_cross_item"] == pytest.approx((68 - (25 + 9 + 4)) / 128)
-    real = sum(metrics.text_forward_flops(config, 1, n) for n in (3, 5, 2))
+    real = sum(flops.text_forward_flops(config, 1, n) for n in (3, 5, 2))
     assert report["flops_padding"] == pytest.approx(
-        1 - real / metrics.text_forward_flops(config, 2, 8)
+        1 - real / flops.text_forward_flops(config, 2, 8)
     )
 
 

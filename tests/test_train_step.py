@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from train_fixtures import ToyPairs, assert_trees_close, loss_and_grad
 
-from jfe_jax.encoder import EncoderOptions, dummy_batch
+from jfe_jax.models.inputs import dummy_batch
+from jfe_jax.models.one_tower import EncoderOptions
 from jfe_jax.models.sizes import get_size
 from jfe_jax.train import mesh as mesh_lib
 from jfe_jax.train.optimizer import trainable_mask

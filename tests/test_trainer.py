@@ -15,7 +15,7 @@ from flax import traverse_util
 from jfe_jax.encoder import Encoder
 from jfe_jax.train import checkpoint as ckpt
 from jfe_jax.train.config_base import base_config
-from jfe_jax.train.trainer import validate_config
+from jfe_jax.train.setup import validate_config
 
 HERE = os.path.dirname(__file__)
 SCRIPT = os.path.join(HERE, "resume_script.py")
@@ -162,9 +162,8 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(
 def test_padding_fractions_of_a_train_batch():
     import numpy as np
 
-    from jfe_jax.models.padding import padding_counts
+    from jfe_jax.models.padding import padding_counts, padding_fractions
     from jfe_jax.models.sizes import get_size
-    from jfe_jax.train.trainer import padding_fractions
 
     config = get_size("tiny")
     query_mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=np.int32)

@@ -492,17 +492,14 @@ def train_step(plan: Plan, batches: list, peak: float, report: Report) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jfe_jax.encoder import dummy_batch
     from jfe_jax.models.axes import LOGICAL_RULES
+    from jfe_jax.models.flops import train_step_flops, train_step_required_flops
+    from jfe_jax.models.inputs import dummy_batch
     from jfe_jax.train import aot
     from jfe_jax.train import mesh as mesh_lib
-    from jfe_jax.train.metrics import (
-        reduce_metrics,
-        train_step_flops,
-        train_step_required_flops,
-    )
+    from jfe_jax.train.metrics import reduce_metrics
+    from jfe_jax.train.setup import abstract_state, build_optimizer, encoder_options
     from jfe_jax.train.step import TrainState, jit_train_step, split_params
-    from jfe_jax.train.trainer import abstract_state, build_optimizer, encoder_options
 
     overrides = ["--config.mesh.fsdp=1", "--config.mesh.data=-1"]
     config = aot.parse_config("bench_device", ["--config", STAGE2_CONFIG, *overrides])

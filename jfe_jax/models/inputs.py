@@ -233,3 +233,13 @@ def prepare_batch(
             cursor += n
     out.update(pixel_values=packed, patch_segment_ids=segments, patch_positions=patch_positions)
     return out
+
+
+def dummy_batch(config: ModelConfig, batch: int = 1, length: int = 8) -> dict[str, np.ndarray]:
+    """A smallest valid batch with one image, for init and shape inference."""
+    merge = config.vision.spatial_merge_size
+    ids = np.zeros((batch, length), dtype=np.int32)
+    ids[:, 1] = config.image_token_id
+    grids = np.array([[1, merge, merge]] * batch)
+    pixels = np.zeros((batch * merge * merge, config.vision.patch_dim), dtype=np.float32)
+    return prepare_batch(config, ids, None, pixels, grids)

@@ -9,6 +9,7 @@ A packed batch (``jfe_jax.models.packing``: several items per row, with ``segmen
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -196,3 +197,43 @@ class OneTowerEncoder(nn.Module):
     def scale(self) -> jax.Array:
         """``exp(logit_scale)`` = 1 / temperature."""
         return jnp.exp(self.logit_scale)
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _dtype(name: str | Any) -> Any:
+    if isinstance(name, str):
+        if name not in _DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
+        return _DTYPES[name]
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderOptions:
+    """How the backbone is run and what sits on top of it (see ``OneTowerEncoder``)."""
+
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = False
+    remat: str = "none"
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS_ALL
+    projection_dim: int = 0
+    temperature: float = 0.05
+
+    def module(self, config: ModelConfig) -> OneTowerEncoder:
+        return OneTowerEncoder(
+            config,
+            dtype=_dtype(self.dtype),
+            param_dtype=_dtype(self.param_dtype),
+            scan_layers=self.scan_layers,
+            remat=self.remat,
+            lora_rank=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+            lora_targets=tuple(self.lora_targets),
+            projection_dim=self.projection_dim,
+            temperature=self.temperature,
+        )

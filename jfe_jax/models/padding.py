@@ -16,7 +16,7 @@ benchmarks and the trainer's logs:
 * for packed batches (``segment_ids``, see ``jfe_jax.models.packing``):
   ``text_attention_cross_item``, the same for token pairs that join two different items.
 * with ``config``: ``flops_padding``, the share of the forward model FLOPs (counted as
-  ``jfe_jax.train.metrics`` counts them for MFU) that the padding costs, i.e.
+  ``jfe_jax.models.flops`` counts them for MFU) that the padding costs, i.e.
   ``1 - FLOPs(every item at its own unpadded size) / FLOPs(the padded batch)``; an item is a
   row, or a segment of a packed row.
 """
@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from jfe_jax.models import flops
 from jfe_jax.models.config import ModelConfig
-from jfe_jax.train import metrics
 
 _COUNTS = (
     "tokens",
@@ -86,15 +86,13 @@ def _model_batch_counts(batch: Mapping[str, Any], config: ModelConfig | None) ->
             same_image_pairs=same_image,
         )
     if config is not None:
-        counts["flops"] = metrics.batch_forward_flops(config, batch)
+        counts["flops"] = flops.batch_forward_flops(config, batch)
         # What each item would cost alone, unpadded: its real tokens and real patches.
         item_patches = patch_rows
         if "segment_ids" in batch:
             item_patches = _packed_item_patches(batch, config)
-        real_flops = sum(metrics.text_forward_flops(config, 1, int(n)) for n in item_sizes)
-        real_flops += sum(
-            metrics.vision_forward_flops(config, 1, int(p)) for p in item_patches if p
-        )
+        real_flops = sum(flops.text_forward_flops(config, 1, int(n)) for n in item_sizes)
+        real_flops += sum(flops.vision_forward_flops(config, 1, int(p)) for p in item_patches if p)
         counts["real_flops"] = real_flops
     return counts
 
@@ -178,3 +176,17 @@ def padding_report(
     if config is not None:
         report["flops_padding"] = _fraction(c["flops"] - c["real_flops"], c["flops"])
     return report
+
+
+def padding_fractions(counts: dict[str, int]) -> dict[str, float]:
+    """Padding shares logged with the metrics (see ``jfe_jax.models.padding``): of the token
+    positions, of the image-patch positions, and of the forward model FLOPs."""
+    out = {}
+    for name, total, real in (
+        ("token_padding", "tokens", "real_tokens"),
+        ("patch_padding", "patches", "real_patches"),
+        ("flops_padding", "flops", "real_flops"),
+    ):
+        if counts.get(total):
+            out[name] = 1.0 - counts[real] / counts[total]
+    return out

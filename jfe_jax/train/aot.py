@@ -33,7 +33,7 @@ counts every op the TPU cost model does not know (some custom calls) as -1 s. So
   whole ICI bandwidth. ``optimal_seconds`` treats collectives as HBM traffic, so a step whose
   ICI floor exceeds its cost-model time is bound by communication the estimate does not see.
 
-MFU = model FLOPs (``jfe_jax.train.metrics``: 3 x forward of every side; remat, the
+MFU = model FLOPs (``jfe_jax.models.flops``: 3 x forward of every side; remat, the
 gradient-cache re-forward and frozen-weight savings excluded) / (chips x peak x time). That
 convention credits gradients a step with frozen parts never computes, so the train program also
 reports the required FLOPs (``train_step_required_flops``: a frozen vision tower 1x forward, a
@@ -56,26 +56,26 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jfe_jax.encoder import dummy_batch
 from jfe_jax.errors import ArgumentParser
 from jfe_jax.models.axes import LOGICAL_RULES, MESH_AXES
 from jfe_jax.models.config import ModelConfig
-from jfe_jax.models.sizes import get_size
-from jfe_jax.train import mesh as mesh_lib
-from jfe_jax.train.hlo_cost import hlo_costs, time_by_op
-from jfe_jax.train.metrics import (
+from jfe_jax.models.flops import (
     batch_forward_flops,
     train_step_flops,
     train_step_required_flops,
 )
-from jfe_jax.train.step import jit_train_step, merge_params
-from jfe_jax.train.topology import GIB, TpuTopology, parse_topology, require_libtpu
-from jfe_jax.train.trainer import (
+from jfe_jax.models.inputs import dummy_batch
+from jfe_jax.models.sizes import get_size
+from jfe_jax.train import mesh as mesh_lib
+from jfe_jax.train.hlo_cost import hlo_costs, time_by_op
+from jfe_jax.train.setup import (
     abstract_state,
     build_optimizer,
     encoder_options,
     model_config_for,
 )
+from jfe_jax.train.step import jit_train_step, merge_params
+from jfe_jax.train.topology import GIB, TpuTopology, parse_topology, require_libtpu
 
 PROGRAMS = ("train", "export")
 
@@ -173,7 +173,7 @@ class ProgramEstimate:
     fits: bool
     compile_seconds: float
     hbm_bytes: float  # per chip
-    model_flops: float  # one step, all chips (jfe_jax.train.metrics, 3 x forward convention)
+    model_flops: float  # one step, all chips (jfe_jax.models.flops, 3 x forward convention)
     required_flops: float = math.nan  # what the trained parts need (train_step_required_flops)
     oom_error: str = ""  # the compiler's out-of-memory message, when it refused
     argument_bytes: float = math.nan

@@ -25,6 +25,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from jfe_jax.errors import CheckpointReadError
+from jfe_jax.models.config import ModelConfig
 from jfe_jax.paths import absolute
 
 log = logging.getLogger(__name__)
@@ -255,3 +256,13 @@ def read_run_config(workdir: str) -> dict:
     if not path.is_file():
         raise ValueError(f"{workdir} has no config.json: not a jfe-jax training workdir")
     return json.loads(path.read_text())
+
+
+MODEL_CONFIG_FILE = "model_config.json"  # the architecture, in Hugging Face config format
+
+
+def load_model_config(workdir: str) -> ModelConfig:
+    path = epath.Path(workdir) / MODEL_CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(f"{workdir} has no {MODEL_CONFIG_FILE}: not a jfe-jax training workdir")
+    return ModelConfig.from_hf_dict(json.loads(path.read_text()))

@@ -1,253 +1,17 @@
-"""Step metrics: model FLOPs from the config, device peaks, MFU, and where metrics are written.
-
-Model FLOPs count what the padded batch asks of the model (matmuls of every layer, the full
-attention score matrix as computed, forward + backward = 3 x forward), not what a particular
-implementation spends: gradient-cache re-forwards and rematerialisation are excluded, so MFU is
-comparable across those settings.
-
-That 3 x forward convention (``train_step_flops``, the "6N" rule) also credits gradients nobody
-needs when parts are frozen, and work an embedding does not need. ``train_step_required_flops``
-counts what a step cannot avoid: a frozen vision tower runs forward only (1x); a decoder with
-frozen base weights needs their forward and the activation gradients (2x), the attention
-scores 3x and trained adapters 3x; causal attention only as its query blocks compute it; and
-the last decoder layer only at the pooled tokens (plus its keys and values everywhere), as the
-unrolled model runs it. MFU at that count is the stricter figure; the trainer logs the
-convention's.
+"""Step metrics: how (sum, count) pairs are reduced, and where metrics are written (TensorBoard
+event files and ``metrics.jsonl``). Model FLOPs live in ``jfe_jax.models.flops``, device peaks in
+``jfe_jax.train.topology``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
-
-from jfe_jax.models.config import ModelConfig
-
-# Peak dense bf16 FLOP/s per chip (the vendors' published figures for each TPU generation).
-PEAK_FLOPS = {
-    "tpu v4": 275e12,
-    "tpu v5 lite": 197e12,  # v5e
-    "tpu v5e": 197e12,
-    "tpu v5p": 459e12,
-    "tpu v5": 459e12,
-    "tpu v6 lite": 918e12,  # v6e (Trillium)
-    "tpu v6e": 918e12,
-    "nvidia h100": 989e12,
-    "nvidia h200": 989e12,
-    "nvidia a100": 312e12,
-}
-
-
-def text_forward_flops(config: ModelConfig, rows: int, length: int) -> float:
-    """Matmul FLOPs of the decoder on ``rows`` sequences of ``length`` tokens (no lm_head)."""
-    t = config.text
-    per_token = sum(2 * i * o for i, o in _projection_shapes(config).values())
-    attention = 2 * 2 * length * t.hidden_size  # scores and weighted values, per token
-    return float(rows * length * t.num_layers * (per_token + attention))
-
-
-def vision_forward_flops(config: ModelConfig, rows: int, patches: int) -> float:
-    """Matmul FLOPs of the vision tower on ``rows`` rows of ``patches`` patches each."""
-    v = config.vision
-    merge = v.spatial_merge_size**2
-    per_patch = 2 * (
-        v.patch_dim * v.embed_dim * 0  # counted below, once (outside the blocks)
-        + v.embed_dim * 3 * v.embed_dim
-        + v.embed_dim * v.embed_dim
-        + 2 * v.embed_dim * v.embed_dim * v.mlp_ratio
-    )
-    attention = 2 * 2 * patches * v.embed_dim
-    blocks = rows * patches * v.depth * (per_patch + attention)
-    embed = 2 * rows * patches * v.patch_dim * v.embed_dim
-    merger = (
-        2
-        * rows
-        * (patches // merge)
-        * ((merge * v.embed_dim) ** 2 + merge * v.embed_dim * v.out_dim)
-    )
-    return float(blocks + embed + merger)
-
-
-def batch_forward_flops(config: ModelConfig, model_batch: Mapping[str, Any]) -> float:
-    """Forward FLOPs of one model batch dict (shapes only; late-fusion batches: both parts)."""
-    if "has_text" in model_batch:
-        return sum(batch_forward_flops(config, model_batch[part]) for part in ("text", "image"))
-    rows, length = model_batch["input_ids"].shape
-    flops = text_forward_flops(config, rows, length)
-    if "pixel_values" in model_batch and model_batch["pixel_values"].shape[1]:
-        flops += vision_forward_flops(config, rows, model_batch["pixel_values"].shape[1])
-    return flops
-
-
-def model_sides(batch: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    """The model batches (query, candidate, hard negatives) among a train batch's values."""
-    return [
-        v
-        for v in batch.values()
-        if isinstance(v, Mapping) and ("input_ids" in v or "has_text" in v)
-    ]
-
-
-def train_step_flops(config: ModelConfig, batch: Mapping[str, Any]) -> float:
-    """Model FLOPs of one contrastive step (every side, forward + backward = 3x forward)."""
-    sides = model_sides(batch)
-    return 3.0 * sum(batch_forward_flops(config, side) for side in sides)
-
-
-def _projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(in, out) of each decoder projection (q, k, v, o, gate, up, down)."""
-    t = config.text
-    kv = t.num_kv_heads * t.head_dim
-    return {
-        "q_proj": (t.hidden_size, t.hidden_size),
-        "k_proj": (t.hidden_size, kv),
-        "v_proj": (t.hidden_size, kv),
-        "o_proj": (t.hidden_size, t.hidden_size),
-        "gate_proj": (t.hidden_size, t.intermediate_size),
-        "up_proj": (t.hidden_size, t.intermediate_size),
-        "down_proj": (t.intermediate_size, t.hidden_size),
-    }
-
-
-def _decoder_required(
-    config: ModelConfig, rows: int, length: int, pooled: int, lora_rank: int, targets
-) -> tuple[float, float, float]:
-    """Forward FLOPs (projections, attention scores, LoRA adapters) the decoder cannot skip
-    when only ``pooled`` tokens' final states are used: every layer but the last in full,
-    with causal attention in query blocks (``layers.causal_query_blocks``); the last layer's
-    keys and values at every token, the rest of it at the pooled tokens only."""
-    from jfe_jax.models.layers import causal_query_blocks
-
-    t = config.text
-    shapes = _projection_shapes(config)
-    tokens = rows * length
-
-    def dense(names, n):
-        return float(n * sum(2 * i * o for i, o in (shapes[k] for k in names)))
-
-    def lora(names, n):
-        return float(n * sum(2 * lora_rank * sum(shapes[k]) for k in names if k in targets))
-
-    kv_names = ("k_proj", "v_proj")
-    rest = tuple(k for k in shapes if k not in kv_names)
-    blocks = causal_query_blocks(length)
-    causal = (blocks + 1) / (2 * blocks)  # share of the score matrix the blocks compute
-    per_token_scores = 2 * 2 * length * t.hidden_size
-    layers_before = t.num_layers - 1
-    projections = layers_before * dense(shapes, tokens) + dense(kv_names, tokens)
-    projections += dense(rest, pooled)
-    scores = layers_before * tokens * per_token_scores * causal + pooled * per_token_scores
-    adapters = layers_before * lora(shapes, tokens) + lora(kv_names, tokens) + lora(rest, pooled)
-    return projections, scores, adapters
-
-
-def batch_required_flops(
-    config: ModelConfig,
-    model_batch: Mapping[str, Any],
-    *,
-    trainable: str,
-    lora_rank: int = 0,
-    lora_targets: Sequence[str] = (),
-) -> float:
-    """FLOPs one training pass over a model batch cannot avoid (``train_step_required_flops``)."""
-    if trainable not in ("full", "freeze_vision", "lora"):
-        raise ValueError(
-            f"unknown trainable mode {trainable!r}; expected full, freeze_vision, lora"
-        )
-    if "has_text" in model_batch:
-        return sum(
-            batch_required_flops(
-                config,
-                model_batch[part],
-                trainable=trainable,
-                lora_rank=lora_rank,
-                lora_targets=lora_targets,
-            )
-            for part in ("text", "image")
-        )
-    rows, length = model_batch["input_ids"].shape
-    pooled = model_batch["pool_index"].shape[0] if "pool_index" in model_batch else rows
-    projections, scores, adapters = _decoder_required(
-        config, rows, length, pooled, lora_rank, tuple(lora_targets)
-    )
-    # Base weights: forward + input gradient, + weight gradient when trained. The attention
-    # scores carry no weights; their backward (dQ, dK, dV, dP) is 2x their forward.
-    flops = (3.0 if trainable != "lora" else 2.0) * projections + 3.0 * scores + 3.0 * adapters
-    if "pixel_values" in model_batch and model_batch["pixel_values"].shape[1]:
-        vision = vision_forward_flops(config, rows, model_batch["pixel_values"].shape[1])
-        flops += (3.0 if trainable == "full" else 1.0) * vision
-    return flops
-
-
-def train_step_required_flops(
-    config: ModelConfig,
-    batch: Mapping[str, Any],
-    *,
-    trainable: str,
-    lora_rank: int = 0,
-    lora_targets: Sequence[str] = (),
-) -> float:
-    """FLOPs of one contrastive step that the trained parts make necessary, every side.
-
-    ``trainable`` is the optimizer's mode (``full``, ``freeze_vision``, ``lora``); the LoRA
-    adapters (rank ``lora_rank`` on ``lora_targets``; rank 0: none) are trained in every mode.
-    A frozen vision tower costs 1x its forward, a decoder with frozen base weights 2x its
-    matmuls' forward (forward + activation gradients, no weight gradients), attention scores
-    and adapters 3x. Remat and gradient-cache re-forwards are excluded, as in
-    ``train_step_flops`` (the 3 x forward convention, which this does not replace).
-    """
-    sides = model_sides(batch)
-    return sum(
-        batch_required_flops(
-            config, side, trainable=trainable, lora_rank=lora_rank, lora_targets=lora_targets
-        )
-        for side in sides
-    )
-
-
-_MEASURED_CPU_PEAK: float | None = None
-
-
-def measured_cpu_peak(size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a jitted float32 matmul on this host's CPU backend (the whole machine)."""
-    global _MEASURED_CPU_PEAK
-    if _MEASURED_CPU_PEAK is None:
-        _MEASURED_CPU_PEAK = time_matmul(jax.devices("cpu")[0], size, repeats)
-    return _MEASURED_CPU_PEAK
-
-
-def time_matmul(device: jax.Device, size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a jitted float32 ``size`` x ``size`` matmul on ``device``, best of ``repeats``
-    (measured afresh on every call; ``measured_cpu_peak`` keeps its first measurement)."""
-    a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
-
-
-def peak_flops(devices: list[jax.Device] | None = None) -> tuple[float, str]:
-    """Total peak FLOP/s of ``devices`` and where the figure comes from."""
-    devices = devices or jax.devices()
-    kind = devices[0].device_kind.lower()
-    if devices[0].platform == "cpu":
-        # Fake CPU devices share the host's cores: the measured machine peak is the total.
-        return measured_cpu_peak(), "measured f32 matmul on this host"
-    for name, peak in PEAK_FLOPS.items():
-        if kind.startswith(name):
-            return peak * len(devices), f"{name} bf16 peak x {len(devices)}"
-    return float("nan"), f"unknown device kind {kind!r}"
 
 
 class MetricWriter:
@@ -294,4 +58,17 @@ def reduce_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
             out[name] = float(total / max(count, 1.0))
         else:
             out[name] = float(np.asarray(value))
+    return out
+
+
+def accumulate(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """Adds (sum, count) pairs over steps; plain scalars are averaged."""
+    out: dict[str, Any] = {}
+    for name, value in metrics[0].items():
+        if isinstance(value, tuple):
+            out[name] = tuple(
+                sum(np.asarray(m[name][i], np.float64) for m in metrics) for i in (0, 1)
+            )
+        else:
+            out[name] = float(np.mean([np.asarray(m[name], np.float64) for m in metrics]))
     return out

@@ -21,14 +21,29 @@ import importlib.util
 import math
 import os
 import re
+import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jfe_jax.logs import tpu_present
-from jfe_jax.train.metrics import PEAK_FLOPS
 
 GIB = 2**30
+
+# Peak dense bf16 FLOP/s per chip (the vendors' published figures for each TPU generation).
+PEAK_FLOPS = {
+    "tpu v4": 275e12,
+    "tpu v5 lite": 197e12,  # v5e
+    "tpu v5e": 197e12,
+    "tpu v5p": 459e12,
+    "tpu v5": 459e12,
+    "tpu v6 lite": 918e12,  # v6e (Trillium)
+    "tpu v6e": 918e12,
+    "nvidia h100": 989e12,
+    "nvidia h200": 989e12,
+    "nvidia a100": 312e12,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,3 +198,41 @@ def require_libtpu() -> str:
         return importlib.metadata.version("libtpu")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
+
+
+_MEASURED_CPU_PEAK: float | None = None
+
+
+def measured_cpu_peak(size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a jitted float32 matmul on this host's CPU backend (the whole machine)."""
+    global _MEASURED_CPU_PEAK
+    if _MEASURED_CPU_PEAK is None:
+        _MEASURED_CPU_PEAK = time_matmul(jax.devices("cpu")[0], size, repeats)
+    return _MEASURED_CPU_PEAK
+
+
+def time_matmul(device: jax.Device, size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a jitted float32 ``size`` x ``size`` matmul on ``device``, best of ``repeats``
+    (measured afresh on every call; ``measured_cpu_peak`` keeps its first measurement)."""
+    a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_flops(devices: list[jax.Device] | None = None) -> tuple[float, str]:
+    """Total peak FLOP/s of ``devices`` and where the figure comes from."""
+    devices = devices or jax.devices()
+    kind = devices[0].device_kind.lower()
+    if devices[0].platform == "cpu":
+        # Fake CPU devices share the host's cores: the measured machine peak is the total.
+        return measured_cpu_peak(), "measured f32 matmul on this host"
+    for name, peak in PEAK_FLOPS.items():
+        if kind.startswith(name):
+            return peak * len(devices), f"{name} bf16 peak x {len(devices)}"
+    return float("nan"), f"unknown device kind {kind!r}"
