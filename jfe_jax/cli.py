@@ -251,25 +251,55 @@ def _demo(argv: Sequence[str]) -> int:
 def _experiment(argv: Sequence[str]) -> int:
     parser = ArgumentParser(
         prog="jfe experiment",
-        description="fusion: train the late-fusion baseline beside the demo's early-fusion "
-        "model (same data, steps, tower) and compare them per task and per JFE group.",
+        description="fusion: train every system (early fusion, late fusion) with several seeds "
+        "on the same data, steps, batch and optimizer; compare them per task and per JFE group "
+        "with 95%% bootstrap intervals and paired differences (a win only when the interval "
+        "excludes zero), and relate each task's early-minus-late difference to its measured "
+        "fusion need. Writes WORKDIR/fusion/study.json, table.txt, study.png and need.png.",
         epilog=STOP_HELP,
     )
     parser.add_argument("name", choices=["fusion"], help="the experiment")
-    parser.add_argument("--workdir", required=True, help="a demo workdir (made if missing)")
+    parser.add_argument("--workdir", required=True, help="the study's folder (made if missing)")
+    parser.add_argument("--seeds", type=positive_int, default=3, help="seeds per system")
     parser.add_argument(
-        "--steps", type=positive_int, default=None, help="steps per stage; default: the configs'"
+        "--systems",
+        default="early,late",
+        help="comma-separated systems to compare; 'early' (the reference) is required",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=["demo", "study"],
+        default="demo",
+        help="demo: the demo's data and tiny model; study: 200+ test queries per task, the "
+        "tasks that need fusion by construction, and the mini model",
+    )
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="steps per stage; default: the preset's"
+    )
+    parser.add_argument(
+        "--replicates", type=positive_int, default=2000, help="bootstrap replicates"
     )
     args = parser.parse_args(argv)
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
 
-    from jfe_jax.experiment import run_fusion_experiment
+    from jfe_jax.study import run_fusion_study
 
-    result = run_fusion_experiment(args.workdir, steps=args.steps)
-    print("Headline recall (%), synthetic M-BEIR test split, local pools")
+    try:
+        result = run_fusion_study(
+            args.workdir,
+            seeds=args.seeds,
+            systems=systems,
+            preset=args.preset,
+            steps=args.steps,
+            replicates=args.replicates,
+        )
+    except ValueError as e:
+        parser.error(str(e))
+    print("Headline recall (%), mean [95% interval] over seeds and test queries")
     print(result["table"])
     print()
     print(result["statement"])
-    print(f"results: {args.workdir}/fusion/fusion.json and fusion.png")
+    print(f"results: {args.workdir}/fusion/study.json, table.txt, study.png, need.png")
     return 0
 
 
@@ -283,7 +313,7 @@ def _lazy(module: str, name: str) -> Callable[[Sequence[str]], int]:
 
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
-    "experiment": (_experiment, "early vs late fusion on the same data and budget"),
+    "experiment": (_experiment, "the fusion study: early vs late fusion, seeds and intervals"),
     "demo": (_demo, "the whole pipeline end to end on the embedded synthetic benchmark"),
     "train": (_train, "train a stage from a config file (stage 1 or stage 2)"),
     "export": (

@@ -16,6 +16,7 @@ from jfe_jax.data.mbeir import MBEIR
 from jfe_jax.data.synthetic import (
     IMAGE_CAPTIONS_FILE,
     MANIFEST_FILE,
+    STUDY_TASKS,
     SYNTHETIC_TASKS,
     TEXT_TRIPLES_FILE,
     SyntheticConfig,
@@ -324,3 +325,17 @@ def test_generator_writes_a_tokenizer_matching_the_tiny_model(tmp_path):
     assert len(tokenizer) == config.text.vocab_size
     assert tokenizer.convert_tokens_to_ids("<|image_pad|>") == config.image_token_id
     assert tokenizer.convert_tokens_to_ids("<|vision_start|>") == config.vision_start_token_id
+
+
+def test_study_tasks_pass_the_reader_with_zero_bad_records(tmp_path):
+    config = SyntheticConfig(**{**SMALL.__dict__, "tasks": STUDY_TASKS, "tokenizer_vocab_size": 0})
+    generate(tmp_path / "study", config, progress=False)
+    reader = MBEIR(tmp_path / "study", check_images=True, skip_bad_records=True)
+    for split in SPLITS:
+        assert reader.tasks(split) == sorted(STUDY_TASKS)
+        for task in STUDY_TASKS:
+            assert reader.read_queries(split, task)
+            reader.read_qrels(split, task)
+            if split != "train":
+                reader.read_pool(reader.local_pool_path(task, split))
+    assert reader.total_bad_records == 0

@@ -24,6 +24,7 @@ reproducing any number), ``results.png`` (bar chart) and the table printed by th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -34,7 +35,13 @@ import numpy as np
 
 from jfe_jax.data.mbeir import MBEIR, Query, headline_k
 from jfe_jax.eval.plots import plot_headline_recall
-from jfe_jax.eval.recall import format_task_table, recall_at_k, task_table, write_table_json
+from jfe_jax.eval.recall import (
+    format_task_table,
+    query_hits,
+    recall_at_k,
+    task_table,
+    write_table_json,
+)
 from jfe_jax.index.embedder import Item, ItemEmbedder
 from jfe_jax.index.exact import ExactIndex
 from jfe_jax.index.export import REBUILD_HINT, export_embeddings, file_source, load_embeddings
@@ -84,6 +91,15 @@ def query_item(mbeir: MBEIR, query: Query, mode: str, seed: int) -> Item:
     )
 
 
+def drop_modality(item: Item, drop: str | None) -> Item:
+    """``item`` without its image (``drop="image"``) or text (``"text"``) when it has both."""
+    if drop is None or item.text is None or item.image is None:
+        return item
+    if drop == "image":
+        return dataclasses.replace(item, image=None)
+    return dataclasses.replace(item, text=None)
+
+
 def pool_embeddings(
     embedder: ItemEmbedder,
     mbeir: MBEIR,
@@ -92,13 +108,17 @@ def pool_embeddings(
     *,
     progress: bool,
     overwrite: bool = True,
+    drop: str | None = None,
 ) -> tuple[np.ndarray, list[str], dict[str, Any]]:
     """Exports a pool jsonl once (resumable; another model's cache is rebuilt, or refused
     when ``overwrite`` is False) and returns its embeddings, dids and export metadata."""
     name = pool_path.name.removesuffix(".jsonl")
+    if drop is not None:  # ablated embeddings never share a cache with the full items'
+        name += f".no_{drop}"
     directory = os.path.join(out_dir, "embeddings", name)
     records = (
-        (c.did, Item(text=c.text, image=c.image_path)) for c in mbeir.iter_candidates(pool_path)
+        (c.did, drop_modality(Item(text=c.text, image=c.image_path), drop))
+        for c in mbeir.iter_candidates(pool_path)
     )
     export_embeddings(
         embedder,
@@ -149,6 +169,7 @@ def evaluate_mbeir(
     label: str = "JFE",
     progress: bool = True,
     overwrite: bool = True,
+    drop: str | None = None,
 ) -> dict[str, Any]:
     """Evaluates ``embedder`` on the M-BEIR-layout directory ``root``; returns the results dict.
 
@@ -159,7 +180,13 @@ def evaluate_mbeir(
     Pool embeddings and indexes cached in ``out_dir`` by another model fingerprint, item
     format or pool file are rebuilt (a WARNING says what differs), or with ``overwrite=False``
     refused with a ValueError.
+
+    ``drop`` ("image" or "text") removes that modality from every query and candidate that has
+    both (an ablation: how much a task needs the two together); single-modality items are kept.
+    ``details[task]["per_query"]`` holds every query's id and hit at the task's headline k.
     """
+    if drop not in (None, "image", "text"):
+        raise ValueError(f"drop must be None, 'image' or 'text', got {drop!r}")
     if pool not in ("local", "global"):
         raise ValueError(f"pool must be 'local' or 'global', got {pool!r}")
     if index_mode not in INDEX_MODES:
@@ -183,11 +210,17 @@ def evaluate_mbeir(
         pool_path = (
             mbeir.local_pool_path(task, split) if pool == "local" else mbeir.global_pool_path(split)
         )
-        pool_name = pool_path.name.removesuffix(".jsonl")
+        pool_name = pool_path.name.removesuffix(".jsonl") + (f".no_{drop}" if drop else "")
         if pool_name not in exact_indexes:
             exact_indexes.clear()  # a local pool is used by one task: free the devices
             cand_emb, cand_ids, export = pool_embeddings(
-                embedder, mbeir, pool_path, out_dir, progress=progress, overwrite=overwrite
+                embedder,
+                mbeir,
+                pool_path,
+                out_dir,
+                progress=progress,
+                overwrite=overwrite,
+                drop=drop,
             )
             scann = None
             if index_mode != "none":
@@ -221,7 +254,8 @@ def evaluate_mbeir(
         reported = task_ks(task, ks)
         k = min(max(reported), len(cand_ids))
         query_emb = embedder.embed(
-            query_item(mbeir, q, instruction_mode, instruction_seed) for q in queries
+            drop_modality(query_item(mbeir, q, instruction_mode, instruction_seed), drop)
+            for q in queries
         )
         exact_rows, exact_scores = exact.search(query_emb, k)
         exact_ids = np.asarray(cand_ids, dtype=object)[exact_rows]
@@ -259,6 +293,11 @@ def evaluate_mbeir(
                 ),
                 "settings": dict(scann.metadata.get("settings", {})) or None,
             }
+        kh = min(headline_k(task), k)
+        detail["per_query"] = {
+            "qids": [q.qid for q in queries],
+            f"hit_at_{headline_k(task)}": query_hits(exact_ids.tolist(), positives, kh),
+        }
         details[task] = detail
         log.info("%s: exact %s", task, results[task])
     table = task_table(results)
@@ -270,6 +309,7 @@ def evaluate_mbeir(
         "ks": list(ks) if ks is not None else "uniir",
         "instruction_mode": instruction_mode,
         "instruction_seed": instruction_seed,
+        "drop": drop,
         "queries_without_qrels": sum(d["queries_without_qrels"] for d in details.values()),
         **model_identity(embedder),
         "prompt": embedder.prompt,

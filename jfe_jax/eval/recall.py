@@ -59,6 +59,20 @@ def recall_at_k(
     return {k: hits[k] / len(retrieved_ids) for k in ks}
 
 
+def query_hits(
+    retrieved_ids: Sequence[Sequence[str]], positives: Sequence[Iterable[str]], k: int
+) -> list[int]:
+    """Per query, 1 when a positive is among its first ``k`` retrieved, else 0: the terms whose
+    mean is ``recall_at_k`` (what a study's bootstrap resamples)."""
+    if len(retrieved_ids) != len(positives):
+        raise ValueError(f"{len(retrieved_ids)} rankings but {len(positives)} positive sets")
+    out = []
+    for ranking, relevant in zip(retrieved_ids, positives):
+        relevant = set(relevant)
+        out.append(int(any(cid in relevant for cid in list(ranking)[:k])))
+    return out
+
+
 def task_id(task: str) -> int:
     """The M-BEIR task id in a name like "webqa_task2" (or "mbeir_webqa_task2")."""
     match = _TASK_NAME.search(task)

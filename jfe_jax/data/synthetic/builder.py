@@ -9,8 +9,11 @@ the names are too.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from jfe_jax.data.mbeir import DATASET_IDS, TASK_MODALITIES, parse_task_name
 from jfe_jax.data.synthetic.world import Scene, SceneObject, derive_seed, render, render_card
@@ -86,19 +89,30 @@ class BenchmarkBuilder:
         return relative
 
     def scene_image(
-        self, folder: str, scene: Scene, variant: int = 0, *, largest: bool = False
+        self,
+        folder: str,
+        scene: Scene,
+        variant: int = 0,
+        *,
+        largest: bool = False,
+        canvas: tuple[int, int] | None = None,
+        draw: Callable[..., Image.Image] = render,
     ) -> str:
         """Path of a rendering of `scene` under mbeir_images/<folder>/<split>/, drawn on first
         use. Different variants of one scene differ in canvas size and jitter; ``largest``
         always takes the largest canvas of ``image_sizes`` (questions about where an object
-        is need a picture whose positions survive the model's 28-pixel merged patches)."""
+        is need a picture whose positions survive the model's 28-pixel merged patches).
+        ``canvas`` fixes the size instead, and ``draw(scene, size, jitter_seed, jitter)``
+        renders scenes of another kind (any object with a ``key``, e.g. spatial.GridScene)."""
         key = (folder, scene.key, variant)
         if key not in self.images:
             seed = derive_seed(self.seed, "render", folder, scene.key, variant)
             size = self.image_sizes[seed % len(self.image_sizes)]
             if largest:
                 size = max(self.image_sizes, key=lambda s: s[0] * s[1])
-            image = render(scene, size, jitter_seed=seed, jitter=self.jitter)
+            if canvas is not None:
+                size = canvas
+            image = draw(scene, size, jitter_seed=seed, jitter=self.jitter)
             split = self.split_of(scene)
             self.images[key] = self._save(image, folder, split, folder.removesuffix("_images"))
         return self.images[key]

@@ -16,6 +16,11 @@ negative candidates. Every query needs what its modalities say:
   cirr_task7       (image, text) -> image  1-3 objects + "make the circle green" -> edited scene
 Hard negatives differ from the positive in one attribute of one object, and come from the
 same split.
+
+One more family is registered but not among the defaults (see generate.STUDY_TASKS):
+  infoseek_task6   (image, text) -> text   3x3 grid + "what is just left of the red circle?"
+                                           -> "a large red circle"; needs fusion by
+                                           construction (spatial.py)
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Callable
 
 from jfe_jax.data.synthetic import composed
 from jfe_jax.data.synthetic.builder import BenchmarkBuilder
+from jfe_jax.data.synthetic.spatial import build_spatial_questions
 from jfe_jax.data.synthetic.world import (
     POSITION_PHRASES,
     Scene,
@@ -399,4 +405,5 @@ TASK_BUILDERS: dict[str, Callable] = {
     "oven_task8": build_question_to_card,
     "fashioniq_task7": build_fashioniq,
     "cirr_task7": build_cirr,
+    "infoseek_task6": build_spatial_questions,
 }

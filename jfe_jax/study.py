@@ -1,0 +1,425 @@
+"""``jfe experiment fusion``: a study that can decide JFE's claim on synthetic M-BEIR.
+
+The claim: early fusion (image and text in one sequence from the first layer) gains more over
+late fusion on tasks that need both modalities than on tasks that do not. The study
+
+1. trains every system (``SYSTEMS``: a system is one entry, a name and its config overrides)
+   with N seeds (``config.seed``: model initialisation and data order), the same data, steps,
+   batch and optimizer for every system, and evaluates all on the same test queries;
+2. reports per task, per JFE group and overall the mean headline recall with a 95% interval,
+   and the paired difference of every system against the reference (``early``) with its
+   interval, calling it a win only when the interval excludes zero (``jfe_jax.eval.stats``);
+3. measures each task's *fusion need* with the trained early-fusion models: the drop in a
+   query's hit from the full input to the better of the input without images and the input
+   without texts (removed from every query and candidate that has both;
+   ``evaluate_mbeir(drop=...)``), and fits early-minus-late difference against need over tasks:
+   the slope and its interval are the claim as one number.
+
+Layout of ``<workdir>``: ``data/`` (the preset's synthetic benchmark), ``<system>/seed<k>/``
+(``stage1``, ``stage2``, ``eval``, and for early fusion ``eval_no_image``, ``eval_no_text``),
+and ``fusion/``: ``study.json`` (settings, every run's per-query hits, the statistics),
+``table.txt``, ``study.png`` (means with intervals) and ``need.png`` (difference against need).
+Every run is resumable: a rerun skips finished stages, so Ctrl-C and a rerun lose little.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from jfe_jax.data.mbeir import TASK_GROUPS
+from jfe_jax.data.synthetic import SyntheticConfig
+from jfe_jax.eval import stats
+from jfe_jax.eval.recall import task_id
+from jfe_jax.paths import absolute
+
+log = logging.getLogger(__name__)
+
+STUDY_DIR = "fusion"
+STUDY_FILE = "study.json"
+
+# A system is a name and the config overrides that make it; the data, the steps, the batch and
+# the optimizer are the study's. The first is the reference of the paired differences.
+SYSTEMS: dict[str, dict[str, Any]] = {
+    "early": {"model.fusion": "early"},
+    "late": {"model.fusion": "late"},
+}
+REFERENCE = "early"
+ABLATIONS = ("image", "text")  # the modality removed when measuring fusion need
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """The data and model a study runs at."""
+
+    name: str
+    synthetic: SyntheticConfig
+    size: str  # the named model size (jfe_jax.models.sizes)
+    steps: tuple[int, int] | None  # (stage 1, stage 2) steps; None: the demo configs'
+
+
+def presets() -> dict[str, Preset]:
+    return {
+        # The demo's data, model and steps: the cheapest study (60 test queries per task).
+        "demo": Preset("demo", SyntheticConfig(), "tiny", None),
+        # 240 test queries per task (one query moves a task by 0.42 points), pools that keep
+        # chance at or under 4.8%, and the task that needs fusion by construction
+        # (infoseek_task6, jfe_jax/data/synthetic/spatial.py).
+        "study": Preset("study", SyntheticConfig.study(), "mini", None),
+    }
+
+
+def _set(config, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = config
+    for name in parents:
+        node = node[name]
+    node[leaf] = value
+
+
+def run_configs(workdir: str, preset: Preset, system: str, seed: int, steps: int | None):
+    """The (stage 1, stage 2) configs of one run: the demo's, at the preset's size and steps,
+    with the system's overrides and the seed."""
+    from jfe_jax.demo import demo_configs
+
+    stage1, stage2 = demo_configs(workdir, steps=steps)
+    run_dir = os.path.join(workdir, system, f"seed{seed}")
+    with stage1.unlocked(), stage2.unlocked():
+        for i, config in enumerate((stage1, stage2)):
+            config.seed = seed
+            config.model.size = preset.size
+            if preset.steps is not None and steps is None:
+                config.train.num_steps = preset.steps[i]
+            for key, value in SYSTEMS[system].items():
+                _set(config, key, value)
+        stage2.model.init_from = os.path.join(run_dir, "stage1")
+    return stage1, stage2, run_dir
+
+
+def _results(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def per_query_hits(results: dict[str, Any]) -> dict[str, tuple[list[str], np.ndarray]]:
+    """{task: (qids, hits at the headline k)} from an evaluation's results.json."""
+    out = {}
+    for task, detail in results["details"].items():
+        per_query = detail.get("per_query")
+        if per_query is None:
+            raise ValueError(
+                f"results for {task} have no per-query hits: evaluated by an older jfe-jax; "
+                "delete the eval folder and rerun"
+            )
+        (key,) = [k for k in per_query if k.startswith("hit_at_")]
+        out[task] = (per_query["qids"], np.asarray(per_query[key], np.float64))
+    return out
+
+
+def estimate_seconds(preset: Preset, runs: int, gflops: float) -> float:
+    """Rough wall time of ``runs`` training runs plus their evaluations on this machine: the
+    demo's fitted time (``jfe_jax.demo``) scaled by the size's FLOPs per token against tiny's
+    and by the preset's steps."""
+    from jfe_jax.demo import _DEMO_DEFAULT_STEPS, _DEMO_FIXED_S, _DEMO_GFLOP
+    from jfe_jax.models.flops import text_forward_flops
+    from jfe_jax.models.sizes import get_size
+
+    scale = text_forward_flops(get_size(preset.size), 1, 128) / text_forward_flops(
+        get_size("tiny"), 1, 128
+    )
+    steps = sum(preset.steps) if preset.steps else _DEMO_DEFAULT_STEPS
+    compute = _DEMO_GFLOP / gflops * scale * steps / _DEMO_DEFAULT_STEPS
+    return runs * (_DEMO_FIXED_S + compute)
+
+
+def run_fusion_study(
+    workdir: str,
+    *,
+    seeds: int = 3,
+    systems: Sequence[str] = ("early", "late"),
+    preset: str = "demo",
+    steps: int | None = None,
+    replicates: int = stats.DEFAULT_REPLICATES,
+    synthetic: SyntheticConfig | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Runs (or finishes) the study in ``workdir``; returns what ``study.json`` holds.
+
+    ``steps`` overrides the preset's steps per stage and ``synthetic`` its data (tests)."""
+    from jfe_jax.demo import train_stage
+    from jfe_jax.progress import progress_bar
+    from jfe_jax.train.run_control import training_completed
+    from jfe_jax.train.topology import measured_cpu_peak
+
+    all_presets = presets()
+    if preset not in all_presets:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(all_presets)}")
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown or not systems:
+        raise ValueError(f"unknown systems {unknown} (or none); expected some of {list(SYSTEMS)}")
+    if REFERENCE not in systems:
+        raise ValueError(f"systems must include {REFERENCE!r}: fusion need is measured with it")
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    systems = [REFERENCE, *[s for s in systems if s != REFERENCE]]
+    chosen = all_presets[preset]
+    if synthetic is not None:
+        chosen = dataclasses.replace(chosen, synthetic=synthetic)
+    workdir = absolute(workdir)
+    data_dir = os.path.join(workdir, "data")
+    _prepare_data(data_dir, chosen, progress)
+
+    runs = [(system, seed) for seed in range(seeds) for system in systems]
+    gflops = measured_cpu_peak() / 1e9
+    log.info(
+        "study: %d runs (%s x %d seeds), preset %r (model %s); this machine's JAX float32 "
+        "matmul runs at %.0f GFLOP/s: about %.0f minutes from scratch",
+        len(runs),
+        ", ".join(systems),
+        seeds,
+        preset,
+        chosen.size,
+        gflops,
+        estimate_seconds(chosen, len(runs), gflops) / 60,
+    )
+    start = time.perf_counter()
+    bar = progress_bar(total=len(runs), desc="study runs", unit="run", disable=not progress)
+    try:
+        for system, seed in runs:
+            stage1, stage2, run_dir = run_configs(workdir, chosen, system, seed, steps)
+            for name, config in (("stage1", stage1), ("stage2", stage2)):
+                path = os.path.join(run_dir, name)
+                if not training_completed(path, config.train.num_steps):
+                    train_stage(config, path, f"{system} seed {seed} {name}")
+            drops = (None, *ABLATIONS) if system == REFERENCE else (None,)
+            _evaluate(run_dir, data_dir, drops, label=f"{system} seed {seed}", progress=progress)
+            bar.update(1)
+    finally:
+        bar.close()
+    result = collect(workdir, systems, seeds, replicates=replicates)
+    result["settings"].update(
+        preset=preset,
+        model_size=chosen.size,
+        synthetic=dataclasses.asdict(chosen.synthetic),
+        steps={"stage1": stage1.train.num_steps, "stage2": stage2.train.num_steps},
+        batch=stage2.data.global_batch_size,
+        matmul_gflops=round(gflops, 1),
+        seconds=round(time.perf_counter() - start, 1),
+    )
+    write_study(workdir, result)
+    return result
+
+
+def _prepare_data(data_dir: str, preset: Preset, progress: bool) -> None:
+    """Generates the preset's data once; refuses data of another preset in the workdir."""
+    from jfe_jax.data.synthetic import generate
+    from jfe_jax.data.synthetic.generate import MANIFEST_FILE
+
+    manifest_path = os.path.join(data_dir, MANIFEST_FILE)
+    wanted = json.loads(json.dumps(dataclasses.asdict(preset.synthetic)))
+    if os.path.isfile(manifest_path):
+        have = _results(manifest_path).get("config")
+        if have is not None and have != wanted:
+            raise ValueError(
+                f"{data_dir} holds synthetic data of another config than preset "
+                f"{preset.name!r}; use another --workdir"
+            )
+        return
+    generate(data_dir, preset.synthetic, overwrite=True, progress=progress)
+
+
+def _evaluate(
+    run_dir: str, data_dir: str, drops: Sequence[str | None], *, label: str, progress: bool
+) -> None:
+    """The run's evaluations not yet done: the full input, and each ablation in ``drops``."""
+    todo = [
+        (drop, os.path.join(run_dir, "eval" if drop is None else f"eval_no_{drop}"))
+        for drop in drops
+    ]
+    todo = [(d, out) for d, out in todo if not os.path.isfile(os.path.join(out, "results.json"))]
+    if not todo:
+        return
+    from jfe_jax.eval.mbeir_eval import evaluate_mbeir
+    from jfe_jax.index.embedder import embedder_for
+
+    # One embedder (one model load, one compilation per shape) for all of the run's evaluations.
+    embedder = embedder_for(os.path.join(run_dir, "stage2"), image_root=data_dir, batch_size=64)
+    for drop, out in todo:
+        evaluate_mbeir(
+            embedder,
+            data_dir,
+            out,
+            label=label if drop is None else f"{label}, no {drop}",
+            index_mode="none",  # exact search gives the numbers; no ScaNN index needed
+            drop=drop,
+            progress=progress,
+        )
+
+
+def collect(
+    workdir: str,
+    systems: Sequence[str],
+    seeds: int,
+    *,
+    replicates: int = stats.DEFAULT_REPLICATES,
+) -> dict[str, Any]:
+    """Reads every run's per-query hits and computes the study's statistics."""
+    workdir = absolute(workdir)
+    hits: dict[str, dict[str, list[np.ndarray]]] = {}
+    qids: dict[str, list[str]] = {}
+    need_hits: dict[str, list[np.ndarray]] = {}
+    for system in systems:
+        hits[system] = {}
+        for seed in range(seeds):
+            run_dir = os.path.join(workdir, system, f"seed{seed}")
+            full = per_query_hits(_results(os.path.join(run_dir, "eval", "results.json")))
+            for task, (ids, values) in full.items():
+                if qids.setdefault(task, ids) != ids:
+                    raise ValueError(f"{run_dir}: {task} was evaluated on other test queries")
+                hits[system].setdefault(task, []).append(values)
+            if system == REFERENCE:
+                ablated = [
+                    per_query_hits(_results(os.path.join(run_dir, f"eval_no_{d}", "results.json")))
+                    for d in ABLATIONS
+                ]
+                for task, (_, values) in full.items():
+                    best_without = np.maximum.reduce([a[task][1] for a in ablated])
+                    need_hits.setdefault(task, []).append(values - best_without)
+    arrays = {s: {t: np.stack(v) for t, v in tasks.items()} for s, tasks in hits.items()}
+    tasks = list(qids)
+    groups = {group: [t for t in tasks if task_id(t) in ids] for group, ids in TASK_GROUPS.items()}
+    comparison = stats.compare_systems(
+        arrays, groups=groups, reference=REFERENCE, replicates=replicates
+    )
+    boot = stats.Bootstrap(replicates)  # the same draws as compare_systems': paired with it
+    need = {t: np.stack(v) for t, v in need_hits.items()}
+    need_means, need_reps = stats.task_means(need, boot)
+    ref_means, ref_reps = stats.task_means(arrays[REFERENCE], boot)
+    need_section: dict[str, Any] = {
+        "tasks": {
+            t: stats.percentile_interval(need_means[t], need_reps[t]).to_dict() for t in tasks
+        },
+        "relation": {},
+    }
+    for system in systems:
+        if system == REFERENCE:
+            continue
+        means, reps = stats.task_means(arrays[system], boot)
+        diff = {t: ref_means[t] - means[t] for t in tasks}
+        diff_reps = {t: ref_reps[t] - reps[t] for t in tasks}
+        try:
+            need_section["relation"][system] = stats.slope_with_interval(
+                need_means, diff, need_reps, diff_reps
+            )
+        except ValueError as e:  # fewer than 3 tasks, or every task with the same need
+            need_section["relation"][system] = {"error": str(e)}
+    return {
+        "settings": {"systems": list(systems), "seeds": seeds, "reference": REFERENCE},
+        "tasks": tasks,
+        "qids": qids,
+        "hits": {s: {t: a.astype(int).tolist() for t, a in ts.items()} for s, ts in arrays.items()},
+        "need_hits": {t: a.astype(int).tolist() for t, a in need.items()},
+        "statistics": comparison,
+        "fusion_need": need_section,
+    }
+
+
+def statement(result: dict[str, Any]) -> str:
+    """What the study shows and does not show, in plain words, whatever the outcome."""
+    comparison = result["statistics"]
+    lines = []
+    level = int(round(100 * comparison["level"]))
+    for system, diff in comparison["differences"].items():
+        wins = [t for t, d in diff["tasks"].items() if d["decision"] == f"{system} wins"]
+        losses = [t for t, d in diff["tasks"].items() if d["decision"].startswith(REFERENCE)]
+        undecided = [t for t, d in diff["tasks"].items() if d["decision"] == "no decision"]
+        avg = diff["average"]
+        lines.append(
+            f"{REFERENCE} vs {system} over {result['settings']['seeds']} seeds: "
+            f"{REFERENCE} wins on {len(losses)} tasks, {system} wins on {len(wins)}, and "
+            f"{len(undecided)} have no decision ({level}% intervals of the paired difference). "
+            f"Average difference ({REFERENCE} - {system}) {-100 * avg['estimate']:+.1f} points "
+            f"[{-100 * avg['high']:+.1f}, {-100 * avg['low']:+.1f}]: {avg['decision']}."
+        )
+        relation = result["fusion_need"]["relation"].get(system, {})
+        if "slope" in relation:
+            s = relation["slope"]
+            verdict = {
+                "positive": "early fusion's advantage grows with the task's fusion need, as JFE "
+                "claims",
+                "negative": "early fusion's advantage shrinks with fusion need, against JFE's "
+                "claim",
+                "no decision": "the relation between advantage and fusion need is not decided "
+                "by these runs",
+            }[s["decision"]]
+            lines.append(
+                f"Slope of ({REFERENCE} - {system}) over fusion need across "
+                f"{len(relation['tasks'])} tasks: {s['estimate']:+.2f} "
+                f"[{s['low']:+.2f}, {s['high']:+.2f}]: {verdict}."
+            )
+    lines.append(
+        "Shown: differences between these systems on this synthetic data at this model size "
+        "and budget. Not shown: anything about real M-BEIR, real Qwen2-VL sizes or other "
+        "budgets."
+    )
+    return "\n".join(lines)
+
+
+def study_table(result: dict[str, Any]) -> str:
+    """Per task and group: each system's mean [interval], the difference and the decision."""
+    comparison = result["statistics"]
+    systems = list(comparison["systems"])
+    others = [s for s in systems if s != REFERENCE]
+
+    def cell(interval):
+        return (
+            f"{100 * interval['estimate']:5.1f} "
+            f"[{100 * interval['low']:5.1f},{100 * interval['high']:5.1f}]"
+        )
+
+    need = result["fusion_need"]["tasks"]
+    header = f"{'':<18}" + "".join(f"{s:>20}" for s in systems)
+    header += "".join(f"{REFERENCE + '-' + s:>22}{'':<16}" for s in others) + f"{'need':>8}"
+    lines = [header, "-" * len(header)]
+    rows = [(t, "tasks") for t in result["tasks"]]
+    rows += [(g, "groups") for g in comparison["systems"][REFERENCE]["groups"]]
+    rows += [("average", None)]
+    for name, section in rows:
+        pick = (lambda d: d[section][name]) if section else (lambda d: d["average"])  # noqa: B023
+        line = f"{name:<18}" + "".join(
+            f"{cell(pick(comparison['systems'][s])):>20}" for s in systems
+        )
+        for s in others:
+            d = pick(comparison["differences"][s])
+            signed = (
+                f"{-100 * d['estimate']:+5.1f} [{-100 * d['high']:+5.1f},{-100 * d['low']:+5.1f}]"
+            )
+            line += f"{signed:>22}  {d['decision']:<14}"
+        line += f"{100 * need[name]['estimate']:>8.1f}" if section == "tasks" else f"{'':>8}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def write_study(workdir: str, result: dict[str, Any]) -> None:
+    """``fusion/study.json``, ``table.txt`` and the two plots."""
+    from jfe_jax.eval.plots import plot_need_relation, plot_study
+
+    out = os.path.join(absolute(workdir), STUDY_DIR)
+    os.makedirs(out, exist_ok=True)
+    result["table"] = study_table(result)
+    result["statement"] = statement(result)
+    tmp = os.path.join(out, STUDY_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, os.path.join(out, STUDY_FILE))
+    with open(os.path.join(out, "table.txt"), "w", encoding="utf-8") as f:
+        f.write(result["table"] + "\n\n" + result["statement"] + "\n")
+    plot_study(result, os.path.join(out, "study.png"))
+    plot_need_relation(result, os.path.join(out, "need.png"))

@@ -1,0 +1,90 @@
+"""`jfe experiment fusion`: the study end to end at a toy size, its files, and a rerun."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jfe_jax import study
+from jfe_jax.cli import main
+from jfe_jax.data.synthetic import SyntheticConfig
+
+# Three tasks (one per kind of input: text -> image, image+text -> text, image+text ->
+# image) with a few queries each: the statistics need nothing more.
+TOY = SyntheticConfig(
+    tasks=("mscoco_task0", "oven_task6", "cirr_task7"),
+    train_queries_per_task=12,  # 36 in all: one batch of the demo configs' 32
+    val_queries_per_task=2,
+    test_queries_per_task=6,
+    num_text_triples=40,
+    num_image_captions=40,
+    train_query_multipliers=(),
+)
+
+
+@pytest.mark.slow
+def test_study_runs_end_to_end_and_writes_study_json(tmp_path):
+    workdir = str(tmp_path / "study")
+    result = study.run_fusion_study(
+        workdir, seeds=2, steps=1, replicates=200, synthetic=TOY, progress=False
+    )
+    out = os.path.join(workdir, "fusion")
+    for name in ("study.json", "table.txt", "study.png", "need.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    with open(os.path.join(out, "study.json")) as f:
+        saved = json.load(f)
+    assert saved["settings"]["seeds"] == 2 and saved["settings"]["systems"] == ["early", "late"]
+    tasks = saved["tasks"]
+    assert sorted(tasks) == sorted(TOY.tasks)
+    # Every seed's per-query hits are kept, so the statistics can be recomputed from the file.
+    for system in ("early", "late"):
+        for task in tasks:
+            hits = np.asarray(saved["hits"][system][task])
+            assert hits.shape == (2, len(saved["qids"][task]))
+            assert set(np.unique(hits)) <= {0, 1}
+            mean = saved["statistics"]["systems"][system]["tasks"][task]["estimate"]
+            assert mean == pytest.approx(hits.mean())
+    recomputed = study.stats.compare_systems(
+        {s: {t: np.asarray(v) for t, v in saved["hits"][s].items()} for s in ("early", "late")},
+        reference="early",
+        replicates=200,
+    )
+    for section in ("tasks", "average"):  # (groups: the study passes M-BEIR's, this does not)
+        assert (
+            recomputed["differences"]["late"][section]
+            == saved["statistics"]["differences"]["late"][section]
+        )
+    # Fusion need: text -> image has no item with both modalities, so dropping one changes
+    # nothing and its need is exactly 0.
+    assert saved["fusion_need"]["tasks"]["mscoco_task0"]["estimate"] == 0.0
+    assert saved["statement"] and ("no decision" in saved["table"] or "wins" in saved["table"])
+    # Each seed is its own training run (data order and initialisation differ).
+    first = os.path.join(workdir, "early", "seed0", "stage2", "config.json")
+    second = os.path.join(workdir, "early", "seed1", "stage2", "config.json")
+    assert json.load(open(first))["seed"] == 0 and json.load(open(second))["seed"] == 1
+    assert (
+        json.load(open(os.path.join(workdir, "late", "seed0", "stage2", "config.json")))["model"][
+            "fusion"
+        ]
+        == "late"
+    )
+
+    # A rerun trains nothing and evaluates nothing: the same numbers, from the saved runs.
+    again = study.run_fusion_study(
+        workdir, seeds=2, steps=1, replicates=200, synthetic=TOY, progress=False
+    )
+    assert again["hits"] == result["hits"]
+    assert again["statistics"]["differences"] == result["statistics"]["differences"]
+
+
+def test_study_refuses_bad_arguments_with_the_reason(tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown systems"):
+        study.run_fusion_study(str(tmp_path), systems=("early", "mire"))
+    with pytest.raises(ValueError, match="must include 'early'"):
+        study.run_fusion_study(str(tmp_path), systems=("late",))
+    with pytest.raises(ValueError, match="unknown preset"):
+        study.run_fusion_study(str(tmp_path), preset="huge")
+    with pytest.raises(SystemExit):
+        main(["experiment", "fusion", "--workdir", str(tmp_path), "--systems", "late"])
+    assert "must include 'early'" in capsys.readouterr().err
