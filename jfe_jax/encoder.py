@@ -49,22 +49,53 @@ BACKBONE = ("vision", "text")
 _LAYOUT_OPTIONS = ("scan_layers", "remat", "temperature")
 
 
-def init_params(module: OneTowerEncoder, rng: jax.Array, *, keep=None):
+def init_params(module: OneTowerEncoder, rng: jax.Array, *, keep=None, shardings=None):
     """Initialises (unboxed) params under jit; ``keep(path_tuple) -> bool`` selects leaves.
 
     Parameters that are not returned are dead code to XLA, so initialising only the head and
-    the LoRA adapters of a 7B model costs next to nothing.
+    the LoRA adapters of a 7B model costs next to nothing. ``shardings`` (a tree over all the
+    params, as ``param_shardings``): each param is created in its shards.
     """
     batch = dummy_batch(module.config)
 
-    def init(rng):
-        params = nn.meta.unbox(module.init(rng, batch)["params"])
-        if keep is not None:
-            flat = traverse_util.flatten_dict(params)
-            params = traverse_util.unflatten_dict({k: v for k, v in flat.items() if keep(k)})
-        return params
+    def select(tree):
+        if keep is None:
+            return tree
+        flat = traverse_util.flatten_dict(tree)
+        return traverse_util.unflatten_dict({k: v for k, v in flat.items() if keep(k)})
 
-    return jax.jit(init)(rng)
+    def init(rng):
+        return select(nn.meta.unbox(module.init(rng, batch)["params"]))
+
+    out_shardings = None if shardings is None else select(dict(shardings))
+    return jax.jit(init, out_shardings=out_shardings)(rng)
+
+
+def param_shardings(module: OneTowerEncoder, mesh: jax.sharding.Mesh | None = None) -> dict:
+    """Where each param of ``module`` lives (a tree of shardings with the params' structure):
+    over ``mesh`` by the logical axis rules, or without a mesh whole on the first local device."""
+    boxed = jax.eval_shape(
+        lambda: module.init(jax.random.key(0), dummy_batch(module.config))["params"]
+    )
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree_util.tree_map(lambda _: device, nn.meta.unbox(boxed))
+    from jfe_jax.train.mesh import logical_shardings
+
+    return logical_shardings(boxed, mesh)
+
+
+def _place(params: Mapping[str, Any], shardings: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` moved leaf by leaf into ``shardings`` (a no-op for a leaf already there)."""
+    flat_shardings = traverse_util.flatten_dict(dict(shardings))
+    placed = {}
+    for path, value in traverse_util.flatten_dict(dict(params)).items():
+        if path not in flat_shardings:
+            raise ValueError(
+                f"params has {'/'.join(path)}, which a model with these options does not"
+            )
+        placed[path] = jax.device_put(value, flat_shardings[path])
+    return traverse_util.unflatten_dict(placed)
 
 
 def _is_extra(path: tuple[str, ...]) -> bool:
@@ -96,10 +127,15 @@ class Encoder:
         options: EncoderOptions = EncoderOptions(),
         *,
         source_dir: str | None = None,
+        mesh: jax.sharding.Mesh | None = None,
     ):
         self.config = config.validate()
         self.options = options
         self.module = options.module(config)
+        # With a mesh, the params live in their shards over it (by the logical axis rules).
+        self.mesh = mesh
+        if mesh is not None:
+            params = _place(params, param_shardings(self.module, mesh))
         self.params = params
         self.source_dir = source_dir
         self.trace_count = 0  # traces of the forward: one per input shape and output kind
@@ -132,19 +168,28 @@ class Encoder:
 
     @classmethod
     def from_pretrained(
-        cls, path: str, options: EncoderOptions | None = None, **overrides
+        cls,
+        path: str,
+        options: EncoderOptions | None = None,
+        *,
+        mesh: jax.sharding.Mesh | None = None,
+        **overrides,
     ) -> Encoder:
-        """Loads a Hugging Face Qwen2-VL directory (config.json + safetensors).
+        """Loads a Hugging Face Qwen2-VL directory (config.json + safetensors, one file or
+        shards with an index), or a training workdir (``from_workdir``).
 
         Options come from ``options``, else from the directory's ``jfe_encoder.json`` when it
         was written by ``save_pretrained``, else the defaults; keyword ``overrides`` replace
-        single fields (e.g. ``dtype="bfloat16"``, ``lora_rank=64``).
+        single fields (e.g. ``dtype="bfloat16"``, ``lora_rank=64``). ``mesh``: the params go
+        into their shards over it (logical axis rules), each device's slices read from the
+        memory-mapped files; without one, the whole model goes to the first local device.
+        Either way the weights are read one tensor at a time, never the model on the host.
         """
         path = absolute(path)
         if not os.path.isdir(path):
             raise ValueError(f"{path} is not a directory")
         if os.path.isdir(os.path.join(path, "checkpoints")):
-            return cls.from_workdir(path, options, **overrides)
+            return cls.from_workdir(path, options, mesh=mesh, **overrides)
         config = ModelConfig.from_pretrained(path)
         if options is None:
             options = EncoderOptions()
@@ -158,19 +203,32 @@ class Encoder:
                 options = EncoderOptions(**fields)
         options = dataclasses.replace(options, **overrides)
         module = options.module(config)
+        shardings = param_shardings(module, mesh)
         backbone = load_hf_params(
-            path, config, scan_layers=options.scan_layers, dtype=_dtype(options.param_dtype)
+            path,
+            config,
+            scan_layers=options.scan_layers,
+            dtype=_dtype(options.param_dtype),
+            shardings=shardings,
         )
         params = traverse_util.flatten_dict(backbone)
-        extras = init_params(module, jax.random.key(0), keep=_is_extra)
+        extras = init_params(module, jax.random.key(0), keep=_is_extra, shardings=shardings)
         params.update(traverse_util.flatten_dict(extras))
         head_path = os.path.join(path, HEAD_FILE)
         if os.path.isfile(head_path):
             head = SafetensorsFile(head_path)
-            params.update({tuple(n.split("/")): np.asarray(head.get(n)) for n in head.keys()})
-        params = jax.tree_util.tree_map(jnp.asarray, traverse_util.unflatten_dict(params))
-        encoder = cls(config, params, options, source_dir=path)
-        encoder._loaded_from = (params, "hf", path)
+            flat_shardings = traverse_util.flatten_dict(shardings)
+            for name in head.keys():
+                key = tuple(name.split("/"))
+                if key not in flat_shardings:
+                    raise ValueError(
+                        f"{head_path} holds {name}, which a model with these options does not "
+                        f"have (projection_dim={options.projection_dim})"
+                    )
+                params[key] = jax.device_put(np.asarray(head.get(name)), flat_shardings[key])
+        params = traverse_util.unflatten_dict(params)
+        encoder = cls(config, params, options, source_dir=path, mesh=mesh)
+        encoder._loaded_from = (encoder.params, "hf", path)
         return encoder
 
     @classmethod
@@ -179,9 +237,13 @@ class Encoder:
         workdir: str,
         options: EncoderOptions | None = None,
         step: int | None = None,
+        *,
+        mesh: jax.sharding.Mesh | None = None,
         **overrides,
     ) -> Encoder:
-        """Loads the latest (or ``step``) checkpoint of a ``jfe train`` workdir."""
+        """Loads the params of the latest (or ``step``) checkpoint of a ``jfe train`` workdir;
+        the optimizer state is not read. ``mesh``: each param is restored straight into its
+        shards over it (logical axis rules); without one, whole onto the first local device."""
         import ml_collections
 
         from jfe_jax.train.checkpoint import load_model_config, read_run_config, restore_params
@@ -192,10 +254,11 @@ class Encoder:
         if options is None:
             options = encoder_options(ml_collections.ConfigDict(read_run_config(workdir)))
         options = dataclasses.replace(options, **overrides)
-        params, step = restore_params(workdir, step)
-        encoder = cls(config, params, options, source_dir=workdir)
+        shardings = None if mesh is None else param_shardings(options.module(config), mesh)
+        params, step = restore_params(workdir, step, sharding=shardings)
+        encoder = cls(config, params, options, source_dir=workdir, mesh=mesh)
         encoder.step = step
-        encoder._loaded_from = (params, "workdir", workdir)
+        encoder._loaded_from = (encoder.params, "workdir", workdir)
         return encoder
 
     @property

@@ -8,10 +8,17 @@ process holds 4 and they join over loopback (``127.0.0.1:PORT``, gloo collective
 hold (process i: rows [i * B / 2, (i + 1) * B / 2)), as a real multi-host pipeline does.
 Both processes write to the same WORKDIR (process 0 the metrics, both the checkpoints).
 Used by test_multihost.py.
+
+``JFE_TEST_SIGTERM=1@2`` makes process 1 send itself SIGTERM as it draws its second batch (and
+wait 3 s, so that the notice reaches every process before the run ends); a run stopped that way
+prints "process I stopped at step S" and exits 0. ``JFE_TEST_LOG_EVERY`` sets
+``train.log_every`` (default 1). Used by test_host_sync.py.
 """
 
 import os
+import signal
 import sys
+import time
 
 TOTAL_DEVICES = 8
 GLOBAL_BATCH = 8
@@ -38,6 +45,7 @@ from train_fixtures import ToyPairs  # noqa: E402
 from jfe_jax.models.sizes import get_size  # noqa: E402
 from jfe_jax.train import mesh as mesh_lib  # noqa: E402
 from jfe_jax.train.config_base import base_config  # noqa: E402
+from jfe_jax.train.run_control import TrainingInterrupted  # noqa: E402
 from jfe_jax.train.trainer import train  # noqa: E402
 
 
@@ -81,6 +89,21 @@ class HostRows:
         self.source.set_state(state)
 
 
+class SigtermAt(HostRows):
+    """``HostRows`` whose ``at``-th batch comes with a SIGTERM to this process."""
+
+    def __init__(self, rows: HostRows, at: int):
+        super().__init__(rows.source, rows.rows)
+        self.at, self.drawn = at, 0
+
+    def __next__(self):
+        self.drawn += 1
+        if self.drawn == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(3)
+        return super().__next__()
+
+
 def config(num_steps: int):
     c = base_config()
     c.data.global_batch_size = GLOBAL_BATCH
@@ -88,7 +111,7 @@ def config(num_steps: int):
     c.optimizer.learning_rate = 1e-3
     c.optimizer.warmup_steps = 1
     c.train.num_steps = num_steps
-    c.train.log_every = 1
+    c.train.log_every = int(os.environ.get("JFE_TEST_LOG_EVERY", "1"))
     c.train.checkpoint_every_steps = 2  # an intermediate save too, both processes taking part
     c.train.async_checkpointing = True
     c.lock()
@@ -113,8 +136,15 @@ def main() -> None:
     rows = host_rows(c, GLOBAL_BATCH)
     print(f"process {jax.process_index()} feeds rows {rows.start}:{rows.stop}", flush=True)
     data = HostRows(ToyPairs(get_size("tiny"), batch_size=GLOBAL_BATCH, seed=SEED), rows)
-    summary = train(c, WORKDIR, data=data)
-    print(f"process {jax.process_index()} finished step {summary.get('step')}", flush=True)
+    process, _, batch = os.environ.get("JFE_TEST_SIGTERM", "").partition("@")
+    if process and int(process) == jax.process_index():
+        data = SigtermAt(data, int(batch))
+    try:
+        summary = train(c, WORKDIR, data=data)
+    except TrainingInterrupted as e:
+        print(f"process {jax.process_index()} stopped at step {e.step}", flush=True)
+    else:
+        print(f"process {jax.process_index()} finished step {summary.get('step')}", flush=True)
     if NUM_PROCESSES > 1:
         jax.distributed.shutdown()
 

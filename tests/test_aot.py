@@ -1,4 +1,5 @@
-"""``jfe aot``: TPU topology names, loop-aware HLO costs, and compiling configs for a TPU slice.
+"""``jfe aot``: TPU topology names, loop-aware HLO costs, compiling configs for a TPU slice, the
+train batch it derives from the data pipeline, and that it lowers the step the trainer runs.
 
 These tests need libtpu (the ``tpu`` extra: ``pip install -e '.[tpu]'``); without it they fail
 rather than skip, since the ahead-of-time check is only as good as the compiler behind it.
@@ -14,18 +15,34 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jfe_jax.train.aot import aot_main
+from jfe_jax.data.synthetic import SyntheticConfig, generate
+from jfe_jax.models.flops import batch_required_flops, model_sides, train_step_required_flops
+from jfe_jax.train import setup as setup_lib
+from jfe_jax.train.aot import aot_main, lower_train_step, parse_config
+from jfe_jax.train.aot_batch import (
+    MBEIR_TRAIN_QUERIES,
+    BatchShape,
+    batch_shape_for,
+    mbeir_tasks,
+    train_batch,
+)
 from jfe_jax.train.hlo_cost import hlo_costs
+from jfe_jax.train.mesh import make_mesh
+from jfe_jax.train.setup import model_config_for
 from jfe_jax.train.topology import parse_topology, slice_shape
+from jfe_jax.train.trainer import train
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "stage1_demo.py")
+STAGE2_DEMO = os.path.join(os.path.dirname(__file__), "..", "configs", "stage2_demo.py")
 
 
-def demo_args(batch_size: int = 16, batch_shape: str = "L=64,P=16") -> list[str]:
+def demo_args(
+    batch_size: int = 16, batch_shape: str = "L=64,P=16", config: str = DEMO_CONFIG
+) -> list[str]:
     """The demo model at a small batch: fast compiles (seconds on 2 CPU cores)."""
     return [
         "--config",
-        DEMO_CONFIG,
+        config,
         f"--config.data.global_batch_size={batch_size}",
         "--batch-shape",
         batch_shape,
@@ -163,7 +180,8 @@ def test_aot_compiles_the_demo_config_for_a_v5e_slice_and_reports_memory_and_flo
     # of tiny's 2 decoder layers runs its queries, o_proj and MLP at the pooled token only (it
     # skips 63/64 of that layer's 90k FLOPs per token but k/v's 8k: about 45% of the decoder)
     # and causal attention in 2 query blocks skips a quarter of layer 1's score work (2%), so
-    # the compiled step is expected near 0.55 of model FLOPs (measured 0.59).
+    # the compiled step is expected near 0.55 of model FLOPs (measured 0.57 on stage 1's
+    # image-caption batches: text-only queries, image-only candidates).
     train = report["programs"]["train"]
     assert 0.5 < train["compiled_flops"] * 8 / train["model_flops"] < 0.75
 
@@ -186,8 +204,11 @@ def test_aot_exits_2_when_the_configs_mesh_does_not_map_onto_the_torus(capsys):
 def test_required_flops_match_what_the_compiler_runs_with_a_frozen_vision_tower(tmp_path):
     # No gradient cache and no remat: the compiled step runs exactly what the gradients need,
     # so its FLOPs check the required count (frozen vision: 1x forward) against the compiler.
+    # Stage 2's uniform items fill their rows (text and an image on both sides), so nothing
+    # the compiler runs is padding the required count leaves out.
     out = tmp_path / "aot.json"
-    argv = [*demo_args(), "--config.optimizer.trainable=freeze_vision", "--programs", "train"]
+    argv = [*demo_args(config=STAGE2_DEMO), "--config.optimizer.trainable=freeze_vision"]
+    argv += ["--programs", "train"]
     assert aot_main([*argv, "--topology", "v5e-8", "--json", str(out)]) == 0
     train = json.loads(out.read_text())["programs"]["train"]
     assert train["required_flops"] < train["model_flops"]
@@ -195,3 +216,160 @@ def test_required_flops_match_what_the_compiler_runs_with_a_frozen_vision_tower(
     assert train["mfu_required"] == pytest.approx(
         train["mfu"] * train["required_flops"] / train["model_flops"]
     )
+
+
+# ============================================================================ the train batch
+
+
+def _demo_batch(mix, *overrides, batch_size=64):
+    config = parse_config("test", ["--config", STAGE2_DEMO, *overrides])
+    with config.unlocked():
+        config.data.global_batch_size = batch_size
+    mesh = make_mesh(dict(config.mesh))
+    model_config = model_config_for(config)
+    return (
+        config,
+        model_config,
+        train_batch(config, model_config, mesh, batch_shape_for(config), mix),
+    )
+
+
+def test_mbeir_mix_has_the_union_training_sets_task_proportions():
+    # UniIR's Table 1, in thousands: 1150 rows are exactly one row per thousand queries.
+    rows = mbeir_tasks(1150)
+    assert {task: rows.count(task) for task in set(rows)} == {
+        task: n // 1000 for task, n in MBEIR_TRAIN_QUERIES.items()
+    }
+    # Per side: text-only tasks 0-2 (273K queries), image-only 3-4 (244K), image+text 6-8
+    # (633K); candidates: images for tasks 0, 4, 7 (272K), text for 1, 3, 6 (535K), both for
+    # 2, 8 (343K).
+    _, _, batch = _demo_batch("mbeir")
+    expected = {
+        "query": {"text": 273, "image": 244, "image,text": 633},
+        "candidate": {"image": 272, "text": 535, "image,text": 343},
+    }
+    for side, shares in expected.items():
+        assert sum(batch.modalities[side].values()) == 64
+        for modality, thousands in shares.items():
+            assert abs(batch.modalities[side][modality] - 64 * thousands / 1150) <= 1, side
+
+
+def test_required_flops_count_only_real_tokens_and_patches():
+    config, model_config, uniform = _demo_batch("uniform")
+    _, _, mixed = _demo_batch("mbeir")
+    options = dict(
+        trainable=config.optimizer.trainable,
+        lora_rank=config.model.lora_rank,
+        lora_targets=tuple(config.model.lora_targets),
+    )
+    # The same padded shapes; uniform items fill them, the mix's leave padding.
+    assert jax.tree.map(lambda s: s.shape, uniform.batch) == jax.tree.map(
+        lambda s: s.shape, mixed.batch
+    )
+    padded = train_step_required_flops(model_config, uniform.batch, **options)
+    assert uniform.required_flops == pytest.approx(padded, rel=1e-12)
+    assert mixed.required_flops < 0.9 * padded
+    # Recounted from the collated rows: each row alone at its real tokens and patches.
+    recount = 0.0
+    for side in model_sides(mixed.host_batch):
+        tokens = np.asarray(side["attention_mask"]).sum(axis=1)
+        patches = (np.asarray(side["patch_segment_ids"]) > 0).sum(axis=1)
+        for n, p in zip(tokens, patches):
+            alone = {"input_ids": np.zeros((1, n)), "pixel_values": np.zeros((1, p, 1))}
+            recount += batch_required_flops(model_config, alone, **options)
+    assert mixed.required_flops == pytest.approx(recount, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "override, keys",
+    [
+        ("--config.data.pack=True", {"segment_ids", "pool_index", "item_mask"}),
+        ("--config.model.fusion=late", {"text", "image", "has_text", "has_image"}),
+        ("--config.data.pack_vision=True", {"vision_pixel_values", "image_token_index"}),
+    ],
+    ids=["pack", "late_fusion", "pack_vision"],
+)
+def test_train_batch_is_the_pipelines_collate_of_packed_late_and_vision_packed_sides(
+    override, keys
+):
+    _, model_config, batch = _demo_batch("uniform", override, batch_size=16)
+    for side in ("query", "candidate"):
+        assert keys <= set(batch.batch[side]), side
+        assert set(batch.batch[side]) == set(batch.host_batch[side]), side
+    # Pixels are collated one float wide (host memory), then widened to the model's patches.
+    pixels = [
+        leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(batch.batch)
+        if "pixel_values" in jax.tree_util.keystr(path)
+    ]
+    assert pixels and all(p.shape[-1] == model_config.vision.patch_dim for p in pixels)
+
+
+def test_aot_with_the_mbeir_mix_reports_its_items_and_a_lower_required_mfu(tmp_path, capsys):
+    out = tmp_path / "aot.json"
+    argv = ["--config", STAGE2_DEMO, "--config.data.global_batch_size=16", "--batch-mix", "mbeir"]
+    argv += ["--programs", "train", "--topology", "v5e-8", "--json", str(out)]
+    assert aot_main(argv) == 0
+    assert "batch (mbeir mix), items: query " in capsys.readouterr().out
+    train = json.loads(out.read_text())["programs"]["train"]
+    assert train["batch_mix"] == "mbeir"
+    assert sum(train["batch_items"]["candidate"].values()) == 16
+    assert train["mfu_required"] < train["mfu"]
+
+
+def test_the_mbeir_mix_of_a_pairs_config_exits_2(capsys):
+    assert aot_main([*demo_args(), "--batch-mix", "mbeir", "--topology", "v5e-8"]) == 2
+    assert "--batch-mix mbeir lays out M-BEIR's training tasks" in capsys.readouterr().err
+
+
+# ============================================================================ aot = the trainer
+
+
+@pytest.mark.slow
+def test_aot_lowers_the_same_step_the_trainer_compiles(tmp_path, monkeypatch):
+    """A short train() on the real data pipeline, its lowering captured, against jfe aot's
+    lowering of the same config on the same mesh for that batch shape."""
+    root = tmp_path / "data"
+    generate(
+        str(root),
+        SyntheticConfig(
+            seed=1,
+            tasks=("cirr_task7",),  # (image, text) queries, image candidates
+            train_queries_per_task=16,
+            val_queries_per_task=2,
+            test_queries_per_task=2,
+            num_text_triples=8,
+            num_image_captions=8,
+        ),
+        progress=False,
+    )
+    config = parse_config("test", ["--config", STAGE2_DEMO])
+    with config.unlocked():
+        config.stage = "stage1"  # random init: stage 2 would need a stage-1 workdir
+        config.data.root = str(root)
+        config.data.global_batch_size = 8
+        config.data.num_hard_negatives = 1
+        config.data.length_buckets = (128,)  # every side one length, as aot's BatchShape
+        config.train.num_steps = 1
+        config.optimizer.warmup_steps = 0
+    lowered_by_trainer = []
+    lower = setup_lib.TrainSetup.lower
+
+    def spy(self, state, batch):
+        lowered = lower(self, state, batch)
+        lowered_by_trainer.append((jax.tree.map(lambda x: (x.shape, x.dtype), batch), lowered))
+        return lowered
+
+    monkeypatch.setattr(setup_lib.TrainSetup, "lower", spy)
+    train(config, str(tmp_path / "workdir"))
+    monkeypatch.undo()
+
+    ((batch_shapes, trainer_lowered),) = lowered_by_trainer
+    shape = BatchShape(
+        length=batch_shapes["query"]["input_ids"][0][1],
+        query_patches=batch_shapes["query"]["pixel_values"][0][1],
+        candidate_patches=batch_shapes["candidate"]["pixel_values"][0][1],
+    )
+    aot_lowered, aot_batch = lower_train_step(setup_lib.build(config), shape)
+    assert jax.tree.map(lambda s: (s.shape, s.dtype), aot_batch.batch) == batch_shapes
+    assert aot_lowered.as_text() == trainer_lowered.as_text()

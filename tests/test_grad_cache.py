@@ -11,7 +11,7 @@ from toy_model import ToyEncoder
 from jfe_jax.models.axes import LOGICAL_RULES
 from jfe_jax.train.grad_cache import grad_cache_loss_and_grad
 from jfe_jax.train.loss import contrastive_loss
-from jfe_jax.train.mesh import batch_sharding, make_mesh, replicated_sharding, sharded_init
+from jfe_jax.train.mesh import batch_sharding, logical_shardings, make_mesh, replicated_sharding
 
 BATCH, FEATURES, NUM_HARD = 16, 16, 2
 MAX_RELATIVE_DIFFERENCE = 1e-5
@@ -112,14 +112,12 @@ def test_grad_cache_equals_full_batch_gradient(reference, chunk_size):
 def test_grad_cache_on_data_fsdp_tensor_mesh_equals_single_device(reference, chunk_size):
     params, batch, ((loss, _), grads) = reference
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    # The reference's values, placed by their logical axes as the trainer places params.
+    sample = {"features": np.zeros((2, FEATURES), np.float32)}
+    boxed = jax.eval_shape(lambda: MODEL.init(jax.random.key(0), sample)["params"])
+    shardings = logical_shardings(boxed, mesh)
+    sharded_params = jax.device_put(params, shardings)
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-        sharded_params, shardings = sharded_init(
-            lambda rng: MODEL.init(rng, {"features": np.zeros((2, FEATURES), np.float32)})[
-                "params"
-            ],
-            mesh,
-            args=(jax.random.key(0),),
-        )
         step = jax.jit(
             lambda p, b: grad_cache_step(p, b, chunk_size=chunk_size),
             in_shardings=(shardings, batch_sharding(mesh)),

@@ -1,4 +1,5 @@
-"""Mesh shapes, shardings and sharded train steps; the optimizer's schedule, masks and groups."""
+"""Mesh shapes, shardings and sharded train steps; the trainer's initial state and its one
+freezing mechanism (the state split); the optimizer's schedule, masks and groups."""
 
 import math
 
@@ -11,8 +12,11 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec
 from toy_model import ToyEncoder
+from train_fixtures import ToyPairs, assert_trees_close
 
 from jfe_jax.models.axes import LOGICAL_RULES
+from jfe_jax.models.inputs import dummy_batch
+from jfe_jax.train.config_base import base_config
 from jfe_jax.train.loss import contrastive_loss
 from jfe_jax.train.mesh import (
     batch_sharding,
@@ -22,7 +26,6 @@ from jfe_jax.train.mesh import (
     make_mesh,
     replicated_sharding,
     resolve_mesh_shape,
-    sharded_init,
 )
 from jfe_jax.train.optimizer import (
     decay_mask,
@@ -31,6 +34,7 @@ from jfe_jax.train.optimizer import (
     param_labels,
     trainable_mask,
 )
+from jfe_jax.train.setup import build
 
 BATCH, FEATURES, NUM_HARD = 16, 16, 2
 MAX_RELATIVE_DIFFERENCE = 1e-5
@@ -151,17 +155,42 @@ def max_relative_difference(actual, expected):
     return max(jax.tree.leaves(diffs))
 
 
-def test_sharded_init_places_params_by_logical_axes_and_matches_plain_init():
-    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    params, shardings = sharded_init(init_variables, mesh, args=(jax.random.key(0),))
-    assert shardings["up"]["kernel"].spec == PartitionSpec("fsdp", "tensor")
-    assert shardings["down"]["kernel"].spec == PartitionSpec("tensor", "fsdp")
-    assert shardings["log_temperature"].spec == PartitionSpec()
-    assert params["up"]["kernel"].sharding == shardings["up"]["kernel"]
-    assert params["up"]["kernel"].addressable_shards[0].data.shape == (FEATURES // 2, 32 // 2)
-    # Same random bits (partitionable threefry); only float fusion may differ.
-    plain = nn.meta.unbox(init_variables(jax.random.key(0)))
-    assert max_relative_difference(params, plain) <= 1e-6
+def tiny_config(**fields):
+    """The tiny model's training config with ``fields`` ({"a.b": value}) set."""
+    config = base_config()
+    for dotted, value in fields.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    config.lock()
+    return config
+
+
+def test_initial_state_places_params_by_logical_axes_and_matches_plain_init():
+    config = tiny_config(
+        **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "optimizer.trainable": "freeze_vision"}
+    )
+    setup = build(config)
+    state, origin = setup.initial_state()
+    assert origin == "random init of size tiny"
+    assert set(state.frozen) == {"vision", "logit_scale"}  # a fixed temperature is frozen too
+    assert set(state.trainable) == {"text"}
+    up = state.trainable["text"]["layers_0"]["up_proj"]["kernel"]  # (embed, mlp)
+    assert up.sharding.spec == PartitionSpec("fsdp", "tensor")
+    assert up.addressable_shards[0].data.shape == (64 // 2, 128 // 2)
+    qkv = state.frozen["vision"]["blocks_0"]["qkv"]["kernel"]  # (vision_embed, vision_qkv)
+    assert qkv.sharding.spec == PartitionSpec("fsdp", "tensor")
+    # Adam's moments lie as their params; the step is replicated.
+    ((_, mu),) = optax.tree_utils.tree_get_all_with_path(state.opt_state, "mu")
+    assert mu["text"]["layers_0"]["up_proj"]["kernel"].sharding == up.sharding
+    assert state.step.sharding.spec == PartitionSpec()
+    # Same random bits as a plain init (partitionable threefry); only float fusion may differ.
+    plain = nn.meta.unbox(
+        setup.module.init(jax.random.key(config.seed), dummy_batch(setup.model_config))["params"]
+    )
+    assert_trees_close(state.params, plain, rtol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -283,35 +312,37 @@ def optimizer(**overrides):
     return make_optimizer(**(settings | overrides))
 
 
-def test_frozen_params_never_change_and_hold_no_adam_state():
-    params = model_like_params()
-    trainable = trainable_mask(params, "lora", also_trainable=("projection",))
-    tx = optimizer(trainable=trainable, weight_decay=0.1, max_grad_norm=1.0)
-    state = tx.init(params)
-    updated = params
-    for seed in range(3):
-        grads = jax.tree.map(
-            lambda x, s=seed: jnp.asarray(np.random.default_rng(s).normal(size=x.shape), x.dtype),
-            params,
-        )
-        updates, state = tx.update(grads, state, updated)
-        updated = optax.apply_updates(updated, updates)
-
-    is_trainable = flat(trainable)
-    for path, (before, after) in {
-        p: (b, a) for (p, b), a in zip(flat(params).items(), flat(updated).values())
-    }.items():
-        if is_trainable[path]:
-            assert np.any(np.asarray(before) != np.asarray(after)), path
-        else:
-            np.testing.assert_array_equal(np.asarray(before), np.asarray(after), err_msg=path)
-
-    adam_moments = optax.tree_utils.tree_get_all_with_path(state, "mu")
-    moment_size = sum(leaf.size for _, mu in adam_moments for leaf in jax.tree.leaves(mu))
-    trainable_size = sum(
-        leaf.size for leaf, t in zip(jax.tree.leaves(params), jax.tree.leaves(trainable)) if t
+@pytest.mark.slow
+def test_train_step_changes_only_trainable_params_and_keeps_adam_state_for_them_alone():
+    # The one freezing mechanism: the state split (lora: base weights and vision frozen).
+    config = tiny_config(
+        **{
+            "model.lora_rank": 4,
+            "model.lora_alpha": 8.0,
+            "optimizer.trainable": "lora",
+            "optimizer.warmup_steps": 0,
+        }
     )
-    assert moment_size == trainable_size
+    setup = build(config)
+    state, _ = setup.initial_state()
+    batch = global_batch_from_host(next(ToyPairs(setup.model_config, batch_size=16)), setup.mesh)
+    step = setup.lower(setup.abstract_state(), batch).compile()
+    before = jax.device_get(state)  # the step donates the state's buffers
+    for _ in range(2):
+        state, metrics = step(state, batch)
+    after = jax.device_get(state)
+
+    assert {path.split("/")[-1] for path in flat(before.trainable)} == {"lora_a", "lora_b"}
+    assert float(metrics["grad_norm"]) > 0
+    for path, leaf in flat(before.frozen).items():
+        np.testing.assert_array_equal(flat(after.frozen)[path], leaf, err_msg=path)
+    # lora_b starts at zero, so after two steps every adapter has moved.
+    for path, leaf in flat(before.trainable).items():
+        assert np.any(flat(after.trainable)[path] != leaf), path
+    adam_moments = optax.tree_utils.tree_get_all_with_path(after.opt_state, "mu")
+    moment_size = sum(leaf.size for _, mu in adam_moments for leaf in jax.tree.leaves(mu))
+    assert moment_size == sum(leaf.size for leaf in jax.tree.leaves(before.trainable))
+    assert moment_size < sum(leaf.size for leaf in jax.tree.leaves(before.frozen)) / 10
 
 
 def test_weight_decay_skips_norms_biases_and_scalars():
@@ -366,24 +397,21 @@ def test_lr_multipliers_scale_each_group_and_first_match_wins():
     np.testing.assert_array_equal(np.asarray(updates["log_temperature"]), 0.0)
 
 
-def test_clipping_norm_counts_only_trainable_gradients():
+def test_clipping_scales_gradients_to_the_max_global_norm_before_adam():
     params = model_like_params()
-    trainable = trainable_mask(params, "freeze_vision")
-    tx = optimizer(trainable=trainable, max_grad_norm=1.0)
+    tx = optimizer(max_grad_norm=1.0)
     grads = jax.tree.map(lambda x: jnp.full(x.shape, 0.5, x.dtype), params)
-    grads["vision"] = jax.tree.map(lambda x: jnp.full(x.shape, 1e6, x.dtype), grads["vision"])
+    grads["vision"] = jax.tree.map(lambda x: jnp.full(x.shape, 3.0, x.dtype), grads["vision"])
     _, state = tx.update(grads, tx.init(params), params)
 
-    trainable_norm = math.sqrt(
-        sum(
-            float(np.sum(np.asarray(g) ** 2))
-            for g, t in zip(jax.tree.leaves(grads), jax.tree.leaves(trainable))
-            if t
-        )
-    )
+    norm = math.sqrt(sum(float(np.sum(np.asarray(g) ** 2)) for g in jax.tree.leaves(grads)))
+    assert norm > 1.0
     ((_, mu),) = optax.tree_utils.tree_get_all_with_path(state, "mu")
     b1 = 0.9
     # After one step Adam's first moment is (1 - b1) times the clipped gradient.
     np.testing.assert_allclose(
-        np.asarray(mu["projection"]["kernel"]), (1 - b1) * 0.5 / trainable_norm, rtol=1e-6
+        np.asarray(mu["projection"]["kernel"]), (1 - b1) * 0.5 / norm, rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        np.asarray(mu["vision"]["patch_embed"]["kernel"]), (1 - b1) * 3.0 / norm, rtol=1e-6
     )

@@ -450,9 +450,10 @@ def throughput(plan: Plan, torch_device) -> dict:
 
 
 def train_batch(model_config, shape, rows: int) -> dict:
-    """A real batch in the data pipeline's layout (``jfe_jax.train.aot.train_batch``): each side
-    half text-only rows, half one image filling the side's patch budget, one row of full
-    length; distinct keys (no duplicate positives)."""
+    """A real batch in the data pipeline's layout (checked against ``jfe aot``'s, from
+    ``jfe_jax.train.aot_batch.train_batch``): each side half text-only rows, half one image
+    filling the side's patch budget, one row of full length; distinct keys (no duplicate
+    positives)."""
     import numpy as np
     from hf_reference import make_inputs
 
@@ -488,31 +489,22 @@ def train_batch(model_config, shape, rows: int) -> dict:
 
 
 def train_step(plan: Plan, batches: list, peak: float, report: Report) -> dict:
-    import flax.linen as nn
     import jax
-    import jax.numpy as jnp
 
-    from jfe_jax.models.axes import LOGICAL_RULES
     from jfe_jax.models.flops import train_step_flops, train_step_required_flops
-    from jfe_jax.models.inputs import dummy_batch
     from jfe_jax.train import aot
     from jfe_jax.train import mesh as mesh_lib
+    from jfe_jax.train.aot_batch import train_batch as aot_train_batch
     from jfe_jax.train.metrics import reduce_metrics
-    from jfe_jax.train.setup import abstract_state, build_optimizer, encoder_options
-    from jfe_jax.train.step import TrainState, jit_train_step, split_params
+    from jfe_jax.train.setup import build
 
     overrides = ["--config.mesh.fsdp=1", "--config.mesh.data=-1"]
     config = aot.parse_config("bench_device", ["--config", STAGE2_CONFIG, *overrides])
     config.model.size = plan.train_size
-    model_config = aot.model_config_of(config)
     shape = aot.batch_shape_for(config, plan.train_shape)
     mesh = mesh_lib.make_mesh(dict(config.mesh), devices=jax.devices()[:1])
-    module = encoder_options(config).module(model_config)
-    abstract = nn.meta.unbox(
-        jax.eval_shape(lambda: module.init(jax.random.key(0), dummy_batch(model_config)))["params"]
-    )
-    optimizer, mask = build_optimizer(config, abstract)
-    _, shardings = abstract_state(module, optimizer, mask, mesh)
+    setup = build(config, mesh=mesh)  # the trainer's builder; rebuilt per batch size below
+    model_config = setup.model_config
     batch_sharding = mesh_lib.batch_sharding(mesh)
     result = {
         "config": os.path.relpath(STAGE2_CONFIG, ROOT) + f" (model.size={plan.train_size})",
@@ -523,17 +515,7 @@ def train_step(plan: Plan, batches: list, peak: float, report: Report) -> dict:
     report.data["sections"]["train_step"] = {"status": "running", **result}
 
     def new_state():
-        params, _ = mesh_lib.sharded_init(
-            lambda rng, b: module.init(rng, b)["params"],
-            mesh,
-            args=(jax.random.key(0), dummy_batch(model_config)),
-        )
-        trainable, frozen = split_params(params, mask)
-        with jax.set_mesh(mesh):
-            opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(trainable)
-        return TrainState(
-            jax.device_put(jnp.zeros((), jnp.int32), shardings.step), trainable, frozen, opt_state
-        )
+        return setup.new_state(setup.random_params(0))
 
     state, chunk_cap = new_state(), config.train.grad_cache_chunk
     for rows in batches:
@@ -546,18 +528,17 @@ def train_step(plan: Plan, batches: list, peak: float, report: Report) -> dict:
             row["result"] = f"skipped: past the {plan.deadline_s:.0f} s deadline"
             continue
         config.data.global_batch_size, config.train.grad_cache_chunk = rows, chunk
+        setup = build(config, mesh=mesh)  # the same state layout; this batch size's step
         host = train_batch(model_config, shape, rows)
-        want = aot.train_batch(config, model_config, shape, batch_sharding)
+        want = aot_train_batch(config, model_config, mesh, shape).batch
         got = jax.tree_util.tree_map(lambda x: (x.shape, str(x.dtype)), host)
         if got != jax.tree_util.tree_map(lambda s: (s.shape, str(s.dtype)), want):
             raise ValueError(f"batch layout differs from jfe aot's: {got} vs {want}")
         batch = jax.device_put(host, batch_sharding)
-        jitted = jit_train_step(module, optimizer, config, shardings, mesh)
         print(f"  batch {rows}, chunk {chunk}: compiling", flush=True)
         try:
             start = time.perf_counter()
-            with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-                compiled = jitted.lower(state, batch).compile()
+            compiled = setup.lower(setup.abstract_state(), batch).compile()
             row["compile_s"] = time.perf_counter() - start
             memory = compiled.memory_analysis()
             stats = device_memory()

@@ -36,6 +36,17 @@ with ``segment_ids``, ``pool_index [N, 2]`` (host-local rows) and ``item_mask [N
 exactly the side's items (B, or B * H), so the model returns one embedding per item in the
 order above. Items that do not fit in those rows raise; nothing is cut.
 
+Vision-packed (``pack_vision=True``, early fusion only; with or without ``pack``): a side's
+images leave its text rows' patch budgets for vision rows of their own
+(``jfe_jax.models.packing.pack_vision``): ``vision_pixel_values [V, P, D]`` (with
+``vision_segment_ids``, ``vision_positions``) holds them densely, P being the side's patch
+budget per item, the per-row pixel keys are gone, and ``image_token_index [R, P_row / 4]``
+maps each text row's image tokens to the tower's outputs. Images whose patch count is in
+``pack_vision_blocks`` get per-image blocks instead (``vision_blocks``). V (and each block
+group's rows) is as many rows as the images need, rounded by ``coarse_row_count`` and to
+``pack_row_multiple``: a few shapes, as with the length buckets. A side without images has no
+pixel keys at all.
+
 What the kinds read: "mbeir" (``MbeirTrainPairs``): query = instruction + query text/image,
 candidate = positive, hard negatives = ``negative_*``; "text_triples": query = sentence,
 candidate = positive, hard negative = hard_negative (H <= 1); "image_captions": query =
@@ -63,6 +74,7 @@ from jfe_jax.data.late_fusion import FUSIONS, LateItem, late_collate, split_item
 from jfe_jax.data.mbeir import TASK_MODALITIES, Instructions, instruction_index
 from jfe_jax.data.processing import DEFAULT_EMBED_PROMPT, ProcessedItem, encode_item
 from jfe_jax.models.config import ModelConfig
+from jfe_jax.models.packing import pack_vision
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +150,11 @@ class ContrastiveBatcher:
       pack_items_per_row: with pack, the average items per row the side's row count allows.
       pack_length: with pack, tokens per row; 0: the largest of ``length_buckets``.
       pack_row_multiple: with pack, rows per side are rounded up to a multiple of this (the
-        batch shards this host feeds, so rows split evenly over its devices).
+        batch shards this host feeds, so rows split evenly over its devices); with
+        pack_vision, vision rows too.
+      pack_vision: move each side's images into densely filled vision rows (module docstring).
+      pack_vision_blocks: with pack_vision, the patch counts whose images get per-image
+        attention blocks (rows of exactly their size) instead of sharing masked rows.
     """
 
     def __init__(
@@ -165,6 +181,8 @@ class ContrastiveBatcher:
         pack_items_per_row: int = 4,
         pack_length: int = 0,
         pack_row_multiple: int = 1,
+        pack_vision: bool = False,
+        pack_vision_blocks: Sequence[int] = (),
     ):
         if fusion not in FUSIONS:
             raise ValueError(f"fusion {fusion!r} is unknown, expected one of {FUSIONS}")
@@ -174,6 +192,16 @@ class ContrastiveBatcher:
             raise ValueError(
                 f"pack_items_per_row={pack_items_per_row} and pack_row_multiple="
                 f"{pack_row_multiple} must be >= 1 and pack_length={pack_length} >= 0"
+            )
+        if pack_vision and fusion != "early":
+            raise ValueError(
+                f"pack_vision=True packs early-fusion images only, got fusion={fusion!r}"
+            )
+        merge = model_config.vision.spatial_merge_size**2
+        if any(p <= 0 or p % merge for p in pack_vision_blocks):
+            raise ValueError(
+                f"pack_vision_blocks={tuple(pack_vision_blocks)}: each must be a positive "
+                f"multiple of merge_size**2 = {merge} (an image's patch count)"
             )
         self.fusion = fusion
         if kind not in KINDS:
@@ -209,6 +237,8 @@ class ContrastiveBatcher:
         self.pack_items_per_row = pack_items_per_row
         self.pack_length = pack_length or self.length_buckets[-1]
         self.pack_row_multiple = pack_row_multiple
+        self.pack_vision = pack_vision
+        self.pack_vision_blocks = tuple(pack_vision_blocks)
         if pack and self.pack_length < self.max_length:
             raise ValueError(
                 f"pack_length={self.pack_length} is shorter than max_length={self.max_length}: "
@@ -378,8 +408,20 @@ class ContrastiveBatcher:
         if self.fusion == "late":
             return late_collate(items, self._collate_early, patch_budget)
         if self.pack:
-            return self._collate_packed(items, patch_budget, side)
-        return self._collate_early(items, patch_budget)
+            batch = self._collate_packed(items, patch_budget, side)
+        else:
+            batch = self._collate_early(items, patch_budget)
+        if self.pack_vision and patch_budget:
+            # Vision rows as long as the largest image a side may hold (its per-item budget):
+            # any image fits, and no row's attention spans more than that.
+            batch = pack_vision(
+                batch,
+                patch_budget=patch_budget,
+                row_multiple=self.pack_row_multiple,
+                coarse=True,
+                block_sizes=self.pack_vision_blocks,
+            )
+        return batch
 
     def pack_rows(self, num_items: int) -> int:
         """Rows of a packed side of ``num_items`` items (the same for every batch)."""

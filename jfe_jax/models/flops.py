@@ -3,7 +3,9 @@
 Model FLOPs count what the padded batch asks of the model (matmuls of every layer, the full
 attention score matrix as computed, forward + backward = 3 x forward), not what a particular
 implementation spends: gradient-cache re-forwards and rematerialisation are excluded, so MFU is
-comparable across those settings.
+comparable across those settings. The vision tower counts the rows it actually runs on: a
+``pack_vision`` batch's vision rows (fewer than the text rows' patch budgets), not the text
+rows' budgets.
 
 That 3 x forward convention (``train_step_flops``, the "6N" rule) also credits gradients nobody
 needs when parts are frozen, and work an embedding does not need. ``train_step_required_flops``
@@ -21,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jfe_jax.models.config import ModelConfig
+from jfe_jax.models.packing import vision_groups
 
 
 def text_forward_flops(config: ModelConfig, rows: int, length: int) -> float:
@@ -53,15 +56,21 @@ def vision_forward_flops(config: ModelConfig, rows: int, patches: int) -> float:
     return float(blocks + embed + merger)
 
 
+def batch_vision_flops(config: ModelConfig, model_batch: Mapping[str, Any]) -> float:
+    """Forward FLOPs of the vision tower on one early-fusion model batch: its ``[B, P]``
+    patch rows, or with ``pack_vision`` its vision rows (each group at its own row length)."""
+    rows = [segments.shape for _, segments, _ in vision_groups(model_batch)]
+    if "pixel_values" in model_batch:
+        rows.append(model_batch["pixel_values"].shape[:2])
+    return sum(vision_forward_flops(config, n, p) for n, p in rows if p)
+
+
 def batch_forward_flops(config: ModelConfig, model_batch: Mapping[str, Any]) -> float:
     """Forward FLOPs of one model batch dict (shapes only; late-fusion batches: both parts)."""
     if "has_text" in model_batch:
         return sum(batch_forward_flops(config, model_batch[part]) for part in ("text", "image"))
     rows, length = model_batch["input_ids"].shape
-    flops = text_forward_flops(config, rows, length)
-    if "pixel_values" in model_batch and model_batch["pixel_values"].shape[1]:
-        flops += vision_forward_flops(config, rows, model_batch["pixel_values"].shape[1])
-    return flops
+    return text_forward_flops(config, rows, length) + batch_vision_flops(config, model_batch)
 
 
 def model_sides(batch: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -158,10 +167,8 @@ def batch_required_flops(
     # Base weights: forward + input gradient, + weight gradient when trained. The attention
     # scores carry no weights; their backward (dQ, dK, dV, dP) is 2x their forward.
     flops = (3.0 if trainable != "lora" else 2.0) * projections + 3.0 * scores + 3.0 * adapters
-    if "pixel_values" in model_batch and model_batch["pixel_values"].shape[1]:
-        vision = vision_forward_flops(config, rows, model_batch["pixel_values"].shape[1])
-        flops += (3.0 if trainable == "full" else 1.0) * vision
-    return flops
+    vision = batch_vision_flops(config, model_batch)
+    return flops + (3.0 if trainable == "full" else 1.0) * vision
 
 
 def train_step_required_flops(

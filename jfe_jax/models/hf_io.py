@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
+from flax import traverse_util
 
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.safetensors_io import open_checkpoint, save_checkpoint
@@ -186,15 +189,47 @@ def _canonical(name: str) -> str:
     return name
 
 
-def load_hf_params(
-    directory: str, config: ModelConfig, *, scan_layers: bool = False, dtype: Any = np.float32
-) -> dict[str, Any]:
-    """Reads the backbone params (``{'vision': ..., 'text': ...}``) of a HF Qwen2-VL directory.
+def _flax_shape(entry: Entry, config: ModelConfig) -> tuple[int, ...]:
+    hf_shape = _expected_hf_shape(entry, config)
+    if entry.kind == "linear":
+        return hf_shape[::-1]
+    if entry.kind == "patch":
+        return (math.prod(hf_shape[1:]), hf_shape[0])
+    return hf_shape
 
-    Raises:
-      ValueError: listing missing, unexpected and mis-shaped tensors (all of them at once).
-    """
-    files = open_checkpoint(directory)
+
+def _param_entries(config: ModelConfig, scan_layers: bool) -> dict[tuple[str, ...], list[Entry]]:
+    """Flax path -> the checkpoint tensors that fill it: one, or every layer's in layer order
+    for a parameter stacked by ``scan_layers``."""
+    plan: dict[tuple[str, ...], list[Entry]] = {}
+    for e in hf_name_map(config):
+        path = e.path
+        if scan_layers and e.stack is not None:
+            # ('text', 'layers_3', 'q_proj', 'kernel') -> ('text', 'layers', 'q_proj', 'kernel')
+            path = e.path[:1] + (e.stack,) + e.path[2:]
+        plan.setdefault(path, []).append(e)
+    return plan
+
+
+def _is_stacked(entries: list[Entry], scan_layers: bool) -> bool:
+    return scan_layers and entries[0].stack is not None
+
+
+def backbone_shapes(
+    config: ModelConfig, *, scan_layers: bool = False
+) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Flax path -> shape of every backbone parameter a Hugging Face checkpoint fills (layers
+    stacked on a leading axis when ``scan_layers``); from the config alone, nothing is read."""
+    shapes = {}
+    for path, entries in _param_entries(config, scan_layers).items():
+        shape = _flax_shape(entries[0], config)
+        shapes[path] = (len(entries), *shape) if _is_stacked(entries, scan_layers) else shape
+    return shapes
+
+
+def _check_tensors(directory: str, files: Mapping[str, Any], config: ModelConfig) -> dict:
+    """HF name -> the name stored in ``files``; ValueError listing every missing, unexpected
+    or mis-shaped tensor."""
     available = {_canonical(name): name for name in files}
     entries = hf_name_map(config)
     wanted = {e.hf_name for e in entries}
@@ -218,20 +253,70 @@ def load_hf_params(
         if bad_shapes:
             parts.append(f"{len(bad_shapes)} mis-shaped: {'; '.join(bad_shapes[:20])}")
         raise ValueError(f"checkpoint {directory} does not match its config: " + " | ".join(parts))
+    return available
 
+
+def _slice_reader(views: list[np.ndarray], stacked: bool, dtype: Any):
+    """``index -> array``: one parameter's slice ``index``, copied out of the memory-mapped
+    ``views`` (one per stacked layer) and cast to ``dtype``; only the slice is ever read."""
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        if not stacked:
+            return np.array(views[0][index], dtype=dtype, order="C")
+        layers = views[index[0]]
+        out = np.empty((len(layers), *views[0][index[1:]].shape), dtype=dtype)
+        for i, view in enumerate(layers):
+            out[i] = view[index[1:]]  # casts while copying: no second copy of the slice
+        return out
+
+    return read
+
+
+def load_hf_params(
+    directory: str,
+    config: ModelConfig,
+    *,
+    scan_layers: bool = False,
+    dtype: Any = np.float32,
+    shardings: Any = None,
+) -> dict[str, Any]:
+    """Reads the backbone params (``{'vision': ..., 'text': ...}``) of a HF Qwen2-VL directory
+    (``model.safetensors``, or shards named by ``model.safetensors.index.json``).
+
+    ``shardings``: None returns whole numpy arrays (the model on the host). A ``Sharding``, or
+    a nested dict of them over the parameter paths (the model's, head included: extra keys are
+    ignored), returns ``jax.Array``s placed there: each device's slice is read from the
+    memory-mapped files and cast on its own, one parameter at a time, so neither the host nor
+    a device ever holds more than its shards plus one tensor.
+
+    Raises:
+      ValueError: listing missing, unexpected and mis-shaped tensors (all of them at once), or
+        naming a parameter ``shardings`` has no place for.
+    """
+    files = open_checkpoint(directory)
+    available = _check_tensors(directory, files, config)
+    flat_shardings = None
+    if shardings is not None and not isinstance(shardings, jax.sharding.Sharding):
+        flat_shardings = traverse_util.flatten_dict(dict(shardings))
+    shapes = backbone_shapes(config, scan_layers=scan_layers)
     params: dict[str, Any] = {}
-    stacked: dict[tuple[tuple[str, ...], str], dict[int, np.ndarray]] = {}
-    for e in entries:
-        name = available[e.hf_name]
-        value = _to_flax(e.kind, files[name].get(name)).astype(dtype)
-        if scan_layers and e.stack is not None:
-            # ('text', 'layers_3', 'q_proj', 'kernel') -> ('text', 'layers', 'q_proj', 'kernel')
-            key = (e.path[:1] + (e.stack,) + e.path[2:], e.stack)
-            stacked.setdefault(key, {})[e.layer] = value
+    for path, entries in _param_entries(config, scan_layers).items():
+        # Views of the mapped files (transposed or reshaped, still views): nothing read yet.
+        views = [
+            _to_flax(e.kind, files[available[e.hf_name]].get(available[e.hf_name])) for e in entries
+        ]
+        read = _slice_reader(views, _is_stacked(entries, scan_layers), dtype)
+        shape = shapes[path]
+        if shardings is None:
+            value = read(tuple(slice(None) for _ in shape))
         else:
-            _set(params, e.path, np.ascontiguousarray(value))
-    for (path, _), layers in stacked.items():
-        _set(params, path, np.stack([layers[i] for i in range(len(layers))]))
+            sharding = shardings if flat_shardings is None else flat_shardings.get(path)
+            if sharding is None:
+                raise ValueError(
+                    f"shardings has no entry for parameter {'/'.join(path)} of {directory}"
+                )
+            value = jax.make_array_from_callback(shape, sharding, read)
+        _set(params, path, value)
     return params
 
 

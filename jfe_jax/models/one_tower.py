@@ -5,6 +5,8 @@ embedding ``[B, D]`` and a dict of named intermediates (``last_hidden_state``, `
 The batch dict is what ``jfe_jax.models.inputs.prepare_batch`` (or the data pipeline) makes.
 A packed batch (``jfe_jax.models.packing``: several items per row, with ``segment_ids``,
 ``pool_index [N, 2]`` and ``item_mask [N]``) gives ``[N, D]``, one embedding per item in order.
+A vision-packed batch (``packing.pack_vision``) runs the tower on its vision rows, group by
+group, and gathers each text row's image tokens by ``image_token_index``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from jfe_jax.models import axes
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.language import LORA_TARGETS_ALL, LanguageModel
 from jfe_jax.models.layers import Linear
+from jfe_jax.models.packing import is_vision_packed, vision_groups
 from jfe_jax.models.vision import VisionTower
 
 Dtype = Any
@@ -109,13 +112,13 @@ class OneTowerEncoder(nn.Module):
         Computed apart, they can be fed back through ``image_features=`` (the train step reuses
         a frozen tower's output across the gradient cache's two passes).
         """
-        if "vision_pixel_values" in batch:  # images in their own rows (packing.pack_vision)
-            features = self.vision(
-                batch["vision_pixel_values"],
-                batch["vision_segment_ids"],
-                batch["vision_positions"],
+        if is_vision_packed(batch):  # images in their own rows (packing.pack_vision)
+            # One tower call per group of vision rows: the masked rows, and each per-image
+            # block group (rows of one image size), whose attention is the image's own.
+            width = self.config.vision.out_dim
+            flat = jnp.concatenate(
+                [self.vision(*group).reshape(-1, width) for group in vision_groups(batch)]
             )
-            flat = features.reshape(-1, features.shape[-1])
             return jnp.take(flat, batch["image_token_index"], axis=0)
         if "pixel_values" not in batch or batch["pixel_values"].shape[1] == 0:
             return None

@@ -18,11 +18,16 @@ so less of the batch is padding. The model then needs to know where items start 
 
 Everything here is host-side numpy; the shapes R, L, P and N are fixed by the caller so jit
 compiles one program per shape. Nothing is truncated: whatever does not fit raises.
+
+``pack_vision`` packs the other way: it moves a batch's images out of the text rows' patch
+budgets into vision rows of their own (masked rows, or per-image blocks of one size), and the
+merged image tokens are gathered back into the rows by ``image_token_index``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -249,29 +254,58 @@ def coarse_row_count(needed: int) -> int:
     return max(1, -(-int(needed) // step) * step)
 
 
+VISION_ROW_KEYS = ("vision_pixel_values", "vision_segment_ids", "vision_positions")
+_MERGE = 4  # merge_size**2: the vision tower merges each 2x2 block of consecutive patches
+
+
+def _first_fit(sizes: Sequence[int], budget: int) -> tuple[list[tuple[int, int]], int]:
+    """First-fit decreasing: (row, offset) of each size in rows of ``budget``, and the rows."""
+    fill: list[int] = []
+    placed: list[tuple[int, int]] = [(0, 0)] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        row = next((r for r, used in enumerate(fill) if used + sizes[i] <= budget), None)
+        if row is None:
+            fill.append(0)
+            row = len(fill) - 1
+        placed[i] = (row, fill[row])
+        fill[row] += sizes[i]
+    return placed, len(fill)
+
+
 def pack_vision(
     batch: dict[str, np.ndarray],
     *,
     patch_budget: int | None = None,
     row_multiple: int = 1,
     coarse: bool = False,
-) -> dict[str, np.ndarray]:
+    block_sizes: Sequence[int] = (),
+) -> dict[str, Any]:
     """Moves a batch's images into their own densely filled rows for the vision tower.
 
     A model batch keeps each text row's images in that row's patch budget P, so text-only rows
     and small images leave most of ``pixel_values [B, P, D]`` as padding, and the vision tower
-    runs on all of it. This lays every image of the batch into V vision rows of
-    ``patch_budget`` patches (first-fit decreasing by size; default P) and adds the map back:
+    runs on all of it. This lays every image of the batch into vision rows and adds the map
+    back; the text keys are kept, the per-row pixel keys dropped (all of them when the batch
+    has no image at all: the tower then does not run).
 
-    * ``vision_pixel_values [V, Pv, D]``, ``vision_segment_ids [V, Pv]`` (one id per image in
-      its vision row, 0 = padding), ``vision_positions [V, Pv, 2]``;
+    * Images whose patch count is in ``block_sizes`` get per-image blocks: the images of p
+      patches form a group of rows of exactly p patches, one image a row, so the tower's
+      attention computes only each image's own p x p scores. ``vision_blocks`` holds the
+      groups (ascending p), each a dict of ``pixel_values [n, p, D]``, ``segment_ids [n, p]``
+      and ``positions [n, p, 2]``.
+    * The other images share masked rows of ``patch_budget`` patches (default P; first-fit
+      decreasing by size): ``vision_pixel_values [V, Pv, D]``, ``vision_segment_ids [V, Pv]``
+      (one id per image of the vision row, 0 = padding), ``vision_positions [V, Pv, 2]``.
+      Each row's attention computes all Pv x Pv scores and masks those joining two images.
     * ``image_token_index [B, P / merge**2]``: for the j-th merged image token of text row b,
-      its index among the vision tower's flattened outputs ``[V * Pv / merge**2]`` (0 where
-      the row has no j-th image token; those slots are never read).
+      its index among the tower's outputs flattened and concatenated in this order: the masked
+      rows, then each block group (0 where the row has no j-th image token; never read).
 
-    The encoder then runs the tower on V rows instead of B and gathers each row's image tokens;
-    the embeddings are the same (every image still attends only to itself). The text keys are
-    kept; the per-row pixel keys are dropped. V is rounded up to ``coarse_row_count(V)`` with
+    Trade-off: a block group costs one compiled shape per (p, n) and leaves no image sharing
+    a row, so it suits data with a few recurring image sizes (resized corpora, the capped
+    size most photos hit); masked rows keep one shape for any mix of sizes and waste at most
+    Pv**2 - sum(p_i**2) scores per row. The embeddings are the same either way (every image
+    attends only to itself). Row counts are rounded up to ``coarse_row_count`` with
     ``coarse`` (few shapes for a jitted caller), then to a multiple of ``row_multiple`` (the
     device count, for vision rows sharded over devices).
     """
@@ -281,10 +315,11 @@ def pack_vision(
     segments = np.asarray(batch["patch_segment_ids"])
     positions = np.asarray(batch["patch_positions"])
     rows, budget, dim = pixels.shape
-    merge = 4  # merge_size**2: the vision tower merges each 2x2 block of consecutive patches
     vision_budget = budget if patch_budget is None else int(patch_budget)
-    if vision_budget <= 0 or vision_budget % merge:
-        raise ValueError(f"patch_budget {vision_budget} must be a positive multiple of {merge}")
+    if vision_budget <= 0 or vision_budget % _MERGE:
+        raise ValueError(f"patch_budget {vision_budget} must be a positive multiple of {_MERGE}")
+    if any(p <= 0 or p % _MERGE for p in block_sizes):
+        raise ValueError(f"block_sizes {tuple(block_sizes)} must be positive multiples of {_MERGE}")
     images = []  # (patches, text row, start in the row)
     for b in range(rows):
         row = segments[b]
@@ -292,45 +327,77 @@ def pack_vision(
             where = np.flatnonzero(row == k)
             if where.size:
                 images.append((int(where.size), b, int(where[0])))
-    if any(n > vision_budget for n, _, _ in images):
-        n = max(n for n, _, _ in images)
-        raise ValueError(f"an image of {n} patches does not fit a vision row of {vision_budget}")
-    order = sorted(range(len(images)), key=lambda i: -images[i][0])
-    fill: list[int] = []  # patches used per vision row
-    placed: dict[int, tuple[int, int]] = {}  # image -> (vision row, offset)
-    for i in order:
-        n = images[i][0]
-        row = next((v for v, used in enumerate(fill) if used + n <= vision_budget), None)
-        if row is None:
-            fill.append(0)
-            row = len(fill) - 1
-        placed[i] = (row, fill[row])
-        fill[row] += n
-    num_rows = coarse_row_count(len(fill)) if coarse else max(1, len(fill))
-    num_rows = -(-num_rows // row_multiple) * row_multiple
-    out = {
+    out: dict[str, Any] = {
         k: v
         for k, v in batch.items()
         if k not in ("pixel_values", "patch_segment_ids", "patch_positions")
     }
-    v_pixels = np.zeros((num_rows, vision_budget, dim), dtype=pixels.dtype)
-    v_segments = np.zeros((num_rows, vision_budget), dtype=np.int32)
-    v_positions = np.zeros((num_rows, vision_budget, 2), dtype=np.int32)
-    index = np.zeros((rows, budget // merge), dtype=np.int32)
-    per_row = vision_budget // merge
-    images_in_row = [0] * num_rows
-    for i, (n, b, start) in enumerate(images):
-        v, offset = placed[i]
-        images_in_row[v] += 1
-        v_pixels[v, offset : offset + n] = pixels[b, start : start + n]
-        v_segments[v, offset : offset + n] = images_in_row[v]
-        v_positions[v, offset : offset + n] = positions[b, start : start + n]
-        tokens = np.arange(n // merge)
-        index[b, start // merge + tokens] = v * per_row + offset // merge + tokens
-    out.update(
-        vision_pixel_values=v_pixels,
-        vision_segment_ids=v_segments,
-        vision_positions=v_positions,
-        image_token_index=index,
-    )
+    if not images:
+        return out
+    in_rows = [i for i, (n, _, _) in enumerate(images) if n not in block_sizes]
+    if any(images[i][0] > vision_budget for i in in_rows):
+        n = max(images[i][0] for i in in_rows)
+        raise ValueError(f"an image of {n} patches does not fit a vision row of {vision_budget}")
+
+    def row_count(needed: int) -> int:
+        count = coarse_row_count(needed) if coarse else max(1, needed)
+        return -(-count // row_multiple) * row_multiple
+
+    # Groups: (row length, the images in it, (row, offset) of each). Masked rows come first.
+    groups = []
+    if in_rows:
+        placed, needed = _first_fit([images[i][0] for i in in_rows], vision_budget)
+        groups.append((vision_budget, in_rows, placed, row_count(needed)))
+    for p in sorted(set(block_sizes)):
+        members = [i for i, (n, _, _) in enumerate(images) if n == p]
+        if members:
+            placed = [(r, 0) for r in range(len(members))]
+            groups.append((p, members, placed, row_count(len(members))))
+    index = np.zeros((rows, budget // _MERGE), dtype=np.int32)
+    arrays, base = [], 0  # base: the group's first position among the flattened outputs
+    for length, members, placed, num_rows in groups:
+        v_pixels = np.zeros((num_rows, length, dim), dtype=pixels.dtype)
+        v_segments = np.zeros((num_rows, length), dtype=np.int32)
+        v_positions = np.zeros((num_rows, length, 2), dtype=np.int32)
+        images_in_row = [0] * num_rows
+        for i, (v, offset) in zip(members, placed):
+            n, b, start = images[i]
+            images_in_row[v] += 1
+            v_pixels[v, offset : offset + n] = pixels[b, start : start + n]
+            v_segments[v, offset : offset + n] = images_in_row[v]
+            v_positions[v, offset : offset + n] = positions[b, start : start + n]
+            tokens = np.arange(n // _MERGE)
+            index[b, start // _MERGE + tokens] = base + (v * length + offset) // _MERGE + tokens
+        arrays.append((v_pixels, v_segments, v_positions))
+        base += num_rows * length // _MERGE
+    if in_rows:
+        out.update(zip(VISION_ROW_KEYS, arrays.pop(0)))
+    if arrays:
+        out["vision_blocks"] = tuple(
+            dict(pixel_values=p, segment_ids=s, positions=q) for p, s, q in arrays
+        )
+    out["image_token_index"] = index
     return out
+
+
+def vision_groups(batch: Mapping[str, Any]) -> list[tuple[Any, Any, Any]]:
+    """``(pixel_values, segment_ids, positions)`` of each group of vision rows of a
+    ``pack_vision`` batch, in the order of ``image_token_index``: masked rows, then blocks."""
+    groups = []
+    if "vision_pixel_values" in batch:
+        groups.append(tuple(batch[k] for k in VISION_ROW_KEYS))
+    for block in batch.get("vision_blocks", ()):
+        groups.append((block["pixel_values"], block["segment_ids"], block["positions"]))
+    return groups
+
+
+def is_vision_packed(batch: Mapping[str, Any]) -> bool:
+    """Whether a model batch carries its images in vision rows (``pack_vision``)."""
+    return "image_token_index" in batch
+
+
+def without_vision_rows(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The per-text-row part of a ``pack_vision`` batch: every key but the vision rows (and the
+    index into them), i.e. what a caller that brings the image tokens itself still needs."""
+    dropped = (*VISION_ROW_KEYS, "vision_blocks", "image_token_index")
+    return {k: v for k, v in batch.items() if k not in dropped}

@@ -13,6 +13,9 @@ benchmarks and the trainer's logs:
   proportional to these entries.
 * ``vision_attention_cross_image``: fraction of a row's patch pairs that join two different
   real images; computed, then masked out (packing waste, not padding).
+* the patch counts are of the rows the vision tower runs on: the text rows' patch budgets,
+  or for a ``pack_vision`` batch its vision rows (masked rows and per-image blocks), which
+  hold no text-only row's budget.
 * for packed batches (``segment_ids``, see ``jfe_jax.models.packing``):
   ``text_attention_cross_item``, the same for token pairs that join two different items.
 * with ``config``: ``flops_padding``, the share of the forward model FLOPs (counted as
@@ -30,6 +33,7 @@ import numpy as np
 
 from jfe_jax.models import flops
 from jfe_jax.models.config import ModelConfig
+from jfe_jax.models.packing import vision_groups
 
 _COUNTS = (
     "tokens",
@@ -69,39 +73,39 @@ def _model_batch_counts(batch: Mapping[str, Any], config: ModelConfig | None) ->
         same_item_pairs=int(np.sum(item_sizes * item_sizes)),
         packed_rows=rows if "segment_ids" in batch else 0,
     )
-    patch_rows = np.zeros(rows, dtype=np.int64)
+    patch_rows = [np.asarray(segments) for _, segments, _ in vision_groups(batch)]
     if "pixel_values" in batch and np.shape(batch["pixel_values"])[1]:
-        segments = np.asarray(batch["patch_segment_ids"])
-        budget = segments.shape[1]
-        patch_rows = (segments > 0).sum(axis=1).astype(np.int64)
-        same_image = 0
-        for row in segments:
-            sizes = np.bincount(row[row > 0])
-            same_image += int(np.sum(sizes.astype(np.int64) ** 2))
-        counts.update(
-            patches=rows * budget,
-            real_patches=int(patch_rows.sum()),
-            vision_pairs=rows * budget * budget,
-            real_vision_pairs=int(np.sum(patch_rows * patch_rows)),
-            same_image_pairs=same_image,
+        patch_rows.append(np.asarray(batch["patch_segment_ids"]))
+    for segments in patch_rows:  # [n, p]: text rows' budgets, or vision rows (pack_vision)
+        n, budget = segments.shape
+        real_per_row = (segments > 0).sum(axis=1).astype(np.int64)
+        same_image = sum(
+            int(np.sum(np.bincount(row[row > 0]).astype(np.int64) ** 2)) for row in segments
         )
+        counts["patches"] += n * budget
+        counts["real_patches"] += int(real_per_row.sum())
+        counts["vision_pairs"] += n * budget * budget
+        counts["real_vision_pairs"] += int(np.sum(real_per_row * real_per_row))
+        counts["same_image_pairs"] += same_image
     if config is not None:
         counts["flops"] = flops.batch_forward_flops(config, batch)
         # What each item would cost alone, unpadded: its real tokens and real patches.
-        item_patches = patch_rows
-        if "segment_ids" in batch:
-            item_patches = _packed_item_patches(batch, config)
+        item_patches = _item_patches(batch, config)
         real_flops = sum(flops.text_forward_flops(config, 1, int(n)) for n in item_sizes)
         real_flops += sum(flops.vision_forward_flops(config, 1, int(p)) for p in item_patches if p)
         counts["real_flops"] = real_flops
     return counts
 
 
-def _packed_item_patches(batch: Mapping[str, Any], config: ModelConfig) -> np.ndarray:
-    """Image patches of every item of a packed batch: its ``<|image_pad|>`` tokens x merge**2."""
-    segments = np.asarray(batch["segment_ids"])
+def _item_patches(batch: Mapping[str, Any], config: ModelConfig) -> np.ndarray:
+    """Image patches of every item (a row, or a segment of a packed row): its
+    ``<|image_pad|>`` tokens x merge**2, wherever its pixels sit."""
     is_image = np.asarray(batch["input_ids"]) == config.image_token_id
+    is_image &= np.asarray(batch["attention_mask"]).astype(bool)
     merge = config.vision.spatial_merge_size**2
+    if "segment_ids" not in batch:
+        return is_image.sum(axis=1).astype(np.int64) * merge
+    segments = np.asarray(batch["segment_ids"])
     per_row = [
         np.bincount(seg[img], minlength=seg.max() + 1)[1:] for seg, img in zip(segments, is_image)
     ]

@@ -4,7 +4,9 @@ Images arrive packed per batch row: ``pixel_values [B, P, patch_dim]`` holds the
 image of row b (in the image processor's merge-block order) followed by padding, and
 ``patch_segment_ids [B, P]`` says which image of the row each patch belongs to (1, 2, ...; 0 for
 padding). Attention stays inside each image, exactly like the reference's ``cu_seqlens``, and the
-batch axis shards like any other activation.
+batch axis shards like any other activation. The rows may also be vision rows
+(``packing.pack_vision``): images of many text rows densely packed, or per-image blocks whose
+every row is one image, so that the score matrix is that image's own and none is masked.
 """
 
 from __future__ import annotations

@@ -1,19 +1,25 @@
 """``jfe aot``: compile a config's programs for a TPU slice on any machine, before renting it.
 
     jfe aot --config configs/stage2_2b.py --topology v5p-128 [--config.a.b=value ...]
-        [--batch-shape L=512,P=1024] [--programs train,export] [--json OUT]
+        [--batch-shape L=512,P=1024] [--batch-mix uniform|mbeir] [--programs train,export]
+        [--json OUT]
 
 With libtpu installed (``pip install -e '.[tpu]'``), JAX builds compile-only devices of any
 slice (``jfe_jax.train.topology``, which also documents the names: v4/v5p-N count
 TensorCores, v5e/v6e-N chips). Two programs are lowered with abstract inputs and compiled by
 the TPU compiler:
 
-* ``train``: the trainer's jitted step (``step.jit_train_step``), traced as ``trainer.train``
-  traces it, with the config's mesh resolved against the slice's chip count, the state in its
-  training shardings and donated, and the data pipeline's batch of ``data.global_batch_size``
-  rows at the largest length bucket and the config's patch budgets (hard negatives included);
+* ``train``: the trainer's step, from the trainer's own builder (``setup.build``, with the
+  config's mesh resolved against the slice's chips), lowered as the trainer lowers it
+  (``TrainSetup.lower``: the state in its training shardings and donated) for the data
+  pipeline's batch (``aot_batch``: examples collated host by host by the pipeline's own
+  ``ContrastiveBatcher``, so packing, late fusion and vision packing are covered), at the
+  config's largest length bucket and patch budgets (``--batch-shape``), its examples laid out
+  by ``--batch-mix``: ``uniform`` (default: every item as large as its side allows) or
+  ``mbeir`` (M-BEIR's training tasks in proportion: text, image and image+text items);
 * ``export``: the embedding forward of ``jfe export`` (``ItemEmbedder``): parameters
-  replicated on every chip, ``data.global_batch_size`` candidate rows split over all chips.
+  replicated on every chip, ``data.global_batch_size`` candidate rows split over all chips,
+  every row at the batch shape's length and candidate patch budget.
 
 Per program: per-chip memory (arguments, temporaries, outputs, total) against HBM, model and
 compiled FLOPs, step-time estimates and MFU. Exit status 1 when a program does not fit (the
@@ -33,11 +39,12 @@ counts every op the TPU cost model does not know (some custom calls) as -1 s. So
   whole ICI bandwidth. ``optimal_seconds`` treats collectives as HBM traffic, so a step whose
   ICI floor exceeds its cost-model time is bound by communication the estimate does not see.
 
-MFU = model FLOPs (``jfe_jax.models.flops``: 3 x forward of every side; remat, the
-gradient-cache re-forward and frozen-weight savings excluded) / (chips x peak x time). That
-convention credits gradients a step with frozen parts never computes, so the train program also
-reports the required FLOPs (``train_step_required_flops``: a frozen vision tower 1x forward, a
-decoder with frozen base weights 2x, adapters 3x) and the MFU at them, the stricter figure.
+MFU = model FLOPs (``jfe_jax.models.flops``: 3 x forward of every side, padded shapes; remat,
+the gradient-cache re-forward and frozen-weight savings excluded) / (chips x peak x time). That
+convention credits padding and gradients a step with frozen parts never computes, so the train
+program also reports the required FLOPs (``flops.batch_required_flops`` of each item alone at
+its real tokens and patches: a frozen vision tower 1x forward, a decoder with frozen base
+weights 2x, adapters 3x) and the MFU at them, the stricter figure.
 """
 
 from __future__ import annotations
@@ -50,31 +57,26 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jfe_jax.errors import ArgumentParser
-from jfe_jax.models.axes import LOGICAL_RULES, MESH_AXES
+from jfe_jax.models.axes import MESH_AXES
 from jfe_jax.models.config import ModelConfig
-from jfe_jax.models.flops import (
-    batch_forward_flops,
-    train_step_flops,
-    train_step_required_flops,
-)
-from jfe_jax.models.inputs import dummy_batch
-from jfe_jax.models.sizes import get_size
+from jfe_jax.models.flops import batch_forward_flops, train_step_flops
 from jfe_jax.train import mesh as mesh_lib
-from jfe_jax.train.hlo_cost import hlo_costs, time_by_op
-from jfe_jax.train.setup import (
-    abstract_state,
-    build_optimizer,
-    encoder_options,
-    model_config_for,
+from jfe_jax.train.aot_batch import (
+    BATCH_MIXES,
+    AotBatch,
+    BatchShape,
+    batch_shape_for,
+    train_batch,
 )
-from jfe_jax.train.step import jit_train_step, merge_params
+from jfe_jax.train.hlo_cost import hlo_costs, time_by_op
+from jfe_jax.train.setup import TrainSetup, build
+from jfe_jax.train.step import merge_params
 from jfe_jax.train.topology import GIB, TpuTopology, parse_topology, require_libtpu
 
 PROGRAMS = ("train", "export")
@@ -83,38 +85,9 @@ PROGRAMS = ("train", "export")
 # ============================================================================ abstract inputs
 
 
-@dataclasses.dataclass(frozen=True)
-class BatchShape:
-    """Padded sizes of one step's rows: sequence length and patch budgets per side."""
+def _export_side(rows: int, shape: BatchShape, model_config: ModelConfig, sharding) -> dict:
+    """The embedder's candidate batch: every row at the shape's length and candidate budget."""
 
-    length: int
-    query_patches: int
-    candidate_patches: int
-
-
-def batch_shape_for(config: ml_collections.ConfigDict, spec: str = "") -> BatchShape:
-    """The config's largest length bucket and patch budgets, overridden by ``L=..,P=..``."""
-    shape = {
-        "L": max(config.data.length_buckets),
-        "QP": config.data.query_patch_budget,
-        "CP": config.data.candidate_patch_budget,
-    }
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        key, _, value = part.partition("=")
-        key = key.strip().upper()
-        if key not in ("L", "P", "QP", "CP") or not value.strip().isdigit():
-            raise ValueError(
-                f"--batch-shape part {part!r} is not KEY=INT with KEY one of L (length), "
-                f"P (patches, both sides), QP, CP (query / candidate patches)"
-            )
-        for k in ("QP", "CP") if key == "P" else (key,):
-            shape[k] = int(value)
-    if shape["L"] < 1:
-        raise ValueError(f"--batch-shape L must be positive, got {shape['L']}")
-    return BatchShape(shape["L"], shape["QP"], shape["CP"])
-
-
-def _side(rows: int, shape: BatchShape, patches: int, model_config: ModelConfig, sharding):
     def spec(dims, dtype=jnp.int32):
         return jax.ShapeDtypeStruct(dims, dtype, sharding=sharding)
 
@@ -123,7 +96,8 @@ def _side(rows: int, shape: BatchShape, patches: int, model_config: ModelConfig,
         "attention_mask": spec((rows, shape.length)),
         "position_ids": spec((rows, 3, shape.length)),
     }
-    if patches:
+    if shape.candidate_patches:
+        patches = shape.candidate_patches
         side.update(
             pixel_values=spec((rows, patches, model_config.vision.patch_dim), jnp.float32),
             patch_segment_ids=spec((rows, patches)),
@@ -132,34 +106,13 @@ def _side(rows: int, shape: BatchShape, patches: int, model_config: ModelConfig,
     return side
 
 
-def train_batch(config, model_config: ModelConfig, shape: BatchShape, sharding) -> dict:
-    """The data pipeline's batch (``jfe_jax.data.pipeline``) as sharded ShapeDtypeStructs."""
-    rows, hard = config.data.global_batch_size, config.data.num_hard_negatives
-
-    def keys(*dims: int) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct(dims, jnp.int32, sharding=sharding)
-
-    batch = {
-        "query": _side(rows, shape, shape.query_patches, model_config, sharding),
-        "candidate": _side(rows, shape, shape.candidate_patches, model_config, sharding),
-        "query_key": keys(rows),
-        "candidate_key": keys(rows),
-        "hard_negative_key": keys(rows, hard),
-        "hard_negative_count": keys(rows),
-        "skipped_records": keys(rows),
-    }
-    if hard:
-        batch["hard_negative"] = _side(
-            rows * hard, shape, shape.candidate_patches, model_config, sharding
-        )
-    return batch
-
-
-def model_config_of(config: ml_collections.ConfigDict) -> ModelConfig:
-    """The architecture: ``model.init_from``'s when set, else the named ``model.size``."""
-    if config.model.init_from:
-        return model_config_for(config)
-    return get_size(config.model.size)
+def lower_train_step(
+    setup: TrainSetup, shape: BatchShape, batch_mix: str = "uniform"
+) -> tuple[jax.stages.Lowered, AotBatch]:
+    """The trainer's step of ``setup`` lowered for the pipeline's batch at ``shape``, laid out
+    by ``batch_mix``: what ``train()`` compiles for a batch of that shape."""
+    batch = train_batch(setup.config, setup.model_config, setup.mesh, shape, batch_mix)
+    return setup.lower(setup.abstract_state(), batch.batch), batch
 
 
 # ============================================================================ compile
@@ -195,6 +148,8 @@ class ProgramEstimate:
     mfu: float = math.nan  # at cost_model_seconds
     mfu_cycles: float = math.nan  # at cycles_seconds
     mfu_required: float = math.nan  # required_flops at cost_model_seconds
+    batch_mix: str = ""  # train: --batch-mix
+    batch_items: dict = dataclasses.field(default_factory=dict)  # train: side -> modality: items
     loops: list = dataclasses.field(default_factory=list)  # [while name, trip count]
     top_ops: list = dataclasses.field(default_factory=list)  # [label, seconds, matmul FLOPs]
     notes: list = dataclasses.field(default_factory=list)
@@ -288,17 +243,19 @@ def estimate(
     *,
     shape: BatchShape | None = None,
     programs: Sequence[str] = PROGRAMS,
+    batch_mix: str = "uniform",
 ) -> list[ProgramEstimate]:
     """Compiles ``programs`` of ``config`` for ``topology``; one estimate per program.
 
-    The train step is traced as ``trainer.train`` traces it: under ``jax.set_mesh(mesh)`` and
-    the logical axis rules, so the model's activation sharding constraints apply.
+    The train step is the trainer's (``setup.build`` on the slice's mesh, ``lower_train_step``),
+    for the pipeline's batch at ``shape`` (default: the config's) laid out by ``batch_mix``.
     """
     unknown = sorted(set(programs) - set(PROGRAMS))
     if unknown or not programs:
         raise ValueError(f"programs must be some of {PROGRAMS}, got {list(programs)}")
+    if batch_mix not in BATCH_MIXES:
+        raise ValueError(f"--batch-mix must be one of {BATCH_MIXES}, got {batch_mix!r}")
     shape = shape or batch_shape_for(config)
-    model_config = model_config_of(config)
     try:
         mesh = mesh_lib.make_mesh(dict(config.mesh), devices=topology.devices())
     except NotImplementedError as e:  # jax.make_mesh cannot map an axis onto the torus
@@ -308,37 +265,15 @@ def estimate(
             f"jax.make_mesh, so the trainer could not build it either: "
             f"{str(e).splitlines()[0]}"
         ) from e
-    rows, chunk = config.data.global_batch_size, config.train.grad_cache_chunk
-    mesh_lib.check_batch_divisible(rows, mesh)
-    if chunk and rows % chunk:
-        raise ValueError(
-            f"train.grad_cache_chunk={chunk} does not divide data.global_batch_size={rows}"
-        )
-    module = encoder_options(config).module(model_config)
-    boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), dummy_batch(model_config)))
-    optimizer, mask = build_optimizer(config, nn.meta.unbox(boxed["params"]))
-    shapes, shardings = abstract_state(module, optimizer, mask, mesh)
+    setup = build(config, mesh=mesh)
+    model_config = setup.model_config
     results = []
     if "train" in programs:
-        batch_sharding = mesh_lib.batch_sharding(mesh)
-        batch = train_batch(config, model_config, shape, batch_sharding)
-        state = jax.tree_util.tree_map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
-        )
-        jitted = jit_train_step(module, optimizer, config, shardings, mesh)
-        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-            lowered = jitted.lower(state, batch)
-        required = train_step_required_flops(
-            model_config,
-            batch,
-            trainable=config.optimizer.trainable,
-            lora_rank=config.model.lora_rank,
-            lora_targets=tuple(config.model.lora_targets),
-        )
-        results.append(
-            analyse("train", lowered, topology, train_step_flops(model_config, batch), required)
-        )
-        parallel = mesh_lib.data_parallel_size(mesh)
+        lowered, batch = lower_train_step(setup, shape, batch_mix)
+        flops = train_step_flops(model_config, batch.batch)
+        results.append(analyse("train", lowered, topology, flops, batch.required_flops))
+        results[-1].batch_mix, results[-1].batch_items = batch_mix, batch.modalities
+        chunk, parallel = config.train.grad_cache_chunk, mesh_lib.data_parallel_size(mesh)
         if chunk and chunk % parallel:
             results[-1].notes.append(
                 f"train.grad_cache_chunk={chunk} is not a multiple of the data-parallel size "
@@ -348,10 +283,12 @@ def estimate(
         replicated = mesh_lib.replicated_sharding(mesh)
         params = jax.tree_util.tree_map(
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-            merge_params(shapes.trainable, shapes.frozen),
+            merge_params(setup.state_shapes.trainable, setup.state_shapes.frozen),
         )
         every_chip = NamedSharding(mesh, PartitionSpec(MESH_AXES))
-        side = _side(rows, shape, shape.candidate_patches, model_config, every_chip)
+        rows = config.data.global_batch_size
+        side = _export_side(rows, shape, model_config, every_chip)
+        module = setup.module
         embed = jax.jit(lambda p, b: module.apply({"params": p}, b)[0], out_shardings=replicated)
         lowered = embed.lower(params, side)  # as ItemEmbedder: no logical-axis rules
         forward = batch_forward_flops(model_config, side)  # a forward needs all of itself
@@ -387,7 +324,7 @@ def format_report(results: Sequence[ProgramEstimate], topology: TpuTopology) -> 
             ("  total / HBM", f"{_gib(r.total_bytes)} / {topology.spec.hbm_gib:g}"),
             ("  fits", "yes" if r.fits else "NO"),
             ("model FLOPs per step (all chips, 3 x forward)", f"{r.model_flops:.4g}"),
-            ("  required FLOPs (frozen parts not differentiated)", f"{r.required_flops:.4g}"),
+            ("  required FLOPs (real tokens and patches only)", f"{r.required_flops:.4g}"),
             ("compiled FLOPs (loop-aware matmuls, all chips)", f"{r.compiled_flops * chips:.4g}"),
             ("  compiled / model", f"{r.compiled_flops * chips / r.model_flops:.2f}"),
             ("XLA flops (per chip, loop bodies once)", f"{r.xla_flops:.4g}"),
@@ -404,6 +341,12 @@ def format_report(results: Sequence[ProgramEstimate], topology: TpuTopology) -> 
             ("MFU of required FLOPs at cost-model time", f"{r.mfu_required:.1%}"),
         ]
         width = max(len(name) for name, _ in rows)
+        if r.batch_items:
+            items = "; ".join(
+                f"{side} " + ", ".join(f"{n} {modality}" for modality, n in counts.items())
+                for side, counts in r.batch_items.items()
+            )
+            lines.append(f"  batch ({r.batch_mix} mix), items: {items}")
         lines += [f"  {name:<{width}}  {value}" for name, value in rows]
         if r.top_ops:
             lines.append("  largest per-op cycle estimates (s, share, MXU use of their FLOPs):")
@@ -485,6 +428,14 @@ def aot_main(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--batch-shape", default="", help="L=512,P=1024 (also QP=, CP=); default: the config's"
     )
+    parser.add_argument(
+        "--batch-mix",
+        default="uniform",
+        choices=BATCH_MIXES,
+        help="the train batch's items: uniform (every item as large as its side allows: text "
+        "and one image of the patch budget) or mbeir (M-BEIR's training tasks in proportion: "
+        "text, image and image+text items, images at data.image_max_pixels)",
+    )
     parser.add_argument("--programs", default=",".join(PROGRAMS), help="train,export")
     parser.add_argument("--json", default="", help="also write the numbers to this file")
     try:
@@ -493,7 +444,9 @@ def aot_main(argv: Sequence[str]) -> int:
         topology = parse_topology(args.topology)
         shape = batch_shape_for(config, args.batch_shape)
         programs = [p.strip() for p in args.programs.split(",") if p.strip()]
-        results = estimate(config, topology, shape=shape, programs=programs)
+        results = estimate(
+            config, topology, shape=shape, programs=programs, batch_mix=args.batch_mix
+        )
     except ValueError as e:
         print(f"jfe aot: error: {e}", file=sys.stderr)
         return 2

@@ -73,6 +73,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.pack = False
     c.data.pack_items_per_row = 4  # rows per side = ceil(items / this), rounded to the shards
     c.data.pack_length = 0  # tokens per packed row; 0: the largest of length_buckets
+    # Run each side's images through the vision tower in vision rows of their own, filled
+    # densely (first-fit), instead of in every text row's patch budget: the same loss and
+    # gradients, no vision work on text-only rows' budgets or images' slack; image tokens are
+    # gathered back into their rows. Works with pack and with train.grad_cache_chunk (the
+    # tower runs once over the vision rows, outside the text chunks). Off by default: the
+    # vision row count follows each batch's images (a few more compiled shapes, as the length
+    # buckets), and it is single-host for now (multi-host raises).
+    c.data.pack_vision = False
+    # With pack_vision: image patch counts (multiples of 4) whose images get per-image blocks,
+    # rows of exactly their size, so attention computes no cross-image scores; the others
+    # share masked rows. One more compiled shape per size: list recurring sizes only.
+    c.data.pack_vision_blocks = ()
 
     c.loss = ml_collections.ConfigDict()
     c.loss.symmetric = False  # also the candidate -> query direction

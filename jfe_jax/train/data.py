@@ -148,6 +148,13 @@ def make_train_data(
     d = config.data
     if not d.root or not os.path.isdir(d.root):
         raise ValueError(f"data.root={d.root!r} is not a directory")
+    if d.pack_vision and jax.process_count() > 1:
+        # image_token_index names this host's vision rows; global_batch_from_host rewrites
+        # only pool_index to global rows so far.
+        raise ValueError(
+            "data.pack_vision runs on one host only for now; set data.pack_vision=False for "
+            f"{jax.process_count()} hosts"
+        )
     tokenizer_dir = find_tokenizer_dir(config)
     tokenizer = load_tokenizer(tokenizer_dir)
     if len(tokenizer) > model_config.text.vocab_size:
@@ -189,12 +196,14 @@ def make_train_data(
         pack=d.pack,
         pack_items_per_row=d.pack_items_per_row,
         pack_length=d.pack_length,
-        # Rows split evenly over the batch shards this host's devices hold.
+        # Rows (text and vision) split evenly over the batch shards this host's devices hold.
         pack_row_multiple=(
             mesh_lib.local_data_parallel_shards(mesh_lib.make_mesh(dict(config.mesh)))
-            if d.pack
+            if d.pack or d.pack_vision
             else 1
         ),
+        pack_vision=d.pack_vision,
+        pack_vision_blocks=tuple(d.pack_vision_blocks),
     )
     loader_options = dict(
         global_batch_size=d.global_batch_size,

@@ -17,11 +17,18 @@ deterministic (no dropout, or the same randomness in both passes); the encoder h
 What does not depend on the differentiated parameters (a frozen vision tower's image tokens)
 need not be recomputed in step 3: ``features_fn`` computes it once per chunk in step 1, and
 both passes hand it to ``embed_fn``. It is held for the whole batch until step 3 ends.
+
+Features that cannot be computed chunk by chunk (images packed into vision rows of their own,
+which do not follow the text rows' chunking) are computed by the caller over the whole batch
+and passed in as ``batch_features``: per-row arrays, chunked with the rows. With
+``feature_grads=True`` the gradient of the loss with respect to them is returned as well
+(summed from each chunk's re-run), so a caller whose features depend on the parameters can
+finish the chain rule with one vjp of its feature function: a second level of caching.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -75,13 +82,20 @@ def _embed_without_grad(
     params: Any,
     batch: Any,
     num_chunks: int,
+    batch_features: Any = None,
 ) -> tuple[jax.Array, Any]:
     """Embeddings of ``batch`` computed one chunk at a time, holding no activations.
 
-    Also returns ``features_fn``'s output per chunk (``[num_chunks, chunk_size, ...]`` leaves),
-    for the re-run to reuse.
+    Also returns the features per chunk (``[num_chunks, chunk_size, ...]`` leaves) for the
+    re-run to reuse: ``batch_features`` chunked when given, else ``features_fn``'s output.
     """
     chunks = jax.tree.map(lambda x: _to_chunks(x, num_chunks), batch)
+    if batch_features is not None:
+        features = jax.tree.map(
+            lambda x: _to_chunks(jax.lax.stop_gradient(x), num_chunks), batch_features
+        )
+        embeddings = jax.lax.map(lambda cf: embed_fn(params, *cf), (chunks, features))
+        return jax.lax.stop_gradient(_from_chunks(embeddings)), features
 
     def embed_chunk(chunk):
         features = jax.lax.stop_gradient(features_fn(params, chunk))
@@ -99,22 +113,30 @@ def _accumulate_param_grads(
     num_chunks: int,
     grads: Any,
     features: Any,
-) -> Any:
+    feature_grads: bool = False,
+) -> tuple[Any, Any]:
     """Adds sum over chunks of d(embeddings)/d(params)^T . embedding_grad to ``grads``.
 
-    ``features``: the first pass's ``features_fn`` output per chunk, a constant here.
+    ``features``: the first pass's features per chunk, a constant here. With
+    ``feature_grads`` also returns d(embeddings)/d(features)^T . embedding_grad, shaped like
+    the unchunked features (else None).
     """
     chunks = jax.tree.map(lambda x: _to_chunks(x, num_chunks), batch)
     cotangents = _to_chunks(embedding_grad, num_chunks)
 
     def step(acc, chunk_features_cotangent):
         chunk, chunk_features, cotangent = chunk_features_cotangent
-        _, vjp = jax.vjp(lambda p: embed_fn(p, chunk, chunk_features), params)
-        (chunk_grads,) = vjp(cotangent)
-        return jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, chunk_grads), None
+        if not feature_grads:
+            _, vjp = jax.vjp(lambda p: embed_fn(p, chunk, chunk_features), params)
+            (chunk_grads,) = vjp(cotangent)
+            return jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, chunk_grads), None
+        _, vjp = jax.vjp(lambda p, f: embed_fn(p, chunk, f), params, chunk_features)
+        chunk_grads, chunk_feature_grads = vjp(cotangent)
+        acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, chunk_grads)
+        return acc, chunk_feature_grads
 
-    grads, _ = jax.lax.scan(step, grads, (chunks, features, cotangents))
-    return grads
+    grads, per_chunk = jax.lax.scan(step, grads, (chunks, features, cotangents))
+    return grads, (jax.tree.map(_from_chunks, per_chunk) if feature_grads else None)
 
 
 def grad_cache_loss_and_grad(
@@ -124,12 +146,14 @@ def grad_cache_loss_and_grad(
     *batches: Any,
     chunk_size: int,
     features_fn: FeaturesFn | None = None,
-) -> tuple[tuple[jax.Array, Any], Any]:
+    batch_features: Sequence[Any] | None = None,
+    feature_grads: bool = False,
+) -> tuple[tuple[jax.Array, Any], Any] | tuple[tuple[jax.Array, Any], Any, list[Any]]:
     """``jax.value_and_grad(has_aux=True)`` of a contrastive loss, computed chunk by chunk.
 
     Args:
       embed_fn: ``embed_fn(params, batch) -> [rows, D]`` embeddings; deterministic. With
-        ``features_fn``: ``embed_fn(params, batch, features)``.
+        ``features_fn`` or ``batch_features``: ``embed_fn(params, batch, features)``.
       loss_fn: ``loss_fn(params, *embeddings) -> (loss, aux)``, one embedding array per batch
         in ``batches`` order (e.g. queries, candidates, flattened hard negatives). ``params``
         is passed for what the loss reads directly, such as a learnable temperature.
@@ -141,17 +165,29 @@ def grad_cache_loss_and_grad(
       features_fn: optional ``features_fn(params, batch) -> pytree of [rows, ...] arrays``
         (or None) that must not depend on the differentiated ``params``: gradients do not flow
         through it. Computed in the first pass only and reused by the re-run.
+      batch_features: optional, one entry per batch: a pytree of ``[rows, ...]`` arrays the
+        caller computed over the whole batch, chunked with its rows and handed to
+        ``embed_fn`` in both passes (instead of ``features_fn``'s), or None for that batch.
+      feature_grads: also return, per batch, the loss's gradient with respect to its
+        ``batch_features`` entry (None where the entry is None); ``grads`` then hold only
+        what flows through ``embed_fn``'s use of ``params``, not through the features.
 
     Returns:
-      ``((loss, aux), grads)`` with ``grads`` shaped like ``params``.
+      ``((loss, aux), grads)`` with ``grads`` shaped like ``params``; with ``feature_grads``,
+      ``((loss, aux), grads, feature_grads)``.
     """
     if not batches:
         raise ValueError("grad_cache_loss_and_grad needs at least one batch to embed")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+    batch_features = [None] * len(batches) if batch_features is None else list(batch_features)
+    if len(batch_features) != len(batches):
+        raise ValueError(
+            f"batch_features has {len(batch_features)} entries for {len(batches)} batches"
+        )
     num_chunks = []
-    for index, batch in enumerate(batches):
-        size = _batch_size(batch, f"batch {index}")
+    for index, (batch, features) in enumerate(zip(batches, batch_features)):
+        size = _batch_size((batch, features), f"batch {index} (with its batch_features)")
         if size % chunk_size:
             raise ValueError(
                 f"batch {index} has {size} rows, which is not divisible by chunk_size="
@@ -160,11 +196,12 @@ def grad_cache_loss_and_grad(
         num_chunks.append(size // chunk_size)
     if features_fn is None:  # one code path: no features, and an embed_fn that takes none
         features_fn = _no_features
-        embed_fn = _ignoring_features(embed_fn)
+        if all(f is None for f in batch_features):
+            embed_fn = _ignoring_features(embed_fn)
 
     embedded = [
-        _embed_without_grad(embed_fn, features_fn, params, batch, n)
-        for batch, n in zip(batches, num_chunks, strict=True)
+        _embed_without_grad(embed_fn, features_fn, params, batch, n, features)
+        for batch, n, features in zip(batches, num_chunks, batch_features, strict=True)
     ]
     embeddings = [embedding for embedding, _ in embedded]
     argnums = tuple(range(len(batches) + 1))
@@ -174,9 +211,16 @@ def grad_cache_loss_and_grad(
 
     # Accumulate in float32 so many small chunk contributions are not lost in bf16 params.
     grads = jax.tree.map(lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32)), grads)
-    for batch, (_, features), embedding_grad, n in zip(
-        batches, embedded, embedding_grads, num_chunks, strict=True
+    cotangents = []
+    for batch, (_, features), embedding_grad, n, given in zip(
+        batches, embedded, embedding_grads, num_chunks, batch_features, strict=True
     ):
-        grads = _accumulate_param_grads(embed_fn, params, batch, embedding_grad, n, grads, features)
+        want = feature_grads and given is not None
+        grads, cotangent = _accumulate_param_grads(
+            embed_fn, params, batch, embedding_grad, n, grads, features, want
+        )
+        cotangents.append(cotangent)
     grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grads, params)
+    if feature_grads:
+        return (loss, aux), grads, cotangents
     return (loss, aux), grads

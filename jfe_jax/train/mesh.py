@@ -1,4 +1,4 @@
-"""The device mesh, parameter and batch shardings, sharded init and host-to-global batches.
+"""The device mesh, parameter and batch shardings, and host-to-global batches.
 
 The mesh has three axes (``jfe_jax.models.axes.MESH_AXES``): ``data`` (pure data parallelism),
 ``fsdp`` (data parallelism whose parameters and optimizer state are sharded) and ``tensor``
@@ -9,7 +9,7 @@ placed by their logical axis names through ``LOGICAL_RULES``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -122,38 +122,12 @@ def logical_shardings(tree: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> An
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
-def sharded_init(
-    init_fn: Callable[..., Any],
-    mesh: Mesh,
-    *,
-    rules: Rules = LOGICAL_RULES,
-    args: Sequence[Any] = (),
-) -> tuple[Any, Any]:
-    """Initialises parameters directly in their shards; returns ``(params, shardings)``.
-
-    ``init_fn(*args)`` returns the (boxed) variables, e.g. ``lambda rng, batch:
-    model.init(rng, batch)``. It is traced once with ``jax.eval_shape`` to read the logical
-    axes, then run under ``jax.jit`` with those shardings as ``out_shardings``, so no host ever
-    holds a whole parameter. The returned params are unboxed; ``shardings`` has their structure.
-    """
-
-    def unboxed_init(*init_args):
-        return nn.meta.unbox(init_fn(*init_args))
-
-    # Model code calls nn.with_logical_constraint; it only takes effect with a mesh and rules.
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract = jax.eval_shape(init_fn, *args)
-        shardings = logical_shardings(abstract, mesh, rules)
-        params = jax.jit(unboxed_init, out_shardings=shardings)(*args)
-    return params, shardings
-
-
-def local_data_parallel_shards(mesh: Mesh) -> int:
-    """Number of distinct batch shards whose devices belong to this process (a per-host
-    batch, and a packed side's rows, must be a multiple of it)."""
+def local_data_parallel_shards(mesh: Mesh, process_index: int | None = None) -> int:
+    """Number of distinct batch shards whose devices belong to a process (default: this one);
+    a per-host batch, and a packed side's rows, must be a multiple of it."""
     names = mesh.axis_names
     batch_dims = [names.index(axis) for axis in BATCH_AXES]
-    process = jax.process_index()
+    process = jax.process_index() if process_index is None else process_index
     coords = {
         tuple(index[d] for d in batch_dims)
         for index, device in np.ndenumerate(mesh.devices)

@@ -1,15 +1,19 @@
-"""Step metrics: how (sum, count) pairs are reduced, and where metrics are written (TensorBoard
-event files and ``metrics.jsonl``). Model FLOPs live in ``jfe_jax.models.flops``, device peaks in
-``jfe_jax.train.topology``.
+"""Step metrics: the log window they are added into on the device, how (sum, count) pairs are
+reduced, and where metrics are written (TensorBoard event files and ``metrics.jsonl``). Model
+FLOPs live in ``jfe_jax.models.flops``, device peaks in ``jfe_jax.train.topology``, the batch
+counts added with the metrics in ``jfe_jax.train.accounting``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
@@ -61,14 +65,78 @@ def reduce_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def accumulate(metrics: list[dict[str, Any]]) -> dict[str, Any]:
-    """Adds (sum, count) pairs over steps; plain scalars are averaged."""
-    out: dict[str, Any] = {}
-    for name, value in metrics[0].items():
+# ---------------------------------------------------------------------------- log window
+# Between log steps the metrics stay on the device: each step is added into a window by a small
+# jitted update, and the host reads the window back once per log step (or before a save).
+
+
+def window_add(
+    window: dict[str, Any] | None, metrics: Mapping[str, Any], counts: Mapping[str, Any]
+) -> dict[str, Any]:
+    """One step's ``metrics`` and batch ``counts`` added into a log ``window`` (None: a new
+    one); trace it under ``jax.jit``, so that nothing leaves the device.
+
+    (sum, count) pairs are added pairwise, plain scalars and counts summed (``read_window``
+    divides the plain scalars by the steps). The first step whose loss (sum / count) is not
+    finite is kept by its index in the window and its loss, so the error can name it.
+    """
+    loss = metrics["loss"][0] / metrics["loss"][1]
+    if window is None:
+        window = {
+            "metrics": jax.tree_util.tree_map(jnp.zeros_like, dict(metrics)),
+            "counts": {name: jnp.zeros((), jnp.float32) for name in counts},
+            "steps": jnp.zeros((), jnp.int32),
+            "bad_index": jnp.full((), -1, jnp.int32),
+            "bad_loss": jnp.zeros((), loss.dtype),
+        }
+    first_bad = ~jnp.isfinite(loss) & (window["bad_index"] < 0)
+    return {
+        "metrics": jax.tree_util.tree_map(jnp.add, window["metrics"], dict(metrics)),
+        "counts": {k: v + jnp.asarray(counts[k], jnp.float32) for k, v in window["counts"].items()},
+        "steps": window["steps"] + 1,
+        "bad_index": jnp.where(first_bad, window["steps"], window["bad_index"]),
+        "bad_loss": jnp.where(first_bad, loss, window["bad_loss"]),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowSummary:
+    """A log window read back to the host."""
+
+    steps: int
+    scalars: dict[str, float]  # means over the window's steps (``reduce_metrics``)
+    counts: dict[str, float]  # sums over the window's steps
+    first_non_finite: tuple[int, float] | None  # (index in the window, loss) of the first bad
+
+
+def read_window(window: dict[str, Any]) -> WindowSummary:
+    """The window's means, count sums and first non-finite loss: one device-to-host read."""
+    host = jax.device_get(window)
+    steps = int(host["steps"])
+    scalars = {}
+    for name, value in host["metrics"].items():
         if isinstance(value, tuple):
-            out[name] = tuple(
-                sum(np.asarray(m[name][i], np.float64) for m in metrics) for i in (0, 1)
-            )
+            scalars[name] = reduce_metrics({name: value})[name]
         else:
-            out[name] = float(np.mean([np.asarray(m[name], np.float64) for m in metrics]))
-    return out
+            scalars[name] = float(np.asarray(value, np.float64) / max(steps, 1))
+    return WindowSummary(
+        steps=steps,
+        scalars=scalars,
+        counts={name: float(v) for name, v in host["counts"].items()},
+        first_non_finite=_first_bad(host["bad_index"], host["bad_loss"]),
+    )
+
+
+def first_non_finite(window: dict[str, Any] | None) -> tuple[int, float] | None:
+    """``(index in the window, loss)`` of its first step whose loss is not finite, or None;
+    reads back two scalars only (the check before a checkpoint is saved)."""
+    if window is None:
+        return None
+    return _first_bad(*jax.device_get((window["bad_index"], window["bad_loss"])))
+
+
+def _first_bad(index, loss) -> tuple[int, float] | None:
+    index, loss = int(index), float(loss)
+    if index < 0:
+        return None
+    return index, loss

@@ -1,10 +1,15 @@
-"""AdamW with warmup + cosine decay, clipping, weight-decay masks, lr groups and frozen params.
+"""AdamW with warmup + cosine decay, clipping, weight-decay masks and learning-rate groups.
 
 Parameters are selected by their path string, the tree keys joined by "/" (for example
 ``vision/blocks_0/qkv/kernel`` or ``text/layers_0/up_proj/lora_a``; with scanned layers
 ``text/layers/up_proj/lora_a``). Patterns are regular
 expressions matched anywhere in the path (``re.search``), so they work whether or not the tree
 still has its top-level ``params`` key.
+
+Freezing is not the optimizer's business: ``trainable_mask`` says which parameters train, and
+the train state keeps the others apart (``step.split_params``), so the optimizer only ever sees
+trainable parameters: frozen ones get no gradient, no Adam state and no place in the clipping
+norm.
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ VISION_PATTERN = r"(^|/)vision(/|$)"
 LORA_PATTERN = r"(^|/)lora[^/]*(/|$)"
 TRAINABLE_MODES = ("full", "freeze_vision", "lora")
 
-FROZEN = "frozen"
 DEFAULT_GROUP = "default"
 
 
@@ -60,7 +64,8 @@ def make_schedule(
 
 
 def trainable_mask(params: Any, mode: str, *, also_trainable: tuple[str, ...] = ()) -> Any:
-    """A bool tree shaped like ``params``: True for parameters the optimizer updates.
+    """A bool tree shaped like ``params``: True for the parameters that train (the state split of
+    ``step.split_params`` gives the optimizer only those).
 
     Modes: ``full`` (everything), ``freeze_vision`` (everything outside ``vision/``), ``lora``
     (only path components starting with ``lora``). Paths matching a pattern in
@@ -95,31 +100,22 @@ def _group_label(pattern: str) -> str:
     return f"lr group {pattern}"
 
 
-def param_labels(
-    params: Any,
-    *,
-    trainable: Any | None = None,
-    lr_multipliers: Mapping[str, float] | None = None,
-) -> Any:
-    """The optimizer group of every parameter: ``frozen``, ``default`` or ``lr group <regex>``.
+def param_labels(params: Any, *, lr_multipliers: Mapping[str, float] | None = None) -> Any:
+    """The optimizer group of every parameter: ``default`` or ``lr group <regex>``.
 
     The first pattern of ``lr_multipliers`` (in insertion order) that matches a path decides
     its group. Useful to log which parameters train at which rate.
     """
     lr_multipliers = {} if lr_multipliers is None else lr_multipliers
-    if trainable is None:
-        trainable = jax.tree.map(lambda _: True, params)
 
-    def label(path: tuple[Any, ...], _: Any, is_trainable: bool) -> str:
-        if not is_trainable:
-            return FROZEN
+    def label(path: tuple[Any, ...], _: Any) -> str:
         name = path_str(path)
         for pattern in lr_multipliers:
             if re.search(pattern, name):
                 return _group_label(pattern)
         return DEFAULT_GROUP
 
-    return jax.tree_util.tree_map_with_path(label, params, trainable)
+    return jax.tree_util.tree_map_with_path(label, params)
 
 
 def make_optimizer(
@@ -134,21 +130,19 @@ def make_optimizer(
     b2: float = 0.999,
     eps: float = 1e-8,
     lr_multipliers: Mapping[str, float] | None = None,
-    trainable: Any | None = None,
     no_decay_pattern: str = NO_DECAY_PATTERN,
 ) -> optax.GradientTransformation:
     """AdamW on a warmup + cosine schedule with global-norm clipping and parameter groups.
+
+    It updates every parameter it is given: pass it the trainable ones only (module docstring).
 
     Args:
       learning_rate, warmup_steps, total_steps, end_learning_rate: see make_schedule.
       weight_decay: decoupled decay (scaled by the learning rate, as in optax.adamw), applied
         only where decay_mask is True.
-      max_grad_norm: clip the global gradient norm of the trainable parameters to this; None
-        disables clipping.
+      max_grad_norm: clip the global gradient norm to this; None disables clipping.
       lr_multipliers: ``{path regex: multiplier}``; a parameter's learning rate (and so its
         decay) is the schedule times the multiplier of the first matching pattern, else 1.
-      trainable: bool tree shaped like the params (see trainable_mask); False leaves get zero
-        updates, no optimizer state, and do not count in the clipping norm. None: all train.
       no_decay_pattern: regex of paths excluded from weight decay.
     """
     lr_multipliers = dict(lr_multipliers or {})
@@ -170,23 +164,14 @@ def make_optimizer(
             mask=lambda p: decay_mask(p, no_decay_pattern=no_decay_pattern),
         )
 
-    transforms: dict[str, optax.GradientTransformation] = {
-        FROZEN: optax.set_to_zero(),
-        DEFAULT_GROUP: adamw(1.0),
-    }
+    transforms: dict[str, optax.GradientTransformation] = {DEFAULT_GROUP: adamw(1.0)}
     for pattern, multiplier in lr_multipliers.items():
         transforms[_group_label(pattern)] = adamw(multiplier)
 
     def labels(params: Any) -> Any:
-        return param_labels(params, trainable=trainable, lr_multipliers=lr_multipliers)
-
-    def frozen(params: Any) -> Any:
-        return jax.tree.map(lambda label: label == FROZEN, labels(params))
+        return param_labels(params, lr_multipliers=lr_multipliers)
 
     chain: list[optax.GradientTransformation] = []
-    if trainable is not None:
-        # Frozen gradients must not count in the clipping norm.
-        chain.append(optax.masked(optax.set_to_zero(), frozen))
     if max_grad_norm is not None:
         chain.append(optax.clip_by_global_norm(max_grad_norm))
     chain.append(optax.multi_transform(transforms, labels))

@@ -1,34 +1,37 @@
 """From a training config to everything a step needs, without running one.
 
-config -> model options and architecture (``model_config_for``), checks (``validate_config``),
-optimizer and trainable mask (``build_optimizer``), the abstract train state and its shardings
-(``abstract_state``), initial parameters in their shards (``initial_params``). ``train()`` and
-``jfe aot`` both build their step from here, so the compiled program is the same by construction.
+``build(config, mesh=...)`` is the one builder: checks (``check_config``), model options and
+architecture (``encoder_options``, ``model_config_for``), optimizer and trainable mask
+(``build_optimizer``), the abstract train state and its shardings, and the jitted step
+(``step.jit_train_step``), in a ``TrainSetup``. ``train()`` builds it on its devices and
+``jfe aot`` on a TPU slice's, so the program aot compiles is the one the trainer runs. The
+trainer's step 0 comes from ``TrainSetup.initial_state`` (``initial_params``: the init_from
+weights, or random, in their shards).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from etils import epath
 from flax import traverse_util
 
 from jfe_jax.models.axes import LOGICAL_RULES
 from jfe_jax.models.config import ModelConfig
-from jfe_jax.models.hf_io import load_hf_params
+from jfe_jax.models.hf_io import backbone_shapes, load_hf_params
 from jfe_jax.models.inputs import dummy_batch
 from jfe_jax.models.one_tower import EncoderOptions
 from jfe_jax.models.sizes import get_size
 from jfe_jax.train import checkpoint as ckpt
 from jfe_jax.train import mesh as mesh_lib
 from jfe_jax.train.optimizer import make_optimizer, make_schedule, trainable_mask
-from jfe_jax.train.step import TrainState, split_params
+from jfe_jax.train.step import TrainState, jit_train_step, merge_params, split_params
 
 
 def encoder_options(config: ml_collections.ConfigDict) -> EncoderOptions:
@@ -70,6 +73,10 @@ def init_source(config: ml_collections.ConfigDict) -> str:
 
 
 def model_config_for(config: ml_collections.ConfigDict) -> ModelConfig:
+    """The architecture: ``model.init_from``'s when set, else the named ``model.size`` (also
+    for a stage-2 config without init_from, which only ``validate_config`` refuses)."""
+    if not config.model.init_from:
+        return get_size(config.model.size)
     source = init_source(config)
     if source == "hf":
         return ModelConfig.from_pretrained(config.model.init_from)
@@ -78,8 +85,17 @@ def model_config_for(config: ml_collections.ConfigDict) -> ModelConfig:
     return get_size(config.model.size)
 
 
-def validate_config(config: ml_collections.ConfigDict) -> tuple[ModelConfig, jax.sharding.Mesh]:
-    """Everything that can be checked before compiling; ValueError names the field."""
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Everything ``train`` can check before it builds or writes anything: the config's fields,
+    where its weights come from (stage 2 needs ``model.init_from``) and its batch against the
+    mesh of this runtime's devices. ValueError names the field."""
+    check_config(config, mesh_lib.make_mesh(dict(config.mesh)))
+    init_source(config)
+
+
+def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """The checks of a config against a mesh that need no weights; ValueError names the field.
+    ``build`` runs them (``jfe aot`` too, on a TPU slice's mesh)."""
     if config.stage not in ("stage1", "stage2"):
         raise ValueError(f"stage must be 'stage1' or 'stage2', got {config.stage!r}")
     if config.data.kind not in ("pairs", "mbeir"):
@@ -105,8 +121,6 @@ def validate_config(config: ml_collections.ConfigDict) -> tuple[ModelConfig, jax
             f"optimizer.warmup_steps={config.optimizer.warmup_steps} must be in "
             f"[0, train.num_steps={config.train.num_steps})"
         )
-    model_config = model_config_for(config)
-    mesh = mesh_lib.make_mesh(dict(config.mesh))
     mesh_lib.check_batch_divisible(config.data.global_batch_size, mesh)
     chunk = config.train.grad_cache_chunk
     if chunk and config.data.global_batch_size % chunk:
@@ -140,15 +154,108 @@ def validate_config(config: ml_collections.ConfigDict) -> tuple[ModelConfig, jax
                 f"data.pack_length={pack_length} is shorter than data.max_length="
                 f"{config.data.max_length}: an item of max_length tokens would not fit in a row"
             )
-    return model_config, mesh
 
 
-def abstract_state(module, optimizer, mask, mesh):
-    """(abstract TrainState, its shardings) without allocating anything."""
-    batch = dummy_batch(module.config)
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainSetup:
+    """What ``build`` makes of a config: the train step and everything it is built from."""
+
+    config: ml_collections.ConfigDict
+    model_config: ModelConfig
+    module: nn.Module  # the OneTowerEncoder with the config's options
+    mesh: jax.sharding.Mesh
+    optimizer: optax.GradientTransformation  # sees the trainable params only
+    mask: Any  # bool tree shaped like the params: True where they train
+    state_shapes: TrainState  # of ShapeDtypeStructs
+    state_shardings: TrainState  # of NamedShardings
+    step: Any  # step.jit_train_step: (state, batch) -> (state, metrics), the state donated
+
+    @property
+    def param_shardings(self) -> Any:
+        """The shardings of the whole (merged) param tree."""
+        return merge_params(self.state_shardings.trainable, self.state_shardings.frozen)
+
+    def abstract_state(self) -> TrainState:
+        """The train state as ShapeDtypeStructs in their shardings (what a checkpoint restores
+        into, what ``lower`` compiles for)."""
+        return jax.tree_util.tree_map(
+            lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+            self.state_shapes,
+            self.state_shardings,
+        )
+
+    def lower(self, state: TrainState, batch: Any) -> jax.stages.Lowered:
+        """The step lowered for ``state`` and ``batch`` (arrays or ShapeDtypeStructs): under the
+        mesh and the logical axis rules, so the model's activation sharding constraints apply."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+            return self.step.lower(state, batch)
+
+    def random_params(self, seed: int) -> Any:
+        """Random params made directly in their shards (no host holds a whole parameter)."""
+        batch = dummy_batch(self.model_config)
+
+        def init(rng):
+            return nn.meta.unbox(self.module.init(rng, batch)["params"])
+
+        with jax.set_mesh(self.mesh):
+            return jax.jit(init, out_shardings=self.param_shardings)(jax.random.key(seed))
+
+    def new_state(self, params: Any) -> TrainState:
+        """Step 0 of training ``params`` (placed in ``param_shardings``): split by the mask,
+        the optimizer state initialised in its shardings."""
+        trainable, frozen = split_params(params, self.mask)
+        with jax.set_mesh(self.mesh):
+            opt_state = jax.jit(self.optimizer.init, out_shardings=self.state_shardings.opt_state)(
+                trainable
+            )
+        return TrainState(
+            step=jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings.step),
+            trainable=trainable,
+            frozen=frozen,
+            opt_state=opt_state,
+        )
+
+    def initial_state(self) -> tuple[TrainState, str]:
+        """``(step-0 state, where its weights come from)``: ``model.init_from``'s weights, or
+        random ones, in their shards (``initial_params``)."""
+        params, origin = initial_params(
+            self.config, self.module, self.model_config, self.mesh, self.param_shardings
+        )
+        return self.new_state(params), origin
+
+
+def build(
+    config: ml_collections.ConfigDict, *, mesh: jax.sharding.Mesh | None = None
+) -> TrainSetup:
+    """The ``TrainSetup`` of ``config`` on ``mesh`` (default: the config's mesh over this
+    runtime's devices), after ``check_config``. Nothing is allocated: params and optimizer state
+    are abstract until ``initial_state`` (or a checkpoint restore) makes them."""
+    mesh = mesh_lib.make_mesh(dict(config.mesh)) if mesh is None else mesh
+    check_config(config, mesh)
+    model_config = model_config_for(config)
+    module = encoder_options(config).module(model_config)
+    batch = dummy_batch(model_config)
     boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), batch))["params"]
-    param_shardings = mesh_lib.logical_shardings(boxed, mesh, LOGICAL_RULES)
     params = nn.meta.unbox(boxed)
+    optimizer, mask = build_optimizer(config, params)
+    param_shardings = mesh_lib.logical_shardings(boxed, mesh, LOGICAL_RULES)
+    shapes, shardings = _state_layout(optimizer, mask, params, param_shardings, mesh)
+    return TrainSetup(
+        config=config,
+        model_config=model_config,
+        module=module,
+        mesh=mesh,
+        optimizer=optimizer,
+        mask=mask,
+        state_shapes=shapes,
+        state_shardings=shardings,
+        step=jit_train_step(module, optimizer, config, shardings, mesh),
+    )
+
+
+def _state_layout(optimizer, mask, params, param_shardings, mesh) -> tuple[TrainState, TrainState]:
+    """(the TrainState of abstract ``params``, its shardings): Adam's moments sharded as their
+    params, the step and the optimizer's counters replicated."""
     trainable, frozen = split_params(params, mask)
     t_shard, f_shard = split_params(param_shardings, mask)
     opt_state = jax.eval_shape(optimizer.init, trainable)
@@ -173,54 +280,81 @@ def abstract_state(module, optimizer, mask, mesh):
     return shapes, shardings
 
 
-def _place(host_tree, shardings):
-    """Host numpy arrays -> global arrays in ``shardings`` (each host reads its slices)."""
-
-    def place(x, sharding):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-    return jax.tree_util.tree_map(place, host_tree, shardings)
-
-
 def initial_params(config, module, model_config, mesh, param_shardings):
-    """Random params in their shards, then the init_from weights placed over them."""
+    """``(params, description)``: the initial params in their shards (``param_shardings``).
+
+    The init_from weights (a Hugging Face directory or a stage-1 workdir) are read straight
+    into their shards, each device reading its own slices, one tensor at a time: neither the
+    host nor a device ever holds the whole model. The params the source lacks (the head, new
+    LoRA adapters; everything when training from scratch) are initialised at random.
+    Shapes are checked against the source's metadata before anything is read.
+    """
     batch = dummy_batch(model_config)
-
-    def init(rng):
-        return nn.meta.unbox(module.init(rng, batch)["params"])
-
-    with jax.set_mesh(mesh):
-        params = jax.jit(init, out_shardings=param_shardings)(jax.random.key(config.seed))
     source = init_source(config)
-    if source == "scratch":
-        return params, "random init of size " + config.model.size
-    if source == "hf":
-        loaded = load_hf_params(
-            config.model.init_from,
-            model_config,
-            scan_layers=module.scan_layers,
-            dtype=module.param_dtype,
-        )
-        what = "Hugging Face weights from " + config.model.init_from
-    else:
-        loaded, step = ckpt.restore_params(config.model.init_from)
-        loaded = jax.device_get(loaded)
-        what = f"stage-1 checkpoint step {step} of {config.model.init_from}"
-    flat = traverse_util.flatten_dict(params)
-    flat_loaded = traverse_util.flatten_dict(loaded)
+    init_from = config.model.init_from
+    abstract = jax.eval_shape(
+        lambda: nn.meta.unbox(module.init(jax.random.key(0), batch)["params"])
+    )
+    flat_abstract = traverse_util.flatten_dict(abstract)
     flat_shardings = traverse_util.flatten_dict(param_shardings)
-    for key, value in flat_loaded.items():
-        if key not in flat:
+    source_shapes, step = {}, None
+    if source == "hf":
+        source_shapes = backbone_shapes(model_config, scan_layers=module.scan_layers)
+    elif source == "workdir":
+        saved, step = ckpt.param_shapes(init_from)
+        source_shapes = {key: value.shape for key, value in saved.items()}
+    loaded_keys = set()
+    for key, shape in source_shapes.items():
+        if key not in flat_abstract:
             if key[-1] in ("lora_a", "lora_b"):
                 continue  # adapters of a previous stage are merged away only on export
             raise ValueError(f"init_from has a parameter {'/'.join(key)} this model does not")
-        if tuple(value.shape) != tuple(flat[key].shape):
+        if tuple(shape) != tuple(flat_abstract[key].shape):
             raise ValueError(
-                f"init_from parameter {'/'.join(key)} has shape {value.shape}, the model "
-                f"expects {flat[key].shape} (different model options?)"
+                f"init_from parameter {'/'.join(key)} has shape {tuple(shape)}, the model "
+                f"expects {flat_abstract[key].shape} (different model options?)"
             )
-        flat[key] = _place(value.astype(flat[key].dtype), flat_shardings[key])
+        loaded_keys.add(key)
+
+    def random_part(tree):
+        flat = traverse_util.flatten_dict(tree)
+        return traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in loaded_keys})
+
+    def init(rng):
+        # The loaded params are dead code to XLA here: never computed, never allocated.
+        return random_part(nn.meta.unbox(module.init(rng, batch)["params"]))
+
+    with jax.set_mesh(mesh):
+        random = jax.jit(init, out_shardings=random_part(param_shardings))(
+            jax.random.key(config.seed)
+        )
+    if source == "scratch":
+        return random, "random init of size " + config.model.size
+    if source == "hf":
+        loaded = load_hf_params(
+            init_from,
+            model_config,
+            scan_layers=module.scan_layers,
+            dtype=module.param_dtype,
+            shardings=param_shardings,
+        )
+        what = "Hugging Face weights from " + init_from
+    else:
+        targets = {
+            key: jax.ShapeDtypeStruct(
+                flat_abstract[key].shape, flat_abstract[key].dtype, sharding=flat_shardings[key]
+            )
+            for key in loaded_keys
+        }
+        loaded, step = ckpt.restore_params(
+            init_from, step, abstract_params=traverse_util.unflatten_dict(targets)
+        )
+        what = f"stage-1 checkpoint step {step} of {init_from}"
+    flat = traverse_util.flatten_dict(random)
+    for key, value in traverse_util.flatten_dict(loaded).items():
+        if value.dtype != flat_abstract[key].dtype:
+            value = value.astype(flat_abstract[key].dtype)  # elementwise: keeps the sharding
+        flat[key] = value
     return traverse_util.unflatten_dict(flat), what
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from jfe_jax.models.packing import is_vision_packed, without_vision_rows
 from jfe_jax.train.grad_cache import grad_cache_loss_and_grad
 from jfe_jax.train.loss import contrastive_loss
 
@@ -51,7 +52,7 @@ def merge_params(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dic
 
 def side_rows(side: dict[str, Any]) -> int:
     """Items of one side's model batch (early fusion, packed, or late fusion's text/image
-    pair): the rows of its embeddings."""
+    pair): the rows of its embeddings. Vision rows (``pack_vision``) are not items."""
     if "pool_index" in side:  # packed: several items per row
         return side["pool_index"].shape[0]
     if "has_text" in side:
@@ -71,7 +72,9 @@ def make_loss_and_grad(
 
     The batch holds ``query`` and ``candidate`` model batches (row i of each is a positive
     pair), optionally ``hard_negative`` (B*H rows), and int32 keys ``query_key``,
-    ``candidate_key`` (and ``hard_negative_key`` [B, H]) identifying duplicates.
+    ``candidate_key`` (and ``hard_negative_key`` [B, H]) identifying duplicates. A side may
+    carry its images in vision rows of their own (``jfe_jax.models.packing.pack_vision``);
+    with the gradient cache the tower then runs once over them, outside the text chunks.
     """
 
     def loss_and_grad(state: TrainState, batch: dict[str, Any]):
@@ -105,7 +108,7 @@ def make_loss_and_grad(
             params = merge_params(trainable, state.frozen)
             return module.apply({"params": params}, model_batch, image_features)[0]
 
-        def frozen_image_features(trainable, model_batch):
+        def image_features(trainable, model_batch):
             if "has_text" in model_batch:  # late fusion: its parts run the tower themselves
                 return None
             params = merge_params(trainable, state.frozen)
@@ -114,14 +117,33 @@ def make_loss_and_grad(
         if grad_cache_chunk:
             # A frozen vision tower's output is the same in both passes: compute it once.
             vision_frozen = not state.trainable.get("vision")
-            return grad_cache_loss_and_grad(
+            # Sides whose images sit in vision rows of their own (packing.pack_vision): the
+            # chunks split the text rows only; the tower runs once over the whole side's vision
+            # rows here and its tokens, gathered per text row, are chunked with the rows.
+            packed = [is_vision_packed(side) for side in sides]
+            row_sides = [without_vision_rows(s) if p else s for s, p in zip(sides, packed)]
+            features = [
+                image_features(state.trainable, s) if p else None for s, p in zip(sides, packed)
+            ]
+            (loss, metrics), grads, *feature_grads = grad_cache_loss_and_grad(
                 embed,
                 loss_from_embeddings,
                 state.trainable,
-                *sides,
+                *row_sides,
                 chunk_size=grad_cache_chunk,
-                features_fn=frozen_image_features if vision_frozen else None,
+                features_fn=image_features if vision_frozen else None,
+                batch_features=features,
+                feature_grads=not vision_frozen and any(packed),
             )
+            for side, cotangent in zip(sides, feature_grads[0] if feature_grads else ()):
+                if cotangent is not None:
+                    # A trained tower: the chain rule through the cached image tokens, one
+                    # vjp that reruns the side's vision rows (as the re-run pass does for
+                    # the text rows).
+                    _, vjp = jax.vjp(lambda t, s=side: image_features(t, s), state.trainable)
+                    (vision_grads,) = vjp(cotangent)
+                    grads = jax.tree.map(jnp.add, grads, vision_grads)
+            return (loss, metrics), grads
 
         def full_loss(trainable):
             return loss_from_embeddings(trainable, *(embed(trainable, side) for side in sides))
@@ -164,8 +186,9 @@ def jit_train_step(
 ) -> Any:
     """The trainer's jitted step for a training ``config`` (loss options and
     ``train.grad_cache_chunk`` from it): state sharded by ``shardings`` and donated, the batch
-    split over the mesh's data axes, metrics replicated. ``train()``, ``jfe aot`` and the
-    device benchmark all compile this one."""
+    split over the mesh's data axes, metrics replicated. ``setup.build`` makes it, and
+    ``train()``, ``jfe aot`` and the device benchmark all compile it from there (lowered by
+    ``TrainSetup.lower``, under the mesh and the logical axis rules)."""
     from jfe_jax.train import mesh as mesh_lib
 
     step = make_train_step(

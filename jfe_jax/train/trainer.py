@@ -1,48 +1,41 @@
 """The training loop of both JFE stages: ``train(config, workdir)``.
 
-One linear function in sections: run record -> model and tokenizer -> mesh and shardings ->
-state (restore order: this workdir's latest checkpoint, then ``model.init_from``, then random)
--> compile (memory logged) -> loop with metrics, checkpoints and preemption handling.
+One linear function in sections: checks and setup (``setup.build``: model, mesh, optimizer,
+abstract state and the jitted step, the same as ``jfe aot`` compiles) -> run record -> state
+(restore order: this workdir's latest checkpoint, then ``model.init_from``, then random) ->
+compile (memory logged) -> loop with metrics, checkpoints and preemption handling.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import platform
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from etils import epath
 
 from jfe_jax.data.item_format import ItemFormat
-from jfe_jax.models.axes import LOGICAL_RULES
 from jfe_jax.models.config import ModelConfig
-from jfe_jax.models.flops import train_step_flops
-from jfe_jax.models.inputs import dummy_batch
-from jfe_jax.models.padding import padding_counts, padding_fractions
+from jfe_jax.models.padding import padding_fractions
 from jfe_jax.paths import absolute, absolute_config_paths
 from jfe_jax.progress import progress_bar
 from jfe_jax.train import checkpoint as ckpt
 from jfe_jax.train import mesh as mesh_lib
-from jfe_jax.train.metrics import MetricWriter, accumulate, reduce_metrics
-from jfe_jax.train.run_control import SUMMARY_FILE, TrainingInterrupted, lock_workdir
-from jfe_jax.train.setup import (
-    abstract_state,
-    build_optimizer,
-    encoder_options,
-    initial_params,
-    make_lr_fn,
-    validate_config,
+from jfe_jax.train.accounting import batch_counts
+from jfe_jax.train.metrics import (
+    MetricWriter,
+    WindowSummary,
+    first_non_finite,
+    read_window,
+    window_add,
 )
-from jfe_jax.train.step import TrainState, jit_train_step, merge_params, split_params
+from jfe_jax.train.run_control import SUMMARY_FILE, TrainingInterrupted, lock_workdir
+from jfe_jax.train.setup import TrainSetup, build, make_lr_fn, validate_config
 from jfe_jax.train.topology import peak_flops
 
 log = logging.getLogger(__name__)
@@ -115,13 +108,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict
     workdir, config = absolute(workdir), absolute_config_paths(config)
     if config.train.distributed:
         jax.distributed.initialize()
-    model_config, mesh = validate_config(config)
+    validate_config(config)  # before anything is built or written
+    setup = build(config)  # model, mesh, optimizer, abstract state and the jitted step
     with lock_workdir(workdir):
-        return _train_locked(config, workdir, model_config, mesh, data)
+        return _train_locked(config, workdir, setup, data)
 
 
-def _train_locked(config, workdir, model_config, mesh, data) -> dict[str, Any]:
+def _train_locked(config, workdir, setup: TrainSetup, data) -> dict[str, Any]:
     """``train`` once this run holds the workdir."""
+    model_config, mesh = setup.model_config, setup.mesh
     write_run_record(workdir, config, model_config, mesh)
     log.info(
         "mesh: %s over %d devices (%s) in %d processes",
@@ -130,16 +125,9 @@ def _train_locked(config, workdir, model_config, mesh, data) -> dict[str, Any]:
         mesh.devices.flat[0].device_kind,
         jax.process_count(),
     )
-    options = encoder_options(config)
-    module = options.module(model_config)
 
-    # ---------------------------------------------------------------- optimizer and state
-    abstract_params = nn.meta.unbox(
-        jax.eval_shape(lambda: module.init(jax.random.key(0), dummy_batch(model_config)))["params"]
-    )
+    # ---------------------------------------------------------------- state
     total_steps = config.train.num_steps
-    optimizer, mask = build_optimizer(config, abstract_params)
-    shapes, shardings = abstract_state(module, optimizer, mask, mesh)
     checkpointer = ckpt.Checkpointer(
         workdir,
         every_steps=config.train.checkpoint_every_steps,
@@ -151,42 +139,25 @@ def _train_locked(config, workdir, model_config, mesh, data) -> dict[str, Any]:
         from jfe_jax.train.data import make_train_data
 
         data = make_train_data(config, workdir, model_config)
-
     resume_step = checkpointer.latest_step()
     if resume_step is not None:
-        abstract = jax.tree_util.tree_map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
-        )
-        state, data_state = checkpointer.restore(resume_step, abstract)
+        state, data_state = checkpointer.restore(resume_step, setup.abstract_state())
         data.set_state(data_state)
         log.info("resumed from %s at step %d", checkpointer.directory, resume_step)
         origin = f"resumed at step {resume_step}"
     else:
-        param_shardings = merge_params(shardings.trainable, shardings.frozen)
-        params, origin = initial_params(config, module, model_config, mesh, param_shardings)
-        trainable, frozen = split_params(params, mask)
-        with jax.set_mesh(mesh):
-            opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(trainable)
-        state = TrainState(
-            step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
-            trainable=trainable,
-            frozen=frozen,
-            opt_state=opt_state,
-        )
+        state, origin = setup.initial_state()
     log.info("initial weights: %s", origin)
 
     # ---------------------------------------------------------------- compile
-    jitted = jit_train_step(module, optimizer, config, shardings, mesh)
-    compiled: dict[Any, Any] = {}
-    peak, peak_source = peak_flops()
+    # One program per batch shape, compiled from shapes as `jfe aot` compiles it.
+    compiled: dict[str, Any] = {}
+    peak, peak_source = peak_flops()  # the loop's MFU
 
     def compiled_for(batch):
-        key = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), batch)
-        key = str(key)
+        key = str(jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), batch))
         if key not in compiled:
-            with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-                lowered = jitted.lower(state, batch)
-                compiled[key] = lowered.compile()
+            compiled[key] = setup.lower(setup.abstract_state(), batch).compile()
             memory = compiled[key].memory_analysis()
             if memory is not None:
                 log.info(
@@ -200,17 +171,25 @@ def _train_locked(config, workdir, model_config, mesh, data) -> dict[str, Any]:
         return compiled[key]
 
     # ---------------------------------------------------------------- loop
+    start_step = int(jax.device_get(state.step))
+    if start_step >= total_steps:
+        checkpointer.close()
+        return _nothing_to_train(workdir, start_step, total_steps)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     checkpointer.install_stop_handlers()
     schedule_lr = make_lr_fn(config)
-    start_step = int(jax.device_get(state.step))
-    last_good = resume_step
+
+    # Between log steps nothing comes back to the host: each step's metrics and batch counts
+    # are added into the log window on the device, read back at log steps and before saves.
+    @jax.jit
+    def add_to_window(window, metrics, batch):
+        return window_add(window, metrics, batch_counts(model_config, batch))
+
+    window, window_first_step, window_start = None, start_step + 1, time.perf_counter()
+    last_good = start_step or None  # the newest checkpoint of this run: none before step 1
     stopped_at = None  # the step after which SIGTERM / Ctrl-C stopped the run
     warned_zero_grad = False
     final: dict[str, Any] = {"step": start_step}
-    pending: list[tuple[int, Any]] = []
-    window_start, window_examples, window_tokens, window_flops = time.perf_counter(), 0, 0, 0.0
-    window_padding: dict[str, int] = {}
     bar = progress_bar(
         total=total_steps,
         initial=start_step,
@@ -221,45 +200,25 @@ def _train_locked(config, workdir, model_config, mesh, data) -> dict[str, Any]:
     )
     try:
         for step in range(start_step + 1, total_steps + 1):
-            host_batch = next(data)
-            batch = mesh_lib.global_batch_from_host(host_batch, mesh)
+            batch = mesh_lib.global_batch_from_host(next(data), mesh)
             state, metrics = compiled_for(batch)(state, batch)
-            window_examples += config.data.global_batch_size
-            window_tokens += (
-                sum(_side_tokens(v) for v in host_batch.values() if isinstance(v, dict))
-                * jax.process_count()
-            )
-            window_flops += train_step_flops(model_config, host_batch) * jax.process_count()
-            for name, value in padding_counts(host_batch, model_config).items():
-                window_padding[name] = window_padding.get(name, 0) + value
-            # The loss is read back only to log or save: meanwhile the host prepares the next
-            # batch while the device runs this step.
-            pending.append((step, metrics))
+            window = add_to_window(window, metrics, batch)
             last_step = step == total_steps
-            save = checkpointer.should_save(step, last_step=last_step)  # sets .stopping too
-            log_now = step % config.train.log_every == 0 or last_step or checkpointer.stopping
-            if log_now or save:
-                bad = _first_non_finite_loss(pending)
-                if bad is not None:
-                    bad_step, loss = bad
-                    raise NonFiniteLossError(
-                        f"loss is {loss} at step {bad_step}; stopping. The last good checkpoint "
-                        f"is step {last_good} in {checkpointer.directory}"
-                        if last_good is not None
-                        else f"loss is {loss} at step {bad_step}; stopping before any checkpoint "
-                        "was saved"
-                    )
-            if log_now:
-                elapsed = time.perf_counter() - window_start
-                scalars = reduce_metrics(accumulate(jax.device_get([m for _, m in pending])))
-                scalars.update(
-                    learning_rate=schedule_lr(step),
-                    examples_per_second=window_examples / elapsed,
-                    tokens_per_second=window_tokens / elapsed,
-                    flops_per_second=window_flops / elapsed,
-                    mfu=window_flops / elapsed / peak,
+            log_step = step % config.train.log_every == 0 or last_step
+            # Sets .stopping too; on several hosts it talks to the others at log steps only.
+            save = checkpointer.should_save(step, last_step=last_step, log_step=log_step)
+            if log_step or checkpointer.stopping:
+                summary = read_window(window)
+                _raise_if_non_finite(
+                    summary.first_non_finite, window_first_step, last_good, checkpointer
                 )
-                scalars.update(padding_fractions(window_padding))
+                scalars = _window_scalars(
+                    summary,
+                    seconds=time.perf_counter() - window_start,
+                    learning_rate=schedule_lr(step),
+                    examples=summary.steps * config.data.global_batch_size,
+                    peak=peak,
+                )
                 writer.write(step, scalars)
                 bar.set_postfix(
                     loss=f"{scalars['loss']:.3f}",
@@ -275,14 +234,11 @@ def _train_locked(config, workdir, model_config, mesh, data) -> dict[str, Any]:
                         step,
                     )
                     warned_zero_grad = True
-                pending.clear()
-                window_start, window_examples, window_tokens, window_flops = (
-                    time.perf_counter(),
-                    0,
-                    0,
-                    0.0,
+                window, window_first_step, window_start = None, step + 1, time.perf_counter()
+            elif save:  # no non-finite loss may reach a checkpoint
+                _raise_if_non_finite(
+                    first_non_finite(window), window_first_step, last_good, checkpointer
                 )
-                window_padding = {}
             if save:
                 checkpointer.save(step, state, data_state=data.get_state(), config=config.to_dict())
                 last_good = step
@@ -305,27 +261,60 @@ def _train_locked(config, workdir, model_config, mesh, data) -> dict[str, Any]:
     return final
 
 
-def _first_non_finite_loss(pending: list[tuple[int, Any]]) -> tuple[int, float] | None:
-    """``(step, loss)`` of the first of the pending steps whose loss is not finite, or None."""
-    losses = jax.device_get([metrics["loss"] for _, metrics in pending])
-    for (step, _), (total, count) in zip(pending, losses):
-        loss = float(total / count)
-        if not math.isfinite(loss):
-            return step, loss
-    return None
+def _nothing_to_train(workdir: str, step: int, total_steps: int) -> dict[str, Any]:
+    """A rerun of a finished run: says so and returns the summary of the run that got there
+    (written anew only where it is missing)."""
+    log.info(
+        "nothing to train: %s already holds step %d (train.num_steps is %d); "
+        "the summary below is that of the run that reached it",
+        workdir,
+        step,
+        total_steps,
+    )
+    path = epath.Path(workdir) / SUMMARY_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    summary = {"step": step, "total_steps": total_steps, "completed": step == total_steps}
+    if jax.process_index() == 0:
+        path.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _raise_if_non_finite(
+    bad: tuple[int, float] | None, window_first_step: int, last_good: int | None, checkpointer
+) -> None:
+    """``bad``: (index in the log window, loss) of its first non-finite loss, or None."""
+    if bad is None:
+        return
+    index, loss = bad
+    bad_step = window_first_step + index
+    raise NonFiniteLossError(
+        f"loss is {loss} at step {bad_step}; stopping. The last good checkpoint "
+        f"is step {last_good} in {checkpointer.directory}"
+        if last_good is not None
+        else f"loss is {loss} at step {bad_step}; stopping before any checkpoint was saved"
+    )
+
+
+def _window_scalars(
+    summary: WindowSummary, *, seconds: float, learning_rate: float, examples: int, peak: float
+) -> dict[str, float]:
+    """What a log line holds: the window's metric means, the learning rate, throughput over
+    the window's ``seconds`` and the padding shares (``padding_fractions``)."""
+    counts = summary.counts
+    scalars = dict(summary.scalars)
+    scalars.update(
+        learning_rate=learning_rate,
+        examples_per_second=examples / seconds,
+        tokens_per_second=counts["tokens_seen"] / seconds,
+        flops_per_second=counts["step_flops"] / seconds,
+        mfu=counts["step_flops"] / seconds / peak,
+    )
+    scalars.update(padding_fractions(counts))
+    return scalars
 
 
 def _side_shape(side: dict[str, Any]) -> Any:
     if "has_text" in side:
         return {part: side[part]["input_ids"].shape for part in ("text", "image")}
     return side["input_ids"].shape
-
-
-def _side_tokens(side: dict[str, Any]) -> int:
-    """Real (unpadded) tokens of one side; late fusion counts only the parts present."""
-    if "has_text" in side:
-        return sum(
-            int(np.sum(np.asarray(side[part]["attention_mask"]) * side[mask][:, None]))
-            for part, mask in (("text", "has_text"), ("image", "has_image"))
-        )
-    return int(np.sum(side["attention_mask"]))
