@@ -148,11 +148,15 @@ def run_fusion_study(
     steps: int | None = None,
     replicates: int = stats.DEFAULT_REPLICATES,
     synthetic: SyntheticConfig | None = None,
+    stages: Sequence[str] = ("stage1", "stage2"),
     progress: bool = True,
 ) -> dict[str, Any]:
     """Runs (or finishes) the study in ``workdir``; returns what ``study.json`` holds.
 
-    ``steps`` overrides the preset's steps per stage and ``synthetic`` its data (tests)."""
+    ``steps`` overrides the preset's steps per stage and ``synthetic`` its data; ``stages``
+    ("stage1",) trains and evaluates stage 1 only (the machinery at the least cost: tests)."""
+    if tuple(stages) not in (("stage1", "stage2"), ("stage1",)):
+        raise ValueError(f"stages must be ('stage1', 'stage2') or ('stage1',), got {stages}")
     from jfe_jax.demo import train_stage
     from jfe_jax.progress import progress_bar
     from jfe_jax.train.run_control import training_completed
@@ -194,12 +198,18 @@ def run_fusion_study(
     try:
         for system, seed in runs:
             stage1, stage2, run_dir = run_configs(workdir, chosen, system, seed, steps)
-            for name, config in (("stage1", stage1), ("stage2", stage2)):
+            for name, config in (("stage1", stage1), ("stage2", stage2))[: len(stages)]:
                 path = os.path.join(run_dir, name)
                 if not training_completed(path, config.train.num_steps):
                     train_stage(config, path, f"{system} seed {seed} {name}")
             drops = (None, *ABLATIONS) if system == REFERENCE else (None,)
-            _evaluate(run_dir, data_dir, drops, label=f"{system} seed {seed}", progress=progress)
+            _evaluate(
+                os.path.join(run_dir, stages[-1]),
+                data_dir,
+                drops,
+                label=f"{system} seed {seed}",
+                progress=progress,
+            )
             bar.update(1)
     finally:
         bar.close()
@@ -208,7 +218,9 @@ def run_fusion_study(
         preset=preset,
         model_size=chosen.size,
         synthetic=dataclasses.asdict(chosen.synthetic),
-        steps={"stage1": stage1.train.num_steps, "stage2": stage2.train.num_steps},
+        steps={"stage1": stage1.train.num_steps, "stage2": stage2.train.num_steps}
+        if len(stages) == 2
+        else {"stage1": stage1.train.num_steps},
         batch=stage2.data.global_batch_size,
         matmul_gflops=round(gflops, 1),
         seconds=round(time.perf_counter() - start, 1),
@@ -236,9 +248,11 @@ def _prepare_data(data_dir: str, preset: Preset, progress: bool) -> None:
 
 
 def _evaluate(
-    run_dir: str, data_dir: str, drops: Sequence[str | None], *, label: str, progress: bool
+    model_dir: str, data_dir: str, drops: Sequence[str | None], *, label: str, progress: bool
 ) -> None:
-    """The run's evaluations not yet done: the full input, and each ablation in ``drops``."""
+    """The run's evaluations not yet done (beside its stage folders): the full input, and each
+    ablation in ``drops``."""
+    run_dir = os.path.dirname(model_dir)
     todo = [
         (drop, os.path.join(run_dir, "eval" if drop is None else f"eval_no_{drop}"))
         for drop in drops
@@ -250,7 +264,7 @@ def _evaluate(
     from jfe_jax.index.embedder import embedder_for
 
     # One embedder (one model load, one compilation per shape) for all of the run's evaluations.
-    embedder = embedder_for(os.path.join(run_dir, "stage2"), image_root=data_dir, batch_size=64)
+    embedder = embedder_for(model_dir, image_root=data_dir, batch_size=64)
     for drop, out in todo:
         evaluate_mbeir(
             embedder,

@@ -27,7 +27,7 @@ TOY = SyntheticConfig(
 def test_study_runs_end_to_end_and_writes_study_json(tmp_path):
     workdir = str(tmp_path / "study")
     result = study.run_fusion_study(
-        workdir, seeds=2, steps=1, replicates=200, synthetic=TOY, progress=False
+        workdir, seeds=2, steps=1, replicates=200, synthetic=TOY, stages=("stage1",), progress=False
     )
     out = os.path.join(workdir, "fusion")
     for name in ("study.json", "table.txt", "study.png", "need.png"):
@@ -59,12 +59,14 @@ def test_study_runs_end_to_end_and_writes_study_json(tmp_path):
     # nothing and its need is exactly 0.
     assert saved["fusion_need"]["tasks"]["mscoco_task0"]["estimate"] == 0.0
     assert saved["statement"] and ("no decision" in saved["table"] or "wins" in saved["table"])
+    # Stage 1 only (the cheapest end-to-end run): no stage 2 was trained.
+    assert not os.path.exists(os.path.join(workdir, "early", "seed0", "stage2"))
     # Each seed is its own training run (data order and initialisation differ).
-    first = os.path.join(workdir, "early", "seed0", "stage2", "config.json")
-    second = os.path.join(workdir, "early", "seed1", "stage2", "config.json")
+    first = os.path.join(workdir, "early", "seed0", "stage1", "config.json")
+    second = os.path.join(workdir, "early", "seed1", "stage1", "config.json")
     assert json.load(open(first))["seed"] == 0 and json.load(open(second))["seed"] == 1
     assert (
-        json.load(open(os.path.join(workdir, "late", "seed0", "stage2", "config.json")))["model"][
+        json.load(open(os.path.join(workdir, "late", "seed0", "stage1", "config.json")))["model"][
             "fusion"
         ]
         == "late"
@@ -72,7 +74,7 @@ def test_study_runs_end_to_end_and_writes_study_json(tmp_path):
 
     # A rerun trains nothing and evaluates nothing: the same numbers, from the saved runs.
     again = study.run_fusion_study(
-        workdir, seeds=2, steps=1, replicates=200, synthetic=TOY, progress=False
+        workdir, seeds=2, steps=1, replicates=200, synthetic=TOY, stages=("stage1",), progress=False
     )
     assert again["hits"] == result["hits"]
     assert again["statistics"]["differences"] == result["statistics"]["differences"]
