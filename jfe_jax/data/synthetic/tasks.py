@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 from jfe_jax.data.synthetic import composed
 from jfe_jax.data.synthetic.builder import BenchmarkBuilder
-from jfe_jax.data.synthetic.spatial import build_spatial_questions
+from jfe_jax.data.synthetic.spatial import answer_candidate, build_spatial_questions
 from jfe_jax.data.synthetic.world import (
     POSITION_PHRASES,
     Scene,
@@ -286,14 +286,7 @@ def build_question_to_answer(
     """oven_task6: (image, "what is on the left?") -> "a large red circle"."""
 
     def candidate(obj) -> str:
-        return bench.add_candidate(
-            task,
-            split,
-            ("answer", obj.describe()),
-            text=obj.describe(),
-            image=None,
-            src={"object": obj.describe()},
-        )
+        return answer_candidate(bench, task, split, obj)
 
     _question_queries(bench, task, split, rng, count, negatives, candidate)
 
