@@ -216,23 +216,6 @@ def _encoder_loss_and_grad(module, params, mode, chunk):
     return contrastive_loss_and_grad_fn(module, chunk), state
 
 
-def _count_forward_dots(jaxpr, scope: str) -> int:
-    """Forward (not transposed) dot_general equations of ``jaxpr`` and its sub-jaxprs traced
-    under a name scope containing ``scope``."""
-    count = 0
-    for eqn in jaxpr.eqns:
-        name_stack = str(eqn.source_info.name_stack)
-        if eqn.primitive.name == "dot_general" and scope in name_stack:
-            count += not name_stack.startswith("transpose(")
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    count += _count_forward_dots(sub.jaxpr, scope)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    count += _count_forward_dots(sub, scope)
-    return count
-
-
 @pytest.mark.parametrize("mode", ["freeze_vision", "lora"])
 @pytest.mark.parametrize("chunk", [4, 16])
 def test_grad_cache_reusing_frozen_vision_features_equals_full_batch_gradient(
@@ -252,11 +235,13 @@ def test_grad_cache_reusing_frozen_vision_features_equals_full_batch_gradient(
 
 
 def test_grad_cache_runs_a_frozen_vision_tower_once_and_a_trainable_one_twice(encoder_setup):
+    from train_fixtures import count_forward_dots
+
     module, params, batch = encoder_setup
     runs = {}
     for mode in ("freeze_vision", "full"):
         fn, state = _encoder_loss_and_grad(module, params, mode, chunk=4)
         jaxpr = jax.make_jaxpr(fn)(state, batch).jaxpr
         # The patch embedding's forward matmul: one per pass over the candidates' images.
-        runs[mode] = _count_forward_dots(jaxpr, "vision/patch_embed")
+        runs[mode] = count_forward_dots(jaxpr, "vision/patch_embed")
     assert runs == {"freeze_vision": 1, "full": 2}

@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 from hf_reference import make_inputs
 from PIL import Image
-from train_fixtures import assert_trees_close, contrastive_loss_and_grad_fn, spread_weights
+from train_fixtures import (
+    assert_trees_close,
+    contrastive_loss_and_grad_fn,
+    count_forward_dots,
+    spread_weights,
+)
 
 from jfe_jax.data.collate import collate
 from jfe_jax.data.image_processor import ImageProcessor
@@ -103,22 +108,6 @@ def _loss_and_grad(model, batch, *, mode, chunk):
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         (loss, _), grads = jax.jit(fn)(state, global_batch)
     return float(loss), jax.device_get(grads)
-
-
-def _count_forward_dots(jaxpr, scope: str) -> int:
-    """Forward (not transposed) dot_generals of ``jaxpr`` and its sub-jaxprs under ``scope``."""
-    count = 0
-    for eqn in jaxpr.eqns:
-        name_stack = str(eqn.source_info.name_stack)
-        if eqn.primitive.name == "dot_general" and scope in name_stack:
-            count += not name_stack.startswith("transpose(")
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    count += _count_forward_dots(sub.jaxpr, scope)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    count += _count_forward_dots(sub, scope)
-    return count
 
 
 def _assert_same_step(got, want):
@@ -216,7 +205,7 @@ def test_grad_cache_runs_the_vision_rows_once_frozen_and_twice_trained(model, ba
         state = TrainState(jnp.zeros((), jnp.int32), trainable, frozen, None)
         fn = contrastive_loss_and_grad_fn(module, chunk=4)
         jaxpr = jax.make_jaxpr(fn)(state, batches[1]).jaxpr
-        runs[mode] = _count_forward_dots(jaxpr, "vision/patch_embed")
+        runs[mode] = count_forward_dots(jaxpr, "vision/patch_embed")
     # Two sides, two vision-row groups each.
     assert runs == {"freeze_vision": 4, "full": 8}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from jfe_jax.models.config import ModelConfig
@@ -129,3 +130,20 @@ def loss_and_grad(module, state, batch, mesh=None, boxed=None, chunk=0):
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         (loss, _), grads = jax.jit(fn)(sharded_state, sharded_batch)
     return float(loss), jax.device_get(grads)
+
+
+def count_forward_dots(jaxpr, scope: str) -> int:
+    """Forward (not transposed) dot_general equations of ``jaxpr`` and its sub-jaxprs traced
+    under a name scope containing ``scope``: how many times a tower runs in a traced step."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        name_stack = str(eqn.source_info.name_stack)
+        if eqn.primitive.name == "dot_general" and scope in name_stack:
+            count += not name_stack.startswith("transpose(")
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    count += count_forward_dots(sub.jaxpr, scope)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    count += count_forward_dots(sub, scope)
+    return count
