@@ -31,7 +31,10 @@ NUM_PROCESSES, PROCESS_ID, PORT = (int(a) for a in sys.argv[3:6])
 if TOTAL_DEVICES % NUM_PROCESSES:
     sys.exit(f"NUM_PROCESSES={NUM_PROCESSES} does not divide the {TOTAL_DEVICES} devices")
 # Must be set before jax is imported.
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={TOTAL_DEVICES // NUM_PROCESSES}"
+os.environ["XLA_FLAGS"] = (
+    f"--xla_force_host_platform_device_count={TOTAL_DEVICES // NUM_PROCESSES} "
+    + os.environ.get("JFE_TEST_COMPILE_FLAGS", "")  # conftest.py: faster compiles
+).strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 sys.path.insert(0, os.path.dirname(__file__))

@@ -10,7 +10,9 @@ import os
 import sys
 import time
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+_flags = os.environ.get("XLA_FLAGS", "--xla_force_host_platform_device_count=8").split()
+_flags += os.environ.get("JFE_TEST_COMPILE_FLAGS", "").split()  # conftest.py: faster compiles
+os.environ["XLA_FLAGS"] = " ".join(dict.fromkeys(_flags))
 sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402

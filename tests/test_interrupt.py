@@ -38,7 +38,8 @@ def _jfe(tmp_path, command, workdir, steps, signal_spec=None):
     # abort the process.
     env["XLA_FLAGS"] = (
         "--xla_force_host_platform_device_count=2"
-        " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+        " --xla_cpu_collective_call_terminate_timeout_seconds=600 "
+        + env.get("JFE_TEST_COMPILE_FLAGS", "")  # conftest.py: faster compiles
     )
     proc = subprocess.run(
         [sys.executable, SCRIPT, command, os.path.relpath(workdir, tmp_path), str(steps)],

