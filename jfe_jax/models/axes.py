@@ -30,6 +30,7 @@ PATCH = "patch"  # flattened (channels, temporal, patch, patch) input of the pat
 MERGED = "merged"  # vision width * merge_size**2 in the patch merger
 LORA_RANK = "lora_rank"
 PROJ = "projection"
+PROJ_OUT = "projection_out"  # the output side of a square projection (MIRe's 128 -> 128)
 
 # Activation axes.
 ACT_BATCH = "activation_batch"
@@ -55,6 +56,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (MERGED, "tensor"),
     (LORA_RANK, None),
     (PROJ, None),
+    (PROJ_OUT, None),
     # activations: batch over every data-parallel axis
     (ACT_BATCH, ("data", "fsdp")),
     (ACT_LENGTH, None),

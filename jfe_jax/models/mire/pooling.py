@@ -41,7 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jfe_jax.models.axes import NORM, PROJ, V_EMBED, V_MLP, param_init
+from jfe_jax.models.axes import NORM, PROJ, PROJ_OUT, V_EMBED, V_MLP, param_init
 
 MaskMode = Literal["consistent", "reference_eval", "reference_train"]
 MASK_MODES: tuple[str, ...] = ("consistent", "reference_eval", "reference_train")
@@ -106,10 +106,10 @@ class QueryGuidedAttentivePooling(nn.Module):
         self.k_state = _linear(width, (V_MLP, PROJ), use_bias=False, **kw)
         self.v_state = _linear(width, (V_MLP, PROJ), use_bias=False, **kw)
         self.o_proj_0 = _layer_norm(**kw)
-        self.o_proj_1 = _linear(self.out_dim, (PROJ, PROJ), **kw)
+        self.o_proj_1 = _linear(self.out_dim, (PROJ, PROJ_OUT), **kw)
         half = self.num_tokens * self.out_dim // 2
         self.split_mlp_0 = _linear(half, (V_EMBED, PROJ), **kw)
-        self.split_mlp_2 = _linear(2 * half, (PROJ, PROJ), **kw)
+        self.split_mlp_2 = _linear(2 * half, (PROJ, PROJ_OUT), **kw)
 
     def global_tokens(self, cls: jax.Array) -> jax.Array:
         """``[B, d_v]`` class tokens -> ``[B, T, d]`` global tokens."""
