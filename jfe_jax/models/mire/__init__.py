@@ -1,8 +1,9 @@
 """MIRe (Ju, Kim and Lee, ACL 2025), the late-fusion counterpart of JFE's one tower, in the same
-framework. Built so far: the ColBERT text tower (BERT + linear head, with its checkpoint name
-map), the query-guided attentive pooling and the late-interaction (MaxSim) score. The CLIP
-vision tower, ColBERT's tokenizer conventions, checkpoint files and the public ``MIRe`` class
-are issue 17's remaining items."""
+framework. Built so far: the ColBERT text tower (BERT + linear head) and the CLIP vision tower
+with its image processor, each with its checkpoint name map both ways; the query-guided
+attentive pooling; the late-interaction (MaxSim) score. ColBERT's tokenizer conventions
+(markers, [MASK] augmentation, punctuation), checkpoint files on disk, the public ``MIRe``
+class and the named sizes are issue 17's remaining items."""
 
 from jfe_jax.models.mire.pooling import (
     MASK_MODES,
@@ -19,18 +20,32 @@ from jfe_jax.models.mire.text import (
     colbert_to_torch,
     token_vectors,
 )
+from jfe_jax.models.mire.vision import (
+    CLIPImageProcessor,
+    CLIPVision,
+    CLIPVisionConfig,
+    clip_from_torch,
+    clip_to_torch,
+    mire_visual_features,
+)
 
 __all__ = [
     "MASK_MODES",
     "Bert",
     "BertConfig",
+    "CLIPImageProcessor",
+    "CLIPVision",
+    "CLIPVisionConfig",
     "ColBERTEncoder",
     "MaskMode",
     "QueryGuidedAttentivePooling",
     "check_mask_mode",
+    "clip_from_torch",
+    "clip_to_torch",
     "colbert_from_torch",
     "colbert_to_torch",
     "maxsim",
     "maxsim_scores",
+    "mire_visual_features",
     "token_vectors",
 ]
