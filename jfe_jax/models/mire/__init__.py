@@ -1,8 +1,8 @@
 """MIRe (Ju, Kim and Lee, ACL 2025), the late-fusion counterpart of JFE's one tower, in the same
-framework. Built so far: the ColBERT text tower (BERT + linear head) and the CLIP vision tower
-with its image processor, each with its checkpoint name map both ways; the query-guided
-attentive pooling; the late-interaction (MaxSim) score. ColBERT's tokenizer conventions
-(markers, [MASK] augmentation, punctuation), checkpoint files on disk, the public ``MIRe``
+framework. Built so far: the ColBERT text tower (BERT + linear head) with ColBERT's tokenizer
+conventions (markers, [MASK] augmentation, punctuation), the CLIP vision tower with its image
+processor, each tower with its checkpoint name map both ways; the query-guided attentive
+pooling; the late-interaction (MaxSim) score. Checkpoint files on disk, the public ``MIRe``
 class and the named sizes are issue 17's remaining items."""
 
 from jfe_jax.models.mire.pooling import (
@@ -20,6 +20,7 @@ from jfe_jax.models.mire.text import (
     colbert_to_torch,
     token_vectors,
 )
+from jfe_jax.models.mire.tokens import ColBERTTokenizer
 from jfe_jax.models.mire.vision import (
     CLIPImageProcessor,
     CLIPVision,
@@ -37,6 +38,7 @@ __all__ = [
     "CLIPVision",
     "CLIPVisionConfig",
     "ColBERTEncoder",
+    "ColBERTTokenizer",
     "MaskMode",
     "QueryGuidedAttentivePooling",
     "check_mask_mode",
