@@ -1,6 +1,6 @@
 """jfe-jax: Joint Fusion and Encoding multimodal retrieval in JAX/Flax, TPU-first.
 
-from jfe_jax import Encoder, ImageProcessor, Index
+from jfe_jax import Encoder, ImageProcessor, Index, MIRe
 
 The names are imported on first use (PEP 562), so ``import jfe_jax`` (and the ``jfe``
 command, and a model run) loads only what it touches: neither the data pipeline's grain and
@@ -24,14 +24,16 @@ _EXPORTS = {
     "EncoderOptions": "jfe_jax.encoder",
     "ImageProcessor": "jfe_jax.data.image_processor",
     "Index": "jfe_jax.index.scann_index",
+    "MIRe": "jfe_jax.models.mire.model",
 }
 
-__all__ = ["Encoder", "EncoderOptions", "ImageProcessor", "Index", "__version__"]
+__all__ = ["Encoder", "EncoderOptions", "ImageProcessor", "Index", "MIRe", "__version__"]
 
 if TYPE_CHECKING:  # what linters and IDEs see
     from jfe_jax.data.image_processor import ImageProcessor
     from jfe_jax.encoder import Encoder, EncoderOptions
     from jfe_jax.index.scann_index import Index
+    from jfe_jax.models.mire.model import MIRe
 
 
 def __getattr__(name: str) -> Any:

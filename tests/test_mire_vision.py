@@ -51,6 +51,15 @@ def _images():
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
 
 
+def test_processor_reads_paths_as_the_images_they_hold(tmp_path):
+    image = _images()[1]
+    image.save(tmp_path / "a.png")
+    ours = CLIPImageProcessor(size=32, crop_size=32)
+    np.testing.assert_array_equal(ours([str(tmp_path / "a.png")]), ours([image]))
+    with pytest.raises(FileNotFoundError):
+        ours([str(tmp_path / "missing.png")])
+
+
 def test_processor_equals_clip_image_processor_for_several_sizes():
     reference = transformers.CLIPImageProcessorPil(
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}

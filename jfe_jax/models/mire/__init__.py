@@ -2,9 +2,19 @@
 framework. Built so far: the ColBERT text tower (BERT + linear head) with ColBERT's tokenizer
 conventions (markers, [MASK] augmentation, punctuation), the CLIP vision tower with its image
 processor, each tower with its checkpoint name map both ways; the query-guided attentive
-pooling; the late-interaction (MaxSim) score. Checkpoint files on disk, the public ``MIRe``
-class and the named sizes are issue 17's remaining items."""
+pooling; the late-interaction (MaxSim) score; the model object ``MIRe`` (``from jfe_jax import
+MIRe``) with named sizes and checkpoints in and out. Training, indexing and evaluating MIRe are
+the next issue's."""
 
+from jfe_jax.models.mire.model import (
+    SIZES,
+    MIRe,
+    MIReConfig,
+    MIReModel,
+    get_mire_size,
+    pooling_from_torch,
+    pooling_to_torch,
+)
 from jfe_jax.models.mire.pooling import (
     MASK_MODES,
     MaskMode,
@@ -31,6 +41,13 @@ from jfe_jax.models.mire.vision import (
 )
 
 __all__ = [
+    "SIZES",
+    "MIRe",
+    "MIReConfig",
+    "MIReModel",
+    "get_mire_size",
+    "pooling_from_torch",
+    "pooling_to_torch",
     "MASK_MODES",
     "Bert",
     "BertConfig",

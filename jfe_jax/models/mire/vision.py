@@ -22,6 +22,7 @@ error.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,6 +33,7 @@ import numpy as np
 from flax import traverse_util
 from PIL import Image
 
+from jfe_jax.data.image_processor import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from jfe_jax.models.axes import NORM, PATCH, PROJ, V_EMBED, V_MLP, V_QKV, param_init
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -329,7 +331,11 @@ class CLIPImageProcessor:
         if self.size < 1 or self.crop_size < 1:
             raise ValueError(f"size={self.size} and crop_size={self.crop_size} must be positive")
 
-    def process_one(self, image: Image.Image | np.ndarray) -> np.ndarray:
+    def process_one(self, image: Image.Image | np.ndarray | str | os.PathLike) -> np.ndarray:
+        """One image (PIL, uint8 array or path) -> ``[3, crop, crop]`` float32."""
+        if isinstance(image, str | os.PathLike):
+            # The decompression-bomb cap and clear errors of the Qwen2-VL pipeline's loader.
+            image = load_image(image, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS)
         if isinstance(image, np.ndarray):
             if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (3, 4):
                 raise ValueError(
@@ -355,9 +361,9 @@ class CLIPImageProcessor:
         std = np.asarray(self.image_std, np.float32)
         return ((pixels - mean) / std).transpose(2, 0, 1)
 
-    def __call__(self, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
-        """Images -> ``pixel_values [n, 3, crop, crop]`` float32."""
-        if isinstance(images, Image.Image | np.ndarray):
+    def __call__(self, images: Sequence[Image.Image | np.ndarray | str]) -> np.ndarray:
+        """Images (PIL, uint8 arrays or paths) -> ``pixel_values [n, 3, crop, crop]`` float32."""
+        if isinstance(images, Image.Image | np.ndarray | str | os.PathLike):
             images = [images]
         if not len(images):
             raise ValueError("no images to process")
