@@ -147,6 +147,23 @@ def test_save_and_from_pretrained_give_the_same_model(tiny, tmp_path):
     assert bert.config.hidden_size == 32
     vit = transformers.CLIPVisionModel.from_pretrained(str(tmp_path / "mire" / "clip"))
     assert vit.config.image_size == 32
+    # ColBERTv2 as the authors publish it: pytorch_model.bin, read without running its pickle.
+    colbert = tmp_path / "mire" / "colbert"
+    from jfe_jax.models.mire import colbert_to_torch
+
+    tensors = colbert_to_torch({"params": tiny.params["params"]["colbert"]})
+    torch.save(
+        {k: torch.from_numpy(v.copy()) for k, v in tensors.items()}, colbert / "pytorch_model.bin"
+    )
+    (colbert / "model.safetensors").unlink()
+    from_bin = MIRe.from_pretrained(
+        str(colbert), str(tmp_path / "mire" / "clip"), num_tokens=4, num_heads=2
+    )
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        from_bin.params["params"]["colbert"],
+        tiny.params["params"]["colbert"],
+    )
     # Without pooling weights the pooling is fresh (stage 1 trains it).
     fresh = MIRe.from_pretrained(
         str(tmp_path / "mire" / "colbert"),
@@ -157,6 +174,23 @@ def test_save_and_from_pretrained_give_the_same_model(tiny, tmp_path):
     jax.tree.map(
         np.testing.assert_array_equal, fresh.params["params"]["clip"], tiny.params["params"]["clip"]
     )
+
+
+def test_pooling_weights_that_do_not_fit_are_one_error_naming_them(tiny, tmp_path):
+    from jfe_jax.models.mire import pooling_from_torch
+
+    template = tiny.params["params"]["pooling"]
+    state = pooling_to_torch(template)
+    del state["k_state.weight"]
+    state["o_proj.1.weight"] = np.zeros((3, 3), np.float32)
+    state["gate.weight"] = np.zeros(2, np.float32)
+    with pytest.raises(ValueError) as err:
+        pooling_from_torch(state, template, source="mire.safetensors")
+    message = str(err.value)
+    assert message.startswith("mire.safetensors do not match MIRe's pooling")
+    assert "missing k_state.weight" in message
+    assert "mis-shaped o_proj.1.weight (3, 3)" in message
+    assert "unused gate.weight" in message
 
 
 def test_bad_inputs_are_refused_naming_them(tiny, tmp_path):

@@ -1,8 +1,9 @@
 """MIRe's model: the towers, the pooling and the score behind one object.
 
 ``MIRe.from_pretrained(colbert_dir, clip_dir, pooling=None)`` reads a ColBERTv2 checkpoint in
-Hugging Face layout (``config.json``, ``model.safetensors`` holding ``bert.*`` and
-``linear.weight``, the BERT tokenizer files), a CLIP checkpoint (``CLIPVisionModel`` or
+Hugging Face layout (``config.json``, ``model.safetensors`` or ``pytorch_model.bin`` holding
+``bert.*`` and ``linear.weight``, the BERT tokenizer files; a ``.bin`` is read without running
+its pickle), a CLIP checkpoint (``CLIPVisionModel`` or
 ``CLIPModel``, safetensors) and MIRe's pooling weights (a safetensors file named as the
 reference's ``QueryGuidedAttentivePooling`` state dict, ``proj.0.weight`` ..., a directory or
 one file); without
@@ -23,6 +24,7 @@ Embeddings (``../shared/MIRE.md`` section 1.5), all vectors L2-normalised with a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -53,6 +55,7 @@ from jfe_jax.models.mire.vision import (
     mire_visual_features,
 )
 from jfe_jax.models.safetensors_io import SafetensorsFile, open_checkpoint, save_checkpoint
+from jfe_jax.models.torch_pickle import read_torch_state_dict
 
 DOC_IMAGE_PROMPT = "Can you describe the primary elements in this image?"
 
@@ -211,7 +214,19 @@ def pooling_to_torch(params: Mapping[str, Any], *, prefix: str = "") -> dict[str
     return out
 
 
+TORCH_FILE = "pytorch_model.bin"
+
+
 def _read_dir(directory: str) -> dict[str, np.ndarray]:
+    """A Hugging Face directory's tensors: safetensors (one file or an index), else
+    ``pytorch_model.bin`` read without running its pickle (``torch_pickle``)."""
+    if not os.path.isdir(directory):
+        raise ValueError(f"{directory} is not a directory")
+    if os.path.isfile(os.path.join(directory, TORCH_FILE)) and not any(
+        name.endswith(".safetensors") or name.endswith(".safetensors.index.json")
+        for name in os.listdir(directory)
+    ):
+        return read_torch_state_dict(os.path.join(directory, TORCH_FILE))
     files = open_checkpoint(directory)
     return {name: np.asarray(f.get(name)) for name, f in files.items()}
 
@@ -221,6 +236,18 @@ def _read_json(path: str) -> dict:
         raise ValueError(f"{path} does not exist; expected a Hugging Face config.json")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def _init(config: MIReConfig, key: jax.Array, *, only: str | None = None) -> dict:
+    """Random parameters of the model (or of its ``only`` submodule's tree)."""
+    size = config.vision.image_size
+    args = (
+        jnp.zeros((1, 4), jnp.int32),
+        jnp.ones((1, 4), jnp.int32),
+        jnp.zeros((1, 3, size, size)),
+    )
+    params = MIReModel(config).init(key, *args)
+    return params if only is None else {"params": {only: params["params"][only]}}
 
 
 class MIRe:
@@ -249,14 +276,8 @@ class MIRe:
     @classmethod
     def init(cls, config: MIReConfig, tokenizer: Any, seed: int = 0) -> MIRe:
         """Random parameters (tests, and stage 1's freshly initialised pooling)."""
-        c = config
-        params = MIReModel(c).init(
-            jax.random.key(seed),
-            jnp.zeros((1, 4), jnp.int32),
-            jnp.ones((1, 4), jnp.int32),
-            jnp.zeros((1, 3, c.vision.image_size, c.vision.image_size)),
-        )
-        return cls(c, nn.meta.unbox(params), tokenizer)
+        params = jax.jit(functools.partial(_init, config))(jax.random.key(seed))
+        return cls(config, nn.meta.unbox(params), tokenizer)
 
     @classmethod
     def from_pretrained(
@@ -291,8 +312,9 @@ class MIRe:
             mask_mode=mask_mode,
         )
         tokenizer = AutoTokenizer.from_pretrained(colbert_dir)
-        mire = cls.init(config, tokenizer, seed)
-        params = dict(mire.params["params"])
+        # The towers are read; only the pooling may need initialising (no checkpoint given).
+        template = jax.eval_shape(functools.partial(_init, config), jax.random.key(seed))
+        params = dict(nn.meta.unbox(template)["params"])
         params["colbert"] = colbert_from_torch(colbert_state, config.text, source=colbert_dir)[
             "params"
         ]
@@ -306,8 +328,10 @@ class MIRe:
                 st = SafetensorsFile(pooling)
                 state = {k: np.asarray(st.get(k)) for k in st.keys()}
             params["pooling"] = pooling_from_torch(state, params["pooling"], source=pooling)
-        mire.params = {"params": params}
-        return mire
+        else:
+            init = jax.jit(functools.partial(_init, config, only="pooling"))
+            params["pooling"] = nn.meta.unbox(init(jax.random.key(seed)))["params"]["pooling"]
+        return cls(config, {"params": params}, tokenizer)
 
     def save_pretrained(self, directory: str) -> None:
         """``colbert/``, ``clip/`` (safetensors with their config.json; the tokenizer next to
