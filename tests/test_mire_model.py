@@ -176,6 +176,31 @@ def test_save_and_from_pretrained_give_the_same_model(tiny, tmp_path):
     )
 
 
+def test_orbax_checkpoint_round_trip_restores_into_shards(tiny, tmp_path):
+    import flax.linen as nn
+    from jax.sharding import Mesh, PartitionSpec
+
+    from jfe_jax.models.axes import LOGICAL_RULES, MESH_AXES
+
+    tiny.save_checkpoint(str(tmp_path / "ckpt"))
+    restored = MIRe.from_checkpoint(str(tmp_path / "ckpt"))
+    assert restored.config == tiny.config
+    jax.tree.map(np.testing.assert_array_equal, restored.params, tiny.params)
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), MESH_AXES)
+    boxed = jax.eval_shape(
+        MIReModel(tiny.config).init,
+        jax.random.key(0),
+        jnp.zeros((1, 4), jnp.int32),
+        jnp.ones((1, 4), jnp.int32),
+        jnp.zeros((1, 3, 32, 32)),
+    )
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, LOGICAL_RULES)
+    sharded = MIRe.from_checkpoint(str(tmp_path / "ckpt"), shardings=shardings)
+    kernel = sharded.params["params"]["colbert"]["bert"]["encoder"]["layer_0"]["intermediate"]
+    assert kernel["dense"]["kernel"].sharding.spec == PartitionSpec("fsdp", "tensor")
+    jax.tree.map(np.testing.assert_array_equal, sharded.params, tiny.params)
+
+
 def test_pooling_weights_that_do_not_fit_are_one_error_naming_them(tiny, tmp_path):
     from jfe_jax.models.mire import pooling_from_torch
 

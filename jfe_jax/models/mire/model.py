@@ -58,6 +58,7 @@ from jfe_jax.models.safetensors_io import SafetensorsFile, open_checkpoint, save
 from jfe_jax.models.torch_pickle import read_torch_state_dict
 
 DOC_IMAGE_PROMPT = "Can you describe the primary elements in this image?"
+CONFIG_FILE = "mire_config.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,6 +353,45 @@ class MIRe:
             )
         self.tokens.tokenizer.save_pretrained(os.path.join(directory, "colbert"))
         save_checkpoint(os.path.join(directory, "pooling"), pooling_to_torch(p["pooling"]))
+
+    def save_checkpoint(self, directory: str) -> None:
+        """The whole model for training: parameters as an Orbax checkpoint (``params/``), the
+        config (``mire_config.json``) and the tokenizer; ``from_checkpoint`` restores it."""
+        import orbax.checkpoint as ocp
+
+        directory = os.path.abspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.join(directory, "params"), self.params, force=True)
+        checkpointer.wait_until_finished()
+        with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(dataclasses.asdict(self.config), f, indent=2)
+        self.tokens.tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
+
+    @classmethod
+    def from_checkpoint(cls, directory: str, *, shardings: Any = None) -> MIRe:
+        """A ``save_checkpoint`` directory back; ``shardings`` (a tree like the parameters')
+        restores each array straight into its devices."""
+        import orbax.checkpoint as ocp
+        from transformers import AutoTokenizer
+
+        directory = os.path.abspath(directory)
+        config = _read_json(os.path.join(directory, CONFIG_FILE))
+        config = MIReConfig(
+            text=BertConfig(**config.pop("text")),
+            vision=CLIPVisionConfig(**config.pop("vision")),
+            **config,
+        )
+        template = nn.meta.unbox(
+            jax.eval_shape(functools.partial(_init, config), jax.random.key(0))
+        )
+        if shardings is not None:
+            template = jax.tree.map(
+                lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), template, shardings
+            )
+        params = ocp.StandardCheckpointer().restore(os.path.join(directory, "params"), template)
+        tokenizer = AutoTokenizer.from_pretrained(os.path.join(directory, "tokenizer"))
+        return cls(config, params, tokenizer)
 
     # --- embeddings ------------------------------------------------------------------------------
 

@@ -175,7 +175,7 @@ class _Embeddings(nn.Module):
             padding="VALID",
             use_bias=False,
             precision=jax.lax.Precision.HIGHEST,
-            kernel_init=param_init(nn.initializers.normal(0.02), (PATCH, PATCH, PROJ, V_EMBED)),
+            kernel_init=param_init(nn.initializers.normal(0.02), (None, None, PATCH, V_EMBED)),
             name="patch_embedding",
         )(images)
         batch = patches.shape[0]
