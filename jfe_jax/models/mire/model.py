@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jfe_jax.models.mire.mismatch import raise_if_mismatched
 from jfe_jax.models.mire.pooling import QueryGuidedAttentivePooling, check_mask_mode
 from jfe_jax.models.mire.score import maxsim_scores
 from jfe_jax.models.mire.text import (
@@ -190,19 +191,9 @@ def pooling_from_torch(
             continue
         out[path] = value
     extra = sorted(k for k in state if k.startswith(prefix) and k not in used)
-    if missing or misshaped or extra:
-        raise ValueError(
-            f"{source or 'pooling weights'} do not match MIRe's pooling: "
-            + "; ".join(
-                f"{what} {', '.join(names)}"
-                for what, names in (
-                    ("missing", missing),
-                    ("mis-shaped", misshaped),
-                    ("unused", extra),
-                )
-                if names
-            )
-        )
+    raise_if_mismatched(
+        f"{source or 'pooling weights'} do not match MIRe's pooling", missing, misshaped, extra
+    )
     return traverse_util.unflatten_dict(out)
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from flax import traverse_util
 
 from jfe_jax.models.axes import EMBED, MLP, NORM, PROJ, Q_HEADS, VOCAB, param_init
+from jfe_jax.models.mire.mismatch import raise_if_mismatched
 
 # Position and token-type tables are small and their row counts (2 token types) need not
 # divide a mesh axis: only the word embeddings shard their rows (PROJ maps to no mesh axis).
@@ -308,15 +309,9 @@ def colbert_from_torch(
             continue
         out[path] = value.astype(np.float32)
     extra = sorted(set(arrays) - used - ignored)
-    if missing or extra or misshaped:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(sorted(missing))}")
-        if misshaped:
-            parts.append(f"mis-shaped {', '.join(misshaped)}")
-        if extra:
-            parts.append(f"unused {', '.join(extra)}")
-        raise ValueError(f"{source} does not match a ColBERT of this config: " + "; ".join(parts))
+    raise_if_mismatched(
+        f"{source} does not match a ColBERT of this config", missing, misshaped, extra
+    )
     return {"params": traverse_util.unflatten_dict(out)}
 
 

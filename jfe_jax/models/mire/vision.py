@@ -35,6 +35,7 @@ from PIL import Image
 
 from jfe_jax.data.image_processor import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from jfe_jax.models.axes import NORM, PATCH, PROJ, V_EMBED, V_MLP, V_QKV, param_init
+from jfe_jax.models.mire.mismatch import raise_if_mismatched
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -288,17 +289,9 @@ def clip_from_torch(
             continue
         out[path] = converted.astype(np.float32)
     extra = sorted(set(vision) - used)
-    if missing or misshaped or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(sorted(missing))}")
-        if misshaped:
-            parts.append(f"mis-shaped {', '.join(misshaped)}")
-        if extra:
-            parts.append(f"unused {', '.join(extra)}")
-        raise ValueError(
-            f"{source} does not match a CLIP vision tower of this config: " + "; ".join(parts)
-        )
+    raise_if_mismatched(
+        f"{source} does not match a CLIP vision tower of this config", missing, misshaped, extra
+    )
     return {"params": traverse_util.unflatten_dict(out)}
 
 
