@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
+from jfe_jax.data.example_cache import CachedEncode, LazyRecords, example_nbytes
 from jfe_jax.data.image_processor import ImageProcessor
 from jfe_jax.data.loader import iterator_state, make_train_loader, restore_iterator
 from jfe_jax.data.mbeir import MBEIR, TASK_MODALITIES, instruction_index
@@ -240,6 +241,7 @@ class RefuseTensorFlow(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 sys.meta_path.insert(0, RefuseTensorFlow())
 
+from jfe_jax.data.example_cache import CachedEncode, LazyRecords, example_nbytes
 from jfe_jax.data.image_processor import ImageProcessor
 from jfe_jax.data.loader import make_train_loader
 from jfe_jax.data.pipeline import make_transform
@@ -530,3 +532,75 @@ def test_skipped_bad_records_are_counted_and_batches_stay_full(tokenizer, source
     batches = list(loader)
     assert [len(b["query_key"]) for b in batches] == [4, 4]
     assert sum(int(b["skipped_records"].sum()) for b in batches) == 2 == batcher.bad_records
+
+
+# ---------------------------------------------------------------- cache (data.cache_examples_mb)
+
+
+def _batches(source, batcher, count, **options):
+    loader = make_train_loader(
+        source, transform=batcher, global_batch_size=4, shard_index=0, shard_count=1, seed=7,
+        **options,
+    )  # fmt: skip
+    iterator = iter(loader)
+    return [next(iterator) for _ in range(count)]
+
+
+def test_cached_batches_equal_uncached_ones_over_several_epochs(tokenizer, sources):
+    source = sources["mbeir"]
+    epochs = 3
+    count = epochs * len(source) // 4
+    expected = _batches(source, _batcher(tokenizer, "mbeir"), count)
+    batcher = _batcher(tokenizer, "mbeir")
+    calls = []
+    encode = batcher.encode
+    batcher.encode = lambda record: calls.append(1) or encode(record)
+    got = _batches(source, batcher, count, cache_bytes=2**30)
+    _assert_trees_equal(expected, got)
+    assert len(calls) == len(source)  # each record encoded once in three epochs
+
+
+def test_the_cache_encodes_each_record_once_and_stops_growing_at_its_limit(tokenizer, sources):
+    source = sources["mbeir"]
+    batcher = _batcher(tokenizer, "mbeir")
+    refs = LazyRecords(source)
+    one = example_nbytes(batcher.encode(source[0]))
+    assert one > 0
+    unlimited = CachedEncode(batcher, max_bytes=2**30)
+    for _ in range(2):
+        for i in range(len(source)):
+            unlimited.map(refs[i])
+    assert (unlimited.misses, unlimited.hits) == (len(source), len(source))
+    # A limit of about three examples: the rest are encoded on every pass, and the outputs
+    # equal the uncached encoding either way.
+    small = CachedEncode(batcher, max_bytes=3 * one)
+    for _ in range(2):
+        for i in range(len(source)):
+            _assert_trees_equal(
+                batcher.collate([small.map(refs[i])]), batcher.collate([batcher.encode(source[i])])
+            )
+    assert small.cached_bytes <= 3 * one
+    assert 0 < small.hits <= 3 and small.hits + small.misses == 2 * len(source)
+
+
+def test_bad_records_are_skipped_and_counted_on_every_pass(tokenizer, sources):
+    source = sources["mbeir"]
+    records = [source[i] for i in range(len(source)) if source[i]["positive_image"]][:10]
+    records[2], records[5] = _corrupt(records[2]), _corrupt(records[5])
+    batcher = _batcher(tokenizer, "mbeir", skip_bad_records=True)
+    loader = make_train_loader(
+        records, transform=batcher, global_batch_size=4, shard_index=0, shard_count=1,
+        shuffle=False, num_epochs=3, cache_bytes=2**30,
+    )  # fmt: skip
+    batches = list(loader)
+    assert [len(b["query_key"]) for b in batches] == [4, 4] * 3
+    assert sum(int(b["skipped_records"].sum()) for b in batches) == 6 == batcher.bad_records
+
+
+def test_cache_settings_are_checked(tokenizer, sources):
+    with pytest.raises(ValueError, match="cache_bytes=-1: expected >= 0"):
+        _batches(sources["mbeir"], _batcher(tokenizer, "mbeir"), 1, cache_bytes=-1)
+    with pytest.raises(ValueError, match="cache_bytes needs a ContrastiveBatcher"):
+        _batches(sources["mbeir"], lambda record: record["example_id"], 1, cache_bytes=1)
+    with pytest.raises(ValueError, match="max_bytes=0"):
+        CachedEncode(_batcher(tokenizer, "mbeir"), 0)

@@ -10,6 +10,7 @@ from typing import Any
 import grain.python as grain
 from absl import flags
 
+from jfe_jax.data.example_cache import LazyRecords
 from jfe_jax.data.pipeline import ContrastiveBatcher
 
 
@@ -35,6 +36,7 @@ def make_train_loader(
     drop_remainder: bool = True,
     shuffle: bool = True,
     read_options: grain.ReadOptions | None = None,
+    cache_bytes: int = 0,
 ) -> grain.DataLoader:
     """This host's loader: shard, seeded shuffle, transform, fixed per-host batches.
 
@@ -52,6 +54,8 @@ def make_train_loader(
       worker_count: worker processes (0: transform in this process).
       drop_remainder: equal shards and no short last batch, which keeps every host stepping
         together and shapes static; False (to see every record once) gives uneven shards.
+      cache_bytes: with a ``ContrastiveBatcher``, keep up to this many bytes of encoded
+        examples in memory across epochs (``jfe_jax.data.example_cache``); 0: none.
 
     The iterator's state (``iterator_state``/``restore_iterator``, or Orbax with
     ``grain.PyGrainCheckpointSave(it)``/``PyGrainCheckpointRestore(it)``) resumes at the next
@@ -79,8 +83,14 @@ def make_train_loader(
         # grain 0.2.18 reads an absl flag in its workers and fails when flags were never
         # parsed (scripts and notebooks without absl.app; google/grain#1355): use defaults.
         flags.FLAGS.mark_as_parsed()
+    if cache_bytes < 0:
+        raise ValueError(f"cache_bytes={cache_bytes}: expected >= 0 (0: no cache)")
     if hasattr(transform, "operations"):
-        operations = transform.operations(batch_size, drop_remainder)
+        operations = transform.operations(batch_size, drop_remainder, cache_bytes)
+        if cache_bytes:
+            source = LazyRecords(source)
+    elif cache_bytes:
+        raise ValueError("cache_bytes needs a ContrastiveBatcher transform (it caches encoding)")
     else:
         operations = [_Apply(transform), grain.Batch(batch_size, drop_remainder=drop_remainder)]
     sampler = grain.IndexSampler(

@@ -69,6 +69,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from jfe_jax.data.collate import DEFAULT_LENGTH_BUCKETS, collate, collate_packed
+from jfe_jax.data.example_cache import CachedEncode
 from jfe_jax.data.image_processor import ImageProcessor, decode_opened, open_image
 from jfe_jax.data.late_fusion import FUSIONS, LateItem, late_collate, split_item
 from jfe_jax.data.mbeir import TASK_MODALITIES, Instructions, instruction_index
@@ -399,7 +400,12 @@ class ContrastiveBatcher:
                 "skipping bad record (%d so far in this process): %s", self.bad_records, error
             )
             return None
-        example.skipped_before, self._pending_skips = self._pending_skips, 0
+        return self.count_skips(example)
+
+    def count_skips(self, example: EncodedExample) -> EncodedExample:
+        """A copy of ``example`` reporting the records skipped since the previous one."""
+        example = dataclasses.replace(example, skipped_before=self._pending_skips)
+        self._pending_skips = 0
         return example
 
     # --- batching -----------------------------------------------------------------------------
@@ -487,10 +493,12 @@ class ContrastiveBatcher:
         """Encodes and collates records (raises on a bad one): the batch without grain."""
         return self.collate([self.encode(r) for r in records])
 
-    def operations(self, batch_size: int, drop_remainder: bool) -> list[Any]:
-        """The grain operations: encode, drop skipped records, batch."""
+    def operations(self, batch_size: int, drop_remainder: bool, cache_bytes: int = 0) -> list[Any]:
+        """The grain operations: encode, drop skipped records, batch. With ``cache_bytes``
+        the source must be a ``LazyRecords`` and encoded examples are kept in memory
+        (``jfe_jax.data.example_cache``)."""
         return [
-            _EncodeRecords(self),
+            CachedEncode(self, cache_bytes) if cache_bytes else _EncodeRecords(self),
             _DropSkipped(),
             grain.Batch(batch_size, drop_remainder=drop_remainder, batch_fn=self.collate),
         ]

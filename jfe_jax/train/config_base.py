@@ -68,6 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.read_threads = 16
     c.data.read_buffer_size = 500
     c.data.skip_bad_records = False  # count and log bad records instead of raising
+    # Keep encoded examples (decoded, resized images; token ids) in memory across epochs, up
+    # to this many MiB per encoding process (jfe_jax.data.example_cache); 0: encode every
+    # record on every pass. Pays off when a run makes many passes over a small dataset.
+    c.data.cache_examples_mb = 0
     # How the dataset build checks each image before training reads it: header (open it and
     # check its size against the decompression-bomb cap; no pixel decoded), full (also decode
     # it: catches truncated files, costs one decode per image), none.
@@ -135,6 +139,7 @@ def demo_stage1_config() -> ml_collections.ConfigDict:
     c.data.length_buckets = (64, 128)
     c.data.max_length = 128
     c.data.read_threads = 0  # local files, 2 cores: reading in the main thread is fastest
+    c.data.cache_examples_mb = 2048  # many epochs of a small dataset: encode each record once
     c.data.query_patch_budget = 64
     c.data.candidate_patch_budget = 64
     c.optimizer.learning_rate = 1e-3

@@ -211,7 +211,10 @@ def make_train_data(
             f"data.read_threads={d.read_threads} and data.read_buffer_size="
             f"{d.read_buffer_size}: expected read_threads >= 0 and read_buffer_size >= 1"
         )
+    if d.cache_examples_mb < 0:
+        raise ValueError(f"data.cache_examples_mb={d.cache_examples_mb}: expected >= 0 (0: off)")
     loader_options = dict(
+        cache_bytes=int(d.cache_examples_mb * 2**20),
         global_batch_size=d.global_batch_size,
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
