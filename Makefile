@@ -23,7 +23,7 @@ demo: venv-demo
 	$(BIN)/jfe demo --workdir $(WORKDIR)
 
 test: venv
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25 tests
 	$(BIN)/ruff check $(LINT_PATHS)
 
 lint: venv

@@ -23,7 +23,8 @@ def smoke(tmp_path_factory):
     """``run.sh --cpu-smoke``: (its JSON, its Markdown, its output), as the device runs it."""
     out = tmp_path_factory.mktemp("device_smoke")
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # one CPU device, as on the GPU machine's one chip
+    # One CPU device, as on the GPU machine's one chip; conftest.py's faster compiles.
+    env["XLA_FLAGS"] = os.environ["JFE_TEST_COMPILE_FLAGS"]
     proc = subprocess.run(
         ["bash", os.path.join(DEVICE_DIR, "run.sh"), "--cpu-smoke"],
         cwd=ROOT,
