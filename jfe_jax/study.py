@@ -126,7 +126,7 @@ def per_query_hits(results: dict[str, Any]) -> dict[str, tuple[list[str], np.nda
 def estimate_seconds(preset: Preset, runs: int, gflops: float) -> float:
     """Rough wall time of ``runs`` training runs plus their evaluations on this machine: the
     demo's fitted time (``jfe_jax.demo``) scaled by the size's FLOPs per token against tiny's
-    and by the preset's steps."""
+    and by the preset's steps (the fusion-need evaluations are not counted)."""
     from jfe_jax.demo import _DEMO_DEFAULT_STEPS, _DEMO_FIXED_S, _DEMO_GFLOP
     from jfe_jax.models.flops import text_forward_flops
     from jfe_jax.models.sizes import get_size
@@ -135,8 +135,9 @@ def estimate_seconds(preset: Preset, runs: int, gflops: float) -> float:
         get_size("tiny"), 1, 128
     )
     steps = sum(preset.steps) if preset.steps else _DEMO_DEFAULT_STEPS
-    compute = _DEMO_GFLOP / gflops * scale * steps / _DEMO_DEFAULT_STEPS
-    return runs * (_DEMO_FIXED_S + compute)
+    # The demo's step is bound by memory traffic as much as by matmuls: all of it scales.
+    demo = _DEMO_FIXED_S + _DEMO_GFLOP / gflops
+    return runs * demo * scale * steps / _DEMO_DEFAULT_STEPS
 
 
 def run_fusion_study(

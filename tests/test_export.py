@@ -14,6 +14,7 @@ from jfe_jax.encoder import Encoder
 from jfe_jax.index.embedder import Item, ItemEmbedder
 from jfe_jax.index.export import export_embeddings, load_embeddings
 from jfe_jax.models.sizes import get_size
+from jfe_jax.train.mesh import make_mesh
 
 WORDS = "red green blue circle square triangle left right top bottom small large".split()
 
@@ -106,3 +107,39 @@ def test_duplicate_ids_in_the_stream_are_rejected(setup, tmp_path):
     embedder, records, _ = setup
     with pytest.raises(ValueError, match="occurs twice"):
         export_embeddings(embedder, records[:3] + records[:1], str(tmp_path / "o"), progress=False)
+
+
+def test_an_encoder_on_a_mesh_embeds_with_its_params_sharded_as_the_replicated_one(
+    setup, monkeypatch
+):
+    embedder, records, root = setup
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    encoder = embedder.encoder
+    sharded_encoder = Encoder(encoder.config, encoder.params, encoder.options, mesh=mesh)
+    sharded = ItemEmbedder(
+        sharded_encoder,
+        tokenizer=embedder.tokenizer,
+        batch_size=12,  # rounded up to the 4 row shards (data x fsdp): 12
+        length_buckets=(128,),
+        max_pixels=112 * 112,
+        image_root=str(root),
+    )
+    assert sharded.batch_size == 12 and sharded.mesh is mesh
+    leaves = jax.tree_util.tree_leaves(sharded._params)
+    # No device holds the whole model: the embedder kept the FSDP/tensor shards.
+    total = sum(leaf.nbytes for leaf in leaves)
+    on_first = sum(
+        shard.data.nbytes
+        for leaf in leaves
+        for shard in leaf.addressable_shards
+        if shard.device == jax.devices()[0]
+    )
+    assert on_first < total / 2, (on_first, total)
+    items = [embedder.process(item) for _, item in records[:12]]
+    np.testing.assert_allclose(
+        sharded.embed_processed(items), embedder.embed_processed(items), rtol=0, atol=1e-5
+    )
+    # A mesh over other processes' devices is refused, naming what to do instead.
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    with pytest.raises(ValueError, match="spans several processes"):
+        ItemEmbedder(sharded_encoder, tokenizer=embedder.tokenizer)

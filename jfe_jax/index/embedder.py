@@ -2,8 +2,9 @@
 
 ``ItemEmbedder`` tokenizes and preprocesses items the same way training did, pads batches to
 static shapes (fixed rows, length buckets, a patch budget) and runs the encoder data-parallel
-over this host's devices. Each host embeds on its own devices, so exports and evaluations
-need no cross-host communication.
+over this host's devices (or, for an encoder loaded on a mesh, with its params in their
+FSDP/tensor shards). Each host embeds on its own devices, so exports and evaluations need no
+cross-host communication.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
@@ -25,9 +27,11 @@ from jfe_jax.data.late_fusion import LateItem, late_collate, split_item
 from jfe_jax.data.processing import ProcessedItem, encode_item
 from jfe_jax.data.tokenizer import load_tokenizer
 from jfe_jax.encoder import Encoder
+from jfe_jax.models.axes import LOGICAL_RULES
 from jfe_jax.models.fingerprint import hash_json
 from jfe_jax.models.packing import pack_vision
 from jfe_jax.paths import absolute
+from jfe_jax.train import mesh as mesh_lib
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,10 @@ class ItemEmbedder:
       tokenizer: a tokenizer or its directory; default: the one next to the encoder.
       batch_size: rows per call, rounded up to a multiple of the local device count.
       image_root: directory image paths are relative to (and must stay inside).
+        Params: with an encoder loaded on a mesh (``Encoder.from_pretrained(mesh=)``, one
+        host's devices) they stay in their shards and rows split over its batch axes
+        (``data`` x ``fsdp``), so a model too large for one device embeds; otherwise every
+        local device holds a replicated copy and rows split over all of them.
       pack_vision: run the vision tower on the batch's images laid densely into their own
         rows (``jfe_jax.models.packing.pack_vision``; row count coarse, then a multiple of the
         local device count) instead of on every row's patch budget: same embeddings, less
@@ -112,17 +120,34 @@ class ItemEmbedder:
         self.tokenizer = tokenizer
         self.image_processor = item_format.image_processor()
         self.image_root = absolute(image_root)
-        devices = jax.local_devices()
-        self._num_devices = len(devices)
-        self.batch_size = -(-batch_size // len(devices)) * len(devices)
-        # Packed row counts: devices x 1, 2, 4, ... up to one row per item.
-        self._row_buckets = sorted(
-            {min(len(devices) << k, self.batch_size) for k in range(self.batch_size.bit_length())}
-        )
-        mesh = jax.sharding.Mesh(np.array(devices), ("data",))
-        self._rows = NamedSharding(mesh, PartitionSpec("data"))
+        if encoder.mesh is not None:
+            # The encoder's params stay in their shards (FSDP / tensor); rows split over the
+            # mesh's batch axes, as in training.
+            mesh = encoder.mesh
+            if any(d.process_index != jax.process_index() for d in mesh.devices.flat):
+                raise ValueError(
+                    "ItemEmbedder embeds on this host's devices only (each host exports its own "
+                    f"shards), but the encoder's mesh {dict(mesh.shape)} spans several "
+                    "processes; load the encoder on a mesh of this host's devices "
+                    "(jfe_jax.train.mesh.make_mesh(..., devices=jax.local_devices()))"
+                )
+            shards = mesh_lib.data_parallel_size(mesh)
+            self._rows = mesh_lib.batch_sharding(mesh)
+            self._params = encoder.params
+        else:
+            devices = jax.local_devices()
+            mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+            shards = len(devices)
+            self._rows = NamedSharding(mesh, PartitionSpec("data"))
+            self._params = jax.device_put(encoder.params, NamedSharding(mesh, PartitionSpec()))
+        self.mesh = mesh
         replicated = NamedSharding(mesh, PartitionSpec())
-        self._params = jax.device_put(encoder.params, replicated)
+        self._num_devices = shards  # row shards: batch and packed row counts divide by it
+        self.batch_size = -(-batch_size // shards) * shards
+        # Packed row counts: shards x 1, 2, 4, ... up to one row per item.
+        self._row_buckets = sorted(
+            {min(shards << k, self.batch_size) for k in range(self.batch_size.bit_length())}
+        )
         module = encoder.module
         self._embed = jax.jit(
             lambda params, batch: module.apply({"params": params}, batch)[0],
@@ -216,7 +241,11 @@ class ItemEmbedder:
         if self.pack_vision:
             batch = pack_vision(batch, coarse=True, row_multiple=self._num_devices)
         batch = jax.device_put(batch, self._rows)
-        return np.asarray(self._embed(self._params, batch))
+        if self.encoder.mesh is None:  # replicated params over a plain ("data",) mesh
+            return np.asarray(self._embed(self._params, batch))
+        # The model's activation constraints, as in training (its mesh has the rules' axes).
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+            return np.asarray(self._embed(self._params, batch))
 
     def embed(self, items: Iterable[Item]) -> np.ndarray:
         """Embeddings ``[n, D]`` (float32, unit norm) of any number of items, in order."""
@@ -240,8 +269,16 @@ def embedder_for(model: str | Encoder, **overrides: Any) -> ItemEmbedder:
 
     ``overrides``: embedder options (``batch_size``, ``image_root``, ``tokenizer``,
     ``pack_vision``) and ``ItemFormat`` fields (e.g. ``prompt``, ``pack``), which win.
+    ``mesh`` (with a model path): load the params into their shards over this host's mesh
+    (``Encoder.from_pretrained(mesh=)``) instead of a replicated copy on every device.
     """
-    encoder = model if isinstance(model, Encoder) else Encoder.from_pretrained(model)
+    mesh = overrides.pop("mesh", None)
+    if isinstance(model, Encoder):
+        if mesh is not None:
+            raise ValueError("mesh= applies to a model path; an Encoder keeps its own mesh")
+        encoder = model
+    else:
+        encoder = Encoder.from_pretrained(model, mesh=mesh)
     if encoder.source_dir:
         item_format, origin = ItemFormat.of_model(encoder.source_dir, encoder.config.vision)
     else:
