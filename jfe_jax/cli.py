@@ -270,8 +270,8 @@ def _experiment(argv: Sequence[str]) -> int:
         "--preset",
         choices=["demo", "study"],
         default="demo",
-        help="demo: the demo's data and tiny model; study: 200+ test queries per task, the "
-        "tasks that need fusion by construction, and the mini model",
+        help="demo: the demo's data and tiny model; study: 200+ test queries per task and the "
+        "task that needs fusion by construction, with the demo's tiny model and steps",
     )
     parser.add_argument(
         "--steps", type=positive_int, default=None, help="steps per stage; default: the preset's"

@@ -87,6 +87,9 @@ def patch_data(toy_stages: tuple[str, ...]) -> None:
 
 
 if __name__ == "__main__":
+    # Ctrl-C as in a terminal's foreground: when the test run itself was started as a
+    # background job, SIGINT arrives ignored, and jfe leaves an ignored SIGINT alone.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     command, workdir, steps = sys.argv[1], sys.argv[2], sys.argv[3]
     if command == "train":
         patch_data(toy_stages=("stage1", "stage2"))

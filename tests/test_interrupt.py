@@ -227,20 +227,46 @@ def test_a_log_window_of_zero_gradients_warns_once(tmp_path, caplog):
 
 
 def test_first_ctrl_c_asks_to_stop_the_second_aborts_and_close_restores_the_handlers(tmp_path):
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    checkpointer = ckpt.Checkpointer(
-        str(tmp_path), every_steps=0, every_seconds=1e9, keep=1, asynchronous=False
-    )
-    checkpointer.install_stop_handlers()
+    # Python's own Ctrl-C handler, as in a terminal (a test run started as a background job
+    # inherits SIGINT ignored; the next test covers that case).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert checkpointer.stop_requested
-        assert checkpointer.should_save(1, last_step=False) and checkpointer.stopping
-        with pytest.raises(KeyboardInterrupt):
+        before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+        checkpointer = ckpt.Checkpointer(
+            str(tmp_path), every_steps=0, every_seconds=1e9, keep=1, asynchronous=False
+        )
+        checkpointer.install_stop_handlers()
+        try:
             os.kill(os.getpid(), signal.SIGINT)
+            assert checkpointer.stop_requested
+            assert checkpointer.should_save(1, last_step=False) and checkpointer.stopping
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        finally:
+            checkpointer.close()
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
     finally:
-        checkpointer.close()
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+        signal.signal(signal.SIGINT, inherited)
+
+
+def test_an_ignored_ctrl_c_stays_ignored_as_for_a_background_job(tmp_path):
+    inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        checkpointer = ckpt.Checkpointer(
+            str(tmp_path), every_steps=0, every_seconds=1e9, keep=1, asynchronous=False
+        )
+        checkpointer.install_stop_handlers()
+        try:
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            assert not checkpointer.stop_requested
+            os.kill(os.getpid(), signal.SIGTERM)  # SIGTERM still stops the run
+            assert checkpointer.stop_requested
+        finally:
+            checkpointer.close()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_jfe_exits_130_with_one_line_on_a_keyboard_interrupt(monkeypatch, capsys):
