@@ -79,6 +79,35 @@ def test_export_index_and_search_return_the_exact_top_k(setup, capsys):
     assert "takes image,text queries" in capsys.readouterr().err
 
 
+def test_export_and_eval_with_a_mesh_match_the_replicated_model(setup, capsys):
+    """--mesh keeps the params in their shards over the 8 devices; the numbers do not change."""
+    root, model, base = setup
+    common = ["--model", model, "--mbeir-root", root]
+    plain, meshed = str(base / "pool_plain"), str(base / "pool_mesh")
+    assert main(["export", *common, "--pool", "webqa_task1", "--out", plain]) == 0
+    assert (
+        main(["export", *common, "--pool", "webqa_task1", "--out", meshed, "--mesh", "fsdp=4,data=-1"])
+        == 0
+    )
+    plain_emb, plain_ids, _ = load_embeddings(plain)
+    mesh_emb, mesh_ids, _ = load_embeddings(meshed)
+    assert mesh_ids == plain_ids
+    np.testing.assert_allclose(mesh_emb, plain_emb, rtol=0, atol=1e-5)
+    out = str(base / "eval_mesh")
+    assert main(["eval", *common, "--out", out, "--index-mode", "none", "--mesh", "fsdp=8"]) == 0
+    with open(os.path.join(out, "results.json")) as f:
+        assert set(json.load(f)["tasks"]) >= {"mscoco_task0", "webqa_task1"}
+    capsys.readouterr()
+    for bad, said in (
+        ("fsdp=3", "the product of the axis sizes must equal the device count"),
+        ("pipeline=2", "expected comma-separated axis=size"),
+        ("fsdp=x", "is not an integer"),
+    ):
+        code = main(["export", *common, "--pool", "webqa_task1", "--out", meshed, "--mesh", bad])
+        assert code == 2, bad
+        assert said in capsys.readouterr().err, bad
+
+
 def test_search_errors_are_clear(setup, capsys):
     root, model, base = setup
     pool, index = str(base / "pool2"), str(base / "index2")

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Sequence
 
 from jfe_jax.errors import ArgumentParser, positive_int
+from jfe_jax.index.commands import mesh_arg, model_mesh
 
 
 def eval_main(argv: Sequence[str]) -> int:
@@ -48,6 +49,7 @@ def eval_main(argv: Sequence[str]) -> int:
         "numbers are always exact); none: no ScaNN index (default: %(default)s)",
     )
     parser.add_argument("--batch-size", type=positive_int, default=64, help="rows per step")
+    mesh_arg(parser)
     parser.add_argument("--label", default="JFE", help="the model's name in the table and plot")
     parser.add_argument(
         "--no-overwrite",
@@ -68,7 +70,9 @@ def eval_main(argv: Sequence[str]) -> int:
     from jfe_jax.index.embedder import embedder_for
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    embedder = embedder_for(args.model, batch_size=args.batch_size, image_root=args.mbeir_root)
+    embedder = embedder_for(
+        args.model, batch_size=args.batch_size, image_root=args.mbeir_root, mesh=model_mesh(args)
+    )
     result = evaluate_mbeir(
         embedder,
         args.mbeir_root,

@@ -8,12 +8,38 @@ import os
 import sys
 from collections.abc import Sequence
 
-from jfe_jax.errors import ArgumentParser, positive_int
+from jfe_jax.errors import ArgumentParser, mesh_spec, positive_int
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="jfe train workdir or HF Qwen2-VL dir")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="rows per device step")
+    mesh_arg(parser)
+
+
+def mesh_arg(parser: argparse.ArgumentParser) -> None:
+    """``--mesh``: load the model's params into their shards over this host's devices."""
+    parser.add_argument(
+        "--mesh",
+        type=mesh_spec,
+        default=None,
+        metavar="AXIS=N,...",
+        help="shard the model's params over this host's devices, e.g. fsdp=8 or "
+        "data=2,fsdp=4 (axes data, fsdp, tensor; unnamed ones 1, one may be -1), for a model "
+        "too large to copy onto every device; rows split over data x fsdp. Default: every "
+        "device holds a replicated copy",
+    )
+
+
+def model_mesh(args: argparse.Namespace):
+    """The mesh ``--mesh`` asks for, or None."""
+    if args.mesh is None:
+        return None
+    import jax
+
+    from jfe_jax.train.mesh import make_mesh
+
+    return make_mesh(args.mesh, devices=jax.local_devices())
 
 
 def export_main(argv: Sequence[str]) -> int:
@@ -51,7 +77,9 @@ def export_main(argv: Sequence[str]) -> int:
     from jfe_jax.index.export import export_embeddings, file_source
 
     mbeir = MBEIR(args.mbeir_root)
-    embedder = embedder_for(args.model, batch_size=args.batch_size, image_root=args.mbeir_root)
+    embedder = embedder_for(
+        args.model, batch_size=args.batch_size, image_root=args.mbeir_root, mesh=model_mesh(args)
+    )
     if args.pool:
         path = (
             mbeir.global_pool_path(args.split)
@@ -230,7 +258,7 @@ def search_main(argv: Sequence[str]) -> int:
     from jfe_jax.index.identity import check_index_model, model_identity
     from jfe_jax.index.scann_index import Index
 
-    embedder = embedder_for(args.model, batch_size=args.batch_size)
+    embedder = embedder_for(args.model, batch_size=args.batch_size, mesh=model_mesh(args))
     index = Index.load(args.index, expect={"dim": embedder.dim})
     check_index_model(index.metadata, model_identity(embedder), args.index, this="--model has")
     meta = index.metadata.get("user", {})
