@@ -64,7 +64,9 @@ def mesh_spec(text: str) -> dict[str, int]:
         try:
             sizes[name] = int(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: {name}={value!r} is not an integer") from None
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: {name}={value!r} is not an integer"
+            ) from None
         if sizes[name] < 1 and sizes[name] != -1:
             raise argparse.ArgumentTypeError(f"{text!r}: {name} must be >= 1 or -1")
     return sizes

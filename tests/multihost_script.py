@@ -9,6 +9,10 @@ hold (process i: rows [i * B / 2, (i + 1) * B / 2)), as a real multi-host pipeli
 Both processes write to the same WORKDIR (process 0 the metrics, both the checkpoints).
 Used by test_multihost.py.
 
+``JFE_TEST_PACK_VISION=1`` moves each host's candidate images into vision rows of their own
+(``pack_vision`` at a fixed count: half the host's candidates, what every host must feed), as
+``data.pack_vision_row_fraction=0.5`` makes the loader do.
+
 ``JFE_TEST_SIGTERM=1@2`` makes process 1 send itself SIGTERM as it draws its second batch (and
 wait 3 s, so that the notice reaches every process before the run ends); a run stopped that way
 prints "process I stopped at step S" and exits 0. ``JFE_TEST_LOG_EVERY`` sets
@@ -92,6 +96,25 @@ class HostRows:
         self.source.set_state(state)
 
 
+class PackVision(HostRows):
+    """``HostRows`` whose candidate side has its images in fixed vision rows (``pack_vision``)."""
+
+    def __init__(self, rows: HostRows, row_multiple: int):
+        super().__init__(rows.source, rows.rows)
+        self.inner, self.row_multiple = rows, row_multiple
+
+    def __next__(self):
+        from jfe_jax.models.packing import pack_vision
+
+        batch = dict(next(self.inner))
+        items = len(batch["candidate"]["input_ids"])
+        rows = -(-items // 2 // self.row_multiple) * self.row_multiple
+        batch["candidate"] = pack_vision(
+            batch["candidate"], row_multiple=self.row_multiple, num_rows=rows
+        )
+        return batch
+
+
 class SigtermAt(HostRows):
     """``HostRows`` whose ``at``-th batch comes with a SIGTERM to this process."""
 
@@ -139,6 +162,10 @@ def main() -> None:
     rows = host_rows(c, GLOBAL_BATCH)
     print(f"process {jax.process_index()} feeds rows {rows.start}:{rows.stop}", flush=True)
     data = HostRows(ToyPairs(get_size("tiny"), batch_size=GLOBAL_BATCH, seed=SEED), rows)
+    if os.environ.get("JFE_TEST_PACK_VISION") == "1":
+        mesh = mesh_lib.make_mesh(dict(c.mesh))
+        data = PackVision(data, mesh_lib.local_data_parallel_shards(mesh))
+        print(f"process {jax.process_index()} packs its candidate images", flush=True)
     process, _, batch = os.environ.get("JFE_TEST_SIGTERM", "").partition("@")
     if process and int(process) == jax.process_index():
         data = SigtermAt(data, int(batch))

@@ -86,7 +86,18 @@ def test_export_and_eval_with_a_mesh_match_the_replicated_model(setup, capsys):
     plain, meshed = str(base / "pool_plain"), str(base / "pool_mesh")
     assert main(["export", *common, "--pool", "webqa_task1", "--out", plain]) == 0
     assert (
-        main(["export", *common, "--pool", "webqa_task1", "--out", meshed, "--mesh", "fsdp=4,data=-1"])
+        main(
+            [
+                "export",
+                *common,
+                "--pool",
+                "webqa_task1",
+                "--out",
+                meshed,
+                "--mesh",
+                "fsdp=4,data=-1",
+            ]
+        )
         == 0
     )
     plain_emb, plain_ids, _ = load_embeddings(plain)

@@ -36,7 +36,7 @@ HERE = os.path.dirname(__file__)
 SCRIPT = os.path.join(HERE, "multihost_script.py")
 NUM_STEPS = 3
 GLOBAL_BATCH = 8  # as in multihost_script.py
-DEADLINE_S = 240  # for all three processes together; a normal run takes about a minute
+DEADLINE_S = 420  # for all five processes together; a normal run takes a minute or two
 
 RTOL_LOSS = 1e-5  # per logged step
 RTOL_PARAMS = 1e-5  # ||a - b|| / ||a|| over all parameters, and per tensor
@@ -47,8 +47,8 @@ RTOL_KEY_BIAS = 1e-3
 pytestmark = pytest.mark.slow
 
 
-def _start(workdir, num_processes, process_id, port, log_path):
-    env = dict(os.environ)
+def _start(workdir, num_processes, process_id, port, log_path, **extra_env):
+    env = dict(os.environ, **extra_env)
     env.pop("XLA_FLAGS", None)  # the script sets the device count of its own process
     log = open(log_path, "wb")
     proc = subprocess.Popen(
@@ -76,11 +76,22 @@ def runs(tmp_path_factory):
     """Runs the 1-process and the 2-process training side by side; returns their paths."""
     root = tmp_path_factory.mktemp("multihost")
     port = portpicker.pick_unused_port()
+    port_packed = portpicker.pick_unused_port()
     one, two = root / "one_process", root / "two_processes"
+    packed = root / "two_processes_vision_packed"
+    vision = {"JFE_TEST_PACK_VISION": "1"}
     jobs = {
         "one process": (_start(one, 1, 0, 0, root / "one.log"), root / "one.log"),
         "process 0 of 2": (_start(two, 2, 0, port, root / "two0.log"), root / "two0.log"),
         "process 1 of 2": (_start(two, 2, 1, port, root / "two1.log"), root / "two1.log"),
+        "vision-packed process 0 of 2": (
+            _start(packed, 2, 0, port_packed, root / "packed0.log", **vision),
+            root / "packed0.log",
+        ),
+        "vision-packed process 1 of 2": (
+            _start(packed, 2, 1, port_packed, root / "packed1.log", **vision),
+            root / "packed1.log",
+        ),
     }
     deadline = time.monotonic() + DEADLINE_S
     try:
@@ -100,7 +111,8 @@ def runs(tmp_path_factory):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=30)
-    return {"one": one, "two": two, "logs": {n: log for n, (_, log) in jobs.items()}}
+    logs = {n: log for n, (_, log) in jobs.items()}
+    return {"one": one, "two": two, "packed": packed, "logs": logs}
 
 
 def _metrics(workdir):
@@ -120,10 +132,14 @@ def test_each_process_feeds_its_own_half_of_the_batch(runs):
         text = _read(runs["logs"][f"process {i} of 2"])
         assert f"process {i} feeds rows {i * half}:{(i + 1) * half}\n" in text
         assert f"process {i} finished step {NUM_STEPS}" in text
+        packed = _read(runs["logs"][f"vision-packed process {i} of 2"])
+        assert f"process {i} packs its candidate images" in packed
+        assert f"process {i} finished step {NUM_STEPS}" in packed
 
 
-def test_two_processes_log_the_loss_curve_of_one_process(runs):
-    one, two = _metrics(runs["one"]), _metrics(runs["two"])
+@pytest.mark.parametrize("run", ["two", "packed"])
+def test_two_processes_log_the_loss_curve_of_one_process(runs, run):
+    one, two = _metrics(runs["one"]), _metrics(runs[run])
     # Process 0 alone writes metrics.jsonl: one line per step, not one per process.
     assert [m["step"] for m in two] == [m["step"] for m in one] == list(range(1, NUM_STEPS + 1))
     for a, b in zip(one, two):
@@ -133,12 +149,15 @@ def test_two_processes_log_the_loss_curve_of_one_process(runs):
         assert b["learning_rate"] == a["learning_rate"]
 
 
-def test_two_processes_end_with_the_parameters_of_one_process(runs):
+@pytest.mark.parametrize("run", ["two", "packed"])
+def test_two_processes_end_with_the_parameters_of_one_process(runs, run):
+    """Also with vision packing on both hosts (each feeding its fixed count of vision rows)
+    against the one process without it: the same training."""
     step_one, one = _params(runs["one"])
-    step_two, two = _params(runs["two"])
+    step_two, two = _params(runs[run])
     assert step_one == step_two == NUM_STEPS
-    assert ckpt.latest_step(str(runs["two"])) == NUM_STEPS
-    assert sorted(os.listdir(ckpt.checkpoint_dir(str(runs["two"])))) == ["2", "3"]
+    assert ckpt.latest_step(str(runs[run])) == NUM_STEPS
+    assert sorted(os.listdir(ckpt.checkpoint_dir(str(runs[run])))) == ["2", "3"]
     assert one.keys() == two.keys()
 
     def relative(a, b):

@@ -329,6 +329,24 @@ def test_images_packed_into_their_own_vision_rows_give_the_same_embeddings(model
     assert pack_vision(batch, row_multiple=8)["vision_pixel_values"].shape[0] == 8
     with pytest.raises(ValueError, match="does not fit a vision row of 8"):
         pack_vision(batch, patch_budget=8)
+    # A fixed count (what several hosts feed): empty rows beyond the images' own, the same
+    # embeddings; too few rows, blocks or a count off the multiple are refused by name.
+    fixed = pack_vision(batch, row_multiple=2, num_rows=6)
+    assert fixed["vision_pixel_values"].shape[0] == 6
+    np.testing.assert_allclose(np.asarray(forward(encoder.params, fixed)), want, atol=ATOL)
+    with pytest.raises(ValueError, match=rf"need {needed} vision rows .* fixed count is 1"):
+        pack_vision(batch, num_rows=1)
+    with pytest.raises(ValueError, match="takes no per-image blocks"):
+        pack_vision(batch, num_rows=6, block_sizes=(8,))
+    with pytest.raises(ValueError, match="multiple of row_multiple=4"):
+        pack_vision(batch, num_rows=6, row_multiple=4)
+    text_only = prepare_batch(config, np.full((7, 8), 5, np.int32))
+    text_only["pixel_values"] = np.zeros((7, 16, config.vision.patch_dim), np.float32)
+    text_only["patch_segment_ids"] = np.zeros((7, 16), np.int32)
+    text_only["patch_positions"] = np.zeros((7, 16, 2), np.int32)
+    empty = pack_vision(text_only, num_rows=2)
+    assert empty["vision_pixel_values"].shape == (2, 16, config.vision.patch_dim)
+    assert not empty["vision_segment_ids"].any()
 
 
 def test_coarse_row_count_keeps_three_significant_bits():

@@ -267,6 +267,31 @@ def test_batcher_moves_each_sides_images_into_vision_rows(tokenizer, pack):
         assert seg.shape[0] % 2 == 0  # rows split over the host's batch shards
 
 
+def test_batcher_with_a_row_fraction_feeds_one_vision_row_count_for_every_batch(tokenizer):
+    half = _batcher(tokenizer, pack_row_multiple=2, pack_vision=True, pack_vision_row_fraction=0.5)
+    assert half.vision_rows(12) == 6 and half.vision_rows(10) == 6  # 5 -> a multiple of 2
+    # Every candidate is an image (36, 24, 16 patches): 12 of them need 10 rows of 36.
+    batcher = _batcher(
+        tokenizer, pack_row_multiple=2, pack_vision=True, pack_vision_row_fraction=1.0
+    )
+    shapes = set()
+    for seed in range(3):
+        side = batcher(_caption_records(12, seed))["candidate"]
+        shapes.add(side["vision_pixel_values"].shape)
+        assert "vision_blocks" not in side
+    assert shapes == {(12, 36, get_size("tiny").vision.patch_dim)}
+    with pytest.raises(
+        ValueError, match="need 10 vision rows of 36 patches but the fixed count is 6"
+    ):
+        half(_caption_records(12, 0))
+    with pytest.raises(ValueError, match="use one of the two"):
+        _batcher(
+            tokenizer, pack_vision=True, pack_vision_row_fraction=0.5, pack_vision_blocks=(24,)
+        )
+    with pytest.raises(ValueError, match="pack_vision_row_fraction=1.5"):
+        _batcher(tokenizer, pack_vision=True, pack_vision_row_fraction=1.5)
+
+
 def test_batcher_rejects_vision_packing_with_late_fusion_or_odd_block_sizes(tokenizer):
     with pytest.raises(ValueError, match="pack_vision=True packs early-fusion images only"):
         _batcher(tokenizer, pack_vision=True, fusion="late")

@@ -45,7 +45,9 @@ maps each text row's image tokens to the tower's outputs. Images whose patch cou
 ``pack_vision_blocks`` get per-image blocks instead (``vision_blocks``). V (and each block
 group's rows) is as many rows as the images need, rounded by ``coarse_row_count`` and to
 ``pack_row_multiple``: a few shapes, as with the length buckets. A side without images has no
-pixel keys at all.
+pixel keys at all. With ``pack_vision_row_fraction`` > 0, V is fixed instead (that fraction of
+the side's items, rounded up to ``pack_row_multiple``, empty rows included): one shape, the
+same on every host, which is what training on several hosts needs.
 
 What the kinds read: "mbeir" (``MbeirTrainPairs``): query = instruction + query text/image,
 candidate = positive, hard negatives = ``negative_*``; "text_triples": query = sentence,
@@ -60,6 +62,7 @@ import dataclasses
 import hashlib
 import io
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -156,6 +159,10 @@ class ContrastiveBatcher:
       pack_vision: move each side's images into densely filled vision rows (module docstring).
       pack_vision_blocks: with pack_vision, the patch counts whose images get per-image
         attention blocks (rows of exactly their size) instead of sharing masked rows.
+      pack_vision_row_fraction: with pack_vision, > 0 fixes each side's vision rows at this
+        fraction of its items (rounded up to ``pack_row_multiple``): one shape for every
+        batch, the same on every host (what several hosts need); a batch whose images need
+        more rows raises. 0: as many as each batch needs, in ``coarse_row_count`` steps.
     """
 
     def __init__(
@@ -184,6 +191,7 @@ class ContrastiveBatcher:
         pack_row_multiple: int = 1,
         pack_vision: bool = False,
         pack_vision_blocks: Sequence[int] = (),
+        pack_vision_row_fraction: float = 0.0,
     ):
         if fusion not in FUSIONS:
             raise ValueError(f"fusion {fusion!r} is unknown, expected one of {FUSIONS}")
@@ -203,6 +211,17 @@ class ContrastiveBatcher:
             raise ValueError(
                 f"pack_vision_blocks={tuple(pack_vision_blocks)}: each must be a positive "
                 f"multiple of merge_size**2 = {merge} (an image's patch count)"
+            )
+        if not 0.0 <= pack_vision_row_fraction <= 1.0:
+            raise ValueError(
+                f"pack_vision_row_fraction={pack_vision_row_fraction}: expected 0 (rows as each "
+                "batch needs) or a fraction of a side's items in (0, 1]"
+            )
+        if pack_vision_row_fraction and pack_vision_blocks:
+            raise ValueError(
+                f"pack_vision_row_fraction={pack_vision_row_fraction} fixes the vision rows; "
+                f"per-image blocks (pack_vision_blocks={tuple(pack_vision_blocks)}) would not "
+                "keep one shape: use one of the two"
             )
         self.fusion = fusion
         if kind not in KINDS:
@@ -240,6 +259,7 @@ class ContrastiveBatcher:
         self.pack_row_multiple = pack_row_multiple
         self.pack_vision = pack_vision
         self.pack_vision_blocks = tuple(pack_vision_blocks)
+        self.pack_vision_row_fraction = float(pack_vision_row_fraction)
         if pack and self.pack_length < self.max_length:
             raise ValueError(
                 f"pack_length={self.pack_length} is shorter than max_length={self.max_length}: "
@@ -426,8 +446,17 @@ class ContrastiveBatcher:
                 row_multiple=self.pack_row_multiple,
                 coarse=True,
                 block_sizes=self.pack_vision_blocks,
+                num_rows=self.vision_rows(len(items)),
             )
         return batch
+
+    def vision_rows(self, num_items: int) -> int | None:
+        """The fixed vision rows of a side of ``num_items`` items (pack_vision_row_fraction),
+        or None: as many as each batch needs."""
+        if not self.pack_vision_row_fraction:
+            return None
+        rows = max(1, math.ceil(self.pack_vision_row_fraction * num_items))
+        return -(-rows // self.pack_row_multiple) * self.pack_row_multiple
 
     def pack_rows(self, num_items: int) -> int:
         """Rows of a packed side of ``num_items`` items (the same for every batch)."""

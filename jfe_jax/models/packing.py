@@ -255,7 +255,7 @@ def coarse_row_count(needed: int) -> int:
 
 
 VISION_ROW_KEYS = ("vision_pixel_values", "vision_segment_ids", "vision_positions")
-_MERGE = 4  # merge_size**2: the vision tower merges each 2x2 block of consecutive patches
+MERGED_PATCHES = 4  # merge_size**2: the vision tower merges each 2x2 block of consecutive patches
 
 
 def _first_fit(sizes: Sequence[int], budget: int) -> tuple[list[tuple[int, int]], int]:
@@ -279,6 +279,7 @@ def pack_vision(
     row_multiple: int = 1,
     coarse: bool = False,
     block_sizes: Sequence[int] = (),
+    num_rows: int | None = None,
 ) -> dict[str, Any]:
     """Moves a batch's images into their own densely filled rows for the vision tower.
 
@@ -308,7 +309,23 @@ def pack_vision(
     attends only to itself). Row counts are rounded up to ``coarse_row_count`` with
     ``coarse`` (few shapes for a jitted caller), then to a multiple of ``row_multiple`` (the
     device count, for vision rows sharded over devices).
+
+    ``num_rows`` fixes the masked rows' count instead (one shape for every batch; several hosts
+    must each feed the same count): a batch whose images need more raises, naming both
+    numbers; images of ``block_sizes`` are then not allowed (a block group's count would vary),
+    and a batch without any image still gets its ``num_rows`` empty rows.
     """
+    if num_rows is not None:
+        if num_rows < 1 or num_rows % row_multiple:
+            raise ValueError(
+                f"num_rows={num_rows} vision rows must be >= 1 and a multiple of "
+                f"row_multiple={row_multiple}"
+            )
+        if block_sizes:
+            raise ValueError(
+                f"a fixed vision row count (num_rows={num_rows}) takes no per-image blocks "
+                f"(block_sizes={tuple(block_sizes)}): a block group's row count follows the batch"
+            )
     if "pixel_values" not in batch or batch["pixel_values"].shape[1] == 0:
         return dict(batch)
     pixels = np.asarray(batch["pixel_values"])
@@ -316,10 +333,14 @@ def pack_vision(
     positions = np.asarray(batch["patch_positions"])
     rows, budget, dim = pixels.shape
     vision_budget = budget if patch_budget is None else int(patch_budget)
-    if vision_budget <= 0 or vision_budget % _MERGE:
-        raise ValueError(f"patch_budget {vision_budget} must be a positive multiple of {_MERGE}")
-    if any(p <= 0 or p % _MERGE for p in block_sizes):
-        raise ValueError(f"block_sizes {tuple(block_sizes)} must be positive multiples of {_MERGE}")
+    if vision_budget <= 0 or vision_budget % MERGED_PATCHES:
+        raise ValueError(
+            f"patch_budget {vision_budget} must be a positive multiple of {MERGED_PATCHES}"
+        )
+    if any(p <= 0 or p % MERGED_PATCHES for p in block_sizes):
+        raise ValueError(
+            f"block_sizes {tuple(block_sizes)} must be positive multiples of {MERGED_PATCHES}"
+        )
     images = []  # (patches, text row, start in the row)
     for b in range(rows):
         row = segments[b]
@@ -332,7 +353,7 @@ def pack_vision(
         for k, v in batch.items()
         if k not in ("pixel_values", "patch_segment_ids", "patch_positions")
     }
-    if not images:
+    if not images and num_rows is None:
         return out
     in_rows = [i for i, (n, _, _) in enumerate(images) if n not in block_sizes]
     if any(images[i][0] > vision_budget for i in in_rows):
@@ -345,15 +366,28 @@ def pack_vision(
 
     # Groups: (row length, the images in it, (row, offset) of each). Masked rows come first.
     groups = []
-    if in_rows:
+    if in_rows or num_rows is not None:
         placed, needed = _first_fit([images[i][0] for i in in_rows], vision_budget)
-        groups.append((vision_budget, in_rows, placed, row_count(needed)))
+        if num_rows is not None and needed > num_rows:
+            raise ValueError(
+                f"the batch's {len(in_rows)} images ({sum(images[i][0] for i in in_rows)} "
+                f"patches) need {needed} vision rows of {vision_budget} patches but the fixed "
+                f"count is {num_rows} (data.pack_vision_row_fraction: raise it)"
+            )
+        groups.append(
+            (
+                vision_budget,
+                in_rows,
+                placed,
+                num_rows if num_rows is not None else row_count(needed),
+            )
+        )
     for p in sorted(set(block_sizes)):
         members = [i for i, (n, _, _) in enumerate(images) if n == p]
         if members:
             placed = [(r, 0) for r in range(len(members))]
             groups.append((p, members, placed, row_count(len(members))))
-    index = np.zeros((rows, budget // _MERGE), dtype=np.int32)
+    index = np.zeros((rows, budget // MERGED_PATCHES), dtype=np.int32)
     arrays, base = [], 0  # base: the group's first position among the flattened outputs
     for length, members, placed, num_rows in groups:
         v_pixels = np.zeros((num_rows, length, dim), dtype=pixels.dtype)
@@ -366,11 +400,13 @@ def pack_vision(
             v_pixels[v, offset : offset + n] = pixels[b, start : start + n]
             v_segments[v, offset : offset + n] = images_in_row[v]
             v_positions[v, offset : offset + n] = positions[b, start : start + n]
-            tokens = np.arange(n // _MERGE)
-            index[b, start // _MERGE + tokens] = base + (v * length + offset) // _MERGE + tokens
+            tokens = np.arange(n // MERGED_PATCHES)
+            index[b, start // MERGED_PATCHES + tokens] = (
+                base + (v * length + offset) // MERGED_PATCHES + tokens
+            )
         arrays.append((v_pixels, v_segments, v_positions))
-        base += num_rows * length // _MERGE
-    if in_rows:
+        base += num_rows * length // MERGED_PATCHES
+    if in_rows or num_rows is not None:
         out.update(zip(VISION_ROW_KEYS, arrays.pop(0)))
     if arrays:
         out["vision_blocks"] = tuple(

@@ -164,9 +164,10 @@ def train_batch(
             f"data.global_batch_size={d.global_batch_size} is not divisible by the slice's "
             f"{hosts} hosts"
         )
-    if d.pack_vision and hosts > 1:
+    if d.pack_vision and not d.pack_vision_row_fraction and hosts > 1:
         raise ValueError(
-            f"data.pack_vision runs on one host only: the trainer refuses the slice's {hosts}"
+            f"data.pack_vision on the slice's {hosts} hosts needs data.pack_vision_row_fraction "
+            "(a fixed vision row count every host feeds), as the trainer does"
         )
     local_shards = mesh_lib.local_data_parallel_shards(mesh, devices[0].process_index)
     kind, num_hard, sides = _stream(config, shape)
@@ -302,6 +303,7 @@ def _batcher(
         pack_row_multiple=local_shards if d.pack or d.pack_vision else 1,
         pack_vision=d.pack_vision,
         pack_vision_blocks=tuple(d.pack_vision_blocks),
+        pack_vision_row_fraction=d.pack_vision_row_fraction,
         num_hard_negatives=num_hard,
         query_patch_budget=shape.query_patches if kind == "mbeir" else 0,
         candidate_patch_budget=shape.candidate_patches if kind != "text_triples" else 0,

@@ -88,8 +88,13 @@ def base_config() -> ml_collections.ConfigDict:
     # gathered back into their rows. Works with pack and with train.grad_cache_chunk (the
     # tower runs once over the vision rows, outside the text chunks). Off by default: the
     # vision row count follows each batch's images (a few more compiled shapes, as the length
-    # buckets), and it is single-host for now (multi-host raises).
+    # buckets) unless pack_vision_row_fraction fixes it.
     c.data.pack_vision = False
+    # With pack_vision: > 0 fixes each side's vision rows per host at this fraction of the
+    # side's items (e.g. 0.5 when at most half of a side's items carry an image that fills a
+    # row): one compiled shape, and the same count on every host, which several hosts need
+    # (0, rows as each batch needs, is single-host). A batch needing more rows raises.
+    c.data.pack_vision_row_fraction = 0.0
     # With pack_vision: image patch counts (multiples of 4) whose images get per-image blocks,
     # rows of exactly their size, so attention computes no cross-image scores; the others
     # share masked rows. One more compiled shape per size: list recurring sizes only.

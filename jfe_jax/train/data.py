@@ -149,12 +149,11 @@ def make_train_data(
     d = config.data
     if not d.root or not os.path.isdir(d.root):
         raise ValueError(f"data.root={d.root!r} is not a directory")
-    if d.pack_vision and jax.process_count() > 1:
-        # image_token_index names this host's vision rows; global_batch_from_host rewrites
-        # only pool_index to global rows so far.
+    if d.pack_vision and not d.pack_vision_row_fraction and jax.process_count() > 1:
+        # Every host must feed the same number of vision rows (global_batch_from_host).
         raise ValueError(
-            "data.pack_vision runs on one host only for now; set data.pack_vision=False for "
-            f"{jax.process_count()} hosts"
+            f"data.pack_vision on {jax.process_count()} hosts needs a fixed vision row count "
+            "that every host feeds: set data.pack_vision_row_fraction (e.g. 0.5)"
         )
     tokenizer_dir = find_tokenizer_dir(config)
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -205,6 +204,7 @@ def make_train_data(
         ),
         pack_vision=d.pack_vision,
         pack_vision_blocks=tuple(d.pack_vision_blocks),
+        pack_vision_row_fraction=d.pack_vision_row_fraction,
     )
     if d.read_threads < 0 or d.read_buffer_size < 1:
         raise ValueError(

@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jfe_jax.models.axes import LOGICAL_RULES, MESH_AXES
+from jfe_jax.models.packing import MERGED_PATCHES
 
 # The mesh axes the batch (leading) dimension is split over; their product is the
 # data-parallel size.
@@ -169,19 +170,51 @@ def _leading_global_size(name: str, local_size: int, mesh: Mesh, local_shards: i
     return global_size
 
 
+def _global_row_positions(name: str, local_rows: int, mesh: Mesh, local_shards: int) -> np.ndarray:
+    """The global row each of this host's ``local_rows`` rows of a batch leaf lands on."""
+    global_rows = _leading_global_size(name, local_rows, mesh, local_shards)
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_rows,))
+    starts = [index[0].start or 0 for index in index_map.values()]
+    return host_row_positions(starts, global_rows // data_parallel_size(mesh))
+
+
+def globalize_image_token_index(
+    index: np.ndarray, row_positions: np.ndarray, row_tokens: int
+) -> np.ndarray:
+    """A vision-packed side's ``image_token_index`` (into this host's vision rows' merged
+    tokens, ``row_tokens`` per row, flattened) made an index into the global vision rows'."""
+    index = np.asarray(index, np.int64)
+    rows, within = np.divmod(index, row_tokens)
+    return (row_positions[rows] * row_tokens + within).astype(np.int32)
+
+
 def _globalize_packed_sides(tree: Any, mesh: Mesh, local_shards: int) -> Any:
-    """Every packed side (a dict with ``pool_index``) with global row numbers in it."""
+    """Every packed side (a dict with ``pool_index``) and vision-packed side (a dict with
+    ``image_token_index``) with global row numbers in it."""
     if not isinstance(tree, Mapping):
         return tree
     tree = {key: _globalize_packed_sides(value, mesh, local_shards) for key, value in tree.items()}
-    if "pool_index" not in tree:
-        return tree
-    local_rows = np.shape(tree["input_ids"])[0]
-    global_rows = _leading_global_size("packed rows", local_rows, mesh, local_shards)
-    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_rows,))
-    starts = [index[0].start or 0 for index in index_map.values()]
-    positions = host_row_positions(starts, global_rows // data_parallel_size(mesh))
-    tree["pool_index"] = globalize_pool_index(tree["pool_index"], positions)
+    if "pool_index" in tree:
+        positions = _global_row_positions(
+            "packed rows", np.shape(tree["input_ids"])[0], mesh, local_shards
+        )
+        tree["pool_index"] = globalize_pool_index(tree["pool_index"], positions)
+    if "image_token_index" in tree and jax.process_count() > 1:
+        # One host: its vision rows are the global ones. Several: every host feeds the same
+        # fixed count of masked vision rows (data.pack_vision_row_fraction), laid out in
+        # global order like any batch leaf; the index follows its rows there.
+        if "vision_blocks" in tree:
+            raise ValueError(
+                "a vision-packed side with per-image blocks cannot be fed from several hosts "
+                "(each block group's row count follows the host's images); use "
+                "data.pack_vision_row_fraction without data.pack_vision_blocks"
+            )
+        if "vision_pixel_values" in tree:
+            local_rows, row_patches = np.shape(tree["vision_pixel_values"])[:2]
+            positions = _global_row_positions("vision rows", local_rows, mesh, local_shards)
+            tree["image_token_index"] = globalize_image_token_index(
+                tree["image_token_index"], positions, row_patches // MERGED_PATCHES
+            )
     return tree
 
 
