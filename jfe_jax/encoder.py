@@ -337,8 +337,8 @@ class Encoder:
     def prepare(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None):
         """Checks reference-style arrays and packs them; patch budget rounded to a power of two."""
         batch = prepare_batch(self.config, input_ids, attention_mask, pixel_values, image_grid_thw)
-        if "pixel_values" in batch:
-            needed = batch["pixel_values"].shape[1]
+        if batch.pixel_values is not None:
+            needed = batch.pixel_values.shape[1]
             budget = max(16, 2 ** math.ceil(math.log2(needed)))
             batch = prepare_batch(
                 self.config,

@@ -16,6 +16,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jfe_jax.data.synthetic import SyntheticConfig, generate
+from jfe_jax.models.batches import EarlyBatch
 from jfe_jax.models.flops import batch_required_flops, model_sides, train_step_required_flops
 from jfe_jax.train import setup as setup_lib
 from jfe_jax.train.aot import aot_main, lower_train_step, parse_config
@@ -275,7 +276,12 @@ def test_required_flops_count_only_real_tokens_and_patches():
         tokens = np.asarray(side["attention_mask"]).sum(axis=1)
         patches = (np.asarray(side["patch_segment_ids"]) > 0).sum(axis=1)
         for n, p in zip(tokens, patches):
-            alone = {"input_ids": np.zeros((1, n)), "pixel_values": np.zeros((1, p, 1))}
+            alone = EarlyBatch(
+                input_ids=np.zeros((1, n)),
+                attention_mask=np.ones((1, n)),
+                position_ids=np.zeros((1, 3, n)),
+                pixel_values=np.zeros((1, p, 1)),
+            )
             recount += batch_required_flops(model_config, alone, **options)
     assert mixed.required_flops == pytest.approx(recount, rel=1e-12)
 

@@ -232,7 +232,7 @@ def _late_side(config, rng):
     text = prepare_batch(config, rng.integers(0, config.text.vocab_size - 16, size=(8, 10)))
     mask = np.ones((8, 10), np.int32)
     mask[:, 7:] = np.arange(8)[:, None] % 2  # odd rows use every position
-    text["attention_mask"] = mask
+    text = text.replace(attention_mask=mask)
     images = [_item(config, rng, 12, image=True) for _ in range(8)]
     image = prepare_batch(
         config,

@@ -244,7 +244,7 @@ def test_malformed_items_are_rejected_naming_the_item():
 
 def test_packed_batch_without_segment_ids_is_rejected(model):
     config, encoder, forward = model
-    batch = pack(config, make_items(config, [[3], [4]]), length=8)
+    batch = dict(pack(config, make_items(config, [[3], [4]]), length=8))  # the dict layout
     del batch["segment_ids"]
     with pytest.raises(ValueError, match="both segment_ids and pool_index"):
         forward(encoder.params, batch)
@@ -340,10 +340,11 @@ def test_images_packed_into_their_own_vision_rows_give_the_same_embeddings(model
         pack_vision(batch, num_rows=6, block_sizes=(8,))
     with pytest.raises(ValueError, match="multiple of row_multiple=4"):
         pack_vision(batch, num_rows=6, row_multiple=4)
-    text_only = prepare_batch(config, np.full((7, 8), 5, np.int32))
-    text_only["pixel_values"] = np.zeros((7, 16, config.vision.patch_dim), np.float32)
-    text_only["patch_segment_ids"] = np.zeros((7, 16), np.int32)
-    text_only["patch_positions"] = np.zeros((7, 16, 2), np.int32)
+    text_only = prepare_batch(config, np.full((7, 8), 5, np.int32)).replace(
+        pixel_values=np.zeros((7, 16, config.vision.patch_dim), np.float32),
+        patch_segment_ids=np.zeros((7, 16), np.int32),
+        patch_positions=np.zeros((7, 16, 2), np.int32),
+    )
     empty = pack_vision(text_only, num_rows=2)
     assert empty["vision_pixel_values"].shape == (2, 16, config.vision.patch_dim)
     assert not empty["vision_segment_ids"].any()

@@ -449,7 +449,7 @@ def throughput(plan: Plan, torch_device) -> dict:
     return result  # the models go with this frame
 
 
-def train_batch(model_config, shape, rows: int) -> dict:
+def train_batch(model_config, shape, rows: int):
     """A real batch in the data pipeline's layout (checked against ``jfe aot``'s, from
     ``jfe_jax.train.aot_batch.train_batch``): each side half text-only rows, half one image
     filling the side's patch budget, one row of full length; distinct keys (no duplicate
@@ -457,6 +457,7 @@ def train_batch(model_config, shape, rows: int) -> dict:
     import numpy as np
     from hf_reference import make_inputs
 
+    from jfe_jax.models.batches import TrainBatch
     from jfe_jax.models.inputs import prepare_batch
 
     merge = model_config.vision.spatial_merge_size
@@ -477,15 +478,15 @@ def train_batch(model_config, shape, rows: int) -> dict:
         )
 
     keys = np.arange(rows, dtype=np.int32)
-    return {
-        "query": side(shape.query_patches, 3),
-        "candidate": side(shape.candidate_patches, 4),
-        "query_key": keys,
-        "candidate_key": keys,
-        "hard_negative_key": np.zeros((rows, 0), np.int32),
-        "hard_negative_count": np.zeros(rows, np.int32),
-        "skipped_records": np.zeros(rows, np.int32),
-    }
+    return TrainBatch(
+        query=side(shape.query_patches, 3),
+        candidate=side(shape.candidate_patches, 4),
+        query_key=keys,
+        candidate_key=keys,
+        hard_negative_key=np.zeros((rows, 0), np.int32),
+        hard_negative_count=np.zeros(rows, np.int32),
+        skipped_records=np.zeros(rows, np.int32),
+    )
 
 
 def train_step(plan: Plan, batches: list, peak: float, report: Report) -> dict:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jfe_jax.data.processing import ProcessedItem
+from jfe_jax.models.batches import EarlyBatch, PackedBatch
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.inputs import prepare_batch
 from jfe_jax.models.packing import pack_items
@@ -40,8 +41,8 @@ def collate(
     length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
     patch_budget: int = 0,
     padding_side: str = "right",
-) -> dict[str, np.ndarray]:
-    """Pads and packs ``items`` into the model's batch dict (see ``prepare_batch``).
+) -> EarlyBatch:
+    """Pads ``items`` into the model's batch (an ``EarlyBatch``, see ``prepare_batch``).
 
     Args:
       items: processed items, with or without images.
@@ -76,13 +77,13 @@ def collate(
     if patch_budget <= 0:
         return prepare_batch(config, ids, mask)
     if not grids:
-        batch = prepare_batch(config, ids, mask)
-        batch["pixel_values"] = np.zeros(
-            (len(items), patch_budget, config.vision.patch_dim), dtype=np.float32
+        return prepare_batch(config, ids, mask).replace(
+            pixel_values=np.zeros(
+                (len(items), patch_budget, config.vision.patch_dim), dtype=np.float32
+            ),
+            patch_segment_ids=np.zeros((len(items), patch_budget), dtype=np.int32),
+            patch_positions=np.zeros((len(items), patch_budget, 2), dtype=np.int32),
         )
-        batch["patch_segment_ids"] = np.zeros((len(items), patch_budget), dtype=np.int32)
-        batch["patch_positions"] = np.zeros((len(items), patch_budget, 2), dtype=np.int32)
-        return batch
     return prepare_batch(
         config,
         ids,
@@ -104,7 +105,7 @@ def collate_packed(
     num_rows: int | Sequence[int] | None = None,
     num_items: int | None = None,
     row_multiple: int = 1,
-) -> dict[str, np.ndarray]:
+) -> PackedBatch:
     """Packs ``items`` several to a row into a packed model batch (see ``pack_items``).
 
     Args:

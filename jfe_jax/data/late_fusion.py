@@ -8,8 +8,8 @@ have the same parameters, data and budget and differ only in where the modalitie
 * the image part is the image alone;
 * the embedding is ``normalize(has_text * e_text + has_image * e_image)``.
 
-A model batch for late fusion is ``{"text": batch, "image": batch, "has_text": [B],
-"has_image": [B]}``; ``OneTowerEncoder`` recognises it by the ``has_text`` key.
+A model batch for late fusion is a ``LateFusionBatch`` (``text`` and ``image`` model batches,
+``has_text``/``has_image [B]``); ``OneTowerEncoder`` recognises it by its type.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from jfe_jax.data.processing import ProcessedItem
+from jfe_jax.models.batches import LateFusionBatch
 
 FUSIONS = ("early", "late")
 
@@ -60,8 +61,8 @@ def split_item(
 
 
 def late_collate(
-    items: Sequence[LateItem], collate: Callable[[list[ProcessedItem], int], dict], budget: int
-) -> dict[str, Any]:
+    items: Sequence[LateItem], collate: Callable[[list[ProcessedItem], int], Any], budget: int
+) -> LateFusionBatch:
     """Collates the text parts and the image parts into two batches plus presence masks.
 
     A missing part is filled with the item's other part (same shapes for every row) and
@@ -69,9 +70,9 @@ def late_collate(
     """
     texts = [it.text if it.text is not None else it.image for it in items]
     images = [it.image if it.image is not None else it.text for it in items]
-    return {
-        "text": collate(texts, budget),
-        "image": collate(images, budget),
-        "has_text": np.array([it.text is not None for it in items], np.float32),
-        "has_image": np.array([it.image is not None for it in items], np.float32),
-    }
+    return LateFusionBatch(
+        text=collate(texts, budget),
+        image=collate(images, budget),
+        has_text=np.array([it.text is not None for it in items], np.float32),
+        has_image=np.array([it.image is not None for it in items], np.float32),
+    )

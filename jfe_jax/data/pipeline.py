@@ -6,13 +6,14 @@ records into batches with a ``ContrastiveBatcher``'s three grain operations:
 encode each record (``ContrastiveBatcher.encode``), drop the records that failed when
 ``skip_bad_records`` is on, and collate ``global_batch_size // shard_count`` of them.
 
-The batch (B = per-host batch size, H = ``num_hard_negatives``)::
+The batch is a ``TrainBatch`` (``jfe_jax.models.batches``; B = per-host batch size,
+H = ``num_hard_negatives``)::
 
-    query              model batch dict (see jfe_jax.data.collate): input_ids, attention_mask
-                       [B, L], position_ids [B, 3, L], and with a patch budget pixel_values
-                       [B, P, D], patch_segment_ids [B, P], patch_positions [B, P, 2]
-    candidate          model batch dict, B rows; row i is query i's positive
-    hard_negative      model batch dict, B * H rows, query-major (row i * H + h); only H > 0
+    query              model batch (an EarlyBatch, see jfe_jax.data.collate): input_ids,
+                       attention_mask [B, L], position_ids [B, 3, L], and with a patch budget
+                       pixel_values [B, P, D], patch_segment_ids [B, P], patch_positions [B, P, 2]
+    candidate          model batch, B rows; row i is query i's positive
+    hard_negative      model batch, B * H rows, query-major (row i * H + h); only H > 0
     query_key          int32 [B]     31-bit hash of the qid (pairs: of the query text)
     candidate_key      int32 [B]     31-bit hash of the did (pairs: of the text or image bytes)
     hard_negative_key  int32 [B, H]  the same hash of each hard negative
@@ -28,7 +29,7 @@ candidate_key, so the loss masks it for that query.
 Static shapes: L is the smallest of ``length_buckets`` that fits the longest row of a side,
 P the side's patch budget, so jit compiles at most len(length_buckets) programs per side.
 
-Packed (``pack=True``, early fusion only): each side is instead a packed model batch
+Packed (``pack=True``, early fusion only): each side is instead a ``PackedBatch``
 (``jfe_jax.data.collate.collate_packed``) of one static shape: ``ceil(items /
 pack_items_per_row)`` rows rounded up to ``pack_row_multiple``, of ``pack_length`` tokens
 (default the largest length bucket) and ``pack_items_per_row`` times the side's patch budget,
@@ -38,14 +39,14 @@ order above. Items that do not fit in those rows raise; nothing is cut.
 
 Vision-packed (``pack_vision=True``, early fusion only; with or without ``pack``): a side's
 images leave its text rows' patch budgets for vision rows of their own
-(``jfe_jax.models.packing.pack_vision``): ``vision_pixel_values [V, P, D]`` (with
-``vision_segment_ids``, ``vision_positions``) holds them densely, P being the side's patch
-budget per item, the per-row pixel keys are gone, and ``image_token_index [R, P_row / 4]``
-maps each text row's image tokens to the tower's outputs. Images whose patch count is in
-``pack_vision_blocks`` get per-image blocks instead (``vision_blocks``). V (and each block
+(``jfe_jax.models.packing.pack_vision``), a ``VisionPackedBatch``: its ``masked`` vision rows
+``[V, P, D]`` hold them densely, P being the side's patch budget per item, its text ``rows``
+have no pixels, and ``image_token_index [R, P_row / 4]`` maps each text row's image tokens to
+the tower's outputs. Images whose patch count is in ``pack_vision_blocks`` get per-image
+``blocks`` instead. V (and each block
 group's rows) is as many rows as the images need, rounded by ``coarse_row_count`` and to
 ``pack_row_multiple``: a few shapes, as with the length buckets. A side without images has no
-pixel keys at all. With ``pack_vision_row_fraction`` > 0, V is fixed instead (that fraction of
+pixels at all. With ``pack_vision_row_fraction`` > 0, V is fixed instead (that fraction of
 the side's items, rounded up to ``pack_row_multiple``, empty rows included): one shape, the
 same on every host, which is what training on several hosts needs.
 
@@ -77,6 +78,7 @@ from jfe_jax.data.image_processor import ImageProcessor, decode_opened, open_ima
 from jfe_jax.data.late_fusion import FUSIONS, LateItem, late_collate, split_item
 from jfe_jax.data.mbeir import TASK_MODALITIES, Instructions, instruction_index
 from jfe_jax.data.processing import DEFAULT_EMBED_PROMPT, ProcessedItem, encode_item
+from jfe_jax.models.batches import EarlyBatch, ModelBatch, PackedBatch, TrainBatch
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.packing import pack_vision
 
@@ -134,7 +136,7 @@ class EncodedExample:
 
 
 class ContrastiveBatcher:
-    """Record -> ``EncodedExample`` (``encode``), examples -> batch dict (``collate``).
+    """Record -> ``EncodedExample`` (``encode``), examples -> ``TrainBatch`` (``collate``).
 
     Args:
       tokenizer, image_processor, model_config: as for ``encode_item`` and ``collate``.
@@ -430,7 +432,7 @@ class ContrastiveBatcher:
 
     # --- batching -----------------------------------------------------------------------------
 
-    def _collate(self, items: list, patch_budget: int, side: str) -> dict[str, Any]:
+    def _collate(self, items: list, patch_budget: int, side: str) -> ModelBatch:
         if self.fusion == "late":
             return late_collate(items, self._collate_early, patch_budget)
         if self.pack:
@@ -465,7 +467,7 @@ class ContrastiveBatcher:
 
     def _collate_packed(
         self, items: list[ProcessedItem], patch_budget: int, side: str
-    ) -> dict[str, np.ndarray]:
+    ) -> PackedBatch:
         num_rows = self.pack_rows(len(items))
         try:
             return collate_packed(
@@ -483,9 +485,7 @@ class ContrastiveBatcher:
                 f"patches; lower pack_items_per_row or raise pack_length ({error})"
             ) from error
 
-    def _collate_early(
-        self, items: list[ProcessedItem], patch_budget: int
-    ) -> dict[str, np.ndarray]:
+    def _collate_early(self, items: list[ProcessedItem], patch_budget: int) -> EarlyBatch:
         return collate(
             items,
             config=self.model_config,
@@ -495,30 +495,31 @@ class ContrastiveBatcher:
             padding_side=self.padding_side,
         )
 
-    def collate(self, examples: Sequence[EncodedExample]) -> dict[str, Any]:
-        """Examples -> the batch dict of the module docstring."""
-        batch: dict[str, Any] = {
-            "query": self._collate([e.query for e in examples], self.query_patch_budget, "query"),
-            "candidate": self._collate(
-                [e.candidate for e in examples], self.candidate_patch_budget, "candidate"
-            ),
-            "query_key": np.array([e.query_key for e in examples], np.int32),
-            "candidate_key": np.array([e.candidate_key for e in examples], np.int32),
-            "hard_negative_key": np.array(
-                [e.hard_negative_keys for e in examples], np.int32
-            ).reshape(len(examples), self.num_hard_negatives),
-            "hard_negative_count": np.array([e.hard_negative_count for e in examples], np.int32),
-            "skipped_records": np.array([e.skipped_before for e in examples], np.int32),
-        }
+    def collate(self, examples: Sequence[EncodedExample]) -> TrainBatch:
+        """Examples -> the train batch of the module docstring."""
+        hard_negative = None
         if self.num_hard_negatives:
-            batch["hard_negative"] = self._collate(
+            hard_negative = self._collate(
                 [item for e in examples for item in e.hard_negatives],
                 self.candidate_patch_budget,
                 "hard_negative",
             )
-        return batch
+        return TrainBatch(
+            query=self._collate([e.query for e in examples], self.query_patch_budget, "query"),
+            candidate=self._collate(
+                [e.candidate for e in examples], self.candidate_patch_budget, "candidate"
+            ),
+            query_key=np.array([e.query_key for e in examples], np.int32),
+            candidate_key=np.array([e.candidate_key for e in examples], np.int32),
+            hard_negative=hard_negative,
+            hard_negative_key=np.array([e.hard_negative_keys for e in examples], np.int32).reshape(
+                len(examples), self.num_hard_negatives
+            ),
+            hard_negative_count=np.array([e.hard_negative_count for e in examples], np.int32),
+            skipped_records=np.array([e.skipped_before for e in examples], np.int32),
+        )
 
-    def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    def __call__(self, records: Sequence[Mapping[str, Any]]) -> TrainBatch:
         """Encodes and collates records (raises on a bad one): the batch without grain."""
         return self.collate([self.encode(r) for r in records])
 

@@ -19,9 +19,10 @@ convention's.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+from jfe_jax.models.batches import EarlyBatch, LateFusionBatch, as_batch, text_rows
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.packing import vision_groups
 
@@ -56,33 +57,33 @@ def vision_forward_flops(config: ModelConfig, rows: int, patches: int) -> float:
     return float(blocks + embed + merger)
 
 
-def batch_vision_flops(config: ModelConfig, model_batch: Mapping[str, Any]) -> float:
+def batch_vision_flops(config: ModelConfig, model_batch: Any) -> float:
     """Forward FLOPs of the vision tower on one early-fusion model batch: its ``[B, P]``
     patch rows, or with ``pack_vision`` its vision rows (each group at its own row length)."""
+    model_batch = as_batch(model_batch)
     rows = [segments.shape for _, segments, _ in vision_groups(model_batch)]
-    if "pixel_values" in model_batch:
-        rows.append(model_batch["pixel_values"].shape[:2])
+    if isinstance(model_batch, EarlyBatch) and model_batch.pixel_values is not None:
+        rows.append(model_batch.pixel_values.shape[:2])
     return sum(vision_forward_flops(config, n, p) for n, p in rows if p)
 
 
-def batch_forward_flops(config: ModelConfig, model_batch: Mapping[str, Any]) -> float:
-    """Forward FLOPs of one model batch dict (shapes only; late-fusion batches: both parts)."""
-    if "has_text" in model_batch:
-        return sum(batch_forward_flops(config, model_batch[part]) for part in ("text", "image"))
-    rows, length = model_batch["input_ids"].shape
+def batch_forward_flops(config: ModelConfig, model_batch: Any) -> float:
+    """Forward FLOPs of one model batch (shapes only; late-fusion batches: both parts)."""
+    model_batch = as_batch(model_batch)
+    if isinstance(model_batch, LateFusionBatch):
+        return sum(
+            batch_forward_flops(config, part) for part in (model_batch.text, model_batch.image)
+        )
+    rows, length = text_rows(model_batch).input_ids.shape
     return text_forward_flops(config, rows, length) + batch_vision_flops(config, model_batch)
 
 
-def model_sides(batch: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    """The model batches (query, candidate, hard negatives) among a train batch's values."""
-    return [
-        v
-        for v in batch.values()
-        if isinstance(v, Mapping) and ("input_ids" in v or "has_text" in v)
-    ]
+def model_sides(batch: Any) -> list[Any]:
+    """The model batches (query, candidate, hard negatives) of a train batch."""
+    return as_batch(batch).sides()
 
 
-def train_step_flops(config: ModelConfig, batch: Mapping[str, Any]) -> float:
+def train_step_flops(config: ModelConfig, batch: Any) -> float:
     """Model FLOPs of one contrastive step (every side, forward + backward = 3x forward)."""
     sides = model_sides(batch)
     return 3.0 * sum(batch_forward_flops(config, side) for side in sides)
@@ -137,7 +138,7 @@ def _decoder_required(
 
 def batch_required_flops(
     config: ModelConfig,
-    model_batch: Mapping[str, Any],
+    model_batch: Any,
     *,
     trainable: str,
     lora_rank: int = 0,
@@ -148,19 +149,16 @@ def batch_required_flops(
         raise ValueError(
             f"unknown trainable mode {trainable!r}; expected full, freeze_vision, lora"
         )
-    if "has_text" in model_batch:
+    model_batch = as_batch(model_batch)
+    if isinstance(model_batch, LateFusionBatch):
         return sum(
             batch_required_flops(
-                config,
-                model_batch[part],
-                trainable=trainable,
-                lora_rank=lora_rank,
-                lora_targets=lora_targets,
+                config, part, trainable=trainable, lora_rank=lora_rank, lora_targets=lora_targets
             )
-            for part in ("text", "image")
+            for part in (model_batch.text, model_batch.image)
         )
-    rows, length = model_batch["input_ids"].shape
-    pooled = model_batch["pool_index"].shape[0] if "pool_index" in model_batch else rows
+    rows, length = text_rows(model_batch).input_ids.shape
+    pooled = model_batch.num_items
     projections, scores, adapters = _decoder_required(
         config, rows, length, pooled, lora_rank, tuple(lora_targets)
     )
@@ -173,7 +171,7 @@ def batch_required_flops(
 
 def train_step_required_flops(
     config: ModelConfig,
-    batch: Mapping[str, Any],
+    batch: Any,
     *,
     trainable: str,
     lora_rank: int = 0,

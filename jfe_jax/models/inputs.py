@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jfe_jax.models.batches import EarlyBatch
 from jfe_jax.models.config import ModelConfig
 
 
@@ -88,8 +89,8 @@ def prepare_batch(
     *,
     num_patches: int | None = None,
     patch_multiple: int = 4,
-) -> dict[str, np.ndarray]:
-    """Checks the reference-style arrays and returns the model's batch dict.
+) -> EarlyBatch:
+    """Checks the reference-style arrays and returns the model's batch (``EarlyBatch``).
 
     Args:
       config: the model's architecture (token ids, vision geometry).
@@ -201,11 +202,11 @@ def prepare_batch(
             for b in range(batch)
         ]
     )
-    out = {
-        "input_ids": input_ids.astype(np.int32),
-        "attention_mask": attention_mask.astype(np.int32),
-        "position_ids": position_ids.astype(np.int32),
-    }
+    out = EarlyBatch(
+        input_ids=input_ids.astype(np.int32),
+        attention_mask=attention_mask.astype(np.int32),
+        position_ids=position_ids.astype(np.int32),
+    )
     if image_grid_thw is None:
         return out
 
@@ -231,11 +232,12 @@ def prepare_batch(
             segments[b, cursor : cursor + n] = k + 1
             patch_positions[b, cursor : cursor + n] = vision_patch_positions(grids[i], merge)
             cursor += n
-    out.update(pixel_values=packed, patch_segment_ids=segments, patch_positions=patch_positions)
-    return out
+    return out.replace(
+        pixel_values=packed, patch_segment_ids=segments, patch_positions=patch_positions
+    )
 
 
-def dummy_batch(config: ModelConfig, batch: int = 1, length: int = 8) -> dict[str, np.ndarray]:
+def dummy_batch(config: ModelConfig, batch: int = 1, length: int = 8) -> EarlyBatch:
     """A smallest valid batch with one image, for init and shape inference."""
     merge = config.vision.spatial_merge_size
     ids = np.zeros((batch, length), dtype=np.int32)

@@ -2,7 +2,8 @@
 
 ``OneTowerEncoder.apply(variables, batch)`` returns ``(embedding, out)``: the L2-normalised
 embedding ``[B, D]`` and a dict of named intermediates (``last_hidden_state``, ``pooled``).
-The batch dict is what ``jfe_jax.models.inputs.prepare_batch`` (or the data pipeline) makes.
+The batch is a typed batch (``jfe_jax.models.batches``), as ``jfe_jax.models.inputs.prepare_batch``
+or the data pipeline makes it (a dict of the same layout is converted by ``as_batch``).
 A packed batch (``jfe_jax.models.packing``: several items per row, with ``segment_ids``,
 ``pool_index [N, 2]`` and ``item_mask [N]``) gives ``[N, D]``, one embedding per item in order.
 A vision-packed batch (``packing.pack_vision``) runs the tower on its vision rows, group by
@@ -20,10 +21,17 @@ import jax
 import jax.numpy as jnp
 
 from jfe_jax.models import axes
+from jfe_jax.models.batches import (
+    EarlyBatch,
+    LateFusionBatch,
+    PackedBatch,
+    VisionPackedBatch,
+    as_batch,
+    text_rows,
+)
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.language import LORA_TARGETS_ALL, LanguageModel
 from jfe_jax.models.layers import Linear
-from jfe_jax.models.packing import is_vision_packed, vision_groups
 from jfe_jax.models.vision import VisionTower
 
 Dtype = Any
@@ -106,29 +114,30 @@ class OneTowerEncoder(nn.Module):
             jnp.float32,
         )
 
-    def image_features(self, batch: dict[str, jax.Array]) -> jax.Array | None:
+    def image_features(self, batch: Any) -> jax.Array | None:
         """The vision tower's merged image tokens ``[B, P // merge**2, H]``; None without images.
 
         Computed apart, they can be fed back through ``image_features=`` (the train step reuses
         a frozen tower's output across the gradient cache's two passes).
         """
-        if is_vision_packed(batch):  # images in their own rows (packing.pack_vision)
+        batch = as_batch(batch)
+        if isinstance(batch, VisionPackedBatch):  # images in their own rows (pack_vision)
             # One tower call per group of vision rows: the masked rows, and each per-image
             # block group (rows of one image size), whose attention is the image's own.
             width = self.config.vision.out_dim
             flat = jnp.concatenate(
-                [self.vision(*group).reshape(-1, width) for group in vision_groups(batch)]
+                [self.vision(*group.arrays()).reshape(-1, width) for group in batch.groups()]
             )
-            return jnp.take(flat, batch["image_token_index"], axis=0)
-        if "pixel_values" not in batch or batch["pixel_values"].shape[1] == 0:
+            return jnp.take(flat, batch.image_token_index, axis=0)
+        if not isinstance(batch, EarlyBatch):
+            raise ValueError(f"image_features takes an early-fusion batch, got {type(batch)}")
+        if not batch.has_pixels:
             return None
-        return self.vision(
-            batch["pixel_values"], batch["patch_segment_ids"], batch["patch_positions"]
-        )
+        return self.vision(batch.pixel_values, batch.patch_segment_ids, batch.patch_positions)
 
     def hidden_states(
         self,
-        batch: dict[str, jax.Array],
+        batch: Any,
         image_features: jax.Array | None = None,
         pool_index: jax.Array | None = None,
     ) -> jax.Array:
@@ -138,37 +147,38 @@ class OneTowerEncoder(nn.Module):
         vision tower here. ``pool_index [N, 2]``: only the states at those (row, position)
         tokens, ``[N, H]`` (``LanguageModel(pool_index=)``).
         """
+        batch = as_batch(batch)
         if image_features is None:
             image_features = self.image_features(batch)
+        rows = text_rows(batch)
         return self.text(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["position_ids"],
+            rows.input_ids,
+            rows.attention_mask,
+            rows.position_ids,
             image_features,
-            segment_ids=batch.get("segment_ids"),
+            segment_ids=rows.segment_ids if isinstance(rows, PackedBatch) else None,
             pool_index=pool_index,
         )
 
     def __call__(
         self,
-        batch: dict[str, Any],
+        batch: Any,
         image_features: jax.Array | None = None,
         return_hidden: bool = False,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """``(embedding [N, D], out)``; ``out`` holds ``pooled`` and, with ``return_hidden``,
         ``last_hidden_state [B, L, H]``. Without it the last layer runs only at the pooled
         tokens (``LanguageModel(pool_index=)``): the same embeddings for less work."""
-        if "has_text" in batch:
+        batch = as_batch(batch)
+        if isinstance(batch, LateFusionBatch):
             if image_features is not None:
                 raise ValueError("precomputed image_features are for early-fusion batches only")
             return self.late_fusion(batch)
-        packed = "pool_index" in batch
-        if packed != ("segment_ids" in batch):
-            raise ValueError("a packed batch needs both segment_ids and pool_index")
-        if packed:
-            pool_index = batch["pool_index"]
+        rows = text_rows(batch)
+        if isinstance(rows, PackedBatch):
+            pool_index = rows.pool_index
         else:
-            pool_index = last_token_index(batch["attention_mask"])
+            pool_index = last_token_index(rows.attention_mask)
         out = {}
         if return_hidden:
             out["last_hidden_state"] = self.hidden_states(batch, image_features)
@@ -178,19 +188,18 @@ class OneTowerEncoder(nn.Module):
         out["pooled"] = pooled
         features = self.projection(pooled) if self.projection_dim else pooled
         embedding = l2_normalize(features)
-        if "item_mask" in batch:
+        if isinstance(rows, PackedBatch):
             # Slots that only pad N to a static item count embed to zero.
-            embedding = jnp.where(batch["item_mask"][:, None].astype(bool), embedding, 0.0)
+            embedding = jnp.where(rows.item_mask[:, None].astype(bool), embedding, 0.0)
         return embedding, out
 
-    def late_fusion(self, batch: dict[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def late_fusion(self, batch: LateFusionBatch) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The late-fusion baseline (``jfe_jax.data.late_fusion``): text and image parts
         embedded apart by this same tower, summed where present, renormalised."""
-        text_embedding, _ = self(batch["text"])
-        image_embedding, _ = self(batch["image"])
+        text_embedding, _ = self(batch.text)
+        image_embedding, _ = self(batch.image)
         fused = (
-            batch["has_text"][:, None] * text_embedding
-            + batch["has_image"][:, None] * image_embedding
+            batch.has_text[:, None] * text_embedding + batch.has_image[:, None] * image_embedding
         )
         return l2_normalize(fused), {
             "text_embedding": text_embedding,

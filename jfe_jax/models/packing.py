@@ -31,11 +31,19 @@ from typing import Any
 
 import numpy as np
 
+from jfe_jax.models.batches import (
+    EarlyBatch,
+    PackedBatch,
+    VisionGroup,
+    VisionPackedBatch,
+    as_batch,
+    text_rows,
+)
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.inputs import image_runs, prepare_batch
 
 
-def _item_batch(config: ModelConfig, index: int, ids, pixels, grid) -> dict[str, np.ndarray]:
+def _item_batch(config: ModelConfig, index: int, ids, pixels, grid) -> EarlyBatch:
     """``prepare_batch`` of one item alone (all its checks), with errors naming the item."""
     ids = np.asarray(ids)
     if ids.ndim != 1 or ids.size == 0:
@@ -79,7 +87,7 @@ def pack_items(
     num_items: int | None = None,
     row_multiple: int = 1,
     pad_token_id: int = 0,
-) -> dict[str, np.ndarray]:
+) -> PackedBatch:
     """Packs N items into R rows of ``length`` tokens and returns the packed model batch.
 
     Args:
@@ -135,8 +143,8 @@ def pack_items(
         _item_batch(config, i, ids, pix, grid)
         for i, (ids, pix, grid) in enumerate(zip(input_ids, pixel_values, image_grid_thw))
     ]
-    sizes = [b["input_ids"].shape[1] for b in alone]
-    patches = [int((b["patch_segment_ids"] > 0).sum()) if "pixel_values" in b else 0 for b in alone]
+    sizes = [b.input_ids.shape[1] for b in alone]
+    patches = [int((b.patch_segment_ids > 0).sum()) if b.has_pixels else 0 for b in alone]
     for i, (n, p) in enumerate(zip(sizes, patches)):
         if n > length:
             raise ValueError(f"item {i} has {n} tokens but a packed row holds {length} (length)")
@@ -195,22 +203,22 @@ def pack_items(
         for segment, i in enumerate(members, start=1):
             item, n, p = alone[i], sizes[i], patches[i]
             span = slice(cursor, cursor + n)
-            out["input_ids"][r, span] = item["input_ids"][0]
+            out["input_ids"][r, span] = item.input_ids[0]
             out["attention_mask"][r, span] = 1
             out["segment_ids"][r, span] = segment
-            out["position_ids"][r, :, span] = item["position_ids"][0]
+            out["position_ids"][r, :, span] = item.position_ids[0]
             out["pool_index"][i] = (r, cursor + n - 1)
             out["item_mask"][i] = 1
             if p:
                 pspan = slice(patch_cursor, patch_cursor + p)
-                item_segments = item["patch_segment_ids"][0, :p]
-                out["pixel_values"][r, pspan] = item["pixel_values"][0, :p]
+                item_segments = item.patch_segment_ids[0, :p]
+                out["pixel_values"][r, pspan] = item.pixel_values[0, :p]
                 out["patch_segment_ids"][r, pspan] = item_segments + images
-                out["patch_positions"][r, pspan] = item["patch_positions"][0, :p]
+                out["patch_positions"][r, pspan] = item.patch_positions[0, :p]
                 images += int(item_segments.max())
             cursor += n
             patch_cursor += p
-    return out
+    return PackedBatch(**out)
 
 
 def items_from_rows(
@@ -254,7 +262,6 @@ def coarse_row_count(needed: int) -> int:
     return max(1, -(-int(needed) // step) * step)
 
 
-VISION_ROW_KEYS = ("vision_pixel_values", "vision_segment_ids", "vision_positions")
 MERGED_PATCHES = 4  # merge_size**2: the vision tower merges each 2x2 block of consecutive patches
 
 
@@ -273,14 +280,14 @@ def _first_fit(sizes: Sequence[int], budget: int) -> tuple[list[tuple[int, int]]
 
 
 def pack_vision(
-    batch: dict[str, np.ndarray],
+    batch: EarlyBatch | Mapping[str, Any],
     *,
     patch_budget: int | None = None,
     row_multiple: int = 1,
     coarse: bool = False,
     block_sizes: Sequence[int] = (),
     num_rows: int | None = None,
-) -> dict[str, Any]:
+) -> EarlyBatch | VisionPackedBatch:
     """Moves a batch's images into their own densely filled rows for the vision tower.
 
     A model batch keeps each text row's images in that row's patch budget P, so text-only rows
@@ -326,11 +333,17 @@ def pack_vision(
                 f"a fixed vision row count (num_rows={num_rows}) takes no per-image blocks "
                 f"(block_sizes={tuple(block_sizes)}): a block group's row count follows the batch"
             )
-    if "pixel_values" not in batch or batch["pixel_values"].shape[1] == 0:
-        return dict(batch)
-    pixels = np.asarray(batch["pixel_values"])
-    segments = np.asarray(batch["patch_segment_ids"])
-    positions = np.asarray(batch["patch_positions"])
+    batch = as_batch(batch)
+    if not isinstance(batch, EarlyBatch):
+        raise ValueError(
+            f"pack_vision takes an early-fusion batch (EarlyBatch or PackedBatch) with its images "
+            f"in the rows' patch budgets, got {type(batch).__name__}"
+        )
+    if not batch.has_pixels:
+        return batch
+    pixels = np.asarray(batch.pixel_values)
+    segments = np.asarray(batch.patch_segment_ids)
+    positions = np.asarray(batch.patch_positions)
     rows, budget, dim = pixels.shape
     vision_budget = budget if patch_budget is None else int(patch_budget)
     if vision_budget <= 0 or vision_budget % MERGED_PATCHES:
@@ -348,11 +361,7 @@ def pack_vision(
             where = np.flatnonzero(row == k)
             if where.size:
                 images.append((int(where.size), b, int(where[0])))
-    out: dict[str, Any] = {
-        k: v
-        for k, v in batch.items()
-        if k not in ("pixel_values", "patch_segment_ids", "patch_positions")
-    }
+    out = batch.replace(pixel_values=None, patch_segment_ids=None, patch_positions=None)
     if not images and num_rows is None:
         return out
     in_rows = [i for i, (n, _, _) in enumerate(images) if n not in block_sizes]
@@ -406,34 +415,30 @@ def pack_vision(
             )
         arrays.append((v_pixels, v_segments, v_positions))
         base += num_rows * length // MERGED_PATCHES
-    if in_rows or num_rows is not None:
-        out.update(zip(VISION_ROW_KEYS, arrays.pop(0)))
-    if arrays:
-        out["vision_blocks"] = tuple(
-            dict(pixel_values=p, segment_ids=s, positions=q) for p, s, q in arrays
-        )
-    out["image_token_index"] = index
-    return out
+    masked = VisionGroup(*arrays.pop(0)) if in_rows or num_rows is not None else None
+    return VisionPackedBatch(
+        rows=out,
+        image_token_index=index,
+        masked=masked,
+        blocks=tuple(VisionGroup(*group) for group in arrays),
+    )
 
 
-def vision_groups(batch: Mapping[str, Any]) -> list[tuple[Any, Any, Any]]:
+def vision_groups(batch: Any) -> list[tuple[Any, Any, Any]]:
     """``(pixel_values, segment_ids, positions)`` of each group of vision rows of a
-    ``pack_vision`` batch, in the order of ``image_token_index``: masked rows, then blocks."""
-    groups = []
-    if "vision_pixel_values" in batch:
-        groups.append(tuple(batch[k] for k in VISION_ROW_KEYS))
-    for block in batch.get("vision_blocks", ()):
-        groups.append((block["pixel_values"], block["segment_ids"], block["positions"]))
-    return groups
+    ``pack_vision`` batch, in the order of ``image_token_index``: masked rows, then blocks;
+    none for any other batch."""
+    if not isinstance(batch, VisionPackedBatch):
+        return []
+    return [group.arrays() for group in batch.groups()]
 
 
-def is_vision_packed(batch: Mapping[str, Any]) -> bool:
+def is_vision_packed(batch: Any) -> bool:
     """Whether a model batch carries its images in vision rows (``pack_vision``)."""
-    return "image_token_index" in batch
+    return isinstance(batch, VisionPackedBatch)
 
 
-def without_vision_rows(batch: Mapping[str, Any]) -> dict[str, Any]:
-    """The per-text-row part of a ``pack_vision`` batch: every key but the vision rows (and the
-    index into them), i.e. what a caller that brings the image tokens itself still needs."""
-    dropped = (*VISION_ROW_KEYS, "vision_blocks", "image_token_index")
-    return {k: v for k, v in batch.items() if k not in dropped}
+def without_vision_rows(batch: Any) -> EarlyBatch:
+    """The per-text-row part of a ``pack_vision`` batch (its text rows), i.e. what a caller
+    that brings the image tokens itself still needs; any other batch as it is."""
+    return text_rows(batch)

@@ -26,12 +26,19 @@ benchmarks and the trainer's logs:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from jfe_jax.models import flops
+from jfe_jax.models.batches import (
+    EarlyBatch,
+    LateFusionBatch,
+    PackedBatch,
+    VisionPackedBatch,
+    as_batch,
+    text_rows,
+)
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.packing import vision_groups
 
@@ -52,14 +59,16 @@ _COUNTS = (
 )
 
 
-def _model_batch_counts(batch: Mapping[str, Any], config: ModelConfig | None) -> dict[str, int]:
+def _model_batch_counts(batch: Any, config: ModelConfig | None) -> dict[str, int]:
     """Integer counts (and FLOPs) of one early-fusion model batch."""
-    mask = np.asarray(batch["attention_mask"]).astype(bool)
+    rows_batch = text_rows(batch)
+    packed = isinstance(rows_batch, PackedBatch)
+    mask = np.asarray(rows_batch.attention_mask).astype(bool)
     rows, length = mask.shape
     real = mask.sum(axis=1).astype(np.int64)
     # Tokens of each item: a row, or each segment of a packed row.
-    if "segment_ids" in batch:
-        segments = np.where(mask, np.asarray(batch["segment_ids"]), 0)
+    if packed:
+        segments = np.where(mask, np.asarray(rows_batch.segment_ids), 0)
         item_sizes = np.concatenate([np.bincount(row)[1:] for row in segments]).astype(np.int64)
         item_sizes = item_sizes[item_sizes > 0]
     else:
@@ -71,11 +80,11 @@ def _model_batch_counts(batch: Mapping[str, Any], config: ModelConfig | None) ->
         text_pairs=rows * length * length,
         real_text_pairs=int(np.sum(real * real)),
         same_item_pairs=int(np.sum(item_sizes * item_sizes)),
-        packed_rows=rows if "segment_ids" in batch else 0,
+        packed_rows=rows if packed else 0,
     )
     patch_rows = [np.asarray(segments) for _, segments, _ in vision_groups(batch)]
-    if "pixel_values" in batch and np.shape(batch["pixel_values"])[1]:
-        patch_rows.append(np.asarray(batch["patch_segment_ids"]))
+    if rows_batch.has_pixels:
+        patch_rows.append(np.asarray(rows_batch.patch_segment_ids))
     for segments in patch_rows:  # [n, p]: text rows' budgets, or vision rows (pack_vision)
         n, budget = segments.shape
         real_per_row = (segments > 0).sum(axis=1).astype(np.int64)
@@ -90,50 +99,42 @@ def _model_batch_counts(batch: Mapping[str, Any], config: ModelConfig | None) ->
     if config is not None:
         counts["flops"] = flops.batch_forward_flops(config, batch)
         # What each item would cost alone, unpadded: its real tokens and real patches.
-        item_patches = _item_patches(batch, config)
+        item_patches = _item_patches(rows_batch, config)
         real_flops = sum(flops.text_forward_flops(config, 1, int(n)) for n in item_sizes)
         real_flops += sum(flops.vision_forward_flops(config, 1, int(p)) for p in item_patches if p)
         counts["real_flops"] = real_flops
     return counts
 
 
-def _item_patches(batch: Mapping[str, Any], config: ModelConfig) -> np.ndarray:
+def _item_patches(batch: EarlyBatch, config: ModelConfig) -> np.ndarray:
     """Image patches of every item (a row, or a segment of a packed row): its
     ``<|image_pad|>`` tokens x merge**2, wherever its pixels sit."""
-    is_image = np.asarray(batch["input_ids"]) == config.image_token_id
-    is_image &= np.asarray(batch["attention_mask"]).astype(bool)
+    is_image = np.asarray(batch.input_ids) == config.image_token_id
+    is_image &= np.asarray(batch.attention_mask).astype(bool)
     merge = config.vision.spatial_merge_size**2
-    if "segment_ids" not in batch:
+    if not isinstance(batch, PackedBatch):
         return is_image.sum(axis=1).astype(np.int64) * merge
-    segments = np.asarray(batch["segment_ids"])
+    segments = np.asarray(batch.segment_ids)
     per_row = [
         np.bincount(seg[img], minlength=seg.max() + 1)[1:] for seg, img in zip(segments, is_image)
     ]
     return np.concatenate(per_row).astype(np.int64) * merge
 
 
-def padding_counts(batch: Mapping[str, Any], config: ModelConfig | None = None) -> dict[str, int]:
+def padding_counts(batch: Any, config: ModelConfig | None = None) -> dict[str, int]:
     """The raw counts behind ``padding_report``, summed over every model batch in ``batch``.
 
-    ``batch`` is a model batch (``input_ids``, ``attention_mask``, optional patches), a
-    late-fusion batch (``text`` and ``image`` parts), or a train batch whose values include
-    such batches (``query``, ``candidate``, ``hard_negative``).
+    ``batch`` is a model batch (early, packed or vision-packed), a late-fusion batch (its
+    ``text`` and ``image`` parts), or a train batch (its sides).
     """
-    if "input_ids" in batch:
+    batch = as_batch(batch)
+    if isinstance(batch, (EarlyBatch, VisionPackedBatch)):
         return _model_batch_counts(batch, config)
-    parts = [batch["text"], batch["image"]] if "has_text" in batch else list(batch.values())
+    parts = [batch.text, batch.image] if isinstance(batch, LateFusionBatch) else batch.sides()
     totals = dict.fromkeys(_COUNTS, 0)
-    found = False
     for part in parts:
-        if isinstance(part, Mapping) and ("input_ids" in part or "has_text" in part):
-            found = True
-            for name, value in padding_counts(part, config).items():
-                totals[name] += value
-    if not found:
-        raise ValueError(
-            f"no model batch found: expected input_ids/attention_mask, or parts holding them; "
-            f"got keys {sorted(batch)}"
-        )
+        for name, value in padding_counts(part, config).items():
+            totals[name] += value
     return totals
 
 
@@ -141,9 +142,7 @@ def _fraction(waste: float, total: float) -> float:
     return float(waste / total) if total else 0.0
 
 
-def padding_report(
-    model_batch: Mapping[str, Any], config: ModelConfig | None = None
-) -> dict[str, float]:
+def padding_report(model_batch: Any, config: ModelConfig | None = None) -> dict[str, float]:
     """Padding fractions of a batch (see the module docstring for each key).
 
     Args:

@@ -18,7 +18,6 @@ and ``tokens_seen`` (the real tokens of the parts a late-fusion item has, for to
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jfe_jax.models import flops
+from jfe_jax.models.batches import LateFusionBatch, PackedBatch, text_rows
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.packing import vision_groups
 
@@ -41,7 +41,7 @@ COUNTS = (
 )
 
 
-def batch_counts(config: ModelConfig, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+def batch_counts(config: ModelConfig, batch: Any) -> dict[str, jax.Array]:
     """The ``COUNTS`` of one global train batch, as float32 scalars; traceable under jit.
 
     Args:
@@ -51,8 +51,8 @@ def batch_counts(config: ModelConfig, batch: Mapping[str, Any]) -> dict[str, jax
     """
     totals = dict.fromkeys(COUNTS, jnp.zeros((), jnp.float32))
     for side in flops.model_sides(batch):
-        if "has_text" in side:
-            parts = [(side[p], side[f"has_{p}"]) for p in ("text", "image")]
+        if isinstance(side, LateFusionBatch):
+            parts = [(side.text, side.has_text), (side.image, side.has_image)]
         else:
             parts = [(side, None)]
         for part, present in parts:
@@ -63,20 +63,21 @@ def batch_counts(config: ModelConfig, batch: Mapping[str, Any]) -> dict[str, jax
 
 
 def _model_batch_counts(
-    config: ModelConfig, batch: Mapping[str, Any], present: jax.Array | None
+    config: ModelConfig, batch: Any, present: jax.Array | None
 ) -> dict[str, jax.Array]:
     """Counts of one model batch; ``present`` (late fusion) masks the rows whose part is absent
     out of ``tokens_seen`` only, as ``padding_counts`` counts both parts whole."""
-    mask = jnp.asarray(batch["attention_mask"]) > 0
+    rows_batch = text_rows(batch)
+    mask = jnp.asarray(rows_batch.attention_mask) > 0
     rows, length = mask.shape
     real = jnp.sum(mask, axis=1)
     seen = real if present is None else real * (jnp.asarray(present) > 0)
     # An item is a row, or a segment of a packed row; its patches are its image tokens x
     # merge**2, wherever its pixels sit.
-    is_image = mask & (jnp.asarray(batch["input_ids"]) == config.image_token_id)
+    is_image = mask & (jnp.asarray(rows_batch.input_ids) == config.image_token_id)
     merge = config.vision.spatial_merge_size**2
-    if "segment_ids" in batch:
-        segments = jnp.where(mask, jnp.asarray(batch["segment_ids"]), 0)
+    if isinstance(rows_batch, PackedBatch):
+        segments = jnp.where(mask, jnp.asarray(rows_batch.segment_ids), 0)
         item_tokens = _per_segment(segments, mask, length)
         item_patches = merge * _per_segment(segments, is_image, length)
     else:
@@ -85,8 +86,8 @@ def _model_batch_counts(
     vision_table = _table(lambda p: flops.vision_forward_flops(config, 1, p), length * merge)
     # The patch rows the vision tower runs on: the text rows' budgets, or pack_vision's rows.
     patch_rows = [segments for _, segments, _ in vision_groups(batch)]
-    if "pixel_values" in batch and batch["pixel_values"].shape[1]:
-        patch_rows.append(batch["patch_segment_ids"])
+    if rows_batch.has_pixels:
+        patch_rows.append(rows_batch.patch_segment_ids)
     return {
         "tokens": jnp.float32(rows * length),
         "real_tokens": jnp.sum(real).astype(jnp.float32),

@@ -50,6 +50,7 @@ from jfe_jax.data.late_fusion import LateItem
 from jfe_jax.data.mbeir import TASK_MODALITIES, TEST_TASKS
 from jfe_jax.data.pipeline import ContrastiveBatcher, EncodedExample
 from jfe_jax.data.processing import ProcessedItem
+from jfe_jax.models.batches import EarlyBatch
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.flops import batch_required_flops
 from jfe_jax.train import mesh as mesh_lib
@@ -447,9 +448,13 @@ def _required_flops(
     )
     total = 0.0
     for (tokens, patches), count in sizes.items():
-        alone = {"input_ids": jax.ShapeDtypeStruct((1, tokens), jnp.int32)}
-        if patches:
-            alone["pixel_values"] = jax.ShapeDtypeStruct((1, patches, 1), jnp.float32)
+        ids = jax.ShapeDtypeStruct((1, tokens), jnp.int32)
+        alone = EarlyBatch(
+            input_ids=ids,
+            attention_mask=ids,
+            position_ids=jax.ShapeDtypeStruct((1, 3, tokens), jnp.int32),
+            pixel_values=jax.ShapeDtypeStruct((1, patches, 1), jnp.float32) if patches else None,
+        )
         total += count * batch_required_flops(
             model_config,
             alone,

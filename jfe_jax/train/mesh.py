@@ -18,6 +18,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jfe_jax.models.axes import LOGICAL_RULES, MESH_AXES
+from jfe_jax.models.batches import (
+    LateFusionBatch,
+    PackedBatch,
+    TrainBatch,
+    VisionPackedBatch,
+    as_batch,
+)
 from jfe_jax.models.packing import MERGED_PATCHES
 
 # The mesh axes the batch (leading) dimension is split over; their product is the
@@ -188,34 +195,57 @@ def globalize_image_token_index(
     return (row_positions[rows] * row_tokens + within).astype(np.int32)
 
 
-def _globalize_packed_sides(tree: Any, mesh: Mesh, local_shards: int) -> Any:
-    """Every packed side (a dict with ``pool_index``) and vision-packed side (a dict with
-    ``image_token_index``) with global row numbers in it."""
-    if not isinstance(tree, Mapping):
-        return tree
-    tree = {key: _globalize_packed_sides(value, mesh, local_shards) for key, value in tree.items()}
-    if "pool_index" in tree:
-        positions = _global_row_positions(
-            "packed rows", np.shape(tree["input_ids"])[0], mesh, local_shards
+def _globalize_side(side: Any, mesh: Mesh, local_shards: int) -> Any:
+    """One side with global row numbers in it: a packed side's ``pool_index``, a vision-packed
+    side's ``image_token_index`` (and its text rows'), a late-fusion side's parts."""
+    if isinstance(side, LateFusionBatch):
+        return side.replace(
+            text=_globalize_side(side.text, mesh, local_shards),
+            image=_globalize_side(side.image, mesh, local_shards),
         )
-        tree["pool_index"] = globalize_pool_index(tree["pool_index"], positions)
-    if "image_token_index" in tree and jax.process_count() > 1:
-        # One host: its vision rows are the global ones. Several: every host feeds the same
-        # fixed count of masked vision rows (data.pack_vision_row_fraction), laid out in
-        # global order like any batch leaf; the index follows its rows there.
-        if "vision_blocks" in tree:
-            raise ValueError(
-                "a vision-packed side with per-image blocks cannot be fed from several hosts "
-                "(each block group's row count follows the host's images); use "
-                "data.pack_vision_row_fraction without data.pack_vision_blocks"
-            )
-        if "vision_pixel_values" in tree:
-            local_rows, row_patches = np.shape(tree["vision_pixel_values"])[:2]
-            positions = _global_row_positions("vision rows", local_rows, mesh, local_shards)
-            tree["image_token_index"] = globalize_image_token_index(
-                tree["image_token_index"], positions, row_patches // MERGED_PATCHES
-            )
-    return tree
+    if isinstance(side, PackedBatch):
+        positions = _global_row_positions(
+            "packed rows", np.shape(side.input_ids)[0], mesh, local_shards
+        )
+        return side.replace(pool_index=globalize_pool_index(side.pool_index, positions))
+    if not isinstance(side, VisionPackedBatch):
+        return side
+    side = side.replace(rows=_globalize_side(side.rows, mesh, local_shards))
+    if jax.process_count() == 1:  # one host: its vision rows are the global ones
+        return side
+    # Several: every host feeds the same fixed count of masked vision rows
+    # (data.pack_vision_row_fraction), laid out in global order like any batch leaf; the index
+    # follows its rows there.
+    if side.blocks:
+        raise ValueError(
+            "a vision-packed side with per-image blocks cannot be fed from several hosts "
+            "(each block group's row count follows the host's images); use "
+            "data.pack_vision_row_fraction without data.pack_vision_blocks"
+        )
+    if side.masked is None:
+        return side
+    local_rows, row_patches = np.shape(side.masked.pixel_values)[:2]
+    positions = _global_row_positions("vision rows", local_rows, mesh, local_shards)
+    return side.replace(
+        image_token_index=globalize_image_token_index(
+            side.image_token_index, positions, row_patches // MERGED_PATCHES
+        )
+    )
+
+
+def _globalize_packed_sides(batch: Any, mesh: Mesh, local_shards: int) -> Any:
+    """A train batch (or one model batch) with every side's host-local row numbers global;
+    any other tree (plain arrays) as it is. A dict in a train batch's layout is typed first."""
+    if isinstance(batch, Mapping) and isinstance(batch.get("query"), Mapping):
+        batch = as_batch(batch)
+    if isinstance(batch, TrainBatch):
+        return batch.replace(
+            **{
+                name: _globalize_side(side, mesh, local_shards)
+                for name, side in batch.named_sides().items()
+            }
+        )
+    return _globalize_side(batch, mesh, local_shards)
 
 
 def global_batch_from_host(local_batch: Any, mesh: Mesh) -> Any:

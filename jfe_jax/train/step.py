@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from jfe_jax.models.packing import is_vision_packed, without_vision_rows
+from jfe_jax.models.batches import LateFusionBatch, TrainBatch, VisionPackedBatch, as_batch
 from jfe_jax.train.grad_cache import grad_cache_loss_and_grad
 from jfe_jax.train.loss import contrastive_loss
 
@@ -50,14 +50,10 @@ def merge_params(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dic
     return traverse_util.unflatten_dict(flat)
 
 
-def side_rows(side: dict[str, Any]) -> int:
-    """Items of one side's model batch (early fusion, packed, or late fusion's text/image
-    pair): the rows of its embeddings. Vision rows (``pack_vision``) are not items."""
-    if "pool_index" in side:  # packed: several items per row
-        return side["pool_index"].shape[0]
-    if "has_text" in side:
-        return side["has_text"].shape[0]
-    return side["input_ids"].shape[0]
+def side_rows(side: Any) -> int:
+    """Items of one side's model batch (early fusion, packed, vision-packed, or late fusion's
+    text/image pair): the rows of its embeddings. Vision rows (``pack_vision``) are not items."""
+    return as_batch(side).num_items
 
 
 def make_loss_and_grad(
@@ -77,18 +73,16 @@ def make_loss_and_grad(
     with the gradient cache the tower then runs once over them, outside the text chunks.
     """
 
-    def loss_and_grad(state: TrainState, batch: dict[str, Any]):
-        sides = [batch["query"], batch["candidate"]]
-        rows = side_rows(batch["query"])
-        num_hard = 0
-        if "hard_negative" in batch:
-            sides.append(batch["hard_negative"])
-            num_hard = side_rows(batch["hard_negative"]) // rows
+    def loss_and_grad(state: TrainState, batch: TrainBatch):
+        batch = as_batch(batch)
+        sides = batch.sides()
+        rows = batch.query.num_items
+        num_hard = batch.hard_negative.num_items // rows if batch.hard_negative is not None else 0
         ids = {}
         if mask_false_negatives:
-            ids = dict(query_ids=batch["query_key"], cand_ids=batch["candidate_key"])
-            if num_hard and "hard_negative_key" in batch:
-                ids["hard_negative_ids"] = batch["hard_negative_key"]
+            ids = dict(query_ids=batch.query_key, cand_ids=batch.candidate_key)
+            if num_hard and batch.hard_negative_key is not None:
+                ids["hard_negative_ids"] = batch.hard_negative_key
 
         def loss_from_embeddings(trainable, query, candidate, *hard):
             logit_scale = merge_params(trainable, state.frozen)["logit_scale"]
@@ -109,7 +103,7 @@ def make_loss_and_grad(
             return module.apply({"params": params}, model_batch, image_features)[0]
 
         def image_features(trainable, model_batch):
-            if "has_text" in model_batch:  # late fusion: its parts run the tower themselves
+            if isinstance(model_batch, LateFusionBatch):  # its parts run the tower themselves
                 return None
             params = merge_params(trainable, state.frozen)
             return module.apply({"params": params}, model_batch, method="image_features")
@@ -120,8 +114,8 @@ def make_loss_and_grad(
             # Sides whose images sit in vision rows of their own (packing.pack_vision): the
             # chunks split the text rows only; the tower runs once over the whole side's vision
             # rows here and its tokens, gathered per text row, are chunked with the rows.
-            packed = [is_vision_packed(side) for side in sides]
-            row_sides = [without_vision_rows(s) if p else s for s, p in zip(sides, packed)]
+            packed = [isinstance(side, VisionPackedBatch) for side in sides]
+            row_sides = [s.rows if p else s for s, p in zip(sides, packed)]
             features = [
                 image_features(state.trainable, s) if p else None for s, p in zip(sides, packed)
             ]
@@ -164,7 +158,7 @@ def make_train_step(
     """
     loss_and_grad = make_loss_and_grad(module, **loss_options)
 
-    def step(state: TrainState, batch: dict[str, Any]):
+    def step(state: TrainState, batch: TrainBatch):
         (_, metrics), grads = loss_and_grad(state, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)

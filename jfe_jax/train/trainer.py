@@ -20,6 +20,7 @@ import optax
 from etils import epath
 
 from jfe_jax.data.item_format import ItemFormat
+from jfe_jax.models.batches import LateFusionBatch, as_batch, text_rows
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.padding import padding_fractions
 from jfe_jax.paths import absolute, absolute_config_paths
@@ -163,7 +164,7 @@ def _train_locked(config, workdir, setup: TrainSetup, data) -> dict[str, Any]:
                 log.info(
                     "compiled step for %s: arguments %.1f MiB, temporaries %.1f MiB, "
                     "outputs %.1f MiB per device",
-                    {k: _side_shape(v) for k, v in batch.items() if isinstance(v, dict)},
+                    {name: _side_shape(side) for name, side in batch.named_sides().items()},
                     memory.argument_size_in_bytes / 2**20,
                     memory.temp_size_in_bytes / 2**20,
                     memory.output_size_in_bytes / 2**20,
@@ -200,7 +201,7 @@ def _train_locked(config, workdir, setup: TrainSetup, data) -> dict[str, Any]:
     )
     try:
         for step in range(start_step + 1, total_steps + 1):
-            batch = mesh_lib.global_batch_from_host(next(data), mesh)
+            batch = mesh_lib.global_batch_from_host(as_batch(next(data)), mesh)
             state, metrics = compiled_for(batch)(state, batch)
             window = add_to_window(window, metrics, batch)
             last_step = step == total_steps
@@ -314,7 +315,7 @@ def _window_scalars(
     return scalars
 
 
-def _side_shape(side: dict[str, Any]) -> Any:
-    if "has_text" in side:
-        return {part: side[part]["input_ids"].shape for part in ("text", "image")}
-    return side["input_ids"].shape
+def _side_shape(side: Any) -> Any:
+    if isinstance(side, LateFusionBatch):
+        return {"text": _side_shape(side.text), "image": _side_shape(side.image)}
+    return text_rows(side).input_ids.shape
