@@ -7,16 +7,22 @@ step, the very program ``train()`` compiles: ``TrainSetup.lower``) and nothing e
 ``train()`` adds the rest: the device-side log window (metrics and batch counts), the log
 lines and the metrics file at log steps, the save and stop checks, the progress bar.
 
-Order: bare, trainer, bare again (the machine is shared and its speed drifts), each after a
-warm-up over every batch shape. The trainer's time per step comes from its own log windows
+Order: bare, trainer, ..., bare again (``--repeats`` pairs: the machine is shared and its
+speed drifts), each after a warm-up over every batch shape. The trainer's time per step comes
+from its own log windows
 (``examples_per_second`` of each window after the first, which holds the compiles; a window is
-one cycle of the batches, as a bare round is); the bare figure is the faster of its two runs'
-medians. Overhead = trainer / bare - 1.
+one cycle of the batches, as a bare round is). Load from other work on a shared machine only
+adds time, so the table compares the best round of each (the steady state least disturbed);
+the medians are printed beside. Overhead = trainer / bare - 1.
 
 Usage:
   python benchmarks/bench_trainer_overhead.py [--configs demo,small] [--cycles 4] [--batches 20]
-    demo: the demo's stage-2 config (tiny, 32 rows, length buckets 64-128, 64 patches a side)
-    small: the same data and batch with the `small` model (one 128-token bucket)
+      [--repeats 3]
+    demo: the demo's stage-2 config (tiny, 32 rows, length buckets 64-128, 64 patches a side),
+      batches from the data pipeline on a synthetic benchmark
+    small: the same config with the `small` model at 8 rows (a step is seconds on 2 cores);
+      its 8192-token vocabulary does not match the synthetic tokenizer, so its batches are the
+      tests' ToyPairs (8 rows of 64 tokens, every other candidate with a 16-patch image)
 """
 
 from __future__ import annotations
@@ -33,8 +39,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from train_fixtures import ToyPairs  # noqa: E402
+
 from jfe_jax.data.synthetic import SyntheticConfig, generate  # noqa: E402
 from jfe_jax.models.batches import as_batch  # noqa: E402
+from jfe_jax.models.sizes import get_size  # noqa: E402
 from jfe_jax.train import mesh as mesh_lib  # noqa: E402
 from jfe_jax.train.config_base import demo_stage2_config  # noqa: E402
 from jfe_jax.train.data import make_train_data  # noqa: E402
@@ -42,14 +52,17 @@ from jfe_jax.train.setup import build  # noqa: E402
 from jfe_jax.train.topology import time_matmul  # noqa: E402
 from jfe_jax.train.trainer import train  # noqa: E402
 
+SMALL_BATCH = 8
+
 
 def make_config(name: str, root: str):
     c = demo_stage2_config()
     c.data.root = root
-    c.model.init_from = ""
+    # Random weights: stage 1 is the stage that may start from them (the timing is the same).
+    c.stage, c.model.init_from = "stage1", ""
     if name == "small":
         c.model.size = "small"
-        c.data.length_buckets = (128,)
+        c.data.global_batch_size = SMALL_BATCH
     elif name != "demo":
         raise SystemExit(f"unknown config {name!r}; expected demo or small")
     return c
@@ -76,8 +89,8 @@ class Cycle:
         self.position = int(state["position"])
 
 
-def bare_seconds_per_step(config, batches, cycles: int) -> float:
-    """Median over ``cycles`` rounds of the batches of the bare loop's time per step."""
+def bare_seconds_per_step(config, batches, cycles: int) -> list[float]:
+    """The bare loop's time per step in each of ``cycles`` rounds over the batches."""
     setup = build(config)
     state, _ = setup.initial_state()
     keys = [str(jax.tree_util.tree_map(lambda x: x.shape, b)) for b in batches]
@@ -98,7 +111,7 @@ def bare_seconds_per_step(config, batches, cycles: int) -> float:
             )
         jax.block_until_ready((state, metrics))
         rounds.append((time.perf_counter() - start) / len(batches))
-    return statistics.median(rounds)
+    return rounds
 
 
 def trainer_seconds_per_step(config, batches, cycles: int, workdir: str) -> list[float]:
@@ -119,6 +132,9 @@ def main() -> None:
     parser.add_argument("--configs", default="demo,small")
     parser.add_argument("--batches", type=int, default=20, help="batches collected and cycled")
     parser.add_argument("--cycles", type=int, default=4, help="timed rounds over the batches")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="bare and trainer runs, alternated (then bare)"
+    )
     parser.add_argument("--json", default="", help="write the rows here too")
     args = parser.parse_args()
     gflops = time_matmul(jax.devices()[0]) / 1e9
@@ -129,41 +145,54 @@ def main() -> None:
         generate(root, SyntheticConfig(train_queries_per_task=40), progress=False)
         for name in args.configs.split(","):
             config = make_config(name, root)
-            data = make_train_data(
-                config, os.path.join(tmp, f"{name}_data"), build(config).model_config
-            )
+            if name == "demo":
+                data = make_train_data(
+                    config, os.path.join(tmp, f"{name}_data"), build(config).model_config
+                )
+            if name == "small":
+                data = ToyPairs(get_size("small"), batch_size=SMALL_BATCH, length=64)
             batches = [as_batch(next(data)) for _ in range(args.batches)]
-            first = bare_seconds_per_step(config, batches, args.cycles)
-            windows = trainer_seconds_per_step(
-                config, batches, args.cycles, os.path.join(tmp, f"{name}_train")
-            )
-            second = bare_seconds_per_step(config, batches, args.cycles)
-            bare, trained = min(first, second), statistics.median(windows)
+            bare, windows = [], []
+            for repeat in range(args.repeats):
+                bare += bare_seconds_per_step(config, batches, args.cycles)
+                windows += trainer_seconds_per_step(
+                    config, batches, args.cycles, os.path.join(tmp, f"{name}_train{repeat}")
+                )
+            bare += bare_seconds_per_step(config, batches, args.cycles)
             rows.append(
                 dict(
                     config=name,
                     model=config.model.size,
                     batch=config.data.global_batch_size,
-                    bare_ms=1e3 * bare,
-                    bare_runs_ms=[1e3 * first, 1e3 * second],
-                    trainer_ms=1e3 * trained,
+                    bare_ms=1e3 * min(bare),
+                    bare_median_ms=1e3 * statistics.median(bare),
+                    bare_rounds_ms=[1e3 * b for b in bare],
+                    trainer_ms=1e3 * min(windows),
+                    trainer_median_ms=1e3 * statistics.median(windows),
                     trainer_windows_ms=[1e3 * w for w in windows],
-                    overhead=trained / bare - 1,
+                    overhead=min(windows) / min(bare) - 1,
+                    overhead_median=statistics.median(windows) / statistics.median(bare) - 1,
                 )
             )
             print(
-                f"{name}: bare {1e3 * first:.1f} / {1e3 * second:.1f} ms, trainer windows "
+                f"{name}: bare rounds "
+                + ", ".join(f"{1e3 * b:.1f}" for b in bare)
+                + " ms; trainer windows "
                 + ", ".join(f"{1e3 * w:.1f}" for w in windows)
                 + " ms",
                 flush=True,
             )
     print()
-    print("| config | model | batch | bare step ms | train() step ms | overhead |")
+    print(
+        "| config | model | batch | bare step ms (best / median) | train() step ms "
+        "(best / median) | overhead (best / median) |"
+    )
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['config']} | {r['model']} | {r['batch']} | {r['bare_ms']:.1f} | "
-            f"{r['trainer_ms']:.1f} | {100 * r['overhead']:+.1f}% |"
+            f"| {r['config']} | {r['model']} | {r['batch']} | {r['bare_ms']:.1f} / "
+            f"{r['bare_median_ms']:.1f} | {r['trainer_ms']:.1f} / {r['trainer_median_ms']:.1f} | "
+            f"{100 * r['overhead']:+.1f}% / {100 * r['overhead_median']:+.1f}% |"
         )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
