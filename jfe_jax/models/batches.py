@@ -49,10 +49,6 @@ class _Fields(Mapping):
     def __len__(self) -> int:
         return len(self._names())
 
-    def __repr__(self) -> str:
-        shapes = {k: getattr(v, "shape", v) for k, v in self.items()}
-        return f"{type(self).__name__}({shapes})"
-
 
 @struct.dataclass
 class EarlyBatch(_Fields):
@@ -186,12 +182,13 @@ class TrainBatch(_Fields):
     hard_negative_count: Array = None
     skipped_records: Array = None
 
-    def sides(self) -> list[ModelBatch]:
-        """The model batches: query, candidate and (if any) the hard negatives."""
-        return [s for s in (self.query, self.candidate, self.hard_negative) if s is not None]
-
     def named_sides(self) -> dict[str, ModelBatch]:
+        """The model batches by name: query, candidate and (if any) hard_negative."""
         return {name: getattr(self, name) for name in SIDES if getattr(self, name) is not None}
+
+    def sides(self) -> list[ModelBatch]:
+        """The model batches in that order."""
+        return list(self.named_sides().values())
 
 
 def text_rows(batch: ModelBatch) -> EarlyBatch | PackedBatch:

@@ -37,7 +37,6 @@ from jfe_jax.models.batches import (
     VisionGroup,
     VisionPackedBatch,
     as_batch,
-    text_rows,
 )
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.inputs import image_runs, prepare_batch
@@ -431,14 +430,3 @@ def vision_groups(batch: Any) -> list[tuple[Any, Any, Any]]:
     if not isinstance(batch, VisionPackedBatch):
         return []
     return [group.arrays() for group in batch.groups()]
-
-
-def is_vision_packed(batch: Any) -> bool:
-    """Whether a model batch carries its images in vision rows (``pack_vision``)."""
-    return isinstance(batch, VisionPackedBatch)
-
-
-def without_vision_rows(batch: Any) -> EarlyBatch:
-    """The per-text-row part of a ``pack_vision`` batch (its text rows), i.e. what a caller
-    that brings the image tokens itself still needs; any other batch as it is."""
-    return text_rows(batch)
