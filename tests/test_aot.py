@@ -316,11 +316,15 @@ def test_aot_with_the_mbeir_mix_reports_its_items_and_a_lower_required_mfu(tmp_p
     argv = ["--config", STAGE2_DEMO, "--config.data.global_batch_size=16", "--batch-mix", "mbeir"]
     argv += ["--programs", "train", "--topology", "v5e-8", "--json", str(out)]
     assert aot_main(argv) == 0
-    assert "batch (mbeir mix), items: query " in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "batch (mbeir mix), items: query " in printed
+    assert "restore peak per chip, GiB (bound)" in printed
     train = json.loads(out.read_text())["programs"]["train"]
     assert train["batch_mix"] == "mbeir"
     assert sum(train["batch_items"]["candidate"].values()) == 16
     assert train["mfu_required"] < train["mfu"]
+    assert 0 < train["mfu_required_cycles"] < train["mfu_cycles"]
+    assert 0 < train["restore_bytes"] < train["hbm_bytes"]
 
 
 def test_the_mbeir_mix_of_a_pairs_config_exits_2(capsys):
@@ -379,3 +383,56 @@ def test_aot_lowers_the_same_step_the_trainer_compiles(tmp_path, monkeypatch):
     aot_lowered, aot_batch = lower_train_step(setup_lib.build(config), shape)
     assert jax.tree.map(lambda s: (s.shape, s.dtype), aot_batch.batch) == batch_shapes
     assert aot_lowered.as_text() == trainer_lowered.as_text()
+
+
+# ============================================================================ estimates
+
+
+def test_cost_model_time_is_never_below_the_compute_floor():
+    from jfe_jax.train.aot import cost_model_time
+
+    assert cost_model_time(0.02, 50.0, 0.5) == (1.0, "")  # one pass x loop factor
+    seconds, note = cost_model_time(0.07, 6.5, 0.526)  # 0.455 s: under what peak allows
+    assert seconds == 0.526 and "below the compute floor" in note
+    seconds, note = cost_model_time(-0.3, 6.5, 0.526)  # unknown-cost ops miscounted
+    assert seconds == 0.526 and "no usable optimal_seconds" in note
+
+
+def test_restore_bound_is_the_largest_devices_state_shards_plus_the_largest_leaf():
+    from jfe_jax.train.aot import restore_peak_bytes
+
+    config = parse_config("test", ["--config", STAGE2_DEMO, "--config.mesh.fsdp=8"])
+    with config.unlocked():
+        config.mesh.data = 1
+    setup = setup_lib.build(config, mesh=make_mesh(dict(config.mesh)))
+    # Counted independently: place zeros in the state's shardings and sum the shards each
+    # device holds.
+    held, largest = {}, 0
+    for shape, sharding in zip(
+        jax.tree_util.tree_leaves(setup.state_shapes),
+        jax.tree_util.tree_leaves(setup.state_shardings),
+    ):
+        array = jax.device_put(np.zeros(shape.shape, shape.dtype), sharding)
+        largest = max(largest, array.nbytes)
+        for shard in array.addressable_shards:
+            held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+    assert len(held) == 8
+    assert restore_peak_bytes(setup) == max(held.values()) + largest
+    # fsdp=8 splits the big leaves: the bound is well under a whole state per device.
+    assert max(held.values()) < 0.5 * sum(
+        np.dtype(s.dtype).itemsize * np.prod(s.shape)
+        for s in jax.tree_util.tree_leaves(setup.state_shapes)
+    )
+
+
+def test_the_mbeir_mixs_items_and_required_flops_do_not_depend_on_packing():
+    _, _, plain = _demo_batch("mbeir")
+    _, _, packed = _demo_batch(
+        "mbeir",
+        "--config.data.pack=True",
+        "--config.data.pack_length=512",
+        "--config.data.pack_items_per_row=2",  # a row's share (256) is not the items' L (128)
+    )
+    assert "pool_index" in packed.batch["query"]
+    assert packed.modalities == plain.modalities
+    assert packed.required_flops == plain.required_flops

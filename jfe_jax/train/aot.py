@@ -32,7 +32,8 @@ counts every op the TPU cost model does not know (some custom calls) as -1 s. So
 * compiled FLOPs: loop-aware dot/convolution FLOPs of the compiled HLO (``hlo_cost``);
 * cost-model time (the headline): ``optimal_seconds`` plus 1 s per op of unknown cost (the
   custom calls in ``hlo_cost.UNKNOWN_COST_TARGETS``), times the loop factor: the compiler's
-  per-op ``estimated_cycles`` summed with trip counts over the same sum with loops once;
+  per-op ``estimated_cycles`` summed with trip counts over the same sum with loops once,
+  and never below the compute floor (``cost_model_time``);
 * per-op cycles time: the compiler's ``estimated_cycles`` with trip counts / the chip clock,
   a less optimistic figure than ``optimal_seconds`` (which is a roofline);
 * compute floor: compiled FLOPs / peak; ICI floor: loop-aware collective bytes / the chip's
@@ -44,7 +45,9 @@ the gradient-cache re-forward and frozen-weight savings excluded) / (chips x pea
 convention credits padding and gradients a step with frozen parts never computes, so the train
 program also reports the required FLOPs (``flops.batch_required_flops`` of each item alone at
 its real tokens and patches: a frozen vision tower 1x forward, a decoder with frozen base
-weights 2x, adapters 3x) and the MFU at them, the stricter figure.
+weights 2x, adapters 3x) and the MFU at them (at the cost-model and the per-op cycles times),
+the stricter figure. It also bounds the per-chip memory of restoring a checkpoint into the
+train state's shardings (``restore_peak_bytes``); a bound above HBM counts as not fitting.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -148,11 +152,51 @@ class ProgramEstimate:
     mfu: float = math.nan  # at cost_model_seconds
     mfu_cycles: float = math.nan  # at cycles_seconds
     mfu_required: float = math.nan  # required_flops at cost_model_seconds
+    mfu_required_cycles: float = math.nan  # required_flops at cycles_seconds
+    restore_bytes: float = math.nan  # train: per-chip bound while a checkpoint restores
     batch_mix: str = ""  # train: --batch-mix
     batch_items: dict = dataclasses.field(default_factory=dict)  # train: side -> modality: items
     loops: list = dataclasses.field(default_factory=list)  # [while name, trip count]
     top_ops: list = dataclasses.field(default_factory=list)  # [label, seconds, matmul FLOPs]
     notes: list = dataclasses.field(default_factory=list)
+
+
+def cost_model_time(optimal: float, loop_factor: float, compute_floor: float) -> tuple[float, str]:
+    """``(seconds, note)``: the cost model's step time, ``optimal`` (one pass of the loop
+    bodies, unknown-cost ops already corrected) times ``loop_factor``, never below
+    ``compute_floor`` (the compiled matmuls at peak, which no step can beat: the loop
+    correction, a factor from the per-op cycles, can land under it when a program has few
+    loops); the note says when the floor was taken instead."""
+    seconds = optimal * loop_factor
+    if not math.isfinite(seconds) or seconds <= 0:
+        return compute_floor, "no usable optimal_seconds: cost-model time is the compute floor"
+    if seconds < compute_floor:
+        return compute_floor, (
+            f"cost-model time {seconds:.3g} s is below the compute floor: taken as the "
+            "compute floor"
+        )
+    return seconds, ""
+
+
+def restore_peak_bytes(setup: TrainSetup) -> float:
+    """Per-chip bytes a restore can hold at most: the whole train state's shards (a resume;
+    ``model.init_from`` reads the params only, less) plus the largest leaf whole. Checkpoints
+    and Hugging Face weights are restored straight into the state's shardings, one tensor or
+    one device slice at a time (``jfe_jax.train.checkpoint``, ``jfe_jax.models.hf_io``):
+    ``tests/test_restore_shards.py`` measures that bound on fsdp=8."""
+    per_device: dict[Any, float] = {}
+    largest = 0.0
+    for shape, sharding in zip(
+        jax.tree_util.tree_leaves(setup.state_shapes),
+        jax.tree_util.tree_leaves(setup.state_shardings),
+        strict=True,
+    ):
+        itemsize = np.dtype(shape.dtype).itemsize
+        largest = max(largest, float(math.prod(shape.shape) * itemsize))
+        shard = float(math.prod(sharding.shard_shape(shape.shape)) * itemsize)
+        for device in sharding.devices_indices_map(shape.shape):
+            per_device[device] = per_device.get(device, 0.0) + shard
+    return max(per_device.values(), default=0.0) + largest
 
 
 def _is_out_of_memory(error: Exception) -> bool:
@@ -219,17 +263,20 @@ def analyse(
                 f"unknown cost: taken as {est.unknown_cost_ops} ops of -1 s"
             )
         optimal += est.unknown_cost_ops
-    est.cost_model_seconds = optimal * est.loop_factor
     est.cycles_seconds = hlo.estimated_cycles / gen.clock_hz
     est.compute_floor_seconds = hlo.matmul_flops / gen.peak_flops
     est.ici_floor_seconds = hlo.collective_bytes / (gen.ici_gbps * 1e9 / 8)
-    if not math.isfinite(est.cost_model_seconds) or est.cost_model_seconds <= 0:
-        est.notes.append("no usable optimal_seconds: cost-model time is the compute floor")
-        est.cost_model_seconds = est.compute_floor_seconds
+    est.cost_model_seconds, note = cost_model_time(
+        optimal, est.loop_factor, est.compute_floor_seconds
+    )
+    if note:
+        est.notes.append(note)
     peak = topology.chips * gen.peak_flops
     est.mfu = model_flops / (peak * est.cost_model_seconds)
     est.mfu_cycles = model_flops / (peak * est.cycles_seconds) if est.cycles_seconds else math.nan
     est.mfu_required = required_flops / (peak * est.cost_model_seconds)
+    if est.cycles_seconds:
+        est.mfu_required_cycles = required_flops / (peak * est.cycles_seconds)
     if hlo.unknown_trip_loops:
         est.notes.append(f"loops counted once (trip count unread): {hlo.unknown_trip_loops}")
     if est.ici_floor_seconds > est.cost_model_seconds:
@@ -273,6 +320,10 @@ def estimate(
         flops = train_step_flops(model_config, batch.batch)
         results.append(analyse("train", lowered, topology, flops, batch.required_flops))
         results[-1].batch_mix, results[-1].batch_items = batch_mix, batch.modalities
+        results[-1].restore_bytes = restore_peak_bytes(setup)
+        if results[-1].restore_bytes > topology.hbm_bytes_per_chip:
+            results[-1].fits = False
+            results[-1].notes.append("the checkpoint restore's bound is above HBM")
         chunk, parallel = config.train.grad_cache_chunk, mesh_lib.data_parallel_size(mesh)
         if chunk and chunk % parallel:
             results[-1].notes.append(
@@ -339,7 +390,15 @@ def format_report(results: Sequence[ProgramEstimate], topology: TpuTopology) -> 
             ("MFU at cost-model time", f"{r.mfu:.1%}"),
             ("MFU at per-op cycles time", f"{r.mfu_cycles:.1%}"),
             ("MFU of required FLOPs at cost-model time", f"{r.mfu_required:.1%}"),
+            ("  at per-op cycles time", f"{r.mfu_required_cycles:.1%}"),
         ]
+        if math.isfinite(r.restore_bytes):
+            rows.append(
+                (
+                    "restore peak per chip, GiB (bound)",
+                    f"{_gib(r.restore_bytes)} / {topology.spec.hbm_gib:g}",
+                )
+            )
         width = max(len(name) for name, _ in rows)
         if r.batch_items:
             items = "; ".join(

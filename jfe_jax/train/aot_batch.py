@@ -24,7 +24,9 @@ What the examples hold (``--batch-mix``):
   one of the 16 training tasks in proportion to its training queries (``MBEIR_TRAIN_QUERIES``),
   so queries and candidates are text-only, image-only or image+text as the tasks make them,
   images at ``data.image_max_pixels`` (Qwen2-VL's resize of a square image) and text filling
-  the row (or its share of a packed row). Hard negatives take the task's candidate modality.
+  the item up to the batch shape's length L, packed or not (the items are the data's, the
+  same under every layout, and so are the required FLOPs). Hard negatives take the task's
+  candidate modality.
 
 The required FLOPs (``models.flops.batch_required_flops``) count each item's real tokens and
 real patches alone, as if nothing were padded: the MFU at them is the share of the chips'
@@ -180,7 +182,13 @@ def train_batch(
     batcher = _batcher(config, model_config, shape, kind, num_hard, local_shards)
     layout = _ItemLayout(
         model_config,
-        item_length=batcher.pack_length // d.pack_items_per_row if d.pack else shape.length,
+        # The mix's items are what the data holds, the same whatever the layout (so packing's
+        # gain shows against the same required FLOPs); uniform items fill a packed row's share.
+        item_length=(
+            batcher.pack_length // d.pack_items_per_row
+            if d.pack and mix != "mbeir"
+            else shape.length
+        ),
         late=config.model.fusion == "late",
         grid=_max_pixel_grid(config, model_config) if mix == "mbeir" else None,
     )
