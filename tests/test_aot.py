@@ -398,7 +398,7 @@ def test_cost_model_time_is_never_below_the_compute_floor():
     assert seconds == 0.526 and "no usable optimal_seconds" in note
 
 
-def test_restore_bound_is_the_largest_devices_state_shards_plus_the_largest_leaf():
+def test_restore_bound_is_the_largest_devices_state_shards_plus_the_largest_shard():
     from jfe_jax.train.aot import restore_peak_bytes
 
     config = parse_config("test", ["--config", STAGE2_DEMO, "--config.mesh.fsdp=8"])
@@ -413,9 +413,9 @@ def test_restore_bound_is_the_largest_devices_state_shards_plus_the_largest_leaf
         jax.tree_util.tree_leaves(setup.state_shardings),
     ):
         array = jax.device_put(np.zeros(shape.shape, shape.dtype), sharding)
-        largest = max(largest, array.nbytes)
         for shard in array.addressable_shards:
             held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+            largest = max(largest, shard.data.nbytes)
     assert len(held) == 8
     assert restore_peak_bytes(setup) == max(held.values()) + largest
     # fsdp=8 splits the big leaves: the bound is well under a whole state per device.
