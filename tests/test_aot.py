@@ -325,6 +325,10 @@ def test_aot_with_the_mbeir_mix_reports_its_items_and_a_lower_required_mfu(tmp_p
     assert train["mfu_required"] < train["mfu"]
     assert 0 < train["mfu_required_cycles"] < train["mfu_cycles"]
     assert 0 < train["restore_bytes"] < train["hbm_bytes"]
+    # The per-op cycles by pass and tower add up to the per-op cycles time.
+    passes = {label: seconds for label, seconds, _ in train["passes"]}
+    assert sum(passes.values()) == pytest.approx(train["cycles_seconds"], rel=1e-6)
+    assert "backward: text" in passes and any(k.endswith(": vision") for k in passes), passes
 
 
 def test_the_mbeir_mix_of_a_pairs_config_exits_2(capsys):

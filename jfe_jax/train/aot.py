@@ -78,7 +78,7 @@ from jfe_jax.train.aot_batch import (
     batch_shape_for,
     train_batch,
 )
-from jfe_jax.train.hlo_cost import hlo_costs, time_by_op
+from jfe_jax.train.hlo_cost import hlo_costs, time_by_op, time_by_pass
 from jfe_jax.train.setup import TrainSetup, build
 from jfe_jax.train.step import merge_params
 from jfe_jax.train.topology import GIB, TpuTopology, parse_topology, require_libtpu
@@ -158,6 +158,7 @@ class ProgramEstimate:
     batch_items: dict = dataclasses.field(default_factory=dict)  # train: side -> modality: items
     loops: list = dataclasses.field(default_factory=list)  # [while name, trip count]
     top_ops: list = dataclasses.field(default_factory=list)  # [label, seconds, matmul FLOPs]
+    passes: list = dataclasses.field(default_factory=list)  # the same by pass and top module
     notes: list = dataclasses.field(default_factory=list)
 
 
@@ -244,6 +245,9 @@ def analyse(
     hlo = hlo_costs(text)
     est.top_ops = [
         [label, cycles / gen.clock_hz, flops] for label, cycles, flops in time_by_op(text, 12)
+    ]
+    est.passes = [
+        [label, cycles / gen.clock_hz, flops] for label, cycles, flops in time_by_pass(text)
     ]
     est.compiled_flops = hlo.matmul_flops
     est.xla_flops = float(cost.get("flops", math.nan))
@@ -409,6 +413,12 @@ def format_report(results: Sequence[ProgramEstimate], topology: TpuTopology) -> 
             )
             lines.append(f"  batch ({r.batch_mix} mix), items: {items}")
         lines += [f"  {name:<{width}}  {value}" for name, value in rows]
+        if r.passes:
+            lines.append("  per-op cycle estimates by pass and tower (s, share, MXU use):")
+            for label, seconds, flops in r.passes:
+                share = seconds / r.cycles_seconds if r.cycles_seconds else math.nan
+                mxu = flops / topology.spec.peak_flops / seconds if seconds else 0.0
+                lines.append(f"    {seconds:9.3g} {share:6.1%} {mxu:5.0%}  {label}")
         if r.top_ops:
             lines.append("  largest per-op cycle estimates (s, share, MXU use of their FLOPs):")
             for label, seconds, flops in r.top_ops:

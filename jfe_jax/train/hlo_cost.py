@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import math
 import re
+import sys
 
 _DTYPE_BITS = {
     "pred": 8,
@@ -424,3 +425,17 @@ def time_by_op(text: str, top: int = 20) -> list[tuple[str, float, float]]:
     visit(entry, 1.0)
     ranked = sorted(totals.items(), key=lambda item: -item[1][0])
     return [(label, cycles, flops) for label, (cycles, flops) in ranked[:top]]
+
+
+def time_by_pass(text: str) -> list[tuple[str, float, float]]:
+    """``time_by_op`` summed by pass and top module (``"backward: text"``, ``"forward:
+    vision"``): ``(label, estimated cycles, matmul FLOPs)`` per device, largest first."""
+    totals: dict[str, list[float]] = {}
+    for label, cycles, flops in time_by_op(text, top=sys.maxsize):
+        step, _, path = label.partition(": ")
+        key = f"{step}: {path.split('/', 1)[0] or 'other'}"
+        entry = totals.setdefault(key, [0.0, 0.0])
+        entry[0] += cycles
+        entry[1] += flops
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])
+    return [(label, cycles, flops) for label, (cycles, flops) in ranked]
