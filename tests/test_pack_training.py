@@ -195,7 +195,11 @@ def test_batcher_rejects_pack_with_late_fusion_or_short_rows(tokenizer):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ({"train.grad_cache_chunk": 8}, "data.pack with train.grad_cache_chunk=8"),
+        (
+            {"train.grad_cache_chunk": 4},
+            "data.pack with train.grad_cache_chunk=4: the chunk must be a multiple of the "
+            "data-parallel size 8",
+        ),
         ({"model.fusion": "late"}, "data.pack packs early-fusion items only"),
         ({"data.pack_items_per_row": 0}, "data.pack_items_per_row must be >= 1"),
         ({"data.pack_length": 64}, "data.pack_length=64 is shorter than data.max_length=128"),

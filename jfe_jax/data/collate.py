@@ -105,6 +105,7 @@ def collate_packed(
     num_rows: int | Sequence[int] | None = None,
     num_items: int | None = None,
     row_multiple: int = 1,
+    chunks: int = 1,
 ) -> PackedBatch:
     """Packs ``items`` several to a row into a packed model batch (see ``pack_items``).
 
@@ -119,6 +120,7 @@ def collate_packed(
       num_rows: rows R, or allowed row counts (the smallest that fits); None: as few as fit,
         rounded up to ``row_multiple`` (the data-parallel size, so rows shard evenly).
       num_items: item slots N (>= len(items)); the extra slots have ``item_mask`` 0.
+      chunks: pack for a gradient cache of this many chunks (``pack_items``).
 
     Returns:
       The packed batch: ``[R, L]`` token arrays with ``segment_ids``, ``position_ids
@@ -139,4 +141,5 @@ def collate_packed(
         num_items=num_items,
         row_multiple=row_multiple,
         pad_token_id=pad_token_id,
+        chunks=chunks,
     )

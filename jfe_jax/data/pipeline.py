@@ -35,7 +35,11 @@ pack_items_per_row)`` rows rounded up to ``pack_row_multiple``, of ``pack_length
 (default the largest length bucket) and ``pack_items_per_row`` times the side's patch budget,
 with ``segment_ids``, ``pool_index [N, 2]`` (host-local rows) and ``item_mask [N]``, N being
 exactly the side's items (B, or B * H), so the model returns one embedding per item in the
-order above. Items that do not fit in those rows raise; nothing is cut.
+order above. Items that do not fit in those rows raise; nothing is cut. With
+``pack_chunk_items`` (the gradient cache's chunk on this host) a side of N items is packed in
+N / pack_chunk_items chunks (``pack_items(chunks=)``: chunk k's items k, k + C, ... in rows k,
+k + C, ...; rows rounded up to ``pack_row_multiple`` times the chunks), so the cache's
+strided chunks hold whole packed rows, split evenly over the shards.
 
 Vision-packed (``pack_vision=True``, early fusion only; with or without ``pack``): a side's
 images leave its text rows' patch budgets for vision rows of their own
@@ -165,6 +169,9 @@ class ContrastiveBatcher:
         fraction of its items (rounded up to ``pack_row_multiple``): one shape for every
         batch, the same on every host (what several hosts need); a batch whose images need
         more rows raises. 0: as many as each batch needs, in ``coarse_row_count`` steps.
+      pack_chunk_items: with pack, > 0 packs each side in chunks of this many of its items
+        (the gradient cache's chunk divided by the hosts): ``len(items) / pack_chunk_items``
+        chunks, each filling its own rows. 0: one packing of the whole side.
     """
 
     def __init__(
@@ -194,6 +201,7 @@ class ContrastiveBatcher:
         pack_vision: bool = False,
         pack_vision_blocks: Sequence[int] = (),
         pack_vision_row_fraction: float = 0.0,
+        pack_chunk_items: int = 0,
     ):
         if fusion not in FUSIONS:
             raise ValueError(f"fusion {fusion!r} is unknown, expected one of {FUSIONS}")
@@ -262,6 +270,9 @@ class ContrastiveBatcher:
         self.pack_vision = pack_vision
         self.pack_vision_blocks = tuple(pack_vision_blocks)
         self.pack_vision_row_fraction = float(pack_vision_row_fraction)
+        if pack_chunk_items < 0:
+            raise ValueError(f"pack_chunk_items must be >= 0, got {pack_chunk_items}")
+        self.pack_chunk_items = pack_chunk_items
         if pack and self.pack_length < self.max_length:
             raise ValueError(
                 f"pack_length={self.pack_length} is shorter than max_length={self.max_length}: "
@@ -460,10 +471,24 @@ class ContrastiveBatcher:
         rows = max(1, math.ceil(self.pack_vision_row_fraction * num_items))
         return -(-rows // self.pack_row_multiple) * self.pack_row_multiple
 
+    def pack_chunks(self, num_items: int) -> int:
+        """Gradient-cache chunks a packed side of ``num_items`` items is packed in."""
+        if not self.pack_chunk_items:
+            return 1
+        if num_items % self.pack_chunk_items:
+            raise ValueError(
+                f"{num_items} items of a side do not split into gradient-cache chunks of "
+                f"{self.pack_chunk_items} (pack_chunk_items)"
+            )
+        return num_items // self.pack_chunk_items
+
     def pack_rows(self, num_items: int) -> int:
         """Rows of a packed side of ``num_items`` items (the same for every batch)."""
         rows = -(-num_items // self.pack_items_per_row)
-        return -(-rows // self.pack_row_multiple) * self.pack_row_multiple
+        # In chunks: every chunk's rows split evenly over the shards too (the cache's strided
+        # chunks then keep every device busy).
+        multiple = self.pack_row_multiple * self.pack_chunks(num_items)
+        return -(-rows // multiple) * multiple
 
     def _collate_packed(
         self, items: list[ProcessedItem], patch_budget: int, side: str
@@ -477,6 +502,7 @@ class ContrastiveBatcher:
                 patch_budget=patch_budget * self.pack_items_per_row,
                 length=self.pack_length,
                 num_rows=num_rows,
+                chunks=self.pack_chunks(len(items)),
             )
         except ValueError as error:
             raise ValueError(

@@ -36,7 +36,11 @@ class _Fields(Mapping):
     """Read access by field name, as the former dict batches: the fields that are not None."""
 
     def _names(self) -> list[str]:
-        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+        return [
+            f.name
+            for f in dataclasses.fields(self)
+            if f.metadata.get("pytree_node", True) and getattr(self, f.name) is not None
+        ]
 
     def __getitem__(self, key: str) -> Any:
         if key not in self._names():
@@ -85,6 +89,9 @@ class PackedBatch(EarlyBatch):
     segment_ids: Array = None
     pool_index: Array = None
     item_mask: Array = None
+    # Packed for a gradient cache of this many chunks (``packing.pack_items(chunks=)``): item
+    # i and its row are both congruent to i's chunk modulo row_chunks. Static (not a leaf).
+    row_chunks: int = struct.field(pytree_node=False, default=1)
 
     @property
     def num_items(self) -> int:

@@ -86,6 +86,7 @@ def pack_items(
     num_items: int | None = None,
     row_multiple: int = 1,
     pad_token_id: int = 0,
+    chunks: int = 1,
 ) -> PackedBatch:
     """Packs N items into R rows of ``length`` tokens and returns the packed model batch.
 
@@ -104,6 +105,11 @@ def pack_items(
       num_items: N, item slots (>= the number of items); default: the number of items.
       row_multiple: see ``num_rows``.
       pad_token_id: id written at padding positions (masked out).
+      chunks: C > 1 packs for gradient caching (``jfe_jax.train.grad_cache``), whose chunk k
+        takes items k, k + C, ... and rows k, k + C, ...: item slot i is packed among the
+        slots of its chunk (i mod C) into that chunk's rows, so every chunk holds its items
+        whole. N and R (an int here) must be multiples of C; the batch records C
+        (``row_chunks``).
 
     Returns:
       ``input_ids``, ``attention_mask``, ``segment_ids`` ``[R, L]`` int32, ``position_ids``
@@ -137,6 +143,13 @@ def pack_items(
         raise ValueError(f"{count} items do not fit in {num_items} item slots (num_items)")
     if row_multiple < 1:
         raise ValueError(f"row_multiple must be >= 1, got {row_multiple}")
+    if chunks < 1:
+        raise ValueError(f"chunks must be >= 1, got {chunks}")
+    if chunks > 1 and (num_items % chunks or not isinstance(num_rows, int) or num_rows % chunks):
+        raise ValueError(
+            f"packing in {chunks} chunks needs item slots (num_items={num_items}) and a fixed "
+            f"row count (num_rows={num_rows}) that are multiples of {chunks}"
+        )
 
     alone = [
         _item_batch(config, i, ids, pix, grid)
@@ -153,36 +166,26 @@ def pack_items(
                 f"{num_patches} (num_patches)"
             )
 
-    # First-fit decreasing by length (then patches): each item goes to the first row it fits.
-    max_rows = num_rows if isinstance(num_rows, int) else None
-    rows: list[list[int]] = []
-    used_tokens: list[int] = []
-    used_patches: list[int] = []
-    for i in sorted(range(count), key=lambda i: (-sizes[i], -patches[i], i)):
-        row = next(
-            (
-                r
-                for r in range(len(rows))
-                if used_tokens[r] + sizes[i] <= length
-                and used_patches[r] + patches[i] <= num_patches
-            ),
-            None,
+    if chunks == 1:
+        rows = _fit_rows(
+            range(count), sizes, patches, length, num_patches, num_rows, "the {count} items"
         )
-        if row is None:
-            if max_rows is not None and len(rows) == max_rows:
-                raise ValueError(
-                    f"item {i} ({sizes[i]} tokens, {patches[i]} patches) does not fit: the "
-                    f"{count} items ({sum(sizes)} tokens, {sum(patches)} patches) need more than "
-                    f"{max_rows} rows of {length} tokens and {num_patches} patches (num_rows)"
-                )
-            rows.append([])
-            used_tokens.append(0)
-            used_patches.append(0)
-            row = len(rows) - 1
-        rows[row].append(i)
-        used_tokens[row] += sizes[i]
-        used_patches[row] += patches[i]
-    total_rows = _pick_rows(len(rows), num_rows, row_multiple)
+        total_rows = _pick_rows(len(rows), num_rows, row_multiple)
+    else:  # chunk k's rows are k, k + C, ...: local row j is row j * C + k
+        total_rows = num_rows
+        rows = [[] for _ in range(total_rows)]
+        for k in range(chunks):
+            local = _fit_rows(
+                range(k, count, chunks),
+                sizes,
+                patches,
+                length,
+                num_patches,
+                total_rows // chunks,
+                f"chunk {k} of {chunks}: its {{count}} items",
+            )
+            for j, members in enumerate(local):
+                rows[j * chunks + k] = members
 
     out = {
         "input_ids": np.full((total_rows, length), pad_token_id, np.int32),
@@ -217,7 +220,54 @@ def pack_items(
                 images += int(item_segments.max())
             cursor += n
             patch_cursor += p
-    return PackedBatch(**out)
+    return PackedBatch(**out, row_chunks=chunks)
+
+
+def _fit_rows(
+    indices: Sequence[int],
+    sizes: Sequence[int],
+    patches: Sequence[int],
+    length: int,
+    num_patches: int,
+    num_rows: int | Sequence[int] | None,
+    what: str,
+) -> list[list[int]]:
+    """First-fit decreasing by length (then patches): each item of ``indices`` goes to the
+    first row it fits; at most ``num_rows`` rows when that is an int. ``what`` names the
+    items in the error (``{count}`` is filled in)."""
+    indices = list(indices)
+    max_rows = num_rows if isinstance(num_rows, int) else None
+    rows: list[list[int]] = []
+    used_tokens: list[int] = []
+    used_patches: list[int] = []
+    for i in sorted(indices, key=lambda i: (-sizes[i], -patches[i], i)):
+        row = next(
+            (
+                r
+                for r in range(len(rows))
+                if used_tokens[r] + sizes[i] <= length
+                and used_patches[r] + patches[i] <= num_patches
+            ),
+            None,
+        )
+        if row is None:
+            if max_rows is not None and len(rows) == max_rows:
+                tokens = sum(sizes[j] for j in indices)
+                total_patches = sum(patches[j] for j in indices)
+                raise ValueError(
+                    f"item {i} ({sizes[i]} tokens, {patches[i]} patches) does not fit: "
+                    f"{what.format(count=len(indices))} ({tokens} tokens, {total_patches} "
+                    f"patches) need more than {max_rows} rows of {length} tokens and "
+                    f"{num_patches} patches (num_rows)"
+                )
+            rows.append([])
+            used_tokens.append(0)
+            used_patches.append(0)
+            row = len(rows) - 1
+        rows[row].append(i)
+        used_tokens[row] += sizes[i]
+        used_patches[row] += patches[i]
+    return rows
 
 
 def items_from_rows(

@@ -62,8 +62,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import ml_collections
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jfe_jax.errors import ArgumentParser

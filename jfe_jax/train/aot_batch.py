@@ -56,6 +56,7 @@ from jfe_jax.models.batches import EarlyBatch
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.flops import batch_required_flops
 from jfe_jax.train import mesh as mesh_lib
+from jfe_jax.train.setup import pack_chunk_items
 
 BATCH_MIXES = ("uniform", "mbeir")
 
@@ -179,7 +180,7 @@ def train_batch(
             f"--batch-mix mbeir lays out M-BEIR's training tasks; data.kind={d.kind!r} trains "
             "on pairs"
         )
-    batcher = _batcher(config, model_config, shape, kind, num_hard, local_shards)
+    batcher = _batcher(config, model_config, shape, kind, num_hard, local_shards, hosts)
     layout = _ItemLayout(
         model_config,
         # The mix's items are what the data holds, the same whatever the layout (so packing's
@@ -283,6 +284,7 @@ def _batcher(
     kind: str,
     num_hard: int,
     local_shards: int,
+    hosts: int,
 ) -> ContrastiveBatcher:
     """A ContrastiveBatcher with the options ``make_train_data`` gives the trainer's, at
     ``shape``, collating pixels one float wide (``_global_shapes`` widens them: a 2b stage-2
@@ -313,6 +315,7 @@ def _batcher(
         pack_vision=d.pack_vision,
         pack_vision_blocks=tuple(d.pack_vision_blocks),
         pack_vision_row_fraction=d.pack_vision_row_fraction,
+        pack_chunk_items=pack_chunk_items(config, hosts),
         num_hard_negatives=num_hard,
         query_patch_budget=shape.query_patches if kind == "mbeir" else 0,
         candidate_patch_budget=shape.candidate_patches if kind != "text_triples" else 0,

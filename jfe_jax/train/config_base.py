@@ -77,8 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
     # it: catches truncated files, costs one decode per image), none.
     c.data.verify_images = "header"
     # Pack several items of a side end to end in each row (segment-masked attention, one
-    # static shape per side). Early fusion only; not with train.grad_cache_chunk (it chunks
-    # every leaf along axis 0, which mixes rows and items of a packed side).
+    # static shape per side). Early fusion only. With train.grad_cache_chunk (a multiple of
+    # the data-parallel size) each side is packed in the cache's chunks, every chunk's items
+    # in rows of their own (packing.pack_items(chunks=)).
     c.data.pack = False
     c.data.pack_items_per_row = 4  # rows per side = ceil(items / this), rounded to the shards
     c.data.pack_length = 0  # tokens per packed row; 0: the largest of length_buckets

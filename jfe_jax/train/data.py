@@ -27,6 +27,7 @@ from jfe_jax.data.tfds_builders import MbeirTrainPairs, PairData, build_dataset,
 from jfe_jax.data.tokenizer import load_tokenizer
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.train import mesh as mesh_lib
+from jfe_jax.train.setup import pack_chunk_items
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,7 @@ def make_train_data(
         pack_vision=d.pack_vision,
         pack_vision_blocks=tuple(d.pack_vision_blocks),
         pack_vision_row_fraction=d.pack_vision_row_fraction,
+        pack_chunk_items=pack_chunk_items(config),
     )
     if d.read_threads < 0 or d.read_buffer_size < 1:
         raise ValueError(

@@ -148,6 +148,7 @@ def grad_cache_loss_and_grad(
     features_fn: FeaturesFn | None = None,
     batch_features: Sequence[Any] | None = None,
     feature_grads: bool = False,
+    sizes: Sequence[int | None] | None = None,
 ) -> tuple[tuple[jax.Array, Any], Any] | tuple[tuple[jax.Array, Any], Any, list[Any]]:
     """``jax.value_and_grad(has_aux=True)`` of a contrastive loss, computed chunk by chunk.
 
@@ -171,6 +172,11 @@ def grad_cache_loss_and_grad(
       feature_grads: also return, per batch, the loss's gradient with respect to its
         ``batch_features`` entry (None where the entry is None); ``grads`` then hold only
         what flows through ``embed_fn``'s use of ``params``, not through the features.
+      sizes: optional, per batch, the embeddings it gives when that is not the leaves'
+        common leading size (a packed batch: R rows, N items), or None for that batch. It
+        is cut into ``size / chunk_size`` chunks, every leaf strided along its own leading
+        axis, which must divide by the chunk count; ``embed_fn`` must give a chunk's
+        embeddings in that chunk's order (``packing.pack_items(chunks=)`` lays rows out so).
 
     Returns:
       ``((loss, aux), grads)`` with ``grads`` shaped like ``params``; with ``feature_grads``,
@@ -185,15 +191,27 @@ def grad_cache_loss_and_grad(
         raise ValueError(
             f"batch_features has {len(batch_features)} entries for {len(batches)} batches"
         )
+    sizes = [None] * len(batches) if sizes is None else list(sizes)
+    if len(sizes) != len(batches):
+        raise ValueError(f"sizes has {len(sizes)} entries for {len(batches)} batches")
     num_chunks = []
-    for index, (batch, features) in enumerate(zip(batches, batch_features)):
-        size = _batch_size((batch, features), f"batch {index} (with its batch_features)")
+    for index, (batch, features, size) in enumerate(zip(batches, batch_features, sizes)):
+        what = f"batch {index} (with its batch_features)"
+        if size is None:
+            size = _batch_size((batch, features), what)
         if size % chunk_size:
             raise ValueError(
                 f"batch {index} has {size} rows, which is not divisible by chunk_size="
                 f"{chunk_size}; use a chunk_size that divides every batch size"
             )
-        num_chunks.append(size // chunk_size)
+        count = size // chunk_size
+        for path, leaf in jax.tree_util.tree_leaves_with_path((batch, features)):
+            if leaf.shape[0] % count:
+                raise ValueError(
+                    f"{what}: leaf {jax.tree_util.keystr(path)} has {leaf.shape[0]} rows, "
+                    f"which do not split into {count} chunks"
+                )
+        num_chunks.append(count)
     if features_fn is None:  # one code path: no features, and an embed_fn that takes none
         features_fn = _no_features
         if all(f is None for f in batch_features):

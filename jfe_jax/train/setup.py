@@ -134,11 +134,15 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
             f"{jax.process_count()} hosts"
         )
     if config.data.pack:
-        if chunk:
+        parallel = mesh_lib.data_parallel_size(mesh)
+        if chunk and chunk % parallel:
+            # Each batch shard packs its share of every chunk: item i and its row stay in
+            # i's chunk (mod the chunk count) only when every shard's items and rows are
+            # whole multiples of the chunks, on every host.
             raise ValueError(
-                f"data.pack with train.grad_cache_chunk={chunk}: gradient caching chunks every "
-                "batch leaf along axis 0, which splits a packed side's rows from its items; "
-                "set train.grad_cache_chunk=0 or data.pack=False"
+                f"data.pack with train.grad_cache_chunk={chunk}: the chunk must be a multiple "
+                f"of the data-parallel size {parallel} (each batch shard packs its share of "
+                "every chunk)"
             )
         if config.model.fusion != "early":
             raise ValueError(
@@ -154,6 +158,15 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
                 f"data.pack_length={pack_length} is shorter than data.max_length="
                 f"{config.data.max_length}: an item of max_length tokens would not fit in a row"
             )
+
+
+def pack_chunk_items(config: ml_collections.ConfigDict, hosts: int | None = None) -> int:
+    """Items per gradient-cache chunk on one of ``hosts`` hosts (default: this runtime's) when
+    the config packs (``ContrastiveBatcher(pack_chunk_items=)``), else 0."""
+    chunk = config.train.grad_cache_chunk
+    if not (config.data.pack and chunk):
+        return 0
+    return chunk // (jax.process_count() if hosts is None else hosts)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

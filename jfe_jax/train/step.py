@@ -16,7 +16,13 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from jfe_jax.models.batches import LateFusionBatch, TrainBatch, VisionPackedBatch, as_batch
+from jfe_jax.models.batches import (
+    LateFusionBatch,
+    PackedBatch,
+    TrainBatch,
+    VisionPackedBatch,
+    as_batch,
+)
 from jfe_jax.train.grad_cache import grad_cache_loss_and_grad
 from jfe_jax.train.loss import contrastive_loss
 
@@ -115,7 +121,9 @@ def make_loss_and_grad(
             # chunks split the text rows only; the tower runs once over the whole side's vision
             # rows here and its tokens, gathered per text row, are chunked with the rows.
             packed = [isinstance(side, VisionPackedBatch) for side in sides]
-            row_sides = [s.rows if p else s for s, p in zip(sides, packed)]
+            row_sides = [
+                _chunk_local(s.rows if p else s, grad_cache_chunk) for s, p in zip(sides, packed)
+            ]
             features = [
                 image_features(state.trainable, s) if p else None for s, p in zip(sides, packed)
             ]
@@ -128,6 +136,7 @@ def make_loss_and_grad(
                 features_fn=image_features if vision_frozen else None,
                 batch_features=features,
                 feature_grads=not vision_frozen and any(packed),
+                sizes=[side.num_items for side in sides],
             )
             for side, cotangent in zip(sides, feature_grads[0] if feature_grads else ()):
                 if cotangent is not None:
@@ -145,6 +154,28 @@ def make_loss_and_grad(
         return jax.value_and_grad(full_loss, has_aux=True)(state.trainable)
 
     return loss_and_grad
+
+
+def _chunk_local(side: Any, chunk_size: int) -> Any:
+    """A side as the gradient cache's chunks see it: a packed side's ``pool_index`` rows made
+    local to their chunk (row g of chunk g mod C is its row g // C), which ``pack_items``
+    (``chunks=C``) guarantees by putting item i and its row in the same class mod C.
+
+    Raises:
+      ValueError: the side was packed for another chunk count (or not for chunks at all).
+    """
+    if not isinstance(side, PackedBatch):
+        return side
+    chunks = side.num_items // chunk_size
+    if side.row_chunks != chunks:
+        raise ValueError(
+            f"a packed side of {side.num_items} items with train.grad_cache_chunk="
+            f"{chunk_size} needs packing in {chunks} chunks (ContrastiveBatcher("
+            f"pack_chunk_items=), packing.pack_items(chunks=)); this one was packed in "
+            f"{side.row_chunks}"
+        )
+    pool_index = jnp.asarray(side.pool_index)
+    return side.replace(pool_index=pool_index.at[:, 0].set(pool_index[:, 0] // chunks))
 
 
 def make_train_step(
