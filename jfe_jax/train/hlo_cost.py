@@ -429,11 +429,13 @@ def time_by_op(text: str, top: int = 20) -> list[tuple[str, float, float]]:
 
 def time_by_pass(text: str) -> list[tuple[str, float, float]]:
     """``time_by_op`` summed by pass and top module (``"backward: text"``, ``"forward:
-    vision"``): ``(label, estimated cycles, matmul FLOPs)`` per device, largest first."""
+    vision"``; ops outside any module path are ``"other"``): ``(label, estimated cycles,
+    matmul FLOPs)`` per device, largest first."""
     totals: dict[str, list[float]] = {}
     for label, cycles, flops in time_by_op(text, top=sys.maxsize):
         step, _, path = label.partition(": ")
-        key = f"{step}: {path.split('/', 1)[0] or 'other'}"
+        module, slash, _ = path.partition("/")  # ops outside any module path: "other"
+        key = f"{step}: {module if slash else 'other'}"
         entry = totals.setdefault(key, [0.0, 0.0])
         entry[0] += cycles
         entry[1] += flops
