@@ -177,8 +177,11 @@ _FSDP = {"2b": 4, "7b": 8}
 # Stage-2 gradient-cache chunk per size: a multiple of the data-parallel size of v5p-64 (32),
 # v5p-128 (64) and v5e-256 (256) keeps every chip busy on every chunk, and fewer chunks
 # gather the FSDP-sharded weights fewer times. 2b at 256 on v5p-64: 15.5 GiB per chip, ICI
-# traffic a quarter of chunk 64's (`jfe aot`); 7b stays at 64 until measured there.
-_STAGE2_GRAD_CACHE_CHUNK = {"2b": 256, "7b": 64}
+# traffic a quarter of chunk 64's (`jfe aot`). 7b at 256: 12.7 of 16 GiB on v5e-256, where
+# chunk 64 repeated every chunk's work on 4x the chips (MFU 13.9% -> 59.3% at the cost
+# model), and 32.1 of 95 GiB on v5p-64 (69.2% against chunk 64's 74.0%; per-op cycles 2%
+# faster) (benchmarks/README.md).
+_STAGE2_GRAD_CACHE_CHUNK = {"2b": 256, "7b": 256}
 
 
 def stage1_config(size: str) -> ml_collections.ConfigDict:
