@@ -4,48 +4,29 @@ whole-batch step's loss and gradients, with and without vision packing, on 8 dev
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_reference import make_inputs
-from train_fixtures import assert_trees_close, contrastive_loss_and_grad_fn, spread_weights
+from train_fixtures import (
+    MIXED_PAIRS,
+    assert_same_step,
+    processed_items,
+    small_bench,
+    spread_weights,
+    step_on_mesh,
+)
 
 from jfe_jax.data.collate import collate, collate_packed
-from jfe_jax.data.processing import ProcessedItem
-from jfe_jax.models.axes import LOGICAL_RULES
 from jfe_jax.models.inputs import dummy_batch
 from jfe_jax.models.one_tower import EncoderOptions
 from jfe_jax.models.packing import pack_items, pack_vision
 from jfe_jax.models.sizes import get_size
-from jfe_jax.train import mesh as mesh_lib
-from jfe_jax.train.optimizer import trainable_mask
-from jfe_jax.train.step import TrainState, split_params
 
 RTOL = 1e-5  # relative to each leaf's max |value|, float32
 PAD = 0
 BUDGET = 32  # image patches per item
 CHUNK = 8  # gradient-cache chunk: 16 items per side -> 2 chunks; a multiple of data x fsdp
 ROWS = 8  # packed rows per side: 4 per chunk, 1 per batch shard and chunk
-
-# Per pair, make_inputs row specs (int: text tokens, (h, w): an image of h x w patches).
-PAIRS = [
-    ([9], [(4, 4)]),
-    ([5, (2, 4), 3], [12]),
-    ([(4, 4)], [4, (4, 8), 3]),
-    ([17], [(2, 2), 5, (2, 4)]),
-    ([3, (6, 4), 2], [(4, 4), 2]),
-    ([12], [6]),
-    ([(2, 2)], [(4, 6)]),
-    ([7, (4, 4), 1], [15]),
-] * 2
-
-
-def _items(config, specs, seed):
-    items = []
-    for i, spec in enumerate(specs):
-        ids, _, pixels, grid = make_inputs(config, [spec], seed=seed + i)
-        items.append(ProcessedItem(ids[0].astype(np.int32), pixels, grid))
-    return items
+PAIRS = MIXED_PAIRS
 
 
 def _batch(sides, **keys):
@@ -63,8 +44,8 @@ def _batch(sides, **keys):
 def items():
     config = get_size("tiny")
     return (
-        _items(config, [q for q, _ in PAIRS], seed=0),
-        _items(config, [c for _, c in PAIRS], seed=100),
+        processed_items(config, [q for q, _ in PAIRS], seed=0),
+        processed_items(config, [c for _, c in PAIRS], seed=100),
     )
 
 
@@ -94,28 +75,11 @@ def model():
 
 def _loss_and_grad(model, batch, *, mode="full", chunk=0):
     module, boxed, params = model
-    mesh = mesh_lib.make_mesh(dict(data=4, fsdp=2, tensor=1))
-    mask = trainable_mask(params, mode, also_trainable=("logit_scale",))
-    trainable, frozen = split_params(params, mask)
-    t_shard, f_shard = split_params(mesh_lib.logical_shardings(boxed, mesh, LOGICAL_RULES), mask)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        trainable=jax.device_put(trainable, t_shard),
-        frozen=jax.device_put(frozen, f_shard),
-        opt_state=None,
-    )
-    fn = contrastive_loss_and_grad_fn(module, chunk)
-    global_batch = mesh_lib.global_batch_from_host(batch, mesh)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-        (loss, _), grads = jax.jit(fn)(state, global_batch)
-    return float(loss), jax.device_get(grads)
+    return step_on_mesh(module, boxed, params, batch, mode=mode, chunk=chunk)
 
 
 def _assert_same_step(got, want):
-    (loss_got, grads_got), (loss_want, grads_want) = got, want
-    assert abs(loss_got - loss_want) <= RTOL * abs(loss_want)
-    assert_trees_close(grads_got, grads_want, RTOL)
-    assert all(float(np.max(np.abs(g))) > 0 for g in jax.tree.leaves(grads_got))
+    assert_same_step(got, want, RTOL)
 
 
 @pytest.fixture(scope="module")
@@ -196,19 +160,7 @@ def test_a_side_packed_without_the_caches_chunks_is_refused(model, items):
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    from jfe_jax.data.synthetic import SyntheticConfig, generate
-
-    root = tmp_path_factory.mktemp("bench") / "synthetic"
-    small = SyntheticConfig(
-        seed=1,
-        train_queries_per_task=8,
-        val_queries_per_task=2,
-        test_queries_per_task=4,
-        num_text_triples=32,
-        num_image_captions=32,
-    )
-    generate(str(root), small, progress=False)
-    return str(root)
+    return small_bench(tmp_path_factory.mktemp("bench") / "synthetic")
 
 
 @pytest.mark.slow

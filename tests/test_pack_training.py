@@ -7,14 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_reference import make_inputs
 from PIL import Image
-from train_fixtures import assert_trees_close, loss_and_grad, spread_weights
+from train_fixtures import assert_trees_close, loss_and_grad, processed_items, spread_weights
 
 from jfe_jax.data.collate import collate, collate_packed
 from jfe_jax.data.image_processor import ImageProcessor
 from jfe_jax.data.pipeline import ContrastiveBatcher
-from jfe_jax.data.processing import ProcessedItem
 from jfe_jax.data.tokenizer import build_tokenizer
 from jfe_jax.models.inputs import dummy_batch
 from jfe_jax.models.one_tower import EncoderOptions
@@ -41,23 +39,15 @@ PAIRS = [
 ] * 2
 
 
-def _items(config, specs, seed):
-    items = []
-    for i, spec in enumerate(specs):
-        ids, _, pixels, grid = make_inputs(config, [spec], seed=seed + i)
-        items.append(ProcessedItem(ids[0].astype(np.int32), pixels, grid))
-    return items
-
-
 def _batches(config, num_hard):
     """The same 16 pairs (and hard negatives) unpacked and packed into 8 rows per side."""
     sides = {
-        "query": _items(config, [q for q, _ in PAIRS], seed=0),
-        "candidate": _items(config, [c for _, c in PAIRS], seed=100),
+        "query": processed_items(config, [q for q, _ in PAIRS], seed=0),
+        "candidate": processed_items(config, [c for _, c in PAIRS], seed=100),
     }
     if num_hard:
         specs = [c for _, c in PAIRS[3:] + PAIRS[:3]] * num_hard
-        sides["hard_negative"] = _items(config, specs, seed=200)
+        sides["hard_negative"] = processed_items(config, specs, seed=200)
     keys = np.arange(len(PAIRS), dtype=np.int32)
     common = {"query_key": keys, "candidate_key": keys + 1000}
     if num_hard:

@@ -8,28 +8,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_reference import make_inputs
 from PIL import Image
 from train_fixtures import (
-    assert_trees_close,
+    MIXED_PAIRS,
+    assert_same_step,
     contrastive_loss_and_grad_fn,
     count_forward_dots,
+    processed_items,
+    small_bench,
     spread_weights,
+    step_on_mesh,
 )
 
 from jfe_jax.data.collate import collate
 from jfe_jax.data.image_processor import ImageProcessor
 from jfe_jax.data.pipeline import ContrastiveBatcher
-from jfe_jax.data.processing import ProcessedItem
 from jfe_jax.data.tokenizer import build_tokenizer
 from jfe_jax.models import flops
-from jfe_jax.models.axes import LOGICAL_RULES
 from jfe_jax.models.inputs import dummy_batch
 from jfe_jax.models.one_tower import EncoderOptions
 from jfe_jax.models.packing import pack_vision, vision_groups
 from jfe_jax.models.padding import padding_report
 from jfe_jax.models.sizes import get_size
-from jfe_jax.train import mesh as mesh_lib
 from jfe_jax.train.optimizer import trainable_mask
 from jfe_jax.train.step import TrainState, split_params
 
@@ -38,28 +38,16 @@ PAD = 0
 BUDGET = 32  # image patches per text row, unpacked
 BLOCKS = (16,)  # patch counts with per-image attention blocks; the rest share masked rows
 
-# Per pair, make_inputs row specs (int: text tokens, (h, w): an image of h x w patches) of the
-# query and its candidate: text only, image only, and text with one or two images of 4 to 32
-# patches; 16-patch images go to per-image blocks, the others share masked rows.
-PAIRS = [
-    ([9], [(4, 4)]),
-    ([5, (2, 4), 3], [12]),
-    ([(4, 4)], [4, (4, 8), 3]),
-    ([17], [(2, 2), 5, (2, 4)]),
-    ([3, (6, 4), 2], [(4, 4), 2]),
-    ([12], [6]),
-    ([(2, 2)], [(4, 6)]),
-    ([7, (4, 4), 1], [15]),
-] * 2
+PAIRS = MIXED_PAIRS  # text only, image only, text with one or two images
 
 
 def _side(config, specs, seed):
-    items = []
-    for i, spec in enumerate(specs):
-        ids, _, pixels, grid = make_inputs(config, [spec], seed=seed + i)
-        items.append(ProcessedItem(ids[0].astype(np.int32), pixels, grid))
     return collate(
-        items, config=config, pad_token_id=PAD, length_buckets=(64,), patch_budget=BUDGET
+        processed_items(config, specs, seed),
+        config=config,
+        pad_token_id=PAD,
+        length_buckets=(64,),
+        patch_budget=BUDGET,
     )
 
 
@@ -90,31 +78,13 @@ def model():
 
 
 def _loss_and_grad(model, batch, *, mode, chunk):
-    """(loss, grads) of one step on a data x fsdp mesh, the trainable/frozen split of ``mode``
-    sharded by the params' logical axes, the batch made global."""
+    """(loss, grads) of one step on a data x fsdp mesh (``train_fixtures.step_on_mesh``)."""
     _, module, boxed, params = model
-    mesh = mesh_lib.make_mesh(dict(data=4, fsdp=2, tensor=1))
-    mask = trainable_mask(params, mode, also_trainable=("logit_scale",))
-    trainable, frozen = split_params(params, mask)
-    t_shard, f_shard = split_params(mesh_lib.logical_shardings(boxed, mesh, LOGICAL_RULES), mask)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        trainable=jax.device_put(trainable, t_shard),
-        frozen=jax.device_put(frozen, f_shard),
-        opt_state=None,
-    )
-    fn = contrastive_loss_and_grad_fn(module, chunk)
-    global_batch = mesh_lib.global_batch_from_host(batch, mesh)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-        (loss, _), grads = jax.jit(fn)(state, global_batch)
-    return float(loss), jax.device_get(grads)
+    return step_on_mesh(module, boxed, params, batch, mode=mode, chunk=chunk)
 
 
 def _assert_same_step(got, want):
-    (loss_got, grads_got), (loss_want, grads_want) = got, want
-    assert abs(loss_got - loss_want) <= RTOL * abs(loss_want)
-    assert_trees_close(grads_got, grads_want, RTOL)
-    assert all(float(np.max(np.abs(g))) > 0 for g in jax.tree.leaves(grads_got))
+    assert_same_step(got, want, RTOL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,19 +275,7 @@ def test_batcher_rejects_vision_packing_with_late_fusion_or_odd_block_sizes(toke
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    from jfe_jax.data.synthetic import SyntheticConfig, generate
-
-    root = tmp_path_factory.mktemp("bench") / "synthetic"
-    small = SyntheticConfig(
-        seed=1,
-        train_queries_per_task=8,
-        val_queries_per_task=2,
-        test_queries_per_task=4,
-        num_text_triples=32,
-        num_image_captions=32,
-    )
-    generate(str(root), small, progress=False)
-    return str(root)
+    return small_bench(tmp_path_factory.mktemp("bench") / "synthetic")
 
 
 @pytest.mark.slow

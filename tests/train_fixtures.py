@@ -132,6 +132,90 @@ def loss_and_grad(module, state, batch, mesh=None, boxed=None, chunk=0):
     return float(loss), jax.device_get(grads)
 
 
+# Per pair, hf_reference.make_inputs row specs (int: text tokens, (h, w): an image of h x w
+# patches) of the query and its candidate: text only, image only, and text with one or two
+# images of 4 to 32 patches (16-patch images are the per-image blocks' size in the tests).
+MIXED_PAIRS = [
+    ([9], [(4, 4)]),
+    ([5, (2, 4), 3], [12]),
+    ([(4, 4)], [4, (4, 8), 3]),
+    ([17], [(2, 2), 5, (2, 4)]),
+    ([3, (6, 4), 2], [(4, 4), 2]),
+    ([12], [6]),
+    ([(2, 2)], [(4, 6)]),
+    ([7, (4, 4), 1], [15]),
+] * 2
+
+
+def processed_items(config, specs, seed):
+    """One ``ProcessedItem`` per make_inputs row spec (seeds ``seed``, ``seed + 1``, ...)."""
+    from hf_reference import make_inputs
+
+    from jfe_jax.data.processing import ProcessedItem
+
+    items = []
+    for i, spec in enumerate(specs):
+        ids, _, pixels, grid = make_inputs(config, [spec], seed=seed + i)
+        items.append(ProcessedItem(ids[0].astype(np.int32), pixels, grid))
+    return items
+
+
+def step_on_mesh(module, boxed, params, batch, *, mode: str, chunk: int):
+    """(loss, grads) of one contrastive step on a data=4 x fsdp=2 mesh, the trainable/frozen
+    split of optimizer ``mode`` sharded by the params' logical axes, the batch made global."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from jfe_jax.models.axes import LOGICAL_RULES
+    from jfe_jax.train import mesh as mesh_lib
+    from jfe_jax.train.optimizer import trainable_mask
+    from jfe_jax.train.step import TrainState, split_params
+
+    mesh = mesh_lib.make_mesh(dict(data=4, fsdp=2, tensor=1))
+    mask = trainable_mask(params, mode, also_trainable=("logit_scale",))
+    trainable, frozen = split_params(params, mask)
+    t_shard, f_shard = split_params(mesh_lib.logical_shardings(boxed, mesh, LOGICAL_RULES), mask)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        trainable=jax.device_put(trainable, t_shard),
+        frozen=jax.device_put(frozen, f_shard),
+        opt_state=None,
+    )
+    fn = contrastive_loss_and_grad_fn(module, chunk)
+    global_batch = mesh_lib.global_batch_from_host(batch, mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        (loss, _), grads = jax.jit(fn)(state, global_batch)
+    return float(loss), jax.device_get(grads)
+
+
+def assert_same_step(got, want, rtol: float) -> None:
+    """Two ``(loss, grads)``: the loss within ``rtol`` relative, every gradient leaf within
+    ``rtol`` of its max |value|, and no leaf of ``got`` all zero."""
+    import jax
+
+    (loss_got, grads_got), (loss_want, grads_want) = got, want
+    assert abs(loss_got - loss_want) <= rtol * abs(loss_want)
+    assert_trees_close(grads_got, grads_want, rtol)
+    assert all(float(np.max(np.abs(g))) > 0 for g in jax.tree.leaves(grads_got))
+
+
+def small_bench(root) -> str:
+    """A small synthetic benchmark generated under ``root`` (for train() tests)."""
+    from jfe_jax.data.synthetic import SyntheticConfig, generate
+
+    small = SyntheticConfig(
+        seed=1,
+        train_queries_per_task=8,
+        val_queries_per_task=2,
+        test_queries_per_task=4,
+        num_text_triples=32,
+        num_image_captions=32,
+    )
+    generate(str(root), small, progress=False)
+    return str(root)
+
+
 def count_forward_dots(jaxpr, scope: str) -> int:
     """Forward (not transposed) dot_general equations of ``jaxpr`` and its sub-jaxprs traced
     under a name scope containing ``scope``: how many times a tower runs in a traced step."""

@@ -413,15 +413,13 @@ def format_report(results: Sequence[ProgramEstimate], topology: TpuTopology) -> 
             )
             lines.append(f"  batch ({r.batch_mix} mix), items: {items}")
         lines += [f"  {name:<{width}}  {value}" for name, value in rows]
-        if r.passes:
-            lines.append("  per-op cycle estimates by pass and tower (s, share, MXU use):")
-            for label, seconds, flops in r.passes:
-                share = seconds / r.cycles_seconds if r.cycles_seconds else math.nan
-                mxu = flops / topology.spec.peak_flops / seconds if seconds else 0.0
-                lines.append(f"    {seconds:9.3g} {share:6.1%} {mxu:5.0%}  {label}")
-        if r.top_ops:
-            lines.append("  largest per-op cycle estimates (s, share, MXU use of their FLOPs):")
-            for label, seconds, flops in r.top_ops:
+        for title, entries in (
+            ("per-op cycle estimates by pass and tower (s, share, MXU use):", r.passes),
+            ("largest per-op cycle estimates (s, share, MXU use of their FLOPs):", r.top_ops),
+        ):
+            if entries:
+                lines.append(f"  {title}")
+            for label, seconds, flops in entries:
                 share = seconds / r.cycles_seconds if r.cycles_seconds else math.nan
                 mxu = flops / topology.spec.peak_flops / seconds if seconds else 0.0
                 lines.append(f"    {seconds:9.3g} {share:6.1%} {mxu:5.0%}  {label}")
