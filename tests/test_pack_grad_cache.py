@@ -1,6 +1,7 @@
 """Sequence packing with the gradient cache: a side packed in the cache's chunks
 (``pack_items(chunks=)``, ``ContrastiveBatcher(pack_chunk_items=)``) gives the unpacked
-whole-batch step's loss and gradients, with and without vision packing, on 8 devices."""
+whole-batch step's loss and gradients, with and without vision packing, on 8 devices
+(``train()`` with both: tests/test_vision_pack_training.py)."""
 
 import flax.linen as nn
 import jax
@@ -10,7 +11,6 @@ from train_fixtures import (
     MIXED_PAIRS,
     assert_same_step,
     processed_items,
-    small_bench,
     spread_weights,
     step_on_mesh,
 )
@@ -152,41 +152,3 @@ def test_packed_and_vision_packed_step_with_grad_cache_gives_the_same(
 def test_a_side_packed_without_the_caches_chunks_is_refused(model, items):
     with pytest.raises(ValueError, match="needs packing in 2 chunks .* this one was packed in 1"):
         _loss_and_grad(model, _batch(_packed(items, 1)), chunk=CHUNK)
-
-
-# ---------------------------------------------------------------------------------------------
-# train() with both on
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    return small_bench(tmp_path_factory.mktemp("bench") / "synthetic")
-
-
-@pytest.mark.slow
-def test_train_with_packing_and_grad_cache_gives_the_unpacked_loss(bench, tmp_path):
-    import json
-    import os
-
-    from jfe_jax.train.config_base import demo_stage1_config
-    from jfe_jax.train.trainer import train
-
-    def run(workdir, pack):
-        config = demo_stage1_config()
-        config.data.root = bench
-        config.data.global_batch_size = 16
-        config.data.pack = pack
-        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
-        config.train.grad_cache_chunk = 8  # 2 chunks a side, a multiple of data x fsdp = 4
-        config.train.num_steps = 1  # the streams take turns: an image-captions batch first
-        config.train.log_every = 1
-        config.optimizer.warmup_steps = 0
-        train(config, str(workdir))
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            return [json.loads(line) for line in f][-1]
-
-    plain = run(tmp_path / "plain", False)
-    packed = run(tmp_path / "packed", True)
-    assert packed["token_padding"] < plain["token_padding"], (packed, plain)
-    assert abs(packed["loss"] - plain["loss"]) <= 1e-5 * abs(plain["loss"])
-    assert abs(packed["grad_norm"] - plain["grad_norm"]) <= 1e-4 * plain["grad_norm"]

@@ -279,22 +279,24 @@ def bench(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_train_with_vision_packing_and_grad_cache_gives_the_same_loss_for_less_padding(
-    bench, tmp_path
-):
+def test_train_with_vision_or_sequence_packing_and_grad_cache_gives_the_same_loss(bench, tmp_path):
+    # One unpacked run against two packed ones: images in vision rows of their own
+    # (data.pack_vision), and items several to a row in the cache's chunks (data.pack,
+    # tests/test_pack_grad_cache.py has the step-level checks).
     import json
     import os
 
     from jfe_jax.train.config_base import demo_stage1_config
     from jfe_jax.train.trainer import train
 
-    def run(workdir, pack):
+    def run(workdir, **data):
         config = demo_stage1_config()
         config.data.root = bench
         config.data.global_batch_size = 16
-        config.data.pack_vision = pack
+        for key, value in data.items():
+            config.data[key] = value
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
-        config.train.grad_cache_chunk = 8
+        config.train.grad_cache_chunk = 8  # 2 chunks a side, a multiple of data x fsdp = 4
         config.train.num_steps = 1  # the streams take turns: an image-captions batch first
         config.train.log_every = 1
         config.optimizer.warmup_steps = 0
@@ -302,10 +304,13 @@ def test_train_with_vision_packing_and_grad_cache_gives_the_same_loss_for_less_p
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             return [json.loads(line) for line in f][-1]
 
-    plain = run(tmp_path / "plain", False)
-    packed = run(tmp_path / "packed", True)
+    plain = run(tmp_path / "plain")
+    vision = run(tmp_path / "vision", pack_vision=True)
     # 16 images of 16 to 64 patches: 16 rows of 64 patches, or 12 vision rows (4 batch shards).
-    assert packed["patch_padding"] < 0.7 * plain["patch_padding"], (packed, plain)
-    assert packed["flops_padding"] < plain["flops_padding"]
-    assert abs(packed["loss"] - plain["loss"]) <= 1e-5 * abs(plain["loss"])
-    assert abs(packed["grad_norm"] - plain["grad_norm"]) <= 1e-4 * plain["grad_norm"]
+    assert vision["patch_padding"] < 0.7 * plain["patch_padding"], (vision, plain)
+    assert vision["flops_padding"] < plain["flops_padding"]
+    packed = run(tmp_path / "packed", pack=True)
+    assert packed["token_padding"] < plain["token_padding"], (packed, plain)
+    for got in (vision, packed):
+        assert abs(got["loss"] - plain["loss"]) <= 1e-5 * abs(plain["loss"])
+        assert abs(got["grad_norm"] - plain["grad_norm"]) <= 1e-4 * plain["grad_norm"]
