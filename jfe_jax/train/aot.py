@@ -243,11 +243,10 @@ def analyse(
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
     text = compiled.as_text()
     hlo = hlo_costs(text)
-    est.top_ops = [
-        [label, cycles / gen.clock_hz, flops] for label, cycles, flops in time_by_op(text, 12)
-    ]
+    ops = time_by_op(text, top=sys.maxsize)  # parsed once: the top ops and their totals
+    est.top_ops = [[label, cycles / gen.clock_hz, flops] for label, cycles, flops in ops[:12]]
     est.passes = [
-        [label, cycles / gen.clock_hz, flops] for label, cycles, flops in time_by_pass(text)
+        [label, cycles / gen.clock_hz, flops] for label, cycles, flops in time_by_pass(ops)
     ]
     est.compiled_flops = hlo.matmul_flops
     est.xla_flops = float(cost.get("flops", math.nan))

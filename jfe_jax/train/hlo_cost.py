@@ -25,7 +25,7 @@ import dataclasses
 import functools
 import math
 import re
-import sys
+from collections.abc import Sequence
 
 _DTYPE_BITS = {
     "pred": 8,
@@ -427,12 +427,12 @@ def time_by_op(text: str, top: int = 20) -> list[tuple[str, float, float]]:
     return [(label, cycles, flops) for label, (cycles, flops) in ranked[:top]]
 
 
-def time_by_pass(text: str) -> list[tuple[str, float, float]]:
-    """``time_by_op`` summed by pass and top module (``"backward: text"``, ``"forward:
-    vision"``; ops outside any module path are ``"other"``): ``(label, estimated cycles,
-    matmul FLOPs)`` per device, largest first."""
+def time_by_pass(ops: Sequence[tuple[str, float, float]]) -> list[tuple[str, float, float]]:
+    """``time_by_op``'s entries (all of them, for totals) summed by pass and top module
+    (``"backward: text"``, ``"forward: vision"``; ops outside any module path are
+    ``"other"``): ``(label, estimated cycles, matmul FLOPs)`` per device, largest first."""
     totals: dict[str, list[float]] = {}
-    for label, cycles, flops in time_by_op(text, top=sys.maxsize):
+    for label, cycles, flops in ops:
         step, _, path = label.partition(": ")
         module, slash, _ = path.partition("/")  # ops outside any module path: "other"
         key = f"{step}: {module if slash else 'other'}"
