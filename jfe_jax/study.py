@@ -98,7 +98,10 @@ def run_configs(workdir: str, preset: Preset, system: str, seed: int, steps: int
             config.seed = seed
             config.model.size = preset.size
             if preset.steps is not None and steps is None:
-                config.train.num_steps = preset.steps[i]
+                n = preset.steps[i]  # as demo_configs(steps=): warmup and logging fit the run
+                config.train.num_steps = n
+                config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, n // 10)
+                config.train.log_every = min(config.train.log_every, n)
             for key, value in SYSTEMS[system].items():
                 _set(config, key, value)
         stage2.model.init_from = os.path.join(run_dir, "stage1")
@@ -148,16 +151,18 @@ def run_fusion_study(
     seeds: int = 3,
     systems: Sequence[str] = ("early", "late"),
     preset: str = "demo",
-    steps: int | None = None,
+    steps: int | tuple[int, int] | None = None,
     replicates: int = stats.DEFAULT_REPLICATES,
     synthetic: SyntheticConfig | None = None,
+    size: str | None = None,
     stages: Sequence[str] = ("stage1", "stage2"),
     progress: bool = True,
 ) -> dict[str, Any]:
     """Runs (or finishes) the study in ``workdir``; returns what ``study.json`` holds.
 
-    ``steps`` overrides the preset's steps per stage and ``synthetic`` its data; ``stages``
-    ("stage1",) trains and evaluates stage 1 only (the machinery at the least cost: tests)."""
+    ``steps`` overrides the preset's steps (an int: both stages; a pair: stage 1, stage 2),
+    ``synthetic`` its data and ``size`` its model size; ``stages`` ("stage1",) trains and
+    evaluates stage 1 only (the machinery at the least cost: tests)."""
     if tuple(stages) not in (("stage1", "stage2"), ("stage1",)):
         raise ValueError(f"stages must be ('stage1', 'stage2') or ('stage1',), got {stages}")
     from jfe_jax.demo import train_stage
@@ -179,6 +184,15 @@ def run_fusion_study(
     chosen = all_presets[preset]
     if synthetic is not None:
         chosen = dataclasses.replace(chosen, synthetic=synthetic)
+    if size is not None:
+        from jfe_jax.models.sizes import get_size
+
+        get_size(size)  # an unknown name fails here, before any data is generated
+        chosen = dataclasses.replace(chosen, size=size)
+    if isinstance(steps, (tuple, list)):
+        if len(steps) != 2 or min(steps) < 1:
+            raise ValueError(f"steps must be an int or (stage 1, stage 2) >= 1, got {steps}")
+        chosen, steps = dataclasses.replace(chosen, steps=tuple(int(n) for n in steps)), None
     workdir = absolute(workdir)
     data_dir = os.path.join(workdir, "data")
     _prepare_data(data_dir, chosen, progress)

@@ -11,12 +11,12 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import re
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from jfe_jax.data.mbeir import MBEIR
 from jfe_jax.data.synthetic import (
@@ -45,12 +45,6 @@ ONLY_SPATIAL = SyntheticConfig(
 # Digest of SyntheticConfig()'s records (every file but the tokenizer; images by name only,
 # since PNG bytes follow the zlib build). Taken before infoseek_task6 existed: the demo's data.
 DEFAULT_RECORDS_DIGEST = "57b3a19e9890af21b0d428c4414c3c7de8215a14c9067d41d617f9e3108bc002"
-RELATION_STEPS = {
-    "just left of": (0, -1),
-    "just right of": (0, 1),
-    "directly above": (-1, 0),
-    "directly below": (1, 0),
-}
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -131,26 +125,10 @@ def parse_scene(key: str) -> dict[str, tuple[str, str, str]]:
     return cells
 
 
-def grid_position(cell: str) -> tuple[int, int]:
-    """(row, column) from the cell's name alone, e.g. "bottom-left" -> (2, 0)."""
-    words = cell.split("-")
-    row = 0 if "top" in words else 2 if "bottom" in words else 1
-    col = 0 if "left" in words else 2 if "right" in words else 1
-    return row, col
-
-
 def joint_oracle_answer(scene_key: str, text: str) -> str:
     """Reads the question and the scene together: the cell the text names, then its object."""
     cells = parse_scene(scene_key)
-    named = [cell for cell, phrase in spatial.CELL_PHRASES.items() if phrase in text]
-    match = re.search(rf"({'|'.join(RELATION_STEPS)}) the (\w+) (\w+)", text)
-    if match:
-        relation, colour, shape = match.groups()
-        (anchor,) = [c for c, (_, col, shp) in cells.items() if (col, shp) == (colour, shape)]
-        row, col = grid_position(anchor)
-        d_row, d_col = RELATION_STEPS[relation]
-        named += [c for c in cells if grid_position(c) == (row + d_row, col + d_col)]
-    (cell,) = named
+    (cell,) = [cell for cell, phrase in spatial.CELL_PHRASES.items() if phrase in text]
     size, colour, shape = cells[cell]
     return f"a {size} {colour} {shape}"
 
@@ -239,18 +217,36 @@ def test_neither_modality_alone_determines_the_answer(bench):
     assert all(len(answers_of_text[q.text]) >= 2 for q in queries)
 
 
-def test_both_question_kinds_and_hard_negatives_from_the_same_image(bench):
+def test_questions_name_every_cell_and_hard_negatives_come_from_the_same_image(bench):
     reader = MBEIR(bench)
     pool = reader.read_pool(reader.local_pool_path(TASK, "test"))
-    kinds = Counter()
+    asked = Counter()
     for query in reader.read_queries("test", TASK):
         src = json.loads(query.src_content)
-        kinds[src["kind"]] += 1
+        asked[src["cell"]] += 1
+        assert spatial.CELL_PHRASES[src["cell"]] in query.text
         in_image = {f"a {s} {c} {shp}" for s, c, shp in parse_scene(src["scene"]).values()}
         negatives = [pool[d].text for d in query.neg_cand_list]
         assert len(negatives) == ONLY_SPATIAL.hard_negatives
         assert set(negatives) <= in_image - {pool[query.pos_cand_list[0]].text}
-    assert kinds == {"position": TEST_QUERIES // 2, "relation": TEST_QUERIES // 2}
+    assert sorted(asked) == sorted(spatial.GRID_CELLS)  # every cell is asked about
+    assert sum(asked.values()) == TEST_QUERIES
+
+
+def test_every_cell_is_painted_its_own_tint_in_every_image(bench):
+    """The cell tints (spatial.CELL_TINTS) are the same in every image, whatever the scene:
+    a cell's corner pixel is its tint within the jitter (6 per channel)."""
+    reader = MBEIR(bench)
+    width, height = spatial.GRID_CANVAS
+    images = {reader.image_file(q) for q in reader.read_queries("test", TASK)}
+    assert len(images) == TEST_QUERIES // 2  # two questions per image
+    tints = np.array([spatial.CELL_TINTS[c] for c in spatial.GRID_CELLS])
+    for path in sorted(images)[:20]:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB")).astype(int)
+        for (row, col), tint in zip(spatial.GRID_CELLS.values(), tints):
+            corner = pixels[row * height // 3 + 1, col * width // 3 + 1]
+            assert np.abs(corner - tint).max() <= 6, (path, row, col, corner, tint)
 
 
 def test_output_passes_the_reader_and_scenes_never_cross_splits(bench):

@@ -89,3 +89,19 @@ def test_study_refuses_bad_arguments_with_the_reason(tmp_path, capsys):
         study.run_fusion_study(str(tmp_path), preset="huge")
     assert main(["experiment", "fusion", "--workdir", str(tmp_path), "--systems", "late"]) == 2
     assert "must include 'early'" in capsys.readouterr().err
+
+
+def test_steps_per_stage_and_size_override_the_preset_and_bad_ones_are_refused(tmp_path):
+    preset = study.Preset("study", TOY, "mini", (3, 40))
+    stage1, stage2, _ = study.run_configs(str(tmp_path), preset, "early", 0, None)
+    assert (stage1.train.num_steps, stage2.train.num_steps) == (3, 40)
+    assert stage1.model.size == stage2.model.size == "mini"
+    # Warmup and logging fit a short run, as with one number of steps for both stages.
+    assert stage1.optimizer.warmup_steps == 0 and stage1.train.log_every == 3
+    assert stage2.optimizer.warmup_steps == 4
+    workdir = tmp_path / "refused"
+    with pytest.raises(ValueError, match="unknown model size 'huge'"):
+        study.run_fusion_study(str(workdir), synthetic=TOY, size="huge", progress=False)
+    with pytest.raises(ValueError, match=r"steps must be an int or \(stage 1, stage 2\)"):
+        study.run_fusion_study(str(workdir), synthetic=TOY, steps=(1, 2, 3), progress=False)
+    assert not workdir.exists()  # refused before any data was generated

@@ -1,13 +1,13 @@
 """Spatial questions (infoseek_task6): a task that needs fusion by construction.
 
-A query is a picture of nine objects on a 3x3 grid plus a question that names one cell,
-either directly ("what is in the top-left corner?") or by a neighbour relation ("what is just
-left of the red circle?"); the candidate is the answer text "a large red circle". Every object
-of a scene has its own colour and shape, so a relation's anchor names one object and the
-nine answers of an image are distinct. Each split's pool is every possible answer (8 shapes x
-10 colours x 2 sizes = 160), so chance at the headline R@5 is 5/160 = 3.1%; the hard
-negatives are the other objects of the same image, first the one a text-blind model confuses
-most (below).
+A query is a picture of nine objects on a 3x3 grid plus a question that names one cell ("what
+is in the top-left corner?"); the candidate is the answer text "a large red circle". Every
+object of a scene has its own colour and shape, so the nine answers of an image are distinct.
+Each cell is painted with a fixed light tint of its own (CELL_TINTS: the top-left cell always
+pink, the center white, ...), the same in every image. Each split's pool is every possible
+answer (8 shapes x 10 colours x 2 sizes = 160), so chance at the headline R@5 is 5/160 =
+3.1%; the hard negatives are the other objects of the same image, first the one a text-blind
+model confuses most (below).
 
 Queries come in groups of four built as an XOR: a scene B, its partner P = B with the objects
 of two cells p and q swapped, and two questions T_p, T_q (the same strings for both images):
@@ -33,6 +33,21 @@ query right (tests/test_fusion_task.py: an oracle reading both does).
 
 The 84x84 canvas puts each cell on exactly one 28-pixel merged patch of Qwen2-VL (and within
 the demo's image_max_pixels and patch budget).
+
+Why the tints. Qwen2-VL's vision tower has no absolute position embedding: a cell's place
+reaches the language model only through M-RoPE, which at the small sizes' head dimension (16)
+and rope_theta 10^6 turns a query by at most 0.032 rad per row and 1.8e-4 per column, so cells
+are nearly indistinguishable by position alone. Untinted, the tiny model did not learn the
+task (trained on it alone: R@5 5.0-7.5% against 3.1% chance at 1200 training queries; at 9600,
+in-batch accuracy 8% after 3200 steps, where the tinted task was at 12%).
+With a fixed tint per cell the cell is also content, and attention can select by content, as
+it does for colours: trained alone on 9600 training queries for 4800 stage-2 steps, tiny
+reaches R@5 28.3% (9x chance), 2.1% without the image and 1.7% without the text
+(benchmarks/README.md, "Fusion study"). The tints do not help a sum of embeddings: they are the
+same in every image and tell nothing about which object a question selects, so the XOR bound
+above holds unchanged. Questions by neighbour relation ("just left of the red circle") were
+dropped with them: with tints they were learned more slowly than positions (in-batch accuracy
+6% against 12% after 3200 steps, side by side).
 """
 
 from __future__ import annotations
@@ -70,12 +85,17 @@ CELL_PHRASES: dict[str, str] = {
     "bottom": "in the middle of the bottom row",
     "bottom-right": "in the bottom-right corner",
 }
-# direction -> ((row, column) step, phrase before the anchor)
-RELATIONS: dict[str, tuple[tuple[int, int], str]] = {
-    "left": ((0, -1), "just left of"),
-    "right": ((0, 1), "just right of"),
-    "above": ((-1, 0), "directly above"),
-    "below": ((1, 0), "directly below"),
+# Each cell's fixed background tint (RGB; jittered a little per image like every colour).
+CELL_TINTS: dict[str, tuple[int, int, int]] = {
+    "top-left": (255, 180, 180),
+    "top": (180, 235, 180),
+    "top-right": (180, 200, 255),
+    "left": (250, 240, 150),
+    "center": (255, 255, 255),
+    "right": (175, 240, 240),
+    "bottom-left": (255, 210, 150),
+    "bottom": (225, 180, 245),
+    "bottom-right": (170, 170, 170),
 }
 QUESTIONS: tuple[str, ...] = (
     "what is {}?",
@@ -83,7 +103,6 @@ QUESTIONS: tuple[str, ...] = (
     "what do you see {}?",
     "name the object {}.",
 )
-KINDS: tuple[str, ...] = ("position", "relation")  # alternate between groups
 # Radii as fractions of a cell's side: a large star or triangle stays inside its cell.
 GRID_RADIUS: dict[str, float] = {"small": 0.22, "large": 0.36}
 # Drawing a group whose two scenes both fall in the asked split takes ~1/0.15^2 = 44 tries
@@ -132,13 +151,6 @@ class GridScene:
         return GridScene(tuple(moved.get(o.position, o) for o in self.objects))
 
 
-def neighbour(cell: str, direction: str) -> str | None:
-    """The cell one step from `cell` in `direction` (a RELATIONS key), or None at the edge."""
-    (row, col), ((d_row, d_col), _) = GRID_CELLS[cell], RELATIONS[direction]
-    target = (row + d_row, col + d_col)
-    return next((name for name, rc in GRID_CELLS.items() if rc == target), None)
-
-
 def random_grid_scene(rng: random.Random) -> GridScene:
     """Nine distinct (colour, shape) pairs in random cells, each of a random size."""
     kinds = rng.sample([(c, s) for c in COLOURS for s in SHAPES], len(GRID_CELLS))
@@ -153,15 +165,21 @@ def random_grid_scene(rng: random.Random) -> GridScene:
 def render_grid(
     scene: GridScene, size: tuple[int, int], jitter_seed: int, jitter: float = 1.0
 ) -> Image.Image:
-    """Draws a grid scene, each object centred in its cell; `jitter_seed` picks small changes
-    of background, colours, centres, radii and rotation as world.render does."""
+    """Draws a grid scene: each cell filled with its CELL_TINTS tint, each object centred in
+    its cell; `jitter_seed` picks small changes of tints, colours, centres, radii and rotation
+    as world.render does."""
     rng = random.Random(jitter_seed)
     width, height = size
-    grey = 240 + round(rng.uniform(-12, 12) * jitter)
-    background = tuple(min(255, grey + round(rng.uniform(-6, 6) * jitter)) for _ in range(3))
-    image = Image.new("RGB", (width, height), background)
+    image = Image.new("RGB", (width, height))
     draw = ImageDraw.Draw(image)
     cell_w, cell_h = width / 3, height / 3
+    for cell, (row, col) in GRID_CELLS.items():
+        tint = tuple(
+            max(0, min(255, c + round(rng.uniform(-6, 6) * jitter))) for c in CELL_TINTS[cell]
+        )
+        box = [round(col * cell_w), round(row * cell_h)]  # PIL includes both corners
+        box += [round((col + 1) * cell_w) - 1, round((row + 1) * cell_h) - 1]
+        draw.rectangle(box, fill=tint)
     for obj in scene.objects:
         row, col = GRID_CELLS[obj.position]
         cx = cell_w * (col + 0.5 + rng.uniform(-0.03, 0.03) * jitter)
@@ -180,31 +198,17 @@ def render_grid(
 class Group:
     """One XOR group: a scene, its partner with two cells swapped, and a question per cell."""
 
-    kind: str  # position | relation
     base: GridScene
     partner: GridScene
     questions: tuple[tuple[str, str], ...]  # (asked cell, question text), two of them
-    anchor: str | None  # the relation's anchor cell
 
 
-def random_group(rng: random.Random, kind: str) -> Group:
-    """A random group of `kind`: two cells asked by position, or two neighbours of one anchor
-    asked by relation (the anchor stays put in the partner, so the texts fit both scenes)."""
+def random_group(rng: random.Random) -> Group:
+    """A random group: a scene, two of its cells, each asked by position."""
     base = random_grid_scene(rng)
-    if kind == "position":
-        cells = rng.sample(list(GRID_CELLS), 2)
-        phrases = [CELL_PHRASES[c] for c in cells]
-        anchor = None
-    elif kind == "relation":
-        anchor = rng.choice(list(GRID_CELLS))
-        directions = rng.sample([d for d in RELATIONS if neighbour(anchor, d)], 2)
-        cells = [neighbour(anchor, d) for d in directions]
-        named = base.at(anchor)
-        phrases = [f"{RELATIONS[d][1]} the {named.colour} {named.shape}" for d in directions]
-    else:
-        raise ValueError(f"spatial question kind {kind!r} is unknown, expected one of {KINDS}")
-    questions = tuple((c, rng.choice(QUESTIONS).format(p)) for c, p in zip(cells, phrases))
-    return Group(kind, base, base.swap(*cells), questions, anchor)
+    cells = rng.sample(list(GRID_CELLS), 2)
+    questions = tuple((c, rng.choice(QUESTIONS).format(CELL_PHRASES[c])) for c in cells)
+    return Group(base, base.swap(*cells), questions)
 
 
 def answer_candidate(bench: BenchmarkBuilder, task: str, split: str, obj: SceneObject) -> str:
@@ -225,9 +229,9 @@ def build_spatial_questions(
     """infoseek_task6: (3x3 grid image, question naming a cell) -> the object's description.
 
     Queries come in XOR groups of four (module docstring), so `count` a multiple of 4 gives
-    complete groups only; the group kinds alternate, position first. The pool is every
-    possible answer; the hard negatives are the object of the group's other asked cell (what
-    the same text names in the partner), then the image's other objects.
+    complete groups only. The pool is every possible answer; the hard negatives are the object
+    of the group's other asked cell (what the same text names in the partner), then the
+    image's other objects.
     """
     for shape in SHAPES:
         for colour in COLOURS:
@@ -235,10 +239,9 @@ def build_spatial_questions(
                 answer_candidate(bench, task, split, SceneObject(shape, colour, size, "center"))
     used: set[str] = set()
     made = 0
-    for number in range((count + 3) // 4):
-        kind = KINDS[number % len(KINDS)]
+    for _group in range((count + 3) // 4):
         for _ in range(MAX_DRAWS):
-            group = random_group(rng, kind)
+            group = random_group(rng)
             scenes = (group.base, group.partner)
             fresh = all(s.key not in used for s in scenes)
             if fresh and all(bench.split_of(s) == split for s in scenes):
@@ -246,7 +249,7 @@ def build_spatial_questions(
                 break
         else:
             raise ValueError(
-                f"{task} {split}: could not draw a new {kind} group after {MAX_DRAWS} draws "
+                f"{task} {split}: could not draw a new group after {MAX_DRAWS} draws "
                 f"({len(used)} scenes drawn); ask for fewer queries per task"
             )
         for scene in scenes:
@@ -261,9 +264,7 @@ def build_spatial_questions(
                 confused = cell_q if cell == cell_p else cell_p
                 rest = [dids[c] for c in GRID_CELLS if c not in (cell, confused)]
                 rng.shuffle(rest)
-                src = {"scene": scene.key, "kind": kind, "cell": cell}
-                if group.anchor is not None:
-                    src["anchor"] = group.anchor
+                src = {"scene": scene.key, "cell": cell}
                 bench.add_query(
                     task,
                     split,
