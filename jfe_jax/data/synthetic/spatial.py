@@ -34,20 +34,20 @@ query right (tests/test_fusion_task.py: an oracle reading both does).
 The 84x84 canvas puts each cell on exactly one 28-pixel merged patch of Qwen2-VL (and within
 the demo's image_max_pixels and patch budget).
 
-Why the tints. Qwen2-VL's vision tower has no absolute position embedding: a cell's place
-reaches the language model only through M-RoPE, which at the small sizes' head dimension (16)
-and rope_theta 10^6 turns a query by at most 0.032 rad per row and 1.8e-4 per column, so cells
-are nearly indistinguishable by position alone. Untinted, the tiny model did not learn the
-task (trained on it alone: R@5 5.0-7.5% against 3.1% chance at 1200 training queries; at 9600,
-in-batch accuracy 8% after 3200 steps, where the tinted task was at 12%).
-With a fixed tint per cell the cell is also content, and attention can select by content, as
-it does for colours: trained alone on 9600 training queries for 4800 stage-2 steps, tiny
-reaches R@5 28.3% (9x chance), 2.1% without the image and 1.7% without the text
-(benchmarks/README.md, "Fusion study"). The tints do not help a sum of embeddings: they are the
-same in every image and tell nothing about which object a question selects, so the XOR bound
-above holds unchanged. Questions by neighbour relation ("just left of the red circle") were
-dropped with them: with tints they were learned more slowly than positions (in-batch accuracy
-6% against 12% after 3200 steps, side by side).
+Why the tints. Qwen2-VL's vision tower has no absolute position embedding: a cell's place reaches
+the language model only through M-RoPE, which at the small sizes' head dimension (16) and
+rope_theta 10^6 turns a query by at most 0.032 rad per row and 1.8e-4 per column, so cells are
+nearly indistinguishable by position alone. Untinted, the tiny model did not learn the task
+(trained on it alone: R@5 5.0-7.5% against 3.1% chance at 1200 training queries; at 9600, in-batch
+accuracy 8% after 3200 steps, where the tinted task was at 12%). With a fixed tint per cell the
+cell is also content, and attention can select by content, as it does for colours: trained alone on
+9600 training queries for 4800 stage-2 steps, tiny reaches R@5 29.2% (9.3x chance), 0.8% without
+the image and 3.8% without the text (benchmarks/bench_fusion_task.py; benchmarks/README.md, "Fusion
+study"). The tints do not help a sum of embeddings: they are the same in every image and tell
+nothing about which object a question selects, so the XOR bound above holds unchanged. Questions by
+neighbour relation ("just left of the red circle") were dropped with them: with tints they were
+learned more slowly than positions (in-batch accuracy 6% against 12% after 3200 steps, side by
+side).
 """
 
 from __future__ import annotations
