@@ -18,7 +18,7 @@ Hard negatives differ from the positive in one attribute of one object, and come
 same split.
 
 One more family is registered but not among the defaults (see generate.STUDY_TASKS):
-  infoseek_task6   (image, text) -> text   3x3 grid + "what is just left of the red circle?"
+  infoseek_task6   (image, text) -> text   3x3 grid on tinted cells + "what is in the center?"
                                            -> "a large red circle"; needs fusion by
                                            construction (spatial.py)
 """
