@@ -174,6 +174,7 @@ def plot_need_relation(result: Mapping[str, Any], path: str | os.PathLike) -> No
     axes.set_ylabel("difference (points)")
     axes.set_title("Early fusion's advantage against each task's fusion need")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    if axes.get_legend_handles_labels()[0]:  # one system alone has no difference to label
+        axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(os.fspath(path), format="png", dpi=120)
