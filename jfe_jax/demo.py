@@ -55,6 +55,13 @@ def train_stage(config: ml_collections.ConfigDict, run_dir: str, stage: str) -> 
         raise
 
 
+def set_steps(config: ml_collections.ConfigDict, steps: int) -> None:
+    """Sets a run's length, with warmup (at most a tenth) and logging that fit a short run."""
+    config.train.num_steps = steps
+    config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, steps // 10)
+    config.train.log_every = min(config.train.log_every, steps)
+
+
 def demo_configs(workdir: str, *, steps: int | None = None) -> tuple[Any, Any]:
     """The two stage configs of the demo, pointed at the workdir's data and stage-1 run."""
     workdir = absolute(workdir)
@@ -64,9 +71,7 @@ def demo_configs(workdir: str, *, steps: int | None = None) -> tuple[Any, Any]:
     stage2.model.init_from = os.path.join(workdir, "stage1")
     if steps is not None:
         for config in (stage1, stage2):
-            config.train.num_steps = steps
-            config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, steps // 10)
-            config.train.log_every = min(config.train.log_every, steps)
+            set_steps(config, steps)
     stage1.lock()
     stage2.lock()
     return stage1, stage2

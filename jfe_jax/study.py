@@ -89,7 +89,7 @@ def _set(config, dotted: str, value: Any) -> None:
 def run_configs(workdir: str, preset: Preset, system: str, seed: int, steps: int | None):
     """The (stage 1, stage 2) configs of one run: the demo's, at the preset's size and steps,
     with the system's overrides and the seed."""
-    from jfe_jax.demo import demo_configs
+    from jfe_jax.demo import demo_configs, set_steps
 
     stage1, stage2 = demo_configs(workdir, steps=steps)
     run_dir = os.path.join(workdir, system, f"seed{seed}")
@@ -98,10 +98,7 @@ def run_configs(workdir: str, preset: Preset, system: str, seed: int, steps: int
             config.seed = seed
             config.model.size = preset.size
             if preset.steps is not None and steps is None:
-                n = preset.steps[i]  # as demo_configs(steps=): warmup and logging fit the run
-                config.train.num_steps = n
-                config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, n // 10)
-                config.train.log_every = min(config.train.log_every, n)
+                set_steps(config, preset.steps[i])
             for key, value in SYSTEMS[system].items():
                 _set(config, key, value)
         stage2.model.init_from = os.path.join(run_dir, "stage1")
