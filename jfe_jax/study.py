@@ -71,8 +71,9 @@ def presets() -> dict[str, Preset]:
         "demo": Preset("demo", SyntheticConfig(), "tiny", None),
         # 240 test queries per task (one query moves a task by 0.42 points), pools that keep
         # chance at or under 4.8%, and the task that needs fusion by construction
-        # (infoseek_task6, jfe_jax/data/synthetic/spatial.py). The demo's model and steps: at
-        # 2 x 3 runs that is about 50 minutes on 2 cores (estimate_seconds); `mini` at these
+        # (infoseek_task6, jfe_jax/data/synthetic/spatial.py). The demo's model and recipe (its
+        # configs): 2 x 3 runs took 71 minutes on 2 cores at 245 GFLOP/s with the recipe
+        # before session 13 (estimate_seconds gives this machine's figure); `mini` at these
         # steps would take four times as long, over the study's 90-minute budget.
         "study": Preset("study", SyntheticConfig.study(), "tiny", None),
     }

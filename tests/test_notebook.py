@@ -27,6 +27,20 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     assert "positives:" in outputs
     assert os.path.isfile(tmp_path / "demo" / "eval" / "results.json")
 
+    # Stage 2 keeps the vision tower stage 1 trained (demo_stage2_config freezes it) and
+    # trains the decoder.
+    import jax
+    import numpy as np
+
+    from jfe_jax.train.checkpoint import restore_params
+
+    stage1, _ = restore_params(str(tmp_path / "demo" / "stage1"))
+    stage2, _ = restore_params(str(tmp_path / "demo" / "stage2"))
+    for before, after in zip(jax.tree.leaves(stage1["vision"]), jax.tree.leaves(stage2["vision"])):
+        np.testing.assert_array_equal(np.asarray(before), np.asarray(after))
+    text_pairs = zip(jax.tree.leaves(stage1["text"]), jax.tree.leaves(stage2["text"]))
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in text_pairs)
+
     # A second run on the finished workdir redoes nothing.
     from jfe_jax.demo import run_demo
 
