@@ -155,8 +155,9 @@ def demo_stage1_config() -> ml_collections.ConfigDict:
     c.optimizer.learning_rate = 1e-3
     c.optimizer.warmup_steps = 10
     c.optimizer.weight_decay = 0.0
-    # 900 steps: stage 2 keeps the vision tower this stage trains (demo_stage2_config).
-    # With 300 and a frozen tower the OVEN tasks fell under 5x chance (benchmarks/README.md).
+    # 900 steps: stage 2 keeps the vision tower this stage trains (demo_stage2_config). With
+    # 300 and a frozen tower the cross-modal tasks lost 20-40 points (average 56 against 76),
+    # with 600 oven_task8 fell under 5x chance (benchmarks/README.md, "Main job").
     c.train.num_steps = 900
     c.train.log_every = 10
     c.train.checkpoint_every_steps = 300
@@ -173,7 +174,7 @@ def demo_stage2_config() -> ml_collections.ConfigDict:
     # padded to 96 and 80 instead of 128 each, 22% more examples per second on 2 cores.
     c.optimizer.learning_rate = 1e-3
     # The vision tower stays as stage 1 left it (the real recipes never train it: LoRA on the
-    # decoder only, stage2_config): no backward pass through it, about 1.5x the steps per
+    # decoder only, stage2_config): no backward pass through it, 1.3-1.5x the steps per
     # second on 2 CPU cores (benchmarks/README.md, "Main job").
     c.optimizer.trainable = "freeze_vision"
     c.train.num_steps = 2400
