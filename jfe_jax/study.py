@@ -253,6 +253,10 @@ def _prepare_data(data_dir: str, preset: Preset, progress: bool) -> None:
     wanted = json.loads(json.dumps(dataclasses.asdict(preset.synthetic)))
     if os.path.isfile(manifest_path):
         have = _results(manifest_path).get("config")
+        if have is not None:
+            # Data written before a config field existed holds that field's default.
+            defaults = json.loads(json.dumps(dataclasses.asdict(type(preset.synthetic)())))
+            have = {**{k: v for k, v in defaults.items() if k not in have}, **have}
         if have is not None and have != wanted:
             raise ValueError(
                 f"{data_dir} holds synthetic data of another config than preset "

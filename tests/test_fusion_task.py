@@ -44,7 +44,9 @@ ONLY_SPATIAL = SyntheticConfig(
 )
 # Digest of SyntheticConfig()'s records (every file but the tokenizer; images by name only,
 # since PNG bytes follow the zlib build). Taken before infoseek_task6 existed: the demo's data.
-DEFAULT_RECORDS_DIGEST = "57b3a19e9890af21b0d428c4414c3c7de8215a14c9067d41d617f9e3108bc002"
+# Session 14 retook it when the manifest's config gained "num_grid_captions": 0, the only
+# difference (every other file byte-identical to the data before, compared with diff -r).
+DEFAULT_RECORDS_DIGEST = "598329a99185328e80723745e11a3204250580f656bd782d199c16048425efc9"
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -293,3 +295,39 @@ def test_study_preset_has_the_fusion_tasks_and_200_test_queries_each():
 def test_chance_is_k_over_the_pool(bench):
     manifest = json.loads((bench / "synthetic_manifest.json").read_text())
     assert chance_at_headline_k(manifest) == {TASK: 5 / 160}
+
+
+def test_grid_captions_list_a_train_grid_s_nine_objects_in_reading_order(tmp_path):
+    config = dataclasses.replace(ONLY_SPATIAL, num_grid_captions=6)
+    manifest = generate(tmp_path / "captions", config, progress=False)
+    root = tmp_path / "captions"
+    lines = [json.loads(x) for x in (root / "pairs/image_captions.jsonl").read_text().splitlines()]
+    assert manifest["pairs"]["image_captions"] == len(lines) == 2 + 6
+    assert len({line["id"] for line in lines}) == len(lines)
+    grids = lines[2:]
+    cells = list(spatial.GRID_CELLS.values())
+    for line in grids:
+        assert line["caption"].startswith("a grid of ") and "/train/" in line["image_path"]
+        objects = line["caption"].removeprefix("a grid of ").split(", ")
+        assert len(objects) == 9 and len(set(objects)) == 9, line["caption"]
+        with Image.open(root / line["image_path"]) as image:
+            assert image.size == spatial.GRID_CANVAS
+            pixels = np.asarray(image.convert("RGB"), np.int32)
+        # Reading order: the centre of the k-th cell has the k-th object's fill colour.
+        side = spatial.GRID_CANVAS[0] // 3
+        for (row, col), described in zip(cells, objects):
+            _, size, colour, shape = described.split(" ")
+            assert size in spatial.SIZES and shape in spatial.SHAPES
+            centre = pixels[row * side + side // 2, col * side + side // 2]
+            assert np.abs(centre - np.array(spatial.COLOURS[colour])).max() <= 20, described
+    # Deterministic per seed, and the captions come after the world's, which are unchanged.
+    again = generate(tmp_path / "again", config, progress=False)
+    assert again == manifest
+    assert (tmp_path / "again/pairs/image_captions.jsonl").read_bytes() == (
+        root / "pairs/image_captions.jsonl"
+    ).read_bytes()
+    plain = tmp_path / "plain"
+    generate(plain, ONLY_SPATIAL, progress=False)
+    assert (plain / "pairs/image_captions.jsonl").read_text().splitlines() == (
+        root / "pairs/image_captions.jsonl"
+    ).read_text().splitlines()[:2]

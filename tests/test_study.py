@@ -1,5 +1,6 @@
 """`jfe experiment fusion`: the study end to end at a toy size, its files, and a rerun."""
 
+import dataclasses
 import json
 import os
 
@@ -105,3 +106,23 @@ def test_steps_per_stage_and_size_override_the_preset_and_bad_ones_are_refused(t
     with pytest.raises(ValueError, match=r"steps must be an int or \(stage 1, stage 2\)"):
         study.run_fusion_study(str(workdir), synthetic=TOY, steps=(1, 2, 3), progress=False)
     assert not workdir.exists()  # refused before any data was generated
+
+
+def test_study_data_of_another_config_is_refused_and_older_data_is_reused(tmp_path):
+    data_dir = str(tmp_path / "data")
+    preset = study.Preset("toy", TOY, "tiny", (2, 2))
+    study._prepare_data(data_dir, preset, progress=False)
+    manifest_path = os.path.join(data_dir, "synthetic_manifest.json")
+    # Data written before a config field existed (here num_grid_captions) holds its default:
+    # reused as it is, not regenerated.
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    del manifest["config"]["num_grid_captions"]
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f)
+    before = os.stat(manifest_path).st_mtime_ns
+    study._prepare_data(data_dir, preset, progress=False)
+    assert os.stat(manifest_path).st_mtime_ns == before
+    other = study.Preset("toy", dataclasses.replace(TOY, num_grid_captions=4), "tiny", (2, 2))
+    with pytest.raises(ValueError, match="holds synthetic data of another config than preset"):
+        study._prepare_data(data_dir, other, progress=False)

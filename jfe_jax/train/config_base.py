@@ -52,6 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
     # evaluation pool), tasks drawn in proportion to their pairs; needs one query file per
     # task in the split (query/train/). False: batches mix tasks, as UniIR trains.
     c.data.task_batches = False
+    # With task_batches: ((task, weight), ...) draws each batch's task with probability
+    # weight / total (tasks not named weigh 1.0); empty: in proportion to the tasks' pairs.
+    c.data.task_weights = ()
     c.data.length_buckets = (64, 128, 256)  # padded sequence lengths (one program each)
     c.data.max_length = 256  # longer items raise, unless truncate_text
     c.data.truncate_text = False  # shorten only the text part of over-long items

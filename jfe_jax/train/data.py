@@ -85,6 +85,31 @@ class RoundRobin:
             self.iterators[name].set_state(value.encode("utf-8"))
 
 
+def task_weights(named: Any, sizes: dict[str, int]) -> dict[str, float]:
+    """The per-task batch weights of ``data.task_weights`` (``((task, weight), ...)``) over
+    the tasks in ``sizes`` ({task: training pairs}): named tasks get their weight, the others
+    1.0; nothing named: the pair counts."""
+    named = [tuple(pair) for pair in named or ()]
+    if not named:
+        return {name: float(size) for name, size in sizes.items()}
+    if any(len(pair) != 2 for pair in named):
+        raise ValueError(f"data.task_weights={named!r}: expected ((task, weight), ...) pairs")
+    unknown = sorted({task for task, _ in named} - set(sizes))
+    if unknown:
+        raise ValueError(
+            f"data.task_weights names {unknown}, which have no training queries here; the "
+            f"tasks are {sorted(sizes)}"
+        )
+    if len({task for task, _ in named}) != len(named):
+        raise ValueError(f"data.task_weights={named!r} names a task twice")
+    weights = {name: 1.0 for name in sizes}
+    for task, weight in named:
+        if not float(weight) > 0:
+            raise ValueError(f"data.task_weights: {task} has weight {weight}; expected > 0")
+        weights[task] = float(weight)
+    return weights
+
+
 def find_tokenizer_dir(config: ml_collections.ConfigDict) -> str:
     """data.tokenizer, else the init_from directory's, else ``<data.root>/tokenizer``."""
     candidates = [config.data.tokenizer] if config.data.tokenizer else []
@@ -272,7 +297,9 @@ def make_train_data(
                 )
             loaders[name] = make_train_loader(source, transform=transform, **loader_options)
         if d.task_batches:
-            log.info("one task per batch, drawn in proportion to its pairs: %s", sizes)
-            return RoundRobin(loaders, weights=sizes, seed=config.seed)
+            weights = task_weights(d.task_weights, sizes)
+            shares = {n: round(w / sum(weights.values()), 4) for n, w in weights.items()}
+            log.info("one task per batch; pairs %s, batch shares %s", sizes, shares)
+            return RoundRobin(loaders, weights=weights, seed=config.seed)
     log.info("training data: %s from %s (tokenizer %s)", sorted(loaders), d.root, tokenizer_dir)
     return RoundRobin(loaders)

@@ -100,6 +100,11 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
         raise ValueError(f"stage must be 'stage1' or 'stage2', got {config.stage!r}")
     if config.data.kind not in ("pairs", "mbeir"):
         raise ValueError(f"data.kind must be 'pairs' or 'mbeir', got {config.data.kind!r}")
+    if config.data.task_weights and not (config.data.kind == "mbeir" and config.data.task_batches):
+        raise ValueError(
+            f"data.task_weights={tuple(config.data.task_weights)!r} weighs the tasks of "
+            "one-task batches: it needs data.kind='mbeir' and data.task_batches=True"
+        )
     if config.train.num_steps < 1:
         raise ValueError(f"train.num_steps must be >= 1, got {config.train.num_steps}")
     if config.train.keep_checkpoints < 1:

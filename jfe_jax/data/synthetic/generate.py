@@ -36,7 +36,7 @@ from jfe_jax.data.mbeir import (
     headline_k,
     parse_task_name,
 )
-from jfe_jax.data.synthetic import pairs
+from jfe_jax.data.synthetic import pairs, spatial
 from jfe_jax.data.synthetic.builder import SPLITS, BenchmarkBuilder
 from jfe_jax.data.synthetic.tasks import TASK_BUILDERS
 from jfe_jax.data.synthetic.world import derive_seed
@@ -149,6 +149,9 @@ class SyntheticConfig:
     split_fractions: tuple[float, float, float] = (0.6, 0.15, 0.25)
     num_text_triples: int = 1000  # pairs/text_triples.jsonl
     num_image_captions: int = 1500  # pairs/image_captions.jsonl
+    # More pairs/image_captions.jsonl lines: 3x3 grid scenes of infoseek_task6 captioned with
+    # their nine objects (spatial.grid_captions), so stage 1 learns to see a grid's objects.
+    num_grid_captions: int = 0
     # tokenizer/: byte-level BPE trained on every text written, Qwen2-VL special tokens at
     # the end of the vocabulary (must equal the model's vocab_size: 512 for the tiny size,
     # 8192 for small); 0 writes no tokenizer.
@@ -397,6 +400,12 @@ def generate(
             bench,
             random.Random(derive_seed(config.seed, "image_captions")),
             config.num_image_captions,
+        )
+        captions += spatial.grid_captions(
+            bench,
+            random.Random(derive_seed(config.seed, "grid_captions")),
+            config.num_grid_captions,
+            first_id=len(captions),
         )
         bar.update()
         bar.set_postfix_str("writing")

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from typing import Any
 
 from PIL import Image, ImageDraw
 
@@ -275,3 +276,29 @@ def build_spatial_questions(
                     src=src,
                 )
                 made += 1
+
+
+def grid_captions(
+    bench: BenchmarkBuilder, rng: random.Random, count: int, first_id: int = 0
+) -> list[dict[str, Any]]:
+    """`count` stage-1 (image, caption) pairs of train-split grid scenes, in the format of
+    pairs.image_captions: the grid as infoseek_task6 draws it, captioned with its nine objects
+    in reading order ("a grid of a large red circle, a small blue star, ..."). They teach the
+    vision tower and the decoder to see the nine small objects of a grid in stage 1 (both
+    systems' towers: a late-fusion model reads the same captions); no caption names a cell."""
+    used: set[str] = set()
+    out = []
+    for n in range(count):
+        for _ in range(MAX_DRAWS):
+            scene = random_grid_scene(rng)
+            if scene.key not in used and bench.split_of(scene) == "train":
+                break
+        else:
+            raise ValueError(
+                f"grid captions: could not draw a new train-split grid after {MAX_DRAWS} draws"
+            )
+        used.add(scene.key)
+        image = bench.scene_image("pairs_images", scene, canvas=GRID_CANVAS, draw=render_grid)
+        caption = "a grid of " + ", ".join(o.describe() for o in scene.objects)
+        out.append({"id": f"ic:{first_id + n}", "image_path": image, "caption": caption})
+    return out
