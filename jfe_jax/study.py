@@ -53,6 +53,24 @@ SYSTEMS: dict[str, dict[str, Any]] = {
 }
 REFERENCE = "early"
 ABLATIONS = ("image", "text")  # the modality removed when measuring fusion need
+# The study preset's stage-2 batch weights (data.task_weights; tasks not named weigh 1.0).
+STUDY_TASK_WEIGHTS = (
+    ("infoseek_task6", 10.0),
+    ("oven_task6", 1.5),
+    ("oven_task8", 1.5),
+    *(
+        (task, 0.2)
+        for task in (
+            "cirr_task7",
+            "fashioniq_task7",
+            "mscoco_task0",
+            "mscoco_task3",
+            "nights_task4",
+            "webqa_task1",
+            "webqa_task2",
+        )
+    ),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +81,8 @@ class Preset:
     synthetic: SyntheticConfig
     size: str  # the named model size (jfe_jax.models.sizes)
     steps: tuple[int, int] | None  # (stage 1, stage 2) steps; None: the demo configs'
+    # Stage-2 config overrides for every system, ((dotted key, value), ...).
+    stage2: tuple[tuple[str, Any], ...] = ()
 
 
 def presets() -> dict[str, Preset]:
@@ -71,11 +91,28 @@ def presets() -> dict[str, Preset]:
         "demo": Preset("demo", SyntheticConfig(), "tiny", None),
         # 240 test queries per task (one query moves a task by 0.42 points), pools that keep
         # chance at or under 4.8%, and the task that needs fusion by construction
-        # (infoseek_task6, jfe_jax/data/synthetic/spatial.py). The demo's model and recipe (its
-        # configs): 2 x 3 runs took 71 minutes on 2 cores at 245 GFLOP/s with the recipe
-        # before session 13 (estimate_seconds gives this machine's figure); `mini` at these
-        # steps would take four times as long, over the study's 90-minute budget.
-        "study": Preset("study", SyntheticConfig.study(), "tiny", None),
+        # (infoseek_task6, jfe_jax/data/synthetic/spatial.py) with 9600 training queries and
+        # stage-1 captions of its grids (SyntheticConfig.study). The demo's model (`tiny`;
+        # `mini` costs four times as much per step, over the study's 90-minute budget) and
+        # recipe (stage 1 900 steps, stage 2 with the vision tower frozen), stage 2 3000
+        # steps instead of the demo's 2400 (estimate_seconds gives this machine's time).
+        #
+        # Stage 2 draws each batch from one task, the fusion task most often: alone it needs
+        # ~1500 steps of its own before it rises, where the other tasks pass 5x chance with a
+        # few dozen batches each after stage 1. Shares: infoseek_task6 69%, the OVEN tasks
+        # 10% each, the seven others 1.4% each. With 2400 steps it ended at 4.1x chance,
+        # with 3000 at 5.6x, every other task at 5.6x or more (one seed; session 14's runs,
+        # benchmarks/README.md, "Fusion study").
+        "study": Preset(
+            "study",
+            SyntheticConfig.study(),
+            "tiny",
+            (900, 3000),
+            stage2=(
+                ("data.task_batches", True),
+                ("data.task_weights", STUDY_TASK_WEIGHTS),
+            ),
+        ),
     }
 
 
@@ -102,6 +139,8 @@ def run_configs(workdir: str, preset: Preset, system: str, seed: int, steps: int
                 set_steps(config, preset.steps[i])
             for key, value in SYSTEMS[system].items():
                 _set(config, key, value)
+        for key, value in preset.stage2:
+            _set(stage2, key, value)
         stage2.model.init_from = os.path.join(run_dir, "stage1")
     return stage1, stage2, run_dir
 
@@ -233,6 +272,7 @@ def run_fusion_study(
         preset=preset,
         model_size=chosen.size,
         synthetic=dataclasses.asdict(chosen.synthetic),
+        stage2_overrides=[list(pair) for pair in chosen.stage2],
         steps={"stage1": stage1.train.num_steps, "stage2": stage2.train.num_steps}
         if len(stages) == 2
         else {"stage1": stage1.train.num_steps},

@@ -126,3 +126,20 @@ def test_study_data_of_another_config_is_refused_and_older_data_is_reused(tmp_pa
     other = study.Preset("toy", dataclasses.replace(TOY, num_grid_captions=4), "tiny", (2, 2))
     with pytest.raises(ValueError, match="holds synthetic data of another config than preset"):
         study._prepare_data(data_dir, other, progress=False)
+
+
+def test_study_preset_weighs_stage_2_batches_toward_the_fusion_task(tmp_path):
+    from jfe_jax.data.synthetic import STUDY_TASKS
+    from jfe_jax.train.data import task_weights
+
+    preset = study.presets()["study"]
+    for system in study.SYSTEMS:
+        stage1, stage2, _ = study.run_configs(str(tmp_path), preset, system, 0, None)
+        assert not stage1.data.task_batches and not stage1.data.task_weights
+        assert stage2.data.task_batches
+        assert {task for task, _ in stage2.data.task_weights} == set(STUDY_TASKS)
+        weights = task_weights(stage2.data.task_weights, dict.fromkeys(STUDY_TASKS, 300))
+        share = weights["infoseek_task6"] / sum(weights.values())
+        assert share > 0.6, share
+    assert preset.synthetic.num_grid_captions > 0
+    assert preset.synthetic.queries_per_task("train", "infoseek_task6") == 9600
