@@ -52,6 +52,11 @@ SYSTEMS: dict[str, dict[str, Any]] = {
     "late": {"model.fusion": "late"},
 }
 REFERENCE = "early"
+# A run's wall time against the demo's fitted time at the same steps (estimate_seconds). Late
+# fusion embeds an item's image and text in separate rows, more rows per step: session 14's
+# study preset took 612 s for an early run (its three evaluations included) and 1052 s for a
+# late one on 2 cores at 133 GFLOP/s, where the demo's fit gives 589 s.
+SYSTEM_COST = {"early": 1.05, "late": 1.8}
 ABLATIONS = ("image", "text")  # the modality removed when measuring fusion need
 # The study preset's stage-2 batch weights (data.task_weights; tasks not named weigh 1.0).
 STUDY_TASK_WEIGHTS = (
@@ -165,10 +170,10 @@ def per_query_hits(results: dict[str, Any]) -> dict[str, tuple[list[str], np.nda
     return out
 
 
-def estimate_seconds(preset: Preset, runs: int, gflops: float) -> float:
-    """Rough wall time of ``runs`` training runs plus their evaluations on this machine: the
-    demo's fitted time (``jfe_jax.demo``) scaled by the size's FLOPs per token against tiny's
-    and by the preset's steps (the fusion-need evaluations are not counted)."""
+def estimate_seconds(preset: Preset, systems: Sequence[str], seeds: int, gflops: float) -> float:
+    """Rough wall time of the study's runs plus their evaluations on this machine: the demo's
+    fitted time (``jfe_jax.demo``) scaled by the size's FLOPs per token against tiny's, by the
+    preset's steps and by each system's cost (SYSTEM_COST)."""
     from jfe_jax.demo import _DEMO_DEFAULT_STEPS, _DEMO_FIXED_S, _DEMO_GFLOP
     from jfe_jax.models.flops import text_forward_flops
     from jfe_jax.models.sizes import get_size
@@ -179,7 +184,8 @@ def estimate_seconds(preset: Preset, runs: int, gflops: float) -> float:
     steps = sum(preset.steps) if preset.steps else _DEMO_DEFAULT_STEPS
     # The demo's step is bound by memory traffic as much as by matmuls: all of it scales.
     demo = _DEMO_FIXED_S + _DEMO_GFLOP / gflops
-    return runs * demo * scale * steps / _DEMO_DEFAULT_STEPS
+    per_run = demo * scale * steps / _DEMO_DEFAULT_STEPS
+    return seeds * per_run * sum(SYSTEM_COST.get(system, 1.0) for system in systems)
 
 
 def run_fusion_study(
@@ -245,7 +251,7 @@ def run_fusion_study(
         preset,
         chosen.size,
         gflops,
-        estimate_seconds(chosen, len(runs), gflops) / 60,
+        estimate_seconds(chosen, systems, seeds, gflops) / 60,
     )
     start = time.perf_counter()
     bar = progress_bar(total=len(runs), desc="study runs", unit="run", disable=not progress)
