@@ -9,9 +9,9 @@ late fusion on tasks that need both modalities than on tasks that do not. The st
 2. reports per task, per JFE group and overall the mean headline recall with a 95% interval,
    and the paired difference of every system against the reference (``early``) with its
    interval, calling it a win only when the interval excludes zero (``jfe_jax.eval.stats``);
-3. measures each task's *fusion need* with the trained early-fusion models: the drop in a
-   query's hit from the full input to the better of the input without images and the input
-   without texts (removed from every query and candidate that has both;
+3. measures each task's *fusion need* with the trained early-fusion models: the drop in
+   recall from the full input to the better (by recall, per seed) of the input without images
+   and the input without texts (removed from every query and candidate that has both;
    ``evaluate_mbeir(drop=...)``), and fits early-minus-late difference against need over tasks:
    the slope and its interval are the claim as one number.
 
@@ -369,7 +369,9 @@ def collect(
                     for d in ABLATIONS
                 ]
                 for task, (_, values) in full.items():
-                    best_without = np.maximum.reduce([a[task][1] for a in ablated])
+                    # The better ablation of this seed, by its mean: its per-query hits (the
+                    # per-query maximum of both would score their union, above either one).
+                    best_without = max((a[task][1] for a in ablated), key=np.mean)
                     need_hits.setdefault(task, []).append(values - best_without)
     arrays = {s: {t: np.stack(v) for t, v in tasks.items()} for s, tasks in hits.items()}
     tasks = list(qids)

@@ -143,3 +143,29 @@ def test_study_preset_weighs_stage_2_batches_toward_the_fusion_task(tmp_path):
         assert share > 0.6, share
     assert preset.synthetic.num_grid_captions > 0
     assert preset.synthetic.queries_per_task("train", "infoseek_task6") == 9600
+
+
+def _write_hits(path, hits):
+    os.makedirs(path, exist_ok=True)
+    details = {
+        task: {"per_query": {"qids": [f"q{i}" for i in range(len(h))], "hit_at_5": list(h)}}
+        for task, h in hits.items()
+    }
+    with open(os.path.join(path, "results.json"), "w") as f:
+        json.dump({"details": details}, f)
+
+
+def test_fusion_need_is_the_drop_to_the_better_ablation_by_recall(tmp_path):
+    # Full input 3 of 6; without the text 2 of 6 and without the image 2 of 6, on different
+    # queries: their union (4 of 6) is above the full input, but either ablation alone is
+    # below it, so the need is 3/6 - 2/6, not 3/6 - 4/6.
+    full = [1, 1, 1, 0, 0, 0]
+    no_text = [1, 0, 0, 1, 0, 0]
+    no_image = [0, 1, 0, 0, 1, 0]
+    run = tmp_path / "early" / "seed0"
+    _write_hits(run / "eval", {"oven_task6": full})
+    _write_hits(run / "eval_no_text", {"oven_task6": no_text})
+    _write_hits(run / "eval_no_image", {"oven_task6": no_image})
+    _write_hits(tmp_path / "late" / "seed0" / "eval", {"oven_task6": [0, 1, 0, 0, 0, 0]})
+    result = study.collect(str(tmp_path), ["early", "late"], 1, replicates=200)
+    assert result["fusion_need"]["tasks"]["oven_task6"]["estimate"] == pytest.approx(1 / 6)
