@@ -129,6 +129,16 @@ def _set(config, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def _for_tasks(overrides: tuple[tuple[str, Any], ...], tasks: Sequence[str]):
+    """Stage-2 overrides for data holding only ``tasks``: task weights of the others dropped."""
+    out = []
+    for key, value in overrides:
+        if key == "data.task_weights":
+            value = tuple((task, weight) for task, weight in value if task in tasks)
+        out.append((key, value))
+    return tuple(out)
+
+
 def run_configs(workdir: str, preset: Preset, system: str, seed: int, steps: int | None):
     """The (stage 1, stage 2) configs of one run: the demo's, at the preset's size and steps,
     with the system's overrides and the seed."""
@@ -226,7 +236,9 @@ def run_fusion_study(
     systems = [REFERENCE, *[s for s in systems if s != REFERENCE]]
     chosen = all_presets[preset]
     if synthetic is not None:
-        chosen = dataclasses.replace(chosen, synthetic=synthetic)
+        chosen = dataclasses.replace(
+            chosen, synthetic=synthetic, stage2=_for_tasks(chosen.stage2, synthetic.tasks)
+        )
     if size is not None:
         from jfe_jax.models.sizes import get_size
 

@@ -169,3 +169,11 @@ def test_fusion_need_is_the_drop_to_the_better_ablation_by_recall(tmp_path):
     _write_hits(tmp_path / "late" / "seed0" / "eval", {"oven_task6": [0, 1, 0, 0, 0, 0]})
     result = study.collect(str(tmp_path), ["early", "late"], 1, replicates=200)
     assert result["fusion_need"]["tasks"]["oven_task6"]["estimate"] == pytest.approx(1 / 6)
+
+
+def test_study_preset_on_data_with_fewer_tasks_weighs_only_those(tmp_path):
+    # benchmarks/bench_fusion_task.py runs the study preset on infoseek_task6 alone.
+    preset = study.presets()["study"]
+    only = study._for_tasks(preset.stage2, ("infoseek_task6",))
+    assert dict(only)["data.task_weights"] == (("infoseek_task6", 10.0),)
+    assert dict(only)["data.task_batches"] is True
