@@ -106,8 +106,8 @@ def presets() -> dict[str, Preset]:
         # ~1500 steps of its own before it rises, where the other tasks pass 5x chance with a
         # few dozen batches each after stage 1. Shares: infoseek_task6 69%, the OVEN tasks
         # 10% each, the seven others 1.4% each. With 2400 steps it ended at 4.1x chance,
-        # with 3000 at 5.6x, every other task at 5.6x or more (one seed; session 14's runs,
-        # benchmarks/README.md, "Fusion study").
+        # with 3000 at 5.6x (seed 0; seed 1: 3.6x), every other task at 5.6x or more
+        # (session 14's runs, benchmarks/README.md, "Fusion study"): not yet 5x on every seed.
         "study": Preset(
             "study",
             SyntheticConfig.study(),
