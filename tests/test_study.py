@@ -140,7 +140,9 @@ def test_study_preset_weighs_stage_2_batches_toward_the_fusion_task(tmp_path):
         assert {task for task, _ in stage2.data.task_weights} == set(STUDY_TASKS)
         weights = task_weights(stage2.data.task_weights, dict.fromkeys(STUDY_TASKS, 300))
         share = weights["infoseek_task6"] / sum(weights.values())
-        assert share > 0.6, share
+        assert share > 0.7, share
+        # Constant after warmup: the fusion task is still rising when a cosine would end.
+        assert stage2.optimizer.end_learning_rate == stage2.optimizer.learning_rate
     assert preset.synthetic.num_grid_captions > 0
     assert preset.synthetic.queries_per_task("train", "infoseek_task6") == 9600
 
@@ -175,5 +177,7 @@ def test_study_preset_on_data_with_fewer_tasks_weighs_only_those(tmp_path):
     # benchmarks/bench_fusion_task.py runs the study preset on infoseek_task6 alone.
     preset = study.presets()["study"]
     only = study._for_tasks(preset.stage2, ("infoseek_task6",))
-    assert dict(only)["data.task_weights"] == (("infoseek_task6", 10.0),)
+    assert dict(only)["data.task_weights"] == (
+        ("infoseek_task6", dict(study.STUDY_TASK_WEIGHTS)["infoseek_task6"]),
+    )
     assert dict(only)["data.task_batches"] is True
