@@ -181,3 +181,29 @@ def test_study_preset_on_data_with_fewer_tasks_weighs_only_those(tmp_path):
         ("infoseek_task6", dict(study.STUDY_TASK_WEIGHTS)["infoseek_task6"]),
     )
     assert dict(only)["data.task_batches"] is True
+
+
+def test_study_says_which_tasks_a_system_has_not_learned(tmp_path):
+    from jfe_jax.data.synthetic.generate import MANIFEST_FILE, chance_at_headline_k
+
+    manifest = {"tasks": {"oven_task6": {"test": {"pool": 160}}}}
+    os.makedirs(tmp_path / "data")
+    with open(tmp_path / "data" / MANIFEST_FILE, "w") as f:
+        json.dump(manifest, f)
+    chance = chance_at_headline_k(manifest)["oven_task6"]
+    early = {0: [1] * 20 + [0] * 80, 1: [1] * 10 + [0] * 90}  # 20% and 10% recall
+    for seed, full in early.items():
+        run = tmp_path / "early" / f"seed{seed}"
+        for name in ("eval", "eval_no_text", "eval_no_image"):
+            _write_hits(run / name, {"oven_task6": full})
+        _write_hits(tmp_path / "late" / f"seed{seed}" / "eval", {"oven_task6": [1] * 30 + [0] * 70})
+    result = study.collect(str(tmp_path), ["early", "late"], 2, replicates=50)
+    multiples = result["chance_multiples"]
+    assert multiples["early"]["oven_task6"] == pytest.approx([0.2 / chance, 0.1 / chance], abs=1e-3)
+    assert 0.1 / chance < study.LEARNED_MULTIPLE < 0.2 / chance < 0.3 / chance
+    lines = study.learned_lines(result)
+    assert lines[0] == f"early is under 5x chance on: oven_task6 seed 1 ({0.1 / chance:.1f}x)."
+    assert lines[1].startswith("late reaches 5x chance or more on every task in every seed")
+    assert lines[0] in study.statement(result)
+    # Hits written without the data's manifest: no multiples, no such line.
+    assert study.learned_lines({"statistics": {}}) == []
