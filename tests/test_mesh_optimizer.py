@@ -34,7 +34,7 @@ from jfe_jax.train.optimizer import (
     param_labels,
     trainable_mask,
 )
-from jfe_jax.train.setup import build
+from jfe_jax.train.setup import build, make_lr_fn
 
 BATCH, FEATURES, NUM_HARD = 16, 16, 2
 MAX_RELATIVE_DIFFERENCE = 1e-5
@@ -280,6 +280,63 @@ def test_schedule_warms_up_linearly_then_decays_by_cosine():
         assert float(schedule(step)) == pytest.approx(expected(step), rel=1e-5, abs=1e-12)
     with pytest.raises(ValueError, match="warmup_steps < total_steps"):
         make_schedule(peak_learning_rate=1.0, warmup_steps=5, total_steps=5, end_learning_rate=0)
+
+
+def test_schedule_holds_the_peak_before_a_late_cosine_with_decay_fraction():
+    peak, end, warmup, total, fraction = 1e-3, 1e-5, 10, 110, 0.25
+    schedule = make_schedule(
+        peak_learning_rate=peak,
+        warmup_steps=warmup,
+        total_steps=total,
+        end_learning_rate=end,
+        decay_fraction=fraction,
+    )
+    decay = 25  # a quarter of the 100 steps after warmup, the last ones: 85..110
+
+    def expected(step):
+        if step < warmup:
+            return peak * step / warmup
+        if step < total - decay:
+            return peak
+        progress = min(step - (total - decay), decay) / decay
+        return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    for step in [0, 1, 5, 10, 11, 50, 84, 85, 86, 97, 109, 110, 500]:
+        assert float(schedule(step)) == pytest.approx(expected(step), rel=1e-5, abs=1e-12)
+    # 1.0 is the plain warmup + cosine, value for value.
+    plain = make_schedule(
+        peak_learning_rate=peak, warmup_steps=warmup, total_steps=total, end_learning_rate=end
+    )
+    full = make_schedule(
+        peak_learning_rate=peak,
+        warmup_steps=warmup,
+        total_steps=total,
+        end_learning_rate=end,
+        decay_fraction=1.0,
+    )
+    assert all(float(plain(t)) == float(full(t)) for t in range(0, 120, 7))
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="decay_fraction must be in"):
+            make_schedule(
+                peak_learning_rate=peak,
+                warmup_steps=warmup,
+                total_steps=total,
+                end_learning_rate=end,
+                decay_fraction=bad,
+            )
+
+
+def test_config_decay_fraction_reaches_the_trainer_schedule():
+    config = base_config()
+    config.train.num_steps = 100
+    config.optimizer.warmup_steps = 0
+    config.optimizer.learning_rate = 1e-3
+    assert make_lr_fn(config)(51) < 0.6e-3  # the plain cosine is halfway down at step 51
+    config.optimizer.decay_fraction = 0.2
+    assert make_lr_fn(config)(51) == pytest.approx(1e-3)  # held at the peak until step 80
+    # Step 100 runs the 100th update: the cosine over steps 80..100 at 19 of 20.
+    last = 1e-3 * 0.5 * (1 + math.cos(math.pi * 19 / 20))
+    assert make_lr_fn(config)(100) == pytest.approx(last, rel=1e-5)
 
 
 def test_trainable_mask_modes():

@@ -111,6 +111,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 1e-4  # peak, after warmup
     c.optimizer.end_learning_rate = 0.0  # cosine end value
+    # The cosine's share of the steps after warmup, the last ones; the peak holds before it
+    # (warmup-stable-decay). 1.0: cosine from the end of warmup.
+    c.optimizer.decay_fraction = 1.0
     c.optimizer.warmup_steps = 10
     c.optimizer.weight_decay = 0.01  # never on norms, biases and scalars
     c.optimizer.max_grad_norm = 1.0  # global-norm clipping; 0 disables

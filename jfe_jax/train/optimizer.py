@@ -43,23 +43,40 @@ def make_schedule(
     warmup_steps: int,
     total_steps: int,
     end_learning_rate: float,
+    decay_fraction: float = 1.0,
 ) -> optax.Schedule:
     """Linear warmup from 0 to the peak over ``warmup_steps``, then cosine decay to the end.
 
     ``total_steps`` counts the warmup too: the cosine reaches ``end_learning_rate`` at step
-    ``total_steps`` and stays there.
+    ``total_steps`` and stays there. ``decay_fraction`` < 1 holds the peak after warmup and
+    decays over that fraction of the steps after warmup only, the last ones (warmup, stable,
+    decay: "WSD"); 1 is the plain warmup + cosine.
     """
     if warmup_steps < 0 or total_steps <= warmup_steps:
         raise ValueError(
             f"the schedule needs 0 <= warmup_steps < total_steps, got warmup_steps="
             f"{warmup_steps}, total_steps={total_steps}"
         )
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=peak_learning_rate,
-        warmup_steps=warmup_steps,
-        decay_steps=total_steps,
-        end_value=end_learning_rate,
+    if not 0.0 < decay_fraction <= 1.0:
+        raise ValueError(f"decay_fraction must be in (0, 1], got {decay_fraction}")
+    if decay_fraction == 1.0:
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=peak_learning_rate,
+            warmup_steps=warmup_steps,
+            decay_steps=total_steps,
+            end_value=end_learning_rate,
+        )
+    decay_steps = max(1, round(decay_fraction * (total_steps - warmup_steps)))
+    stable_end = total_steps - decay_steps
+    alpha = end_learning_rate / peak_learning_rate if peak_learning_rate else 0.0
+    return optax.join_schedules(
+        [
+            optax.linear_schedule(0.0, peak_learning_rate, max(warmup_steps, 1)),
+            optax.constant_schedule(peak_learning_rate),
+            optax.cosine_decay_schedule(peak_learning_rate, decay_steps, alpha=alpha),
+        ],
+        boundaries=[warmup_steps, stable_end],
     )
 
 
@@ -131,13 +148,15 @@ def make_optimizer(
     eps: float = 1e-8,
     lr_multipliers: Mapping[str, float] | None = None,
     no_decay_pattern: str = NO_DECAY_PATTERN,
+    decay_fraction: float = 1.0,
 ) -> optax.GradientTransformation:
     """AdamW on a warmup + cosine schedule with global-norm clipping and parameter groups.
 
     It updates every parameter it is given: pass it the trainable ones only (module docstring).
 
     Args:
-      learning_rate, warmup_steps, total_steps, end_learning_rate: see make_schedule.
+      learning_rate, warmup_steps, total_steps, end_learning_rate, decay_fraction: see
+        make_schedule.
       weight_decay: decoupled decay (scaled by the learning rate, as in optax.adamw), applied
         only where decay_mask is True.
       max_grad_norm: clip the global gradient norm to this; None disables clipping.
@@ -151,6 +170,7 @@ def make_optimizer(
         warmup_steps=warmup_steps,
         total_steps=total_steps,
         end_learning_rate=end_learning_rate,
+        decay_fraction=decay_fraction,
     )
 
     def adamw(multiplier: float) -> optax.GradientTransformation:

@@ -396,6 +396,7 @@ def build_optimizer(config: ml_collections.ConfigDict, abstract_params: Any) -> 
         b2=config.optimizer.b2,
         eps=config.optimizer.eps,
         lr_multipliers=dict(config.optimizer.lr_multipliers),
+        decay_fraction=config.optimizer.get("decay_fraction", 1.0),
     )
     return optimizer, mask
 
@@ -406,6 +407,7 @@ def make_lr_fn(config):
         warmup_steps=config.optimizer.warmup_steps,
         total_steps=config.train.num_steps,
         end_learning_rate=config.optimizer.end_learning_rate,
+        decay_fraction=config.optimizer.get("decay_fraction", 1.0),
     )
     # The optimizer's count is the number of updates already applied when step `step` runs.
     return lambda step: float(schedule(step - 1))
