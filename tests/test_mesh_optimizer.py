@@ -283,14 +283,11 @@ def test_schedule_warms_up_linearly_then_decays_by_cosine():
 
 
 def test_schedule_holds_the_peak_before_a_late_cosine_with_decay_fraction():
-    peak, end, warmup, total, fraction = 1e-3, 1e-5, 10, 110, 0.25
-    schedule = make_schedule(
-        peak_learning_rate=peak,
-        warmup_steps=warmup,
-        total_steps=total,
-        end_learning_rate=end,
-        decay_fraction=fraction,
+    peak, end, warmup, total = 1e-3, 1e-5, 10, 110
+    settings = dict(
+        peak_learning_rate=peak, warmup_steps=warmup, total_steps=total, end_learning_rate=end
     )
+    schedule = make_schedule(**settings, decay_fraction=0.25)
     decay = 25  # a quarter of the 100 steps after warmup, the last ones: 85..110
 
     def expected(step):
@@ -304,26 +301,12 @@ def test_schedule_holds_the_peak_before_a_late_cosine_with_decay_fraction():
     for step in [0, 1, 5, 10, 11, 50, 84, 85, 86, 97, 109, 110, 500]:
         assert float(schedule(step)) == pytest.approx(expected(step), rel=1e-5, abs=1e-12)
     # 1.0 is the plain warmup + cosine, value for value.
-    plain = make_schedule(
-        peak_learning_rate=peak, warmup_steps=warmup, total_steps=total, end_learning_rate=end
-    )
-    full = make_schedule(
-        peak_learning_rate=peak,
-        warmup_steps=warmup,
-        total_steps=total,
-        end_learning_rate=end,
-        decay_fraction=1.0,
-    )
+    plain = make_schedule(**settings)
+    full = make_schedule(**settings, decay_fraction=1.0)
     assert all(float(plain(t)) == float(full(t)) for t in range(0, 120, 7))
     for bad in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="decay_fraction must be in"):
-            make_schedule(
-                peak_learning_rate=peak,
-                warmup_steps=warmup,
-                total_steps=total,
-                end_learning_rate=end,
-                decay_fraction=bad,
-            )
+            make_schedule(**settings, decay_fraction=bad)
 
 
 def test_config_decay_fraction_reaches_the_trainer_schedule():
