@@ -10,6 +10,7 @@ from jfe_jax.data.late_fusion import late_collate
 from jfe_jax.data.tokenizer import build_tokenizer
 from jfe_jax.encoder import Encoder
 from jfe_jax.index.embedder import Item, ItemEmbedder
+from jfe_jax.models import flops
 from jfe_jax.models.sizes import get_size
 from jfe_jax.train.step import TrainState, make_loss_and_grad
 
@@ -88,3 +89,75 @@ def test_train_step_accepts_late_fusion_batches(embedders):
     assert np.isfinite(float(loss))
     norms = [float(jnp.linalg.norm(g)) for g in jax.tree_util.tree_leaves(grads["vision"])]
     assert max(norms) > 0  # the image parts reach the vision tower
+
+
+def _filled(side):
+    """The side with a part no row has filled with the other part (masked out): what
+    late_collate built before it left such parts out."""
+    (part, _), *rest = side.parts()
+    assert not rest  # one part only
+    return side.replace(text=part, image=part)
+
+
+def _caption_batch(late):
+    # Stage 1's shape: text-only queries, image-only candidates.
+    queries = [late.process(Item(text=w)) for w in ("red circle", "green", "blue top", "square")]
+    candidates = [late.process(Item(image=f"{i}.png")) for i in range(4)]
+    return {
+        "query": late_collate(queries, late._collate, late.patch_budget),
+        "candidate": late_collate(candidates, late._collate, late.patch_budget),
+        "query_key": np.arange(4, dtype=np.int32),
+        "candidate_key": np.arange(4, dtype=np.int32),
+    }
+
+
+def test_a_part_no_item_has_is_left_out_and_embeds_as_when_filled(embedders):
+    _, late = embedders
+    batch = _caption_batch(late)
+    query, candidate = batch["query"], batch["candidate"]
+    assert query.image is None and query.text is not None
+    assert candidate.text is None and candidate.image is not None
+    # a mixed side keeps both parts (the absent rows filled and masked)
+    mixed = late_collate(
+        [late.process(Item(text="red")), late.process(Item(image="0.png"))],
+        late._collate,
+        late.patch_budget,
+    )
+    assert mixed.text is not None and mixed.image is not None
+    np.testing.assert_array_equal(mixed.has_image, [0.0, 1.0])
+
+    module, params = late.encoder.module, {"params": late.encoder.params}
+    for side in (query, candidate):
+        alone, out = module.apply(params, side)
+        filled, _ = module.apply(params, _filled(side))
+        np.testing.assert_allclose(np.asarray(alone), np.asarray(filled), atol=1e-6)
+        assert len(out) == 1  # the one part's embedding
+    config = late.encoder.config
+    for side in (query, candidate):  # the FLOPs counted are the one part's, half the filled
+        assert flops.batch_forward_flops(config, side) == pytest.approx(
+            flops.batch_forward_flops(config, _filled(side)) / 2
+        )
+
+
+@pytest.mark.parametrize("chunk", [0, 2])
+def test_train_step_on_one_part_sides_matches_the_filled_batch(embedders, chunk):
+    _, late = embedders
+    batch = _caption_batch(late)
+    filled = dict(batch, query=_filled(batch["query"]), candidate=_filled(batch["candidate"]))
+    params = late.encoder.params
+    state = TrainState(step=jnp.zeros((), jnp.int32), trainable=params, frozen={}, opt_state=None)
+    fn = jax.jit(
+        make_loss_and_grad(
+            late.encoder.module,
+            learn_temperature=False,
+            symmetric=True,
+            mask_false_negatives=True,
+            grad_cache_chunk=chunk,
+        )
+    )
+    (loss, _), grads = fn(state, batch)
+    (loss_filled, _), grads_filled = fn(state, filled)
+    np.testing.assert_allclose(float(loss), float(loss_filled), rtol=1e-6)
+    for g, h in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_filled)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(h), atol=1e-6)
+    assert max(float(jnp.linalg.norm(g)) for g in jax.tree_util.tree_leaves(grads["vision"])) > 0

@@ -65,14 +65,20 @@ def late_collate(
 ) -> LateFusionBatch:
     """Collates the text parts and the image parts into two batches plus presence masks.
 
-    A missing part is filled with the item's other part (same shapes for every row) and
-    masked out by ``has_text``/``has_image``.
+    A part that no item has is None: the tower does not run on it, so a side of text-only
+    queries or an image-only pool costs one pass, not two. A part that only some items lack is
+    filled with the item's other part (same shapes for every row) and masked out by
+    ``has_text``/``has_image``. Either way the embeddings are the same; the batch's structure
+    (which parts it has) then varies with its items as its length bucket does, one compiled
+    program per kind, and on several hosts every host's share must have the same parts.
     """
     texts = [it.text if it.text is not None else it.image for it in items]
     images = [it.image if it.image is not None else it.text for it in items]
+    any_text = any(it.text is not None for it in items)
+    any_image = any(it.image is not None for it in items)
     return LateFusionBatch(
-        text=collate(texts, budget),
-        image=collate(images, budget),
+        text=collate(texts, budget) if any_text else None,
+        image=collate(images, budget) if any_image else None,
         has_text=np.array([it.text is not None for it in items], np.float32),
         has_image=np.array([it.image is not None for it in items], np.float32),
     )

@@ -157,7 +157,8 @@ class VisionPackedBatch(_Fields):
 @struct.dataclass
 class LateFusionBatch(_Fields):
     """The late-fusion baseline's side: each item's ``text`` and ``image`` parts as two model
-    batches of the same rows, and ``has_text``/``has_image [B]`` (1.0 where the part exists)."""
+    batches of the same rows, and ``has_text``/``has_image [B]`` (1.0 where the part exists).
+    A part no row has is None (``jfe_jax.data.late_fusion.late_collate``)."""
 
     text: Any
     image: Any
@@ -167,6 +168,12 @@ class LateFusionBatch(_Fields):
     @property
     def num_items(self) -> int:
         return self.has_text.shape[0]
+
+    def parts(self) -> list[tuple[Any, Array]]:
+        """The parts the batch holds, each with its presence mask: (text, has_text) and
+        (image, has_image), without a part that is None."""
+        pairs = ((self.text, self.has_text), (self.image, self.has_image))
+        return [(part, present) for part, present in pairs if part is not None]
 
 
 ModelBatch = EarlyBatch | PackedBatch | VisionPackedBatch | LateFusionBatch
@@ -215,8 +222,8 @@ def _model_batch(value: Mapping[str, Any]) -> ModelBatch:
     keys = set(value)
     if "has_text" in keys:
         return LateFusionBatch(
-            text=_model_batch(value["text"]),
-            image=_model_batch(value["image"]),
+            text=None if value["text"] is None else _model_batch(value["text"]),
+            image=None if value["image"] is None else _model_batch(value["image"]),
             has_text=value["has_text"],
             has_image=value["has_image"],
         )

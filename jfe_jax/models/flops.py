@@ -71,9 +71,7 @@ def batch_forward_flops(config: ModelConfig, model_batch: Any) -> float:
     """Forward FLOPs of one model batch (shapes only; late-fusion batches: both parts)."""
     model_batch = as_batch(model_batch)
     if isinstance(model_batch, LateFusionBatch):
-        return sum(
-            batch_forward_flops(config, part) for part in (model_batch.text, model_batch.image)
-        )
+        return sum(batch_forward_flops(config, part) for part, _ in model_batch.parts())
     rows, length = text_rows(model_batch).input_ids.shape
     return text_forward_flops(config, rows, length) + batch_vision_flops(config, model_batch)
 
@@ -155,7 +153,7 @@ def batch_required_flops(
             batch_required_flops(
                 config, part, trainable=trainable, lora_rank=lora_rank, lora_targets=lora_targets
             )
-            for part in (model_batch.text, model_batch.image)
+            for part, _ in model_batch.parts()
         )
     rows, length = text_rows(model_batch).input_ids.shape
     pooled = model_batch.num_items

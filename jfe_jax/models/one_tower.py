@@ -195,16 +195,18 @@ class OneTowerEncoder(nn.Module):
 
     def late_fusion(self, batch: LateFusionBatch) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The late-fusion baseline (``jfe_jax.data.late_fusion``): text and image parts
-        embedded apart by this same tower, summed where present, renormalised."""
-        text_embedding, _ = self(batch.text)
-        image_embedding, _ = self(batch.image)
-        fused = (
-            batch.has_text[:, None] * text_embedding + batch.has_image[:, None] * image_embedding
-        )
-        return l2_normalize(fused), {
-            "text_embedding": text_embedding,
-            "image_embedding": image_embedding,
-        }
+        embedded apart by this same tower, summed where present, renormalised. A part no row
+        has (None) is not run; its embedding is absent from the returned dict."""
+        fused, out = 0.0, {}
+        for name, part, present in (
+            ("text", batch.text, batch.has_text),
+            ("image", batch.image, batch.has_image),
+        ):
+            if part is None:
+                continue
+            out[f"{name}_embedding"], _ = self(part)
+            fused = fused + present[:, None] * out[f"{name}_embedding"]
+        return l2_normalize(fused), out
 
     def scale(self) -> jax.Array:
         """``exp(logit_scale)`` = 1 / temperature."""

@@ -130,7 +130,10 @@ def padding_counts(batch: Any, config: ModelConfig | None = None) -> dict[str, i
     batch = as_batch(batch)
     if isinstance(batch, (EarlyBatch, VisionPackedBatch)):
         return _model_batch_counts(batch, config)
-    parts = [batch.text, batch.image] if isinstance(batch, LateFusionBatch) else batch.sides()
+    if isinstance(batch, LateFusionBatch):
+        parts = [part for part, _ in batch.parts()]
+    else:
+        parts = batch.sides()
     totals = dict.fromkeys(_COUNTS, 0)
     for part in parts:
         for name, value in padding_counts(part, config).items():

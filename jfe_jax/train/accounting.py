@@ -52,7 +52,7 @@ def batch_counts(config: ModelConfig, batch: Any) -> dict[str, jax.Array]:
     totals = dict.fromkeys(COUNTS, jnp.zeros((), jnp.float32))
     for side in flops.model_sides(batch):
         if isinstance(side, LateFusionBatch):
-            parts = [(side.text, side.has_text), (side.image, side.has_image)]
+            parts = side.parts()
         else:
             parts = [(side, None)]
         for part, present in parts:

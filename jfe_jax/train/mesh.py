@@ -200,8 +200,10 @@ def _globalize_side(side: Any, mesh: Mesh, local_shards: int) -> Any:
     side's ``image_token_index`` (and its text rows'), a late-fusion side's parts."""
     if isinstance(side, LateFusionBatch):
         return side.replace(
-            text=_globalize_side(side.text, mesh, local_shards),
-            image=_globalize_side(side.image, mesh, local_shards),
+            **{
+                name: None if part is None else _globalize_side(part, mesh, local_shards)
+                for name, part in (("text", side.text), ("image", side.image))
+            }
         )
     if isinstance(side, PackedBatch):
         positions = _global_row_positions(

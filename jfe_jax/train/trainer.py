@@ -317,5 +317,8 @@ def _window_scalars(
 
 def _side_shape(side: Any) -> Any:
     if isinstance(side, LateFusionBatch):
-        return {"text": _side_shape(side.text), "image": _side_shape(side.image)}
+        return {
+            name: None if part is None else _side_shape(part)
+            for name, part in (("text", side.text), ("image", side.image))
+        }
     return text_rows(side).input_ids.shape
