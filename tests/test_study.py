@@ -131,6 +131,7 @@ def test_study_data_of_another_config_is_refused_and_older_data_is_reused(tmp_pa
 def test_study_preset_weighs_stage_2_batches_toward_the_fusion_task(tmp_path):
     from jfe_jax.data.synthetic import STUDY_TASKS
     from jfe_jax.train.data import task_weights
+    from jfe_jax.train.setup import make_lr_fn
 
     preset = study.presets()["study"]
     for system in study.SYSTEMS:
@@ -141,8 +142,14 @@ def test_study_preset_weighs_stage_2_batches_toward_the_fusion_task(tmp_path):
         weights = task_weights(stage2.data.task_weights, dict.fromkeys(STUDY_TASKS, 300))
         share = weights["infoseek_task6"] / sum(weights.values())
         assert share > 0.7, share
-        # Constant after warmup: the fusion task is still rising when a cosine would end.
-        assert stage2.optimizer.end_learning_rate == stage2.optimizer.learning_rate
+        # The peak held until the last fifth of the steps (the fusion task is still rising
+        # when a cosine over all of them would end), then annealed to zero.
+        lr, steps = make_lr_fn(stage2), stage2.train.num_steps
+        peak = stage2.optimizer.learning_rate
+        assert lr(stage2.optimizer.warmup_steps + 1) == pytest.approx(peak)
+        assert lr(int(0.75 * steps)) == pytest.approx(peak)
+        assert lr(int(0.9 * steps)) < 0.7 * peak
+        assert lr(steps) < 1e-3 * peak
     assert preset.synthetic.num_grid_captions > 0
     assert preset.synthetic.queries_per_task("train", "infoseek_task6") == 9600
 
