@@ -52,10 +52,11 @@ SYSTEMS: dict[str, dict[str, Any]] = {
     "late": {"model.fusion": "late"},
 }
 REFERENCE = "early"
-# A run's wall time against the demo's fitted time at the same steps (estimate_seconds). Late
-# fusion embeds an item's image and text in separate rows, more rows per step: session 14's
-# study preset took 612 s for an early run (its three evaluations included) and 1052 s for a
-# late one on 2 cores at 133 GFLOP/s, where the demo's fit gives 589 s.
+# A run's wall time against the demo's fitted time at the same steps (estimate_seconds), where
+# a preset does not measure its own (Preset.cost). Late fusion embeds an item's image and text
+# in separate rows, more rows per step where items have both: session 14's study preset took
+# 612 s for an early run (its three evaluations included) and 1052 s for a late one on 2 cores
+# at 133 GFLOP/s, where the demo's fit gives 589 s.
 SYSTEM_COST = {"early": 1.05, "late": 1.8}
 ABLATIONS = ("image", "text")  # the modality removed when measuring fusion need
 # A task counts as learned by a system at this multiple of its chance recall (issue 16's bar):
@@ -77,6 +78,12 @@ class Preset:
     steps: tuple[int, int] | None  # (stage 1, stage 2) steps; None: the demo configs'
     # Stage-2 config overrides for every system, ((dotted key, value), ...).
     stage2: tuple[tuple[str, Any], ...] = ()
+    # Measured run costs, ((system, multiple of the demo's fitted time), ...); a system not
+    # here costs SYSTEM_COST's.
+    cost: tuple[tuple[str, float], ...] = ()
+
+    def system_cost(self, system: str) -> float:
+        return dict(self.cost).get(system, SYSTEM_COST.get(system, 1.0))
 
 
 def presets() -> dict[str, Preset]:
@@ -182,7 +189,7 @@ def per_query_hits(results: dict[str, Any]) -> dict[str, tuple[list[str], np.nda
 def estimate_seconds(preset: Preset, systems: Sequence[str], seeds: int, gflops: float) -> float:
     """Rough wall time of the study's runs plus their evaluations on this machine: the demo's
     fitted time (``jfe_jax.demo``) scaled by the size's FLOPs per token against tiny's, by the
-    preset's steps and by each system's cost (SYSTEM_COST)."""
+    preset's steps and by each system's cost (``Preset.system_cost``)."""
     from jfe_jax.demo import _DEMO_DEFAULT_STEPS, _DEMO_FIXED_S, _DEMO_GFLOP
     from jfe_jax.models.flops import text_forward_flops
     from jfe_jax.models.sizes import get_size
@@ -194,7 +201,7 @@ def estimate_seconds(preset: Preset, systems: Sequence[str], seeds: int, gflops:
     # The demo's step is bound by memory traffic as much as by matmuls: all of it scales.
     demo = _DEMO_FIXED_S + _DEMO_GFLOP / gflops
     per_run = demo * scale * steps / _DEMO_DEFAULT_STEPS
-    return seeds * per_run * sum(SYSTEM_COST.get(system, 1.0) for system in systems)
+    return seeds * per_run * sum(preset.system_cost(system) for system in systems)
 
 
 def run_fusion_study(

@@ -164,6 +164,22 @@ def _write_hits(path, hits):
         json.dump({"details": details}, f)
 
 
+def test_the_estimate_uses_the_presets_measured_costs_and_the_default_elsewhere():
+    base = study.Preset("toy", TOY, "tiny", (100, 200))
+    measured = dataclasses.replace(base, cost=(("late", 3.0),))
+    assert measured.system_cost("late") == 3.0
+    assert measured.system_cost("early") == study.SYSTEM_COST["early"]
+    for systems, ratio in ((("late",), 3.0 / study.SYSTEM_COST["late"]), (("early",), 1.0)):
+        assert study.estimate_seconds(measured, systems, 2, 150.0) == pytest.approx(
+            ratio * study.estimate_seconds(base, systems, 2, 150.0)
+        )
+    # seeds and steps scale it
+    longer = dataclasses.replace(base, steps=(200, 400))
+    assert study.estimate_seconds(longer, ("early",), 3, 150.0) == pytest.approx(
+        6.0 * study.estimate_seconds(base, ("early",), 1, 150.0)
+    )
+
+
 def test_fusion_need_is_the_drop_to_the_better_ablation_by_recall(tmp_path):
     # Full input 3 of 6; without the text 2 of 6 and without the image 2 of 6, on different
     # queries: their union (4 of 6) is above the full input, but either ablation alone is
