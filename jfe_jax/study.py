@@ -123,6 +123,9 @@ def presets() -> dict[str, Preset]:
                 ("optimizer.end_learning_rate", 0.0),
                 ("optimizer.decay_fraction", 0.2),
             ),
+            # Session 16's 2 x 3 study at 135 GFLOP/s, where the demo's fit gives 583 s at
+            # these steps: early 702-780 s a run (three evaluations), late 977-1000 s.
+            cost=(("early", 1.25), ("late", 1.7)),
         ),
     }
 
