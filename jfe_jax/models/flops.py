@@ -68,7 +68,7 @@ def batch_vision_flops(config: ModelConfig, model_batch: Any) -> float:
 
 
 def batch_forward_flops(config: ModelConfig, model_batch: Any) -> float:
-    """Forward FLOPs of one model batch (shapes only; late-fusion batches: both parts)."""
+    """Forward FLOPs of one model batch (shapes only; late-fusion batches: the parts held)."""
     model_batch = as_batch(model_batch)
     if isinstance(model_batch, LateFusionBatch):
         return sum(batch_forward_flops(config, part) for part, _ in model_batch.parts())
