@@ -13,12 +13,15 @@ late fusion on tasks that need both modalities than on tasks that do not. The st
    recall from the full input to the better (by recall, per seed) of the input without images
    and the input without texts (removed from every query and candidate that has both;
    ``evaluate_mbeir(drop=...)``), and fits early-minus-late difference against need over tasks:
-   the slope and its interval are the claim as one number.
+   the slope and its interval are the claim as one number, stated (either way) only when
+   every compared system is at LEARNED_MULTIPLE x chance or more on every task of the fit in
+   every seed; otherwise the study says "no conclusion" and names the tasks (``conclusion``).
 
 Layout of ``<workdir>``: ``data/`` (the preset's synthetic benchmark), ``<system>/seed<k>/``
 (``stage1``, ``stage2``, ``eval``, and for early fusion ``eval_no_image``, ``eval_no_text``),
-and ``fusion/``: ``study.json`` (settings, every run's per-query hits, the statistics),
-``table.txt``, ``study.png`` (means with intervals) and ``need.png`` (difference against need).
+and ``fusion/``: ``study.json`` (settings, every run's per-query hits, the statistics, the
+conclusion), ``table.txt``, ``study.png`` (means with intervals) and ``need.png`` (difference
+against need).
 Every run is resumable: a rerun skips finished stages, so Ctrl-C and a rerun lose little.
 """
 
@@ -432,6 +435,7 @@ def collect(
         "fusion_need": need_section,
     }
     result.update(_chance_multiples(workdir, arrays))
+    result["conclusion"] = conclusion(result)
     return result
 
 
@@ -482,6 +486,42 @@ def learned_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _under_learned(result: dict[str, Any], system: str, tasks: Sequence[str]) -> list[str]:
+    """The tasks of ``tasks`` on which ``system`` is under LEARNED_MULTIPLE x chance in some
+    seed."""
+    multiples = result["chance_multiples"][system]
+    return [t for t in tasks if t not in multiples or min(multiples[t]) < LEARNED_MULTIPLE]
+
+
+def conclusion(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per system compared with the reference: whether the study may state the claim (the
+    slope's verdict, either way), ``{"stated": bool, "reason": str | None}``.
+
+    Only when both systems reach LEARNED_MULTIPLE x chance on every task of the fit in every
+    seed: a slope over tasks a system has not learned says nothing about where the modalities
+    should meet. The reason has one clause per system under the bar, naming its tasks."""
+    out = {}
+    for system, relation in result["fusion_need"]["relation"].items():
+        if "slope" not in relation:
+            out[system] = {"stated": False, "reason": f"no slope: {relation['error']}"}
+            continue
+        if "chance_multiples" not in result:
+            out[system] = {
+                "stated": False,
+                "reason": "chance recall unknown (no data manifest): whether the systems "
+                "learned the tasks cannot be checked",
+            }
+            continue
+        clauses = []
+        for name in (REFERENCE, system):
+            under = _under_learned(result, name, relation["tasks"])
+            if under:
+                clauses.append(f"{name} under {LEARNED_MULTIPLE:g}x chance on {', '.join(under)}")
+        reason = "; ".join(clauses) or None
+        out[system] = {"stated": reason is None, "reason": reason}
+    return out
+
+
 def statement(result: dict[str, Any]) -> str:
     """What the study shows and does not show, in plain words, whatever the outcome."""
     comparison = result["statistics"]
@@ -500,7 +540,13 @@ def statement(result: dict[str, Any]) -> str:
             f"[{-100 * avg['high']:+.1f}, {-100 * avg['low']:+.1f}]: {avg['decision']}."
         )
         relation = result["fusion_need"]["relation"].get(system, {})
-        if "slope" in relation:
+        decided = (result.get("conclusion") or conclusion(result))[system]
+        if "slope" not in relation:
+            lines.append(
+                f"Slope of ({REFERENCE} - {system}) over fusion need: no conclusion: "
+                f"{decided['reason']}."
+            )
+        else:
             s = relation["slope"]
             verdict = {
                 "positive": "early fusion's advantage grows with the task's fusion need, as JFE "
@@ -510,6 +556,8 @@ def statement(result: dict[str, Any]) -> str:
                 "no decision": "the relation between advantage and fusion need is not decided "
                 "by these runs",
             }[s["decision"]]
+            if not decided["stated"]:
+                verdict = f"no conclusion: {decided['reason']}"
             lines.append(
                 f"Slope of ({REFERENCE} - {system}) over fusion need across "
                 f"{len(relation['tasks'])} tasks: {s['estimate']:+.2f} "

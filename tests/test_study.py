@@ -230,3 +230,70 @@ def test_study_says_which_tasks_a_system_has_not_learned(tmp_path):
     assert lines[0] in study.statement(result)
     # Hits written without the data's manifest: no multiples, no such line.
     assert study.learned_lines({"statistics": {}}) == []
+
+
+THREE_TASKS = ("mscoco_task0", "oven_task6", "cirr_task7")
+
+
+def _hand_study(tmp_path, late_recall, seeds=2):
+    """A study's evaluations written by hand on a 1000-item pool per task (chance 0.5%): early
+    fusion at 50% recall on every task, with fusion needs 0, 0.25 and 0.4; late fusion at
+    ``late_recall[task]``."""
+    from jfe_jax.data.synthetic.generate import MANIFEST_FILE
+
+    os.makedirs(tmp_path / "data")
+    with open(tmp_path / "data" / MANIFEST_FILE, "w") as f:
+        json.dump({"tasks": {t: {"test": {"pool": 1000}} for t in THREE_TASKS}}, f)
+    full = [1] * 10 + [0] * 10
+    ablated = {"mscoco_task0": full, "oven_task6": [1] * 5 + [0] * 15, "cirr_task7": [0] * 20}
+    for seed in range(seeds):
+        run = tmp_path / "early" / f"seed{seed}"
+        _write_hits(run / "eval", dict.fromkeys(THREE_TASKS, full))
+        _write_hits(run / "eval_no_text", ablated)
+        _write_hits(run / "eval_no_image", ablated)
+        late = {t: [1] * round(20 * r) + [0] * (20 - round(20 * r)) for t, r in late_recall.items()}
+        _write_hits(tmp_path / "late" / f"seed{seed}" / "eval", late)
+    return study.collect(str(tmp_path), ["early", "late"], seeds, replicates=50)
+
+
+def test_a_study_whose_systems_did_not_learn_states_no_conclusion(tmp_path):
+    # Late fusion at 0% (under 5x chance) on two tasks: the slope is computed, but its verdict
+    # is not stated, whatever its sign, and study.json records why.
+    result = _hand_study(tmp_path, {"mscoco_task0": 0.5, "oven_task6": 0.0, "cirr_task7": 0.0})
+    assert "slope" in result["fusion_need"]["relation"]["late"]
+    reason = "late under 5x chance on oven_task6, cirr_task7"
+    assert result["conclusion"] == {"late": {"stated": False, "reason": reason}}
+    text = study.statement(result)
+    assert f"no conclusion: {reason}." in text
+    assert "JFE claims" not in text and "against JFE's claim" not in text
+    assert "not decided by these runs" not in text
+    study.write_study(str(tmp_path), result)
+    with open(tmp_path / "fusion" / "study.json") as f:
+        assert json.load(f)["conclusion"]["late"] == {"stated": False, "reason": reason}
+
+
+def test_no_conclusion_names_every_system_under_the_bar(tmp_path):
+    _hand_study(tmp_path, {"mscoco_task0": 0.5, "oven_task6": 0.5, "cirr_task7": 0.0})
+    # Early fusion's seed 1 at 0% on oven_task6: one seed under the bar is enough.
+    hits = {**dict.fromkeys(THREE_TASKS, [1] * 10 + [0] * 10), "oven_task6": [0] * 20}
+    _write_hits(tmp_path / "early" / "seed1" / "eval", hits)
+    result = study.collect(str(tmp_path), ["early", "late"], 2, replicates=50)
+    assert result["conclusion"]["late"]["reason"] == (
+        "early under 5x chance on oven_task6; late under 5x chance on cirr_task7"
+    )
+    # Without the data's manifest chance is unknown: no conclusion either.
+    os.remove(tmp_path / "data" / "synthetic_manifest.json")
+    result = study.collect(str(tmp_path), ["early", "late"], 2, replicates=50)
+    assert not result["conclusion"]["late"]["stated"]
+    assert "chance recall unknown" in study.statement(result)
+
+
+def test_a_study_whose_systems_learned_states_the_claim(tmp_path):
+    # Late fusion at 50% where fusion is not needed, 10% (20x chance) where it is: early
+    # fusion's advantage grows with the need.
+    result = _hand_study(tmp_path, {"mscoco_task0": 0.5, "oven_task6": 0.3, "cirr_task7": 0.1})
+    assert result["conclusion"] == {"late": {"stated": True, "reason": None}}
+    assert result["fusion_need"]["relation"]["late"]["slope"]["decision"] == "positive"
+    assert "early fusion's advantage grows with the task's fusion need, as JFE claims" in (
+        study.statement(result)
+    )
