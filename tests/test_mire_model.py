@@ -176,6 +176,85 @@ def test_save_and_from_pretrained_give_the_same_model(tiny, tmp_path):
     )
 
 
+# A valid value other than MIReConfig()'s for every field, the towers' included (tiny, so the
+# test is cheap). num_channels is the one exception: the image processor makes RGB.
+NON_DEFAULT = {
+    "text": dict(
+        vocab_size=120,
+        hidden_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=3,
+        intermediate_size=40,
+        max_position_embeddings=48,
+        type_vocab_size=3,
+        layer_norm_eps=1e-6,
+        pad_token_id=1,
+        dim=16,
+    ),
+    "vision": dict(
+        hidden_size=24,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=24,
+        patch_size=12,
+        layer_norm_eps=1e-6,
+    ),
+    "num_tokens": 3,
+    "num_heads": 5,
+    "query_maxlen": 10,
+    "doc_maxlen": 20,
+    "mask_mode": "reference_eval",
+}
+RGB_ONLY = {("vision", "num_channels")}
+
+
+def _fields(config, prefix=()):
+    """{(field, ...): value} of a config and its nested configs, every leaf field."""
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_fields(value, (*prefix, f.name)))
+        else:
+            out[(*prefix, f.name)] = value
+    return out
+
+
+def test_save_pretrained_keeps_every_config_field_and_the_scores(tokenizer, tmp_path):
+    from jfe_jax.models.mire.model import BertConfig, CLIPVisionConfig, MIReConfig
+
+    config = MIReConfig(
+        **{
+            **NON_DEFAULT,
+            "text": BertConfig(**NON_DEFAULT["text"]),
+            "vision": CLIPVisionConfig(**NON_DEFAULT["vision"]),
+        }
+    )
+    default = _fields(MIReConfig())
+    same = {name for name, value in _fields(config).items() if value == default[name]}
+    assert same == RGB_ONLY, f"give these fields a non-default value in NON_DEFAULT: {same}"
+    model = MIRe.init(config, tokenizer, seed=3)
+    model.save_pretrained(str(tmp_path / "mire"))
+    parts = [str(tmp_path / "mire" / part) for part in ("colbert", "clip", "pooling")]
+    loaded = MIRe.from_pretrained(*parts)
+    assert loaded.config == config
+    jax.tree.map(np.testing.assert_array_equal, loaded.params, model.params)
+
+    def scores(m):
+        queries = m.encode_queries(QUERIES, _images(2))
+        return m.score(queries, m.encode_documents(DOCS, _images(3)))
+
+    np.testing.assert_array_equal(scores(loaded), scores(model))
+    # A setting given that differs from the saved one is refused, not silently used.
+    with pytest.raises(
+        ValueError, match=r"given mask_mode='consistent' \(saved 'reference_eval'\)"
+    ):
+        MIRe.from_pretrained(*parts, mask_mode="consistent")
+
+
 def test_orbax_checkpoint_round_trip_restores_into_shards(tiny, tmp_path):
     import flax.linen as nn
     from jax.sharding import Mesh, PartitionSpec

@@ -8,7 +8,8 @@ its pickle), a CLIP checkpoint (``CLIPVisionModel`` or
 reference's ``QueryGuidedAttentivePooling`` state dict, ``proj.0.weight`` ..., a directory or
 one file); without
 ``pooling`` the pooling is freshly initialised (stage 1 trains it). ``save_pretrained`` writes
-the three back in the same layouts.
+the three back in the same layouts, with MIRe's own settings (pooling sizes, mask mode, maximum
+lengths) in ``mire_settings.json`` beside the pooling weights, which ``from_pretrained`` reads.
 
 Embeddings (``../shared/MIRE.md`` section 1.5), all vectors L2-normalised with a mask:
 
@@ -60,6 +61,10 @@ from jfe_jax.models.torch_pickle import read_torch_state_dict
 
 DOC_IMAGE_PROMPT = "Can you describe the primary elements in this image?"
 CONFIG_FILE = "mire_config.json"
+# MIRe's own settings (every MIReConfig field but the towers', which their config.json files
+# carry), written beside the pooling weights by save_pretrained.
+SETTINGS_FILE = "mire_settings.json"
+_TOWERS = ("text", "vision")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +235,28 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
+def _settings(pooling: str | None, given: Mapping[str, Any]) -> dict[str, Any]:
+    """MIRe's settings for ``from_pretrained``: those saved beside the pooling weights, with
+    ``given`` (the arguments passed) checked against them; ``given`` alone without a saved
+    file."""
+    path = pooling and os.path.join(pooling, SETTINGS_FILE)
+    if not path or not os.path.isfile(path):
+        return dict(given)
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    names = {f.name for f in dataclasses.fields(MIReConfig)} - set(_TOWERS)
+    unknown = sorted(set(saved) - names)
+    if unknown:
+        raise ValueError(f"{path} has settings this MIRe does not know: {', '.join(unknown)}")
+    differ = [f"{k}={v!r} (saved {saved[k]!r})" for k, v in given.items() if saved.get(k, v) != v]
+    if differ:
+        raise ValueError(
+            f"from_pretrained was given {', '.join(differ)}, not the settings saved in {path}; "
+            "leave them out to use the saved ones"
+        )
+    return {**saved, **given}
+
+
 def _init(config: MIReConfig, key: jax.Array, *, only: str | None = None) -> dict:
     """Random parameters of the model (or of its ``only`` submodule's tree)."""
     size = config.vision.image_size
@@ -278,15 +305,20 @@ class MIRe:
         clip_dir: str,
         pooling: str | None = None,
         *,
-        num_tokens: int = 16,
-        num_heads: int = 12,
-        query_maxlen: int = 64,
-        doc_maxlen: int = 384,
-        mask_mode: str = "consistent",
+        num_tokens: int | None = None,
+        num_heads: int | None = None,
+        query_maxlen: int | None = None,
+        doc_maxlen: int | None = None,
+        mask_mode: str | None = None,
         seed: int = 0,
     ) -> MIRe:
         """Reads the three checkpoints (module docstring); ValueError naming the file and every
-        missing, extra or mis-shaped tensor."""
+        missing, extra or mis-shaped tensor.
+
+        MIRe's settings (``num_tokens`` ... ``mask_mode``) come from the ``mire_settings.json``
+        that ``save_pretrained`` writes beside the pooling weights; a setting given here that
+        differs from the saved one is refused. Without that file (the reference's weights, one
+        safetensors file, or no pooling) a setting not given is ``MIReConfig``'s default."""
         from transformers import AutoTokenizer
 
         text_hf = _read_json(os.path.join(colbert_dir, "config.json"))
@@ -294,14 +326,17 @@ class MIRe:
         if "linear.weight" not in colbert_state:
             raise ValueError(f"{colbert_dir} has no linear.weight: not a ColBERT checkpoint")
         dim = colbert_state["linear.weight"].shape[0]
-        config = MIReConfig(
-            text=BertConfig.from_hf(text_hf, dim=dim),
-            vision=CLIPVisionConfig.from_hf(_read_json(os.path.join(clip_dir, "config.json"))),
+        given = dict(
             num_tokens=num_tokens,
             num_heads=num_heads,
             query_maxlen=query_maxlen,
             doc_maxlen=doc_maxlen,
             mask_mode=mask_mode,
+        )
+        config = MIReConfig(
+            text=BertConfig.from_hf(text_hf, dim=dim),
+            vision=CLIPVisionConfig.from_hf(_read_json(os.path.join(clip_dir, "config.json"))),
+            **_settings(pooling, {k: v for k, v in given.items() if v is not None}),
         )
         tokenizer = AutoTokenizer.from_pretrained(colbert_dir)
         # The towers are read; only the pooling may need initialising (no checkpoint given).
@@ -327,7 +362,8 @@ class MIRe:
 
     def save_pretrained(self, directory: str) -> None:
         """``colbert/``, ``clip/`` (safetensors with their config.json; the tokenizer next to
-        ColBERT) and ``pooling/`` under ``directory``: ``from_pretrained`` reads them back."""
+        ColBERT) and ``pooling/`` (with MIRe's settings, ``mire_settings.json``) under
+        ``directory``: ``from_pretrained`` reads them back, every config field included."""
         p = self.params["params"]
         save_checkpoint(
             os.path.join(directory, "colbert"), colbert_to_torch({"params": p["colbert"]})
@@ -344,6 +380,13 @@ class MIRe:
             )
         self.tokens.tokenizer.save_pretrained(os.path.join(directory, "colbert"))
         save_checkpoint(os.path.join(directory, "pooling"), pooling_to_torch(p["pooling"]))
+        settings = {
+            f.name: getattr(self.config, f.name)
+            for f in dataclasses.fields(self.config)
+            if f.name not in _TOWERS
+        }
+        with open(os.path.join(directory, "pooling", SETTINGS_FILE), "w", encoding="utf-8") as f:
+            json.dump(settings, f, indent=2)
 
     def save_checkpoint(self, directory: str) -> None:
         """The whole model for training: parameters as an Orbax checkpoint (``params/``), the
