@@ -161,13 +161,13 @@ def test_export_over_another_models_export_is_rebuilt_or_refused(setup, capsys, 
     with caplog.at_level(logging.WARNING):
         assert main(args) == 0
     assert "removing" in caplog.text and short(a_fp) in caplog.text
-    assert "0 already there" in capsys.readouterr().out  # nothing of model a was reused
+    assert "reused 0" in capsys.readouterr().out  # nothing of model a was reused
     want, want_ids, _ = load_embeddings(fresh)
     got, got_ids, meta = load_embeddings(reused)
     assert got_ids == want_ids and meta["model_fingerprint"] == b_fp
     np.testing.assert_array_equal(got, want)
     assert main(args) == 0  # the same model again: every shard reused
-    assert f"({meta['num_shards']} already there)" in capsys.readouterr().out
+    assert f"wrote 0, reused {meta['num_shards']}" in capsys.readouterr().out
     assert meta["num_shards"] > 2
 
 

@@ -69,7 +69,24 @@ def export_main(argv: Sequence[str]) -> int:
         help="refuse, rather than rebuild, shards in --out made by another model, checkpoint, "
         "item format or source",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="threads preparing items (read, decode, resize, patchify, tokenise) ahead of the "
+        "device; 0: one batch at a time in line. Default: min(8, CPU count)",
+    )
+    parser.add_argument(
+        "--bucket-window",
+        type=int,
+        default=8,
+        help="batches' worth of a shard's items sorted by token and patch count together, so "
+        "batches pad less (rows are written in stream order); 0: batches in stream order",
+    )
     args = parser.parse_args(argv)
+    for name in ("workers", "bucket_window"):
+        if (getattr(args, name) or 0) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
 
     from jfe_jax.data.mbeir import MBEIR
     from jfe_jax.eval.mbeir_eval import query_item
@@ -112,11 +129,13 @@ def export_main(argv: Sequence[str]) -> int:
         metadata=extra,
         source=source,
         overwrite=args.overwrite,
+        workers=args.workers,
+        bucket_window=args.bucket_window,
     )
+    reused = len(meta["resumed_shards"])
     print(
         f"exported {meta['total_items']} items ({meta['dim']}-d) into {meta['num_shards']} "
-        f"shards of {args.out}; this host wrote {len(meta['shards'])} "
-        f"({len(meta['resumed_shards'])} already there)"
+        f"shards of {args.out}; this host wrote {len(meta['shards']) - reused}, reused {reused}"
     )
     return 0
 

@@ -5,15 +5,25 @@ static shapes (fixed rows, length buckets, a patch budget) and runs the encoder 
 over this host's devices (or, for an encoder loaded on a mesh, with its params in their
 FSDP/tensor shards). Each host embeds on its own devices, so exports and evaluations need no
 cross-host communication.
+
+``ItemEmbedder.embed_groups`` is the pool-scale path (``jfe export``): items are prepared
+(image read, decoded, resized, patchified; text tokenised) by a pool of worker threads while
+the device runs the batch before, each window of a group is batched by length (similar token
+and patch counts together, so batches pad less), and the rows come back in stream order.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
 import os
-from collections.abc import Iterable, Sequence
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import flax.linen as nn
@@ -77,9 +87,10 @@ class ItemEmbedder:
         local device holds a replicated copy and rows split over all of them.
       pack_vision: run the vision tower on the batch's images laid densely into their own
         rows (``jfe_jax.models.packing.pack_vision``; row count coarse, then a multiple of the
-        local device count) instead of on every row's patch budget: same embeddings, less
-        vision work when many items have no or small images. Early fusion only; combines
-        with ``pack``.
+        local device count) instead of on every row's patch budget: same embeddings (to float
+        rounding; not part of the item format), less vision work when many items have no or
+        small images, and none at all for a batch without images. Combines with ``pack``.
+        Default (None): on for early fusion; late fusion cannot pack (True raises).
       **fields: ``ItemFormat`` fields that replace the format's (e.g. ``prompt``,
         ``max_pixels``; ``patch_budget`` sets both budgets). ``pack`` lays several items end
         to end in each row (``jfe_jax.models.packing``): same embeddings, less padding. Rows
@@ -96,7 +107,7 @@ class ItemEmbedder:
         tokenizer: Any = None,
         batch_size: int = 32,
         image_root: str | None = None,
-        pack_vision: bool = False,
+        pack_vision: bool | None = None,
         **fields: Any,
     ):
         vision = encoder.config.vision
@@ -108,6 +119,8 @@ class ItemEmbedder:
         elif fields:
             item_format = dataclasses.replace(item_format, **fields)
         item_format.check_vision(vision)
+        if pack_vision is None:
+            pack_vision = item_format.fusion == "early"
         if pack_vision and item_format.fusion != "early":
             raise ValueError(
                 f"pack_vision=True packs early-fusion images; fusion is {item_format.fusion!r}"
@@ -215,6 +228,12 @@ class ItemEmbedder:
 
     def embed_processed(self, items: Sequence[ProcessedItem | LateItem]) -> np.ndarray:
         """Embeddings ``[len(items), D]`` of at most ``batch_size`` processed items."""
+        return self.run_host_batch(self.host_batch(items), len(items))
+
+    def host_batch(self, items: Sequence[ProcessedItem | LateItem]) -> Any:
+        """The model batch of at most ``batch_size`` processed items, in host memory: padded
+        to this embedder's static shapes (and with ``pack_vision`` its images moved into
+        vision rows). ``run_host_batch`` embeds it."""
         if not 0 < len(items) <= self.batch_size:
             raise ValueError(f"expected 1..{self.batch_size} items, got {len(items)}")
         if self.pack:
@@ -228,24 +247,164 @@ class ItemEmbedder:
                 num_rows=self._row_buckets,
                 num_items=self.batch_size,
             )
-            return self._run(batch)[: len(items)]
-        # Pad with copies of the first item: static shapes, rows dropped afterwards.
-        padded = list(items) + [items[0]] * (self.batch_size - len(items))
-        if self.fusion == "late":
-            batch = late_collate(padded, self._collate, self.patch_budget)
         else:
-            batch = self._collate(padded, self.patch_budget)
-        return self._run(batch)[: len(items)]
-
-    def _run(self, batch: dict[str, Any]) -> np.ndarray:
+            # Pad with copies of the first item: static shapes, rows dropped afterwards.
+            padded = list(items) + [items[0]] * (self.batch_size - len(items))
+            if self.fusion == "late":
+                batch = late_collate(padded, self._collate, self.patch_budget)
+            else:
+                batch = self._collate(padded, self.patch_budget)
         if self.pack_vision:
             batch = pack_vision(batch, coarse=True, row_multiple=self._num_devices)
+        return batch
+
+    def run_host_batch(self, batch: Any, num_items: int) -> np.ndarray:
+        """Embeddings ``[num_items, D]`` of a ``host_batch`` (its first ``num_items`` rows)."""
         batch = jax.device_put(batch, self._rows)
         if self.encoder.mesh is None:  # replicated params over a plain ("data",) mesh
-            return np.asarray(self._embed(self._params, batch))
+            return np.asarray(self._embed(self._params, batch))[:num_items]
         # The model's activation constraints, as in training (its mesh has the rules' axes).
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
-            return np.asarray(self._embed(self._params, batch))
+            return np.asarray(self._embed(self._params, batch))[:num_items]
+
+    def embed_groups(
+        self,
+        groups: Iterable[tuple[Any, Sequence[Item]]],
+        *,
+        workers: int = 0,
+        bucket_window: int = 0,
+        timing: StreamTiming | None = None,
+        on_rows: Callable[[int], None] | None = None,
+    ) -> Iterator[tuple[Any, np.ndarray]]:
+        """Embeds ``(key, items)`` groups (an export's shards); yields ``(key, [n, D])`` per
+        group, in the groups' order, rows in the items' order.
+
+        ``workers`` > 0: that many threads prepare items (``process``) and one more lays them
+        into batches, ahead of the device, bounded to the window being batched and the next
+        one (at least two batches) plus two ready batches; 0: each batch is prepared in line,
+        then run. ``bucket_window`` > 1: each group is cut into windows of that many batches
+        whose items are sorted by token count and patch count before they are cut into
+        batches (less padding); a window never spans two groups, so a group's embeddings do
+        not depend on its neighbours (a resumed export rebuilds a shard bit for bit). 0 or 1:
+        batches in stream order. The same settings give the same batches whatever
+        ``workers`` is, so the same embeddings bit for bit. An item that fails raises its
+        error, the first in stream order. ``timing`` is filled as the stream runs;
+        ``on_rows(n)`` is called after each batch.
+        """
+        if workers < 0:
+            raise ValueError(f"workers is {workers}; expected >= 0 (0: prepare items in line)")
+        timing = timing if timing is not None else StreamTiming()
+        started = time.perf_counter()
+        batches = self._batches(groups, workers, bucket_window)
+        current, out, filled = None, None, 0  # the group being filled: batches come in order
+        try:
+            for key, size, positions, batch in _timed(batches, timing):
+                start = time.perf_counter()
+                rows = self.run_host_batch(batch, len(positions))
+                timing.device_s += time.perf_counter() - start
+                timing.items += len(positions)
+                timing.batches += 1
+                if out is None or key != current:
+                    current, out, filled = key, np.zeros((size, self.dim), np.float32), 0
+                out[positions] = rows
+                filled += len(positions)
+                if on_rows is not None:
+                    on_rows(len(positions))
+                if filled == size:
+                    timing.wall_s = time.perf_counter() - started
+                    yield key, out
+                    out = None
+        finally:
+            batches.close()  # stops the producer thread and the workers
+            timing.wall_s = time.perf_counter() - started
+
+    def _batches(
+        self, groups: Iterable[tuple[Any, Sequence[Item]]], workers: int, bucket_window: int
+    ) -> Iterator[tuple[Any, int, list[int], Any]]:
+        """``(key, group size, positions in the group, host batch)``: in line (``workers``
+        0), or from a producer thread feeding a bounded queue."""
+        window = self.batch_size * max(1, bucket_window)
+        if not workers:
+            yield from self._plan(groups, _Deferred, window, bucket_window > 1, ahead=0)
+            return
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="jfe-prepare")
+        ready: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
+
+        def put(entry: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(entry, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        def produce() -> None:
+            try:
+                ahead = max(1, -(-2 * self.batch_size // window))
+                for entry in self._plan(groups, pool.submit, window, bucket_window > 1, ahead):
+                    if not put(entry):
+                        return
+                put(_END)
+            except BaseException as err:  # noqa: BLE001 - re-raised in the consuming thread
+                put(_Failed(err))
+
+        producer = threading.Thread(target=produce, name="jfe-batcher", daemon=True)
+        producer.start()
+        try:
+            while True:
+                entry = ready.get()
+                if entry is _END:
+                    return
+                if isinstance(entry, _Failed):
+                    raise entry.error
+                yield entry
+        finally:
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            producer.join()
+
+    def _plan(
+        self,
+        groups: Iterable[tuple[Any, Sequence[Item]]],
+        submit: Callable[..., Any],
+        window: int,
+        bucket: bool,
+        ahead: int,
+    ) -> Iterator[tuple[Any, int, list[int], Any]]:
+        """The batches of each group's windows; ``submit(process, item)`` starts an item's
+        preparation, ``ahead`` windows before the one being batched."""
+        windows = (
+            (
+                key,
+                len(items),
+                start,
+                [submit(self.process, item) for item in items[start : start + window]],
+            )
+            for key, items in ((key, list(items)) for key, items in groups)
+            for start in range(0, len(items), window)
+        )
+        started = collections.deque()
+        for entry in windows:
+            started.append(entry)
+            if len(started) <= ahead:
+                continue
+            yield from self._window_batches(*started.popleft(), bucket)
+        while started:
+            yield from self._window_batches(*started.popleft(), bucket)
+
+    def _window_batches(
+        self, key: Any, size: int, start: int, futures: list[Any], bucket: bool
+    ) -> Iterator[tuple[Any, int, list[int], Any]]:
+        items = [future.result() for future in futures]  # the first failure in stream order
+        order = list(range(len(items)))
+        if bucket:
+            order.sort(key=lambda i: _length_key(items[i]))
+        for first in range(0, len(order), self.batch_size):
+            chosen = order[first : first + self.batch_size]
+            batch = self.host_batch([items[i] for i in chosen])
+            yield key, size, [start + i for i in chosen], batch
 
     def embed(self, items: Iterable[Item]) -> np.ndarray:
         """Embeddings ``[n, D]`` (float32, unit norm) of any number of items, in order."""
@@ -292,3 +451,64 @@ def embedder_for(model: str | Encoder, **overrides: Any) -> ItemEmbedder:
         embedder.format.describe(),
     )
     return embedder
+
+
+def default_workers() -> int:
+    """Item-preparation threads of an export by default: one per CPU core, at most 8."""
+    return min(8, os.cpu_count() or 1)
+
+
+@dataclasses.dataclass
+class StreamTiming:
+    """Where an ``ItemEmbedder.embed_groups`` run spent its wall time."""
+
+    items: int = 0  # items embedded
+    batches: int = 0  # device calls
+    wall_s: float = 0.0  # from the first request to the last group's rows
+    host_wait_s: float = 0.0  # waiting for the host's next batch: the device idle
+    device_s: float = 0.0  # in the device calls (transfer, run, copy back)
+
+    @property
+    def host_share(self) -> float:
+        """The fraction of the wall time the device waited on the host."""
+        return self.host_wait_s / self.wall_s if self.wall_s else 0.0
+
+
+class _Deferred:
+    """A future run when its result is asked for: the in-line path's preparation."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any):
+        self._call = functools.partial(fn, *args)
+
+    def result(self) -> Any:
+        return self._call()
+
+
+_END = object()  # the producer's last queue entry
+
+
+@dataclasses.dataclass(frozen=True)
+class _Failed:
+    error: BaseException  # raised by the producer; re-raised by the consumer
+
+
+def _length_key(item: ProcessedItem | LateItem) -> tuple[int, int]:
+    """Sort key of length bucketing: token count, then image patch count."""
+    parts = (item.text, item.image) if isinstance(item, LateItem) else (item,)
+    parts = [part for part in parts if part is not None]
+    tokens = sum(len(part.input_ids) for part in parts)
+    patches = sum(0 if part.pixel_values is None else len(part.pixel_values) for part in parts)
+    return tokens, patches
+
+
+def _timed(batches: Iterator[Any], timing: StreamTiming) -> Iterator[Any]:
+    """``batches``, adding the time spent waiting for each to ``timing.host_wait_s``."""
+    while True:
+        start = time.perf_counter()
+        try:
+            entry = next(batches)
+        except StopIteration:
+            return
+        finally:
+            timing.host_wait_s += time.perf_counter() - start
+        yield entry

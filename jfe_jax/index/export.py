@@ -10,9 +10,12 @@ Layout of an export directory::
                                  normalisation, total items, the shards this host wrote
 
 Shard s holds items [s * shard_size, (s + 1) * shard_size) of the stream and is written by
-host ``s % process_count``. Memory stays at one shard whatever the pool size. A shard is
-written to a temporary folder and renamed when complete, so an interrupted export resumes by
-skipping the shards that exist. A shard is reused only when its identity and ids are this
+host ``s % process_count``, into the one export directory, local or on an object store
+(``gs://...``, through ``etils.epath``). Memory stays at one shard whatever the pool size.
+Items are prepared by worker threads ahead of the device and batched by length within a
+shard (``ItemEmbedder.embed_groups``). A shard is written to a temporary folder and renamed
+when complete (on an object store: in place, ``ids.json`` last), so an interrupted export
+resumes by skipping the shards that exist. A shard is reused only when its identity and ids are this
 export's: shards made by another model, checkpoint, item format or source are removed and
 rebuilt (or, with ``overwrite=False``, refused), never relabelled. Each host checks and
 removes only the shards it owns, so hosts never race.
@@ -20,20 +23,22 @@ removes only the shards it owns, so hosts never race.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import re
-import shutil
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
-from jfe_jax.index.embedder import Item, ItemEmbedder
-from jfe_jax.index.identity import EXPORT_KEYS, mismatch, model_identity
+from jfe_jax.index.embedder import Item, ItemEmbedder, StreamTiming, default_workers
+from jfe_jax.index.identity import mismatch, model_identity
 from jfe_jax.models.fingerprint import hash_file
+from jfe_jax.paths import is_remote
 from jfe_jax.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -44,6 +49,9 @@ IDENTITY_FILE = "identity.json"
 _SHARD_NAME = re.compile(r"shard-(\d+)(\.tmp)?")
 _METADATA_NAME = re.compile(r"metadata-host(\d+)\.json")
 REBUILD_HINT = "rerun without --no-overwrite (overwrite=True) to rebuild"
+# Batches' worth of a shard's items sorted by length together: less padding, and at most
+# this many (twice, read ahead) prepared items held in memory.
+DEFAULT_BUCKET_WINDOW = 8
 
 
 def file_source(path: str | os.PathLike, root: str | os.PathLike) -> dict[str, Any]:
@@ -55,10 +63,9 @@ def file_source(path: str | os.PathLike, root: str | os.PathLike) -> dict[str, A
     }
 
 
-def _read_json(path: str) -> Any:
+def _read_json(path: str | os.PathLike) -> Any:
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(epath.Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
@@ -75,13 +82,13 @@ def _remove_stale(
     what differs), or raises ValueError when ``overwrite`` is False. Host 0 also removes the
     metadata of hosts beyond ``process_count`` (an earlier export on more hosts)."""
     stale, reasons = [], []
-    for name in sorted(os.listdir(out_dir)):
-        path = os.path.join(out_dir, name)
-        shard, meta = _SHARD_NAME.fullmatch(name), _METADATA_NAME.fullmatch(name)
+    out = epath.Path(out_dir)
+    for path in sorted(out.iterdir(), key=lambda p: p.name):
+        shard, meta = _SHARD_NAME.fullmatch(path.name), _METADATA_NAME.fullmatch(path.name)
         if shard and int(shard.group(1)) % process_count == process_index:
-            if shard.group(2):  # an interrupted write: never reused
+            if shard.group(2) or not (path / "ids.json").exists():  # an interrupted write
                 stale.append(path)
-            elif what := mismatch(_read_json(os.path.join(path, IDENTITY_FILE)), identity):
+            elif what := mismatch(_read_json(path / IDENTITY_FILE), identity):
                 stale.append(path)
                 reasons.append(what)
         elif meta:
@@ -99,10 +106,10 @@ def _remove_stale(
             "%s: removing %d stale file(s) of this host and rebuilding", message, len(stale)
         )
     for path in stale:
-        if os.path.isdir(path):
-            shutil.rmtree(path)
+        if path.is_dir():
+            path.rmtree()
         else:
-            os.remove(path)
+            path.unlink()
 
 
 def _shard_chunks(
@@ -118,6 +125,34 @@ def _shard_chunks(
         yield shard, chunk
 
 
+def _write_shard(
+    out: epath.Path, shard: int, embeddings: np.ndarray, ids: list[str], identity: dict
+) -> None:
+    """Writes one complete shard. Locally into ``shard-NNNNN.tmp``, then renamed (atomic);
+    on an object store (``gs://``, where a folder rename copies file by file) into the shard
+    itself with ``ids.json`` last, so a shard with its ids is complete either way."""
+    final = out / SHARD_PATTERN.format(shard)
+    remote = is_remote(out)
+    target = final if remote else out / (final.name + ".tmp")
+    if target.exists():
+        target.rmtree()
+    target.mkdir(parents=True)
+    buffer = io.BytesIO()
+    np.save(buffer, embeddings.astype(np.float32))
+    (target / "embeddings.npy").write_bytes(buffer.getvalue())
+    (target / IDENTITY_FILE).write_text(
+        json.dumps(identity, indent=2, sort_keys=True), encoding="utf-8"
+    )
+    (target / "ids.json").write_text(json.dumps(ids), encoding="utf-8")
+    # -- integrity (jfe_jax.index.integrity): the shard's file sizes and hashes, checked on load
+    from jfe_jax.index.integrity import write_manifest
+
+    write_manifest(target)
+    # -- end integrity
+    if not remote:
+        target.rename(final)
+
+
 def export_embeddings(
     embedder: ItemEmbedder,
     records: Iterable[tuple[str, Item]],
@@ -131,6 +166,9 @@ def export_embeddings(
     process_index: int | None = None,
     process_count: int | None = None,
     progress: bool = True,
+    workers: int | None = None,
+    bucket_window: int = DEFAULT_BUCKET_WINDOW,
+    timing: StreamTiming | None = None,
 ) -> dict[str, Any]:
     """Embeds ``(id, Item)`` records into shards of ``out_dir``; returns this host's metadata.
 
@@ -140,11 +178,20 @@ def export_embeddings(
     by this model fingerprint and item format from this source with this shard size (and hold
     the same ids). Other shards are removed and rebuilt with a WARNING, or with
     ``overwrite=False`` refused with a ValueError naming what differs. ``metadata`` is
-    added to the metadata file as it is.
+    added to the metadata file as it is. ``out_dir`` may be local or a ``gs://`` location
+    (``etils.epath``); every host writes its shards there.
+
+    ``workers``: threads preparing items ahead of the device (default ``default_workers()``;
+    0: in line, one batch at a time). ``bucket_window``: batches' worth of a shard's items
+    sorted by length together (``ItemEmbedder.embed_groups``; 0: stream order). Neither
+    changes which items a shard holds; the same ``bucket_window`` gives the same embeddings
+    bit for bit whatever ``workers`` is. ``timing`` is filled with where the time went.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    os.makedirs(out_dir, exist_ok=True)
+    workers = default_workers() if workers is None else workers
+    out = epath.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     identity = {**model_identity(embedder), "source": source or {}, "shard_size": shard_size}
     _remove_stale(
         out_dir,
@@ -153,47 +200,59 @@ def export_embeddings(
         process_index=process_index,
         process_count=process_count,
     )
-    written, skipped, count, seen_ids = [], [], 0, set()
-    bar = progress_bar(
-        total=total, desc=f"export {os.path.basename(out_dir)}", unit="item", disable=not progress
-    )
-    for shard, chunk in _shard_chunks(records, shard_size):
-        count += len(chunk)
-        for record_id, _ in chunk:
-            if record_id in seen_ids:
-                raise ValueError(f"id {record_id!r} occurs twice in the exported stream")
-            seen_ids.add(record_id)
-        if shard % process_count != process_index:
-            bar.update(len(chunk))
-            continue
-        final = os.path.join(out_dir, SHARD_PATTERN.format(shard))
-        ids = [record_id for record_id, _ in chunk]
-        if os.path.isdir(final):
-            if _read_json(os.path.join(final, "ids.json")) == ids:
-                skipped.append(shard)
+    written, skipped, seen_ids, ids_of = [], [], set(), {}
+    count = [0]  # items in the stream, counted as the stream is read
+    bar = progress_bar(total=total, desc=f"export {out.name}", unit="item", disable=not progress)
+
+    def shards_to_embed() -> Iterator[tuple[int, list[Item]]]:
+        # Read ahead by the preparing threads (workers > 0): the stream's checks run there.
+        for shard, chunk in _shard_chunks(records, shard_size):
+            count[0] += len(chunk)
+            for record_id, _ in chunk:
+                if record_id in seen_ids:
+                    raise ValueError(f"id {record_id!r} occurs twice in the exported stream")
+                seen_ids.add(record_id)
+            if shard % process_count != process_index:
                 bar.update(len(chunk))
                 continue
-            message = f"export {out_dir}: {os.path.basename(final)} holds other ids than the stream"
-            if not overwrite:
-                raise ValueError(f"{message}; {REBUILD_HINT}")
-            log.warning("%s: rebuilding it", message)
-            shutil.rmtree(final)
-        rows = []
-        for start in range(0, len(chunk), embedder.batch_size):
-            part = chunk[start : start + embedder.batch_size]
-            rows.append(embedder.embed_processed([embedder.process(item) for _, item in part]))
-            bar.update(len(part))
-        tmp = final + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        np.save(os.path.join(tmp, "embeddings.npy"), np.concatenate(rows).astype(np.float32))
-        with open(os.path.join(tmp, "ids.json"), "w", encoding="utf-8") as f:
-            json.dump(ids, f)
-        with open(os.path.join(tmp, IDENTITY_FILE), "w", encoding="utf-8") as f:
-            json.dump(identity, f, indent=2, sort_keys=True)
-        os.replace(tmp, final)
+            final = out / SHARD_PATTERN.format(shard)
+            ids = [record_id for record_id, _ in chunk]
+            if final.is_dir():
+                if _read_json(final / "ids.json") == ids:
+                    skipped.append(shard)
+                    bar.update(len(chunk))
+                    continue
+                message = f"export {out_dir}: {final.name} holds other ids than the stream"
+                if not overwrite:
+                    raise ValueError(f"{message}; {REBUILD_HINT}")
+                log.warning("%s: rebuilding it", message)
+                final.rmtree()
+            ids_of[shard] = ids
+            yield shard, [item for _, item in chunk]
+
+    timing = timing if timing is not None else StreamTiming()
+    for shard, rows in embedder.embed_groups(
+        shards_to_embed(),
+        workers=workers,
+        bucket_window=bucket_window,
+        timing=timing,
+        on_rows=bar.update,
+    ):
+        _write_shard(out, shard, rows, ids_of.pop(shard), identity)
         written.append(shard)
     bar.close()
+    if timing.items:
+        log.info(
+            "export %s: embedded %d items in %.1f s (%.1f items/s, %d workers); the device "
+            "waited on item preparation for %.0f%% of it",
+            out_dir,
+            timing.items,
+            timing.wall_s,
+            timing.items / max(timing.wall_s, 1e-9),
+            workers,
+            100 * timing.host_share,
+        )
+    count = count[0]
     host_metadata = {
         "format": "jfe-jax embeddings",
         **identity,
@@ -208,60 +267,22 @@ def export_embeddings(
         "resumed_shards": sorted(skipped),
         **(metadata or {}),
     }
-    with open(os.path.join(out_dir, METADATA_PATTERN.format(process_index)), "w") as f:
-        json.dump(host_metadata, f, indent=2, sort_keys=True)
+    (out / METADATA_PATTERN.format(process_index)).write_text(
+        json.dumps(host_metadata, indent=2, sort_keys=True), encoding="utf-8"
+    )
     return host_metadata
 
 
 def load_embeddings(out_dir: str) -> tuple[np.ndarray, list[str], dict[str, Any]]:
-    """All shards of an export, in stream order: (embeddings [n, D], ids, metadata).
+    """All shards of an export, in stream order: (embeddings [n, D], ids, metadata), read
+    shard by shard into one preallocated array after checking each shard's files against its
+    manifest (``jfe_jax.index.pool.load_embeddings``, which says what is checked).
 
     Raises:
       ValueError: no metadata, metadata without a model fingerprint (an older export), hosts
-        that disagree, or a missing shard or one made under another identity (named).
+        that disagree, a missing shard or one made under another identity, or a shard file
+        truncated or modified (named).
     """
-    if not os.path.isdir(out_dir):
-        raise ValueError(f"{out_dir} is not an export directory")
-    metas = [
-        json.load(open(os.path.join(out_dir, name), encoding="utf-8"))
-        for name in sorted(os.listdir(out_dir))
-        if name.startswith("metadata-host") and name.endswith(".json")
-    ]
-    if not metas:
-        raise ValueError(f"{out_dir} has no metadata-host*.json: the export did not finish")
-    first = metas[0]
-    if not first.get("model_fingerprint"):
-        raise ValueError(
-            f"export {out_dir} has no model fingerprint (made by an older jfe-jax), so nothing "
-            "says which model made it; rerun jfe export into it to rebuild it"
-        )
-    for key in ("dim", "total_items", *EXPORT_KEYS):
-        values = {json.dumps(m.get(key)) for m in metas}
-        if len(values) > 1:
-            raise ValueError(f"the hosts of {out_dir} disagree on {key}: {sorted(values)}")
-    embeddings, ids = [], []
-    for shard in range(first["num_shards"]):
-        path = os.path.join(out_dir, SHARD_PATTERN.format(shard))
-        if not os.path.isfile(os.path.join(path, "ids.json")):
-            raise ValueError(
-                f"export {out_dir} is missing shard {SHARD_PATTERN.format(shard)} of "
-                f"{first['num_shards']} (a host did not finish; rerun the export to resume)"
-            )
-        what = mismatch(
-            _read_json(os.path.join(path, IDENTITY_FILE)), first, this="its metadata says"
-        )
-        if what:
-            raise ValueError(
-                f"export {out_dir}: {SHARD_PATTERN.format(shard)} was made {what}; rerun the "
-                "export to rebuild it"
-            )
-        embeddings.append(np.load(os.path.join(path, "embeddings.npy")))
-        with open(os.path.join(path, "ids.json"), encoding="utf-8") as f:
-            ids.extend(json.load(f))
-    matrix = np.concatenate(embeddings) if embeddings else np.zeros((0, first["dim"]), np.float32)
-    if matrix.shape != (first["total_items"], first["dim"]) or len(ids) != matrix.shape[0]:
-        raise ValueError(
-            f"export {out_dir} holds {matrix.shape} embeddings and {len(ids)} ids, metadata "
-            f"says {first['total_items']} x {first['dim']}"
-        )
-    return matrix, ids, first
+    from jfe_jax.index.pool import load_embeddings as load_pool  # pool imports this module
+
+    return load_pool(out_dir)
