@@ -19,6 +19,7 @@ CONFIG_PATH_FIELDS = (
     ("data", "root"),
     ("data", "tokenizer"),
     ("data", "tfds_dir"),
+    ("data", "image_store"),
 )
 
 

@@ -243,13 +243,13 @@ def test_sources_record_keeps_a_digest_of_the_images_and_stats_each_once(
 
 def test_two_concurrent_builds_on_one_directory_prepare_it_once(root, tmp_path, monkeypatch):
     generated = []
-    split_generators = PairData._split_generators
+    examples = PairData.examples
 
-    def counting(self, dl_manager):
+    def counting(self, root):
         generated.append(self.builder_config.name)
-        return split_generators(self, dl_manager)
+        return examples(self, root)
 
-    monkeypatch.setattr(PairData, "_split_generators", counting)
+    monkeypatch.setattr(PairData, "examples", counting)
     start = threading.Barrier(2)
     results, errors = [], []
 

@@ -1,4 +1,4 @@
-"""Whether a prepared TFDS dataset still matches its inputs, and one preparer at a time.
+"""Whether a prepared dataset still matches its inputs, and one preparer at a time.
 
 A prepared dataset is a copy of its inputs (jsonl records, image bytes), so it goes stale when
 they change. Next to it, ``jfe_sources.json`` records what it was built from: the builder
@@ -103,9 +103,12 @@ def stale_reason(
     settings: Mapping[str, Any],
     files: Mapping[str, Signature],
     root: str | os.PathLike,
+    *,
+    check_images: bool = True,
 ) -> str | None:
     """None when the dataset in ``directory`` was built from these settings and input files
-    and its images under ``root`` are unchanged; otherwise what differs, in a few words."""
+    and its images under ``root`` are unchanged; otherwise what differs, in a few words.
+    ``check_images=False`` skips the one stat per image (another process checked them)."""
     path = directory / SOURCES_FILE
     if not path.exists():
         return f"it has no {SOURCES_FILE} (an older or interrupted build)"
@@ -122,6 +125,8 @@ def stale_reason(
         )
     if changed := _changed(old_files, files):
         return f"{len(changed)} input file(s) changed, added or removed: {', '.join(changed[:3])}"
+    if not check_images:
+        return None
     try:
         paths = _read_image_list(directory, image_count)
     except (OSError, EOFError, ValueError, zlib.error) as error:  # BadGzipFile: OSError

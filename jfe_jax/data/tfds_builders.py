@@ -56,12 +56,15 @@ lets one process prepare at a time.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import inspect
 import io
 import json
 import logging
 import os
+import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -70,7 +73,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from jfe_jax.data import prepared
 from jfe_jax.data.image_processor import DEFAULT_MAX_IMAGE_PIXELS, decode_opened, open_image
+from jfe_jax.data.image_store import ImageEntry, ImageStore, default_store_dir
 from jfe_jax.data.mbeir import (
     INSTRUCTIONS_FILE,
     MBEIR,
@@ -155,6 +160,9 @@ class _NoTensorFlowBuilder(tfds.core.GeneratorBasedBuilder):
         self._image_problems: dict[str, str | None] = {}  # each image checked once
         # Every image file the build looked at (relative to the root), for jfe_sources.json.
         self.source_images: dict[str, Signature] = {}
+        # build_dataset's image store entries by relative path: examples then hold store
+        # references. None: examples hold the image bytes (TFDS's download_and_prepare).
+        self.store_entries: dict[str, ImageEntry] | None = None
 
     def input_root(self, manual_dir: str | os.PathLike | None) -> Path:
         """The config's root, else the manual_dir; FileNotFoundError naming what was tried."""
@@ -176,6 +184,40 @@ class _NoTensorFlowBuilder(tfds.core.GeneratorBasedBuilder):
         """The files (besides images) that the dataset is built from."""
         raise NotImplementedError
 
+    def image_paths(self, root: Path) -> Iterator[str]:
+        """The images (relative to the root, inside it) that the examples will read; a path
+        may repeat. Bad records are not reported here: ``examples`` does that."""
+        raise NotImplementedError
+
+    def examples(self, root: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+        """The (key, example) pairs of the train split, read from ``root``."""
+        raise NotImplementedError
+
+    IMAGE_FIELDS: tuple[str, ...] = ()  # fields holding one image
+    IMAGE_LIST_FIELDS: tuple[str, ...] = ()  # fields holding a padded list of images
+
+    def field_kinds(self) -> dict[str, str]:
+        """Each feature's kind for ``jfe_jax.data.prepared`` (FIELD_KINDS)."""
+        kinds = {}
+        for name, feature in self.info.features.items():
+            if isinstance(feature, tfds.features.Text):
+                kinds[name] = "text"
+            elif isinstance(feature, tfds.features.Sequence):
+                kinds[name] = "text_sequence"
+            elif isinstance(feature, tfds.features.Scalar):
+                kinds[name] = "int32"
+            elif feature.shape == ():
+                kinds[name] = "image" if name in self.IMAGE_FIELDS else "bytes"
+            else:
+                kinds[name] = "image_list" if name in self.IMAGE_LIST_FIELDS else "bytes_list"
+        return kinds
+
+    def _image_list(self, images: list[Any], length: int) -> Any:
+        """A padded [N] image field: bytes (b"" fill), or store references (None fill)."""
+        if self.store_entries is None:
+            return _padded(images, length)
+        return images + [None] * (length - len(images))
+
     def source_settings(self, root: Path) -> dict[str, Any]:
         """What, besides its input files, decides the dataset's content (jfe_sources.json)."""
         # The root counts as resolved (a relative and an absolute path name the same input).
@@ -190,9 +232,12 @@ class _NoTensorFlowBuilder(tfds.core.GeneratorBasedBuilder):
             **{name: value for name, value in fields.items() if name not in skip},
         }
 
-    def _read_image(self, path: Path, relative: str, what: str) -> bytes:
-        """An image file's bytes, checked as the config's verify_images says; BadImageError
-        naming ``what`` (the record) and the file."""
+    def _read_image(self, path: Path, relative: str, what: str) -> Any:
+        """An image file's bytes (or, from build_dataset, its image store reference), checked
+        as the config's verify_images says; BadImageError naming ``what`` (the record) and the
+        file."""
+        if self.store_entries is not None:
+            return self._stored_image(path, relative, what)
         if relative not in self.source_images:  # M-BEIR reads a pool image for many queries
             self.source_images[relative] = file_signature(path)
         try:
@@ -208,6 +253,32 @@ class _NoTensorFlowBuilder(tfds.core.GeneratorBasedBuilder):
             if self._image_problems[relative]:
                 raise BadImageError(f"{what}: {self._image_problems[relative]}")
         return data
+
+    def _stored_image(self, path: Path, relative: str, what: str) -> list[Any]:
+        """``_read_image`` from the image store: the same checks, on what the store read."""
+        entry = self.store_entries.get(relative)
+        if relative not in self.source_images:
+            self.source_images[relative] = entry.signature if entry else file_signature(path)
+        if entry is None:
+            raise BadImageError(f"{what}: cannot read image {path}: it is missing or unreadable")
+        config = self.builder_config
+        if config.verify_images != "none":
+            name = f"image {path}"
+            if entry.header_error:
+                # The store named the file by its absolute path when it read it.
+                problem = entry.header_error
+            elif entry.width * entry.height > config.max_image_pixels:
+                problem = (
+                    f"{name} is {entry.width}x{entry.height} = {entry.width * entry.height} "
+                    f"pixels; expected at most max_image_pixels={config.max_image_pixels}"
+                )
+            elif config.verify_images == "full" and entry.decode_error:
+                problem = entry.decode_error
+            else:
+                problem = None
+            if problem:
+                raise BadImageError(f"{what}: {problem}")
+        return entry.ref
 
     def _bad(self, reason: str, error: ValueError, skip: bool) -> None:
         if not skip:
@@ -256,6 +327,17 @@ class _NoTensorFlowBuilder(tfds.core.GeneratorBasedBuilder):
         return self.dataset_info_from_configs(
             features=tfds.features.FeaturesDict(features), metadata=metadata
         )
+
+
+@contextlib.contextmanager
+def _quiet(log: logging.Logger) -> Iterator[None]:
+    """Silences ``log`` below ERROR for the block (a first pass that re-reads the inputs)."""
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _image_problem(data: bytes, name: str, max_image_pixels: int, verify: str) -> str | None:
@@ -320,6 +402,8 @@ class MbeirTrainPairs(_NoTensorFlowBuilder):
     )
     CONFIG_CLASS = MbeirTrainConfig
     ROOT_FIELD = "mbeir_root"
+    IMAGE_FIELDS = ("query_image", "positive_image")
+    IMAGE_LIST_FIELDS = ("negative_images",)
 
     def _info(self) -> tfds.core.DatasetInfo:
         n = self.builder_config.max_hard_negatives
@@ -367,12 +451,30 @@ class MbeirTrainPairs(_NoTensorFlowBuilder):
         return [*queries, self._pool_path(reader), reader.root / INSTRUCTIONS_FILE]
 
     def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
+        return {"train": self.examples(self._split_root(dl_manager))}
+
+    def examples(self, root: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+        reader = MBEIR(root, skip_bad_records=self.builder_config.skip_bad_records)
+        return self._generate_examples(reader, self._pool_path(reader))
+
+    def image_paths(self, root: Path) -> Iterator[str]:
         config = self.builder_config
-        reader = MBEIR(
-            self._split_root(dl_manager),
-            skip_bad_records=config.skip_bad_records,
-        )
-        return {"train": self._generate_examples(reader, self._pool_path(reader))}
+        with _quiet(logging.getLogger("jfe_jax.data.mbeir")):  # examples() reports them
+            reader = MBEIR(root, skip_bad_records=True)
+            try:
+                pool = reader.read_pool(self._pool_path(reader))
+                queries = list(reader.iter_queries(config.query_split, config.task))
+            except (OSError, ValueError):
+                return
+        for query in queries:
+            records = [query] + [
+                pool[d]
+                for d in query.pos_cand_list + query.neg_cand_list[: config.max_hard_negatives]
+                if d in pool
+            ]
+            for record in records:
+                if record.image_path is not None:
+                    yield record.image_path
 
     def _image(self, reader: MBEIR, record: Query | Candidate, what: str, prefix="") -> bytes:
         """The record's image bytes (b"" when it has none), checked; BadImageError naming
@@ -442,7 +544,7 @@ class MbeirTrainPairs(_NoTensorFlowBuilder):
                 "num_negatives": len(negatives),
                 "negative_dids": _padded([x["did"].encode() for x in negatives], n),
                 "negative_texts": _padded([x["text"].encode() for x in negatives], n),
-                "negative_images": _padded([x["image"] for x in negatives], n),
+                "negative_images": self._image_list([x["image"] for x in negatives], n),
                 "negative_image_paths": _padded([x["image_path"].encode() for x in negatives], n),
                 "negative_modalities": _padded([x["modality"].encode() for x in negatives], n),
             }
@@ -507,6 +609,7 @@ class PairData(_NoTensorFlowBuilder):
         "images they name>."
     )
     CONFIG_CLASS = PairDataConfig
+    IMAGE_FIELDS = ("image",)
 
     def _info(self) -> tfds.core.DatasetInfo:
         kind = self.builder_config.kind
@@ -521,12 +624,26 @@ class PairData(_NoTensorFlowBuilder):
         return [root / (config.file or PAIR_KINDS[config.kind])]
 
     def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
-        config = self.builder_config
-        root = self._split_root(dl_manager)
+        return {"train": self.examples(self._split_root(dl_manager))}
+
+    def examples(self, root: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         (path,) = self.input_files(root)
         if not path.is_file():
-            raise FileNotFoundError(f"{config.kind} file {path} does not exist")
-        return {"train": self._generate_examples(root, path)}
+            raise FileNotFoundError(f"{self.builder_config.kind} file {path} does not exist")
+        return self._generate_examples(root, path)
+
+    def image_paths(self, root: Path) -> Iterator[str]:
+        if self.builder_config.kind != "image_captions":
+            return
+        (path,) = self.input_files(root)
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    image_path = json.loads(line).get("image_path")
+                except (ValueError, AttributeError):
+                    continue
+                if isinstance(image_path, str) and image_path:
+                    yield image_path
 
     def _parse(self, root: Path, line: str, where: str, seen: dict[str, str]) -> dict[str, Any]:
         try:
@@ -585,72 +702,156 @@ class PairData(_NoTensorFlowBuilder):
 # ---------------------------------------------------------------------------------------------
 
 
+class PrepareTimeoutError(TimeoutError):
+    """Another host did not finish preparing a dataset within the wait allowed."""
+
+
+def _inside(root: Path, relative: str) -> bool:
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, relative))
+    return os.path.commonpath([real_root, real]) == real_root
+
+
 def build_dataset(
     builder_cls: type[_NoTensorFlowBuilder],
     data_dir: str | os.PathLike,
     *,
     manual_dir: str | os.PathLike | None = None,
     check_sources: bool = True,
+    image_store: str | os.PathLike | None = None,
+    workers: int | None = None,
+    wait_for_host: int | None = None,
+    wait_seconds: float = 6 * 3600,
     **config: Any,
 ) -> tfds.core.DatasetBuilder:
-    """Prepares a dataset (array_record, no TensorFlow) under data_dir and returns its builder.
+    """Prepares a dataset under data_dir (no TensorFlow at any size) and returns its builder.
 
     ``config`` holds the builder config's fields (``MbeirTrainConfig`` or ``PairDataConfig``,
     e.g. ``mbeir_root=..., query_split="union_train", max_hard_negatives=4``); ``manual_dir``
-    is the input root when the config names none.
+    is the input root when the config names none. The examples are written by
+    ``jfe_jax.data.prepared`` (array_record shards, an index for the shuffle), their images
+    once into the root's ``ImageStore`` (``image_store``: its folder, default
+    ``default_store_dir(root)``; read by ``workers`` processes, default every core).
 
     A dataset already prepared under the same name and version is reused while its sources
     are unchanged (the config, the input files and every image it read; see
     ``jfe_jax.data.prepared_sources``); otherwise it is removed and rebuilt, saying why in an
-    INFO log line. ``check_sources=False`` reuses a prepared dataset without looking (another
-    host checked it). One process prepares at a time: a second one waits for the lock in
-    data_dir, then reuses what the first prepared.
+    INFO log line. ``check_sources=False`` reuses a prepared dataset without stating its
+    images. One process prepares at a time: a second one waits for the lock in data_dir, then
+    reuses what the first prepared.
+
+    ``wait_for_host=H`` (several hosts, data_dir shared): do not build, wait on the filesystem
+    for host H to finish a build with these settings and input files, at most
+    ``wait_seconds``; then PrepareTimeoutError names the dataset and what to check.
     """
     data_dir = os.fspath(data_dir)
     builder_config = builder_cls.CONFIG_CLASS(**config)
+    if wait_for_host is not None:
+        return _wait_for_build(builder_cls, data_dir, builder_config, manual_dir,
+                               wait_for_host, wait_seconds)  # fmt: skip
     with prepare_lock(data_dir):
         builder = builder_cls(data_dir=data_dir, config=builder_config)
-        if builder.is_prepared() and not check_sources:
-            return builder
-        # TFDS's own default manual_dir, when neither the config nor the caller names a root.
         root = builder.input_root(manual_dir or Path(data_dir, "downloads", "manual"))
         settings = builder.source_settings(root)
         files = {os.fspath(path): file_signature(path) for path in builder.input_files(root)}
-        if builder.is_prepared():
-            reason = stale_reason(builder.data_path, settings, files, root)
+        data_path = os.fspath(builder.data_path)
+        if prepared.is_complete(data_path):
+            reason = stale_reason(
+                builder.data_path, settings, files, root, check_images=check_sources
+            )
             if reason is None:
+                _reuse(builder, data_path)
                 return builder
-            logger.info("rebuilding the prepared dataset %s: %s", builder.data_path, reason)
-            builder.data_path.rmtree()
-            builder = builder_cls(data_dir=data_dir, config=builder_config)
-        download_config = tfds.download.DownloadConfig(
-            manual_dir=os.fspath(manual_dir) if manual_dir is not None else None
+            logger.info("rebuilding the prepared dataset %s: %s", data_path, reason)
+        if os.path.exists(data_path):
+            shutil.rmtree(data_path)  # stale, interrupted, or an older (TFDS-written) build
+        store = ImageStore(image_store or default_store_dir(root), workers=workers)
+        paths = {p for p in builder.image_paths(root) if _inside(root, p)}
+        builder.store_entries = store.ensure(
+            root, paths, decode=builder_config.verify_images == "full"
         )
-        if not logging.getLogger("tensorflow_datasets").isEnabledFor(logging.INFO):
-            tfds.disable_progress_bar()  # quiet unless `jfe --verbose`: only our lines
-        builder.download_and_prepare(download_config=download_config)
+        started = time.perf_counter()
+        count = prepared.write_examples(
+            data_path,
+            builder.examples(root),
+            fields=builder.field_kinds(),
+            store=store,
+            description={
+                "builder": builder.name,
+                "config": builder_config.name,
+                "version": str(builder.version),
+            },  # fmt: skip
+            metadata=builder.info.metadata,
+        )
         write_sources(builder.data_path, settings, files, builder.source_images)
+        logger.info(
+            "prepared %s: %d examples in %.1f s (%d images in the store %s)",
+            data_path,
+            count,
+            time.perf_counter() - started,
+            len(builder.store_entries),
+            store.directory,
+        )
     return builder
+
+
+def _reuse(builder: _NoTensorFlowBuilder, data_path: str) -> None:
+    """A reused build's metadata (skipped records) on the builder, as after building."""
+    builder.info.metadata.update(prepared.read_description(data_path)["metadata"])
+
+
+def _wait_for_build(
+    builder_cls: type[_NoTensorFlowBuilder],
+    data_dir: str,
+    builder_config: Any,
+    manual_dir: Any,
+    host: int,
+    wait_seconds: float,
+) -> tfds.core.DatasetBuilder:
+    """``build_dataset(wait_for_host=...)``: polls the filesystem, never a device collective."""
+    builder = builder_cls(data_dir=data_dir, config=builder_config)
+    root = builder.input_root(manual_dir or Path(data_dir, "downloads", "manual"))
+    settings = builder.source_settings(root)
+    data_path = os.fspath(builder.data_path)
+    started = time.monotonic()
+    delay, reason = 0.2, ""
+    while True:
+        if prepared.is_complete(data_path):
+            files = {os.fspath(p): file_signature(p) for p in builder.input_files(root)}
+            reason = stale_reason(builder.data_path, settings, files, root, check_images=False)
+            if reason is None:
+                _reuse(builder, data_path)
+                return builder
+        waited = time.monotonic() - started
+        if waited >= wait_seconds:
+            raise PrepareTimeoutError(
+                f"waited {waited:.0f} s for host {host} to prepare {data_path}"
+                + (f" (what is there: {reason})" if reason else " (nothing there yet)")
+                + "; check that host's log, that data.tfds_dir is a folder every host shares, "
+                "or raise data.prepare_wait_s"
+            )
+        time.sleep(min(delay, max(wait_seconds - waited, 0.01)))
+        delay = min(delay * 1.5, 10.0)
 
 
 def load_source(builder: tfds.core.DatasetBuilder | str | os.PathLike, split: str = "train") -> Any:
     """A random-access data source (len, [i] -> dict of numpy/bytes) over a prepared split.
 
-    ``builder`` is a prepared builder, or the directory of one prepared version
-    (``<data_dir>/<builder name>/<config name>/<version>``), read without the config.
-    Text fields come back as bytes, integer fields as numpy scalars.
+    ``builder`` is a builder ``build_dataset`` returned, or the directory of one prepared
+    version (``<data_dir>/<builder name>/<config name>/<version>``), read without the config.
+    Text fields come back as bytes, integer fields as numpy scalars, images as their encoded
+    bytes. A directory prepared by TFDS itself (``download_and_prepare``: dataset_info.json,
+    images inside the examples) is read through TFDS.
     """
-    if not isinstance(builder, tfds.core.DatasetBuilder):
-        directory = epath.Path(os.fspath(builder))
-        if not (directory / "dataset_info.json").exists():
-            raise FileNotFoundError(
-                f"{directory} holds no prepared dataset (no "
-                "dataset_info.json); expected <data_dir>/<name>/<config>/"
-                "<version>"
-            )
-        builder = tfds.builder_from_directory(directory)
-    if split not in builder.info.splits:
-        raise ValueError(
-            f"{builder.name} has no split {split!r}; it has {sorted(builder.info.splits)}"
+    directory = os.fspath(builder.data_path if hasattr(builder, "data_path") else builder)
+    if split != "train":
+        raise ValueError(f"prepared datasets have one split, 'train'; got {split!r}")
+    if prepared.is_complete(directory):
+        return prepared.PreparedSource(directory)
+    if not os.path.isfile(os.path.join(directory, "dataset_info.json")):
+        raise FileNotFoundError(
+            f"{directory} holds no prepared dataset (no {prepared.DATASET_FILE}); expected "
+            "<data_dir>/<name>/<config>/<version>"
         )
-    return builder.as_data_source(split)
+    legacy = tfds.builder_from_directory(epath.Path(directory))
+    return legacy.as_data_source(split)

@@ -45,7 +45,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.root = ""  # M-BEIR-layout directory (real, or written by `jfe demo`)
     c.data.split = "train"  # query split for mbeir: train | union_train
     c.data.tokenizer = ""  # tokenizer directory; empty: the init_from directory's tokenizer
-    c.data.tfds_dir = ""  # where the TFDS builders write; empty: <workdir>/tfds
+    c.data.tfds_dir = ""  # where the prepared datasets are written; empty: <workdir>/tfds
+    # The content-addressed image store shared by every workdir on this data root (records
+    # hold references into it; jfe_jax.data.image_store); empty: <data.root>/.jfe_image_store
+    # when the root is writable, else a per-user cache folder. On several hosts: a folder
+    # every host sees, like tfds_dir.
+    c.data.image_store = ""
+    c.data.prepare_workers = -1  # processes that read images into the store; -1: every core
+    # Hosts other than 0 wait this long (on the filesystem) for host 0 to prepare the data.
+    c.data.prepare_wait_s = 6 * 3600.0
     c.data.global_batch_size = 32  # queries per step over all hosts (each has one positive)
     c.data.num_hard_negatives = 0  # extra negatives per query taken from the data
     # Stage 2: every batch from one task (in-batch negatives of the task's own kind, like its

@@ -1,4 +1,4 @@
-"""The trainer's data: config.data -> TFDS datasets -> grain loaders -> host batches.
+"""The trainer's data: config.data -> prepared datasets -> grain loaders -> host batches.
 
 Stage 1 (``data.kind = "pairs"``) alternates batches of text triples and image-caption pairs;
 stage 2 (``"mbeir"``) reads (query, positive, hard negatives) of an M-BEIR query split with
@@ -17,7 +17,6 @@ import jax
 import ml_collections
 import numpy as np
 from etils import epath
-from jax.experimental import multihost_utils
 
 from jfe_jax.data.image_processor import ImageProcessor
 from jfe_jax.data.loader import make_train_loader
@@ -136,18 +135,28 @@ def _builders(
 ) -> dict[str, Any]:
     """Prepares (or reuses) the TFDS datasets the config reads, by stream name."""
     d = config.data
+    if d.prepare_workers < -1 or d.prepare_wait_s <= 0:
+        raise ValueError(
+            f"data.prepare_workers={d.prepare_workers} and data.prepare_wait_s="
+            f"{d.prepare_wait_s}: expected prepare_workers >= -1 and prepare_wait_s > 0"
+        )
     checks = dict(
         skip_bad_records=d.skip_bad_records,
         verify_images=d.verify_images,
         max_image_pixels=max_image_pixels,
-        # Host 0 has checked the sources of what it prepared; the others reuse it as it is.
-        check_sources=jax.process_index() == 0,
+        image_store=d.image_store or None,
+        workers=None if d.prepare_workers == -1 else d.prepare_workers,
+        # Host 0 prepares; the others wait for it on the filesystem (never a device
+        # collective: their chips stay free, and the wait is bounded).
+        wait_for_host=0 if jax.process_index() != 0 else None,
+        wait_seconds=d.prepare_wait_s,
     )
     if d.kind == "mbeir":
         common = dict(
             mbeir_root=d.root,
             query_split=d.split,
-            max_hard_negatives=max(d.num_hard_negatives, 1),
+            # Only what the run reads: no negative (or its image) unless it trains on one.
+            max_hard_negatives=d.num_hard_negatives,
             **checks,
         )
         if not d.task_batches:
@@ -206,12 +215,7 @@ def make_train_data(
         merge_size=model_config.vision.spatial_merge_size,
     )
     tfds_dir = d.tfds_dir or os.path.join(workdir, "tfds")
-    # Host 0 prepares the datasets first; the other hosts then find them prepared.
-    if jax.process_index() != 0:
-        multihost_utils.sync_global_devices("jfe tfds prepared")
     builders = _builders(config, tfds_dir, image_processor.max_image_pixels)
-    if jax.process_index() == 0 and jax.process_count() > 1:
-        multihost_utils.sync_global_devices("jfe tfds prepared")
     common = dict(
         prompt=d.prompt,
         length_buckets=tuple(d.length_buckets),
