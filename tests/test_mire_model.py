@@ -297,6 +297,27 @@ def test_pooling_weights_that_do_not_fit_are_one_error_naming_them(tiny, tmp_pat
     assert "unused gate.weight" in message
 
 
+def test_a_batch_mixing_text_only_and_image_items_scores_each_as_alone(tiny, tmp_path):
+    image = tmp_path / "bird.png"
+    _images(1)[0].save(image)
+    other = _images(1, seed=1)[0]
+    queries = tiny.encode_queries(QUERIES, [None, str(image)])
+    docs = tiny.encode_documents(DOCS, [other, None, str(image)])
+    alone_queries = [
+        tiny.encode_queries(QUERIES[:1]),
+        tiny.encode_queries(QUERIES[1:], [str(image)]),
+    ]
+    alone_docs = [
+        tiny.encode_documents(DOCS[:1], [other]),
+        tiny.encode_documents(DOCS[1:2]),
+        tiny.encode_documents(DOCS[2:], [str(image)]),
+    ]
+    want = np.array([[tiny.score(q, d)[0, 0] for d in alone_docs] for q in alone_queries])
+    np.testing.assert_allclose(tiny.score(queries, docs), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="embeds image queries only; query 0 has no image"):
+        tiny.encode_queries(QUERIES, [None, str(image)], stage="alignment")
+
+
 def test_bad_inputs_are_refused_naming_them(tiny, tmp_path):
     with pytest.raises(ValueError, match="unknown MIRe size 'mire-huge'"):
         get_mire_size("mire-huge")

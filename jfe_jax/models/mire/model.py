@@ -14,7 +14,8 @@ lengths) in ``mire_settings.json`` beside the pooling weights, which ``from_pret
 Embeddings (``../shared/MIRE.md`` section 1.5), all vectors L2-normalised with a mask:
 
 * query with an image: ``[16 global; 12 query-guided; Lq text]`` vectors (the 28 visual ones
-  only with ``stage="alignment"``); without an image: its text vectors (plain ColBERT);
+  only with ``stage="alignment"``); without an image: its text vectors (plain ColBERT); in a
+  batch that mixes both, a text-only query's visual vectors are masked out;
 * document: its text vectors, masked at padding and punctuation; with an image, the global and
   prompt-guided tokens of that image (the fixed prompt "Can you describe the primary elements in
   this image?" as the query text) are prepended.
@@ -269,6 +270,12 @@ def _init(config: MIReConfig, key: jax.Array, *, only: str | None = None) -> dic
     return params if only is None else {"params": {only: params["params"][only]}}
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _apply(model: MIReModel, method: str, params: Any, *args: jax.Array) -> jax.Array:
+    """``model``'s ``method`` jitted once per config (models of equal configs share it)."""
+    return model.apply(params, *args, method=getattr(MIReModel, method))
+
+
 class MIRe:
     """MIRe for inference: ``encode_queries``, ``encode_documents`` and ``score`` (module
     docstring). Build with ``from_pretrained`` or ``MIRe(config, params, tokenizer)``."""
@@ -286,11 +293,9 @@ class MIRe:
         self.processor = CLIPImageProcessor(
             size=config.vision.image_size, crop_size=config.vision.image_size
         )
-        self._text = jax.jit(lambda p, i, m: self.model.apply(p, i, m, method=MIReModel.text))
-        self._visual = jax.jit(lambda p, x: self.model.apply(p, x, method=MIReModel.visual))
-        self._pooled = jax.jit(
-            lambda p, t, v, m: self.model.apply(p, t, v, m, method=MIReModel.pooled)
-        )
+        self._text = functools.partial(_apply, self.model, "text")
+        self._visual = functools.partial(_apply, self.model, "visual")
+        self._pooled = functools.partial(_apply, self.model, "pooled")
 
     @classmethod
     def init(cls, config: MIReConfig, tokenizer: Any, seed: int = 0) -> MIRe:
@@ -432,49 +437,71 @@ class MIRe:
     def _pixels(self, images: Sequence[Any]) -> jax.Array:
         return jnp.asarray(self.processor(list(images)))
 
+    def _visual_tokens(
+        self, text: jax.Array, mask: jax.Array, images: Sequence[Any]
+    ) -> tuple[jax.Array, np.ndarray]:
+        """The pooling's ``[n, T + H, dim]`` tokens (not normalised) and their mask: 1 for an
+        item with an image, 0 (zero vectors) for one without (``images[i] is None``), whose
+        text alone is then what it is scored by."""
+        rows = [i for i, image in enumerate(images) if image is not None]
+        visual = self._visual(self.params, self._pixels([images[i] for i in rows]))
+        pooled = self._pooled(self.params, text[np.asarray(rows)], visual, mask[np.asarray(rows)])
+        if len(rows) == len(images):
+            return pooled, np.ones(pooled.shape[:2], np.int32)
+        tokens = jnp.zeros((len(images), *pooled.shape[1:]), pooled.dtype)
+        tokens_mask = np.zeros((len(images), pooled.shape[1]), np.int32)
+        tokens_mask[rows] = 1
+        return tokens.at[np.asarray(rows)].set(pooled), tokens_mask
+
     def encode_queries(
         self, texts: Sequence[str], images: Sequence[Any] | None = None, *, stage: str = "search"
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(vectors [n, V, dim], mask [n, V])``: with images, V = tokens + heads + Lq
-        (``stage="alignment"``: the visual ones only); without, V = Lq."""
+        (``stage="alignment"``: the visual ones only); without, V = Lq. ``images`` may mix
+        images and ``None`` (a text-only query): the text-only queries' visual tokens are
+        masked, so every query scores as it would alone."""
         if stage not in ("search", "alignment"):
             raise ValueError(f"stage={stage!r}; expected 'search' or 'alignment'")
+        if images is not None and len(images) != len(texts):
+            raise ValueError(f"{len(texts)} query texts but {len(images)} images")
+        if images is not None and all(image is None for image in images):
+            images = None
+        if stage == "alignment" and images is not None and None in images:
+            raise ValueError(
+                f"stage='alignment' embeds image queries only; query {list(images).index(None)} "
+                "has no image"
+            )
         ids, mask = self.tokens.queries(texts)
         text = self._text(self.params, jnp.asarray(ids), jnp.asarray(mask))
         if images is None:
             return np.asarray(token_vectors(text, jnp.asarray(mask))), mask
-        if len(images) != len(texts):
-            raise ValueError(f"{len(texts)} query texts but {len(images)} images")
-        visual = self._visual(self.params, self._pixels(images))
-        tokens = self._pooled(self.params, text, visual, jnp.asarray(mask))
-        ones = np.ones(tokens.shape[:2], np.int32)
+        tokens, tokens_mask = self._visual_tokens(text, jnp.asarray(mask), images)
         if stage == "alignment":
-            return np.asarray(token_vectors(tokens, jnp.asarray(ones))), ones
+            return np.asarray(token_vectors(tokens, jnp.asarray(tokens_mask))), tokens_mask
         vectors = jnp.concatenate([tokens, text], axis=1)
-        full = np.concatenate([ones, mask], axis=1)
+        full = np.concatenate([tokens_mask, mask], axis=1)
         return np.asarray(token_vectors(vectors, jnp.asarray(full))), full
 
     def encode_documents(
         self, texts: Sequence[str], images: Sequence[Any] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(vectors [n, V, dim], mask [n, V])``: the text vectors (padding and punctuation
-        masked), after the image's global and prompt-guided tokens when images are given."""
+        masked), after the image's global and prompt-guided tokens when images are given
+        (masked for a document whose image is ``None``)."""
+        if images is not None and len(images) != len(texts):
+            raise ValueError(f"{len(texts)} document texts but {len(images)} images")
         ids, attention, keep = self.tokens.documents(texts)
         text = self._text(self.params, jnp.asarray(ids), jnp.asarray(attention))
         vectors, mask = token_vectors(text, jnp.asarray(keep)), keep
-        if images is None:
+        if images is None or all(image is None for image in images):
             return np.asarray(vectors), mask
-        if len(images) != len(texts):
-            raise ValueError(f"{len(texts)} document texts but {len(images)} images")
         p_ids, p_mask = self.tokens.queries([DOC_IMAGE_PROMPT] * len(texts))
         prompt = self._text(self.params, jnp.asarray(p_ids), jnp.asarray(p_mask))
-        visual = self._visual(self.params, self._pixels(images))
-        tokens = self._pooled(self.params, prompt, visual, jnp.asarray(p_mask))
-        ones = np.ones(tokens.shape[:2], np.int32)
-        tokens = token_vectors(tokens, jnp.asarray(ones))
+        tokens, tokens_mask = self._visual_tokens(prompt, jnp.asarray(p_mask), images)
+        tokens = token_vectors(tokens, jnp.asarray(tokens_mask))
         return (
             np.asarray(jnp.concatenate([tokens, vectors], axis=1)),
-            np.concatenate([ones, mask], axis=1),
+            np.concatenate([tokens_mask, mask], axis=1),
         )
 
     def score(
