@@ -265,10 +265,12 @@ class ImageStore:
     def _ingest(self, root: str, paths: Sequence[str], decode: bool) -> None:
         self._remove_orphans()
         run = f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        # At least four tasks per worker (an even finish), at most _IMAGES_PER_SEGMENT each.
+        per_task = max(1, min(_IMAGES_PER_SEGMENT, -(-len(paths) // (4 * max(self.workers, 1)))))
         tasks = [
-            (root, self.directory, f"{run}-{i // _IMAGES_PER_SEGMENT:05d}",
-             list(paths[i : i + _IMAGES_PER_SEGMENT]), decode)
-            for i in range(0, len(paths), _IMAGES_PER_SEGMENT)
+            (root, self.directory, f"{run}-{i // per_task:05d}",
+             list(paths[i : i + per_task]), decode)
+            for i in range(0, len(paths), per_task)
         ]  # fmt: skip
         workers = min(self.workers, len(tasks))
         logger.info(
