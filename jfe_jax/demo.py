@@ -6,8 +6,10 @@
 Each stage leaves a marker of completion in the workdir; a second run skips finished stages
 (``fresh=True`` redoes them all). A training stage is finished only when it reached its last
 step: one stopped by SIGTERM or Ctrl-C raises ``TrainingInterrupted`` (``stage`` set), and the
-next run resumes it from its checkpoint. ``demo_summary.json`` records what ran and how long
-it took.
+next run resumes it from its checkpoint. ``demo_summary.json`` records each stage's seconds
+when it ran, which stages this run reused, the wall time of the runs that did the work and this
+run's (``merge_summary``); it is rewritten after every stage, so an interrupted run's finished
+stages keep their times.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from jfe_jax.train.run_control import TrainingInterrupted, training_completed
 log = logging.getLogger(__name__)
 
 STAGES = ("data", "stage1", "stage2", "eval")
+SUMMARY_FILE = "demo_summary.json"
 
 
 def _done(workdir: str, stage: str, num_steps: dict[str, int]) -> bool:
@@ -110,6 +113,45 @@ def estimate_demo_time(num_steps: dict[str, int]) -> float:
     return gflops
 
 
+def merge_summary(
+    previous: dict[str, Any] | None,
+    ran: dict[str, float],
+    reused: list[str],
+    run_seconds: float,
+) -> dict[str, Any]:
+    """The timing part of ``demo_summary.json`` after (part of) a run: ``seconds`` holds each
+    stage's time when it ran (this run's for those in ``ran``, the previous summary's for those
+    in ``reused``; None where no summary recorded it), ``reused`` the stages this run skipped,
+    ``total_seconds`` the wall time of the runs that did the work (a rerun that only reuses
+    keeps the original's; one that ran stages adds its own) and ``run_seconds`` this run's."""
+    previous = previous or {}
+    before = previous.get("seconds", {})
+    seconds = {}
+    for name in STAGES:
+        if name in ran:
+            seconds[name] = ran[name]
+        elif name in reused:
+            value = before.get(name)  # "skipped" in summaries written before the merge
+            seconds[name] = value if isinstance(value, int | float) else None
+    total = (previous.get("total_seconds") or 0.0) if reused else 0.0
+    if ran or not reused:
+        total += run_seconds
+    return {
+        "seconds": seconds,
+        "reused": [name for name in STAGES if name in reused],
+        "total_seconds": round(total, 1),
+        "run_seconds": round(run_seconds, 1),
+    }
+
+
+def _read_summary(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):  # none yet, or cut short: its times are lost, not the run
+        return None
+
+
 def run_demo(
     workdir: str,
     *,
@@ -124,22 +166,37 @@ def run_demo(
     if fresh:
         for stage in STAGES:
             shutil.rmtree(os.path.join(workdir, stage), ignore_errors=True)
+    summary_path = os.path.join(workdir, SUMMARY_FILE)
+    previous = None if fresh else _read_summary(summary_path)
     stage1_config, stage2_config = demo_configs(workdir, steps=steps)
     num_steps = {"stage1": stage1_config.train.num_steps, "stage2": stage2_config.train.num_steps}
-    timings: dict[str, Any] = {}
+    ran: dict[str, float] = {}
+    reused: list[str] = []
     start_all = time.perf_counter()
     matmul_gflops = estimate_demo_time(num_steps)
+    summary: dict[str, Any] = {}
+
+    def write_summary(**extra):
+        summary.clear()
+        summary["matmul_gflops"] = round(matmul_gflops, 1)
+        summary.update(merge_summary(previous, ran, reused, time.perf_counter() - start_all))
+        summary.update(extra)
+        tmp = summary_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+        os.replace(tmp, summary_path)
 
     def stage(name, fn):
         if _done(workdir, name, num_steps):
             log.info("demo: %s already done, skipping (use --fresh to redo)", name)
-            timings[name] = "skipped"
+            reused.append(name)
             return
         start = time.perf_counter()
         log.info("demo: %s ...", name)
         fn()
-        timings[name] = round(time.perf_counter() - start, 1)
-        log.info("demo: %s finished in %.1f s", name, timings[name])
+        ran[name] = round(time.perf_counter() - start, 1)
+        log.info("demo: %s finished in %.1f s", name, ran[name])
+        write_summary()
 
     data_dir = os.path.join(workdir, "data")
     stage(
@@ -161,12 +218,5 @@ def run_demo(
 
     stage("eval", evaluate)
     table, extra = read_table_json(os.path.join(workdir, "eval", "results.json"))
-    summary = {
-        "matmul_gflops": round(matmul_gflops, 1),
-        "seconds": timings,
-        "total_seconds": round(time.perf_counter() - start_all, 1),
-        "average_headline_recall": table["average"],
-    }
-    with open(os.path.join(workdir, "demo_summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-    return {"table": table, **extra, "demo_summary": summary}
+    write_summary(average_headline_recall=table["average"])
+    return {"table": table, **extra, "demo_summary": dict(summary)}
