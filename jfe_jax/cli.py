@@ -255,17 +255,35 @@ def _demo(argv: Sequence[str]) -> int:
     return 0
 
 
+EXPERIMENT_USAGE = (
+    "usage: jfe experiment {fusion} ...\n\n"
+    "  fusion   early vs late fusion over seeds, per task and against fusion need "
+    "(jfe experiment fusion --help)"
+)
+
+
 def _experiment(argv: Sequence[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(EXPERIMENT_USAGE)
+        return 0
+    if not argv or argv[0] != "fusion":
+        print(EXPERIMENT_USAGE, file=sys.stderr)
+        return EXIT_ERROR
+    return _experiment_fusion(argv[1:])
+
+
+def _experiment_fusion(argv: Sequence[str]) -> int:
+    # A description is %-formatted only when it holds "%(prog)": "95%" is written as is.
     parser = ArgumentParser(
-        prog="jfe experiment",
-        description="fusion: train every system (early fusion, late fusion) with several seeds "
-        "on the same data, steps, batch and optimizer; compare them per task and per JFE group "
-        "with 95%% bootstrap intervals and paired differences (a win only when the interval "
+        prog="jfe experiment fusion",
+        description="Train every system (early fusion, late fusion) with several seeds on the "
+        "same data, steps, batch and optimizer; compare them per task and per JFE group with "
+        "95% bootstrap intervals and paired differences (a win only when the interval "
         "excludes zero), and relate each task's early-minus-late difference to its measured "
-        "fusion need. Writes WORKDIR/fusion/study.json, table.txt, study.png and need.png.",
+        "fusion need (the claim, stated only when both systems reach 5x chance on every task). "
+        "Writes WORKDIR/fusion/study.json, table.txt, study.png and need.png.",
         epilog=STOP_HELP,
     )
-    parser.add_argument("name", choices=["fusion"], help="the experiment")
     parser.add_argument("--workdir", required=True, help="the study's folder (made if missing)")
     parser.add_argument("--seeds", type=positive_int, default=3, help="seeds per system")
     parser.add_argument(

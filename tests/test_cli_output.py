@@ -118,7 +118,7 @@ def _entries(help_text: str) -> dict[str, str]:
         ["aot"],
         ["convert"],
         ["demo"],
-        ["experiment"],
+        ["experiment", "fusion"],
     ],
 )
 def test_every_option_has_help_and_its_default(argv, monkeypatch, capsys):
@@ -146,6 +146,16 @@ def test_every_option_has_help_and_its_default(argv, monkeypatch, capsys):
             assert "(default: none)" in entry or "default: " in entry, entry
         else:
             assert f"default: {action.default}" in entry, entry
+
+
+def test_experiment_fusion_help_names_its_own_command_and_prints_percent_once(monkeypatch, capsys):
+    text, _ = _help_parsers(["experiment", "fusion"], monkeypatch, capsys)
+    assert text.startswith("usage: jfe experiment fusion ")
+    assert "95% bootstrap intervals" in " ".join(text.split()) and "%%" not in text
+    assert main(["experiment", "--help"]) == 0
+    assert "jfe experiment fusion --help" in capsys.readouterr().out
+    assert main(["experiment", "nothing"]) == 2
+    assert "usage: jfe experiment {fusion}" in capsys.readouterr().err
 
 
 def test_train_help_names_its_options_and_lists_the_configs(capsys):
