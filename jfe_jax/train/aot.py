@@ -31,7 +31,8 @@ counts every op the TPU cost model does not know (some custom calls) as -1 s. So
 
 * compiled FLOPs: loop-aware dot/convolution FLOPs of the compiled HLO (``hlo_cost``);
 * cost-model time (the headline): ``optimal_seconds`` plus 1 s per op of unknown cost (the
-  custom calls in ``hlo_cost.UNKNOWN_COST_TARGETS``), times the loop factor: the compiler's
+  custom calls in ``hlo_cost.UNKNOWN_COST_TARGETS``; ``known_cost_seconds``, which the report
+  prints, or "no estimate" where nothing is left), times the loop factor: the compiler's
   per-op ``estimated_cycles`` summed with trip counts over the same sum with loops once,
   and never below the compute floor (``cost_model_time``);
 * per-op cycles time: the compiler's ``estimated_cycles`` with trip counts / the chip clock,
@@ -141,8 +142,11 @@ class ProgramEstimate:
     total_bytes: float = math.nan  # arguments + temporaries + outputs - aliased + code
     compiled_flops: float = math.nan  # loop-aware dot/convolution FLOPs per chip
     xla_flops: float = math.nan  # cost_analysis()["flops"] per chip, loop bodies once
-    xla_optimal_seconds: float = math.nan  # cost_analysis()["optimal_seconds"] as returned
-    unknown_cost_ops: int = 0  # ops the cost model counted as -1 s
+    # cost_analysis()["optimal_seconds"] as returned: -1 s in it per op of unknown cost.
+    xla_optimal_seconds: float = math.nan
+    # The same without the unknown-cost ops' -1 s each; nan: XLA gave no estimate.
+    xla_known_seconds: float = math.nan
+    unknown_cost_ops: int = 0  # ops the cost model gives no cost for (counted -1 s each)
     loop_factor: float = math.nan  # estimated cycles with trip counts / with loops once
     collective_bytes: float = math.nan  # per chip, loop-aware
     cost_model_seconds: float = math.nan  # the headline step time (module docstring)
@@ -177,6 +181,26 @@ def cost_model_time(optimal: float, loop_factor: float, compute_floor: float) ->
             "compute floor"
         )
     return seconds, ""
+
+
+def known_cost_seconds(optimal: float, unknown_found: int) -> tuple[float, int, str]:
+    """``(seconds, unknown ops, note)`` from XLA's ``optimal_seconds``, which prices each op it
+    has no cost for at -1 s: ``optimal`` with those taken out (``unknown_found``: the custom
+    calls ``hlo_cost`` counts; more when the total is lower still), nan when XLA gave no
+    estimate (none returned, or nothing left once they are out)."""
+    if not math.isfinite(optimal):
+        return math.nan, 0, ""
+    unknown, note = 0, ""
+    if optimal < 0:
+        unknown = unknown_found
+        if optimal + unknown < 0:
+            unknown = math.ceil(-optimal)
+            note = (
+                f"XLA gives no cost for {unknown} ops, more than the {unknown_found} custom "
+                "calls known to have none"
+            )
+        optimal += unknown
+    return (optimal if optimal > 0 else math.nan), unknown, note
 
 
 def restore_peak_bytes(setup: TrainSetup) -> float:
@@ -258,21 +282,16 @@ def analyse(
     else:
         est.loop_factor = hlo.loop_factor
         est.notes.append("no per-op cycle estimates: loop factor from matmul FLOPs")
-    optimal = est.xla_optimal_seconds
-    if optimal < 0:  # each op the cost model does not know adds -1 s
-        est.unknown_cost_ops = hlo.unknown_cost_ops
-        if optimal + hlo.unknown_cost_ops < 0:
-            est.unknown_cost_ops = math.ceil(-optimal)
-            est.notes.append(
-                f"optimal_seconds {optimal:.4g} with {hlo.unknown_cost_ops} custom calls of "
-                f"unknown cost: taken as {est.unknown_cost_ops} ops of -1 s"
-            )
-        optimal += est.unknown_cost_ops
+    est.xla_known_seconds, est.unknown_cost_ops, note = known_cost_seconds(
+        est.xla_optimal_seconds, hlo.unknown_cost_ops
+    )
+    if note:
+        est.notes.append(note)
     est.cycles_seconds = hlo.estimated_cycles / gen.clock_hz
     est.compute_floor_seconds = hlo.matmul_flops / gen.peak_flops
     est.ici_floor_seconds = hlo.collective_bytes / (gen.ici_gbps * 1e9 / 8)
     est.cost_model_seconds, note = cost_model_time(
-        optimal, est.loop_factor, est.compute_floor_seconds
+        est.xla_known_seconds, est.loop_factor, est.compute_floor_seconds
     )
     if note:
         est.notes.append(note)
@@ -363,6 +382,18 @@ def _seconds(value: float) -> str:
     return f"{value:.3g}" if math.isfinite(value) else "-"
 
 
+def _xla_seconds(r: ProgramEstimate) -> str:
+    if math.isfinite(r.xla_known_seconds):
+        return f"{r.xla_known_seconds:.4g}"
+    if not math.isfinite(r.xla_optimal_seconds):
+        return "no estimate (XLA returned none)"
+    return "no estimate (XLA gives no cost for any op that takes time)"
+
+
+def _unknown_ops(r: ProgramEstimate) -> str:
+    return f"{r.unknown_cost_ops} (left out of its time)" if r.unknown_cost_ops else "none"
+
+
 def format_report(results: Sequence[ProgramEstimate], topology: TpuTopology) -> str:
     """One table per program: memory against HBM, FLOPs, step-time estimates and MFU."""
     lines = [f"{topology.name}: {topology.describe()}"]
@@ -384,8 +415,8 @@ def format_report(results: Sequence[ProgramEstimate], topology: TpuTopology) -> 
             ("compiled FLOPs (loop-aware matmuls, all chips)", f"{r.compiled_flops * chips:.4g}"),
             ("  compiled / model", f"{r.compiled_flops * chips / r.model_flops:.2f}"),
             ("XLA flops (per chip, loop bodies once)", f"{r.xla_flops:.4g}"),
-            ("XLA optimal_seconds as returned", f"{r.xla_optimal_seconds:.4g}"),
-            ("  ops of unknown cost (-1 s each)", str(r.unknown_cost_ops)),
+            ("XLA optimal_seconds (loop bodies once)", _xla_seconds(r)),
+            ("  ops XLA gives no cost for", _unknown_ops(r)),
             ("  loop factor (cycles with trips / once)", f"{r.loop_factor:.1f}"),
             ("step time, s: cost model (optimal, loop-aware)", _seconds(r.cost_model_seconds)),
             ("  per-op cycle estimates", _seconds(r.cycles_seconds)),
