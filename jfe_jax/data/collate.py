@@ -16,7 +16,12 @@ import numpy as np
 from jfe_jax.data.processing import ProcessedItem
 from jfe_jax.models.batches import EarlyBatch, PackedBatch
 from jfe_jax.models.config import ModelConfig
-from jfe_jax.models.inputs import prepare_batch
+from jfe_jax.models.inputs import (
+    image_runs,
+    mrope_position_ids,
+    prepare_batch,
+    vision_patch_positions,
+)
 from jfe_jax.models.packing import pack_items
 
 DEFAULT_LENGTH_BUCKETS = (64, 128, 256, 512, 1024, 2048)
@@ -60,7 +65,7 @@ def collate(
     length = pick_length(max(len(it.input_ids) for it in items), length_buckets)
     ids = np.full((len(items), length), pad_token_id, dtype=np.int32)
     mask = np.zeros((len(items), length), dtype=np.int32)
-    pixels, grids = [], []
+    has_image = False
     for row, item in enumerate(items):
         n = len(item.input_ids)
         span = slice(0, n) if padding_side == "right" else slice(length - n, length)
@@ -72,11 +77,10 @@ def collate(
                     f"item {row} has an image but the batch has no patch budget "
                     "(data.patch_budget = 0 means text-only data)"
                 )
-            pixels.append(item.pixel_values)
-            grids.append(np.asarray(item.image_grid_thw).reshape(-1, 3))
+            has_image = True
     if patch_budget <= 0:
         return prepare_batch(config, ids, mask)
-    if not grids:
+    if not has_image:
         return prepare_batch(config, ids, mask).replace(
             pixel_values=np.zeros(
                 (len(items), patch_budget, config.vision.patch_dim), dtype=np.float32
@@ -84,14 +88,114 @@ def collate(
             patch_segment_ids=np.zeros((len(items), patch_budget), dtype=np.int32),
             patch_positions=np.zeros((len(items), patch_budget, 2), dtype=np.int32),
         )
-    return prepare_batch(
-        config,
-        ids,
-        mask,
-        np.concatenate(pixels),
-        np.concatenate(grids),
-        num_patches=patch_budget,
+    return _with_patches(items, ids, mask, config=config, patch_budget=patch_budget)
+
+
+def _with_patches(
+    items: Sequence[ProcessedItem],
+    ids: np.ndarray,
+    mask: np.ndarray,
+    *,
+    config: ModelConfig,
+    patch_budget: int,
+) -> EarlyBatch:
+    """``prepare_batch(config, ids, mask, all patches, all grids, num_patches=patch_budget)``,
+    with each item's patches copied once, straight into the preallocated padded arrays.
+
+    prepare_batch takes the reference's flat ``pixel_values``: feeding it meant concatenating
+    every item's patches and copying them again into the batch, two passes over about 4 MB
+    per 448x448 image (and fresh pages for each). The checks are prepare_batch's, per row.
+    """
+    vcfg = config.vision
+    merge = vcfg.spatial_merge_size
+    if patch_budget % merge**2:
+        raise ValueError(
+            f"patch budget {patch_budget} is not a multiple of merge_size**2 = {merge**2}"
+        )
+    vocab = config.text.vocab_size
+    bad = (ids < 0) | (ids >= vocab)
+    if bad.any():
+        b, j = np.argwhere(bad)[0]
+        raise ValueError(
+            f"input_ids[{b}, {j}] = {ids[b, j]} is outside the vocabulary [0, {vocab})"
+        )
+    empty = np.flatnonzero(mask.sum(axis=1) == 0)
+    if empty.size:
+        raise ValueError(f"row {int(empty[0])} has no real token (attention_mask is all zero)")
+    batch, length = ids.shape
+    position_ids = np.empty((batch, 3, length), dtype=np.int32)
+    pixel_values = np.zeros((batch, patch_budget, vcfg.patch_dim), dtype=np.float32)
+    segments = np.zeros((batch, patch_budget), dtype=np.int32)
+    positions = np.zeros((batch, patch_budget, 2), dtype=np.int32)
+    for row, item in enumerate(items):
+        grids = _item_grids(row, item, ids[row], config)
+        if grids.size and int(np.prod(grids, axis=1).sum()) > patch_budget:
+            raise ValueError(
+                f"row {row} has {len(item.pixel_values)} patches but the patch budget is "
+                f"{patch_budget}"
+            )
+        position_ids[row] = mrope_position_ids(
+            ids[row], mask[row], grids, image_token_id=config.image_token_id, merge_size=merge
+        )
+        cursor = 0
+        for k, grid in enumerate(grids):
+            n = int(np.prod(grid))
+            segments[row, cursor : cursor + n] = k + 1
+            positions[row, cursor : cursor + n] = vision_patch_positions(grid, merge)
+            cursor += n
+        if cursor:
+            pixel_values[row, :cursor] = item.pixel_values
+    return EarlyBatch(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=position_ids,
+        pixel_values=pixel_values,
+        patch_segment_ids=segments,
+        patch_positions=positions,
     )
+
+
+def _item_grids(row: int, item: ProcessedItem, row_ids: np.ndarray, config: ModelConfig):
+    """The item's ``image_grid_thw`` as int64 [images, 3], checked against its patches and
+    its runs of ``<|image_pad|>`` (ValueError naming the row, as prepare_batch words it)."""
+    vcfg = config.vision
+    merge = vcfg.spatial_merge_size
+    runs = image_runs(row_ids, config.image_token_id)
+    if item.pixel_values is None:
+        grids = np.zeros((0, 3), dtype=np.int64)
+    else:
+        grids = np.asarray(item.image_grid_thw).astype(np.int64).reshape(-1, 3)
+        shape = np.shape(item.pixel_values)
+        if len(shape) != 2 or shape[1] != vcfg.patch_dim:
+            raise ValueError(
+                f"row {row}: pixel_values must be [num_patches, {vcfg.patch_dim}] "
+                f"(channels*temporal*patch*patch), got shape {shape}"
+            )
+        for t, h, w in grids:
+            if t < 1 or h < merge or w < merge or h % merge or w % merge:
+                raise ValueError(
+                    f"row {row}: image_grid_thw {[int(t), int(h), int(w)]}: t must be >= 1 and "
+                    f"h, w positive multiples of spatial_merge_size {merge}"
+                )
+        expected = int(np.prod(grids, axis=1).sum())
+        if shape[0] != expected:
+            raise ValueError(
+                f"row {row}: pixel_values has {shape[0]} patches but image_grid_thw says "
+                f"{expected} ({len(grids)} images)"
+            )
+    if len(runs) != len(grids):
+        raise ValueError(
+            f"row {row} has {len(runs)} runs of <|image_pad|> but {len(grids)} images; each "
+            "image needs exactly one run"
+        )
+    for (start, run_length), grid in zip(runs, grids):
+        need = int(np.prod(grid)) // merge**2
+        if run_length != need:
+            raise ValueError(
+                f"row {row}: the <|image_pad|> run at position {start} has {run_length} tokens "
+                f"but its image (grid {grid.tolist()}) needs {need}"
+            )
+    return grids
 
 
 def collate_packed(

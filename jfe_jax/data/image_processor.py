@@ -10,10 +10,13 @@ trained on:
    transformers converts arrays (grey replicated, alpha blended onto white and rounded).
 2. ``smart_resize`` to sides divisible by ``patch_size * merge_size`` with the pixel count in
    ``[min_pixels, max_pixels]``, then a PIL bicubic resize of the uint8 image.
-3. ``x * (1/255)`` in float64, cast to float32, then ``(x - mean) / std`` in float32.
-4. Patchify: the (C, H, W) image is cut into ``patch_size`` squares, ordered by 2x2 merge
-   block (block row, block column, row in block, column in block), each patch repeated
-   ``temporal_patch_size`` times along time and flattened as (C, T, patch_h, patch_w).
+3. Patchify: the uint8 image is cut into ``patch_size`` squares, ordered by 2x2 merge block
+   (block row, block column, row in block, column in block), each flattened as (C, T,
+   patch_h, patch_w) with the patch repeated ``temporal_patch_size`` times along time.
+4. ``(x / 255 - mean) / std`` in float32, written straight into the first frame of each patch
+   (the other frames are copies). transformers rescales ``x * (1/255)`` in float64 and casts
+   to float32; the float32 quotient ``x / 255`` is correctly rounded and equals that cast for
+   every uint8 ``x`` (tested), so the values are the same bits without a float64 image.
 
 ``max_image_pixels`` is a decompression-bomb guard on the original image, checked from the
 file header before the raster is decoded. Pillow's own ``Image.MAX_IMAGE_PIXELS`` limit
@@ -260,32 +263,57 @@ class ImageProcessor:
                 f"{name} is {width}x{height} = {height * width} pixels;"
                 f" expected at most max_image_pixels={self.max_image_pixels}"
             )
-        rgb = to_rgb(image)
         try:
             new_height, new_width = smart_resize(
                 height, width, self.factor, self.min_pixels, self.max_pixels
             )
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from err
-        resized = Image.fromarray(rgb).resize((new_width, new_height), Image.Resampling.BICUBIC)
-        # Same arithmetic and dtypes as transformers' rescale + normalize, for bit parity.
-        pixels = (np.asarray(resized).astype(np.float64) * (1 / 255)).astype(np.float32)
-        mean = np.asarray(self.image_mean, dtype=np.float32)
-        std = np.asarray(self.image_std, dtype=np.float32)
-        pixels = (pixels - mean) / std
-        return self._patchify(pixels.transpose(2, 0, 1))
+        return self.patchify(self.resize(image, new_height, new_width))
 
-    def _patchify(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(C, H, W) -> patches in merge-block order, each repeated over time; and the grid."""
-        channels, height, width = image.shape
+    def resize(self, image: Image.Image | np.ndarray, height: int, width: int) -> np.ndarray:
+        """The image in RGB (``to_rgb``), PIL-bicubic resized to ``height`` x ``width``: uint8
+        (height, width, 3)."""
+        if (
+            isinstance(image, Image.Image)
+            and image.mode == "RGB"
+            and image.info.get("transparency") is None
+        ):
+            rgb = image  # what to_rgb would return, without the round trip through numpy
+        else:
+            rgb = Image.fromarray(to_rgb(image))
+        return np.asarray(rgb.resize((width, height), Image.Resampling.BICUBIC))
+
+    def normalize(self, pixels: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """uint8 pixels with channels on axis 1 -> float32 ``(x / 255 - mean) / std``, in
+        float32 throughout (the module docstring says why that is transformers' result).
+
+        ``out``, when given, is a float32 array of ``pixels``'s shape (a view is fine) that
+        receives the result.
+        """
+        shape = (1, len(self.image_mean)) + (1,) * (pixels.ndim - 2)
+        mean = np.asarray(self.image_mean, dtype=np.float32).reshape(shape)
+        std = np.asarray(self.image_std, dtype=np.float32).reshape(shape)
+        out = np.divide(pixels, np.float32(255), out=out, dtype=np.float32)
+        np.subtract(out, mean, out=out)
+        return np.divide(out, std, out=out)
+
+    def patchify(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A resized uint8 (H, W, C) image -> (pixel_values float32 [patches, patch_dim],
+        image_grid_thw int64 [3]): normalised patches in merge-block order, each repeated over
+        time (the module docstring's steps 3 and 4)."""
+        height, width, channels = image.shape
         p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
         grid_h, grid_w = height // p, width // p
-        blocks = image.reshape(channels, grid_h // m, m, p, grid_w // m, m, p)
-        # -> (block row, block col, row in block, col in block, C, patch row, patch col)
-        blocks = blocks.transpose(1, 4, 2, 5, 0, 3, 6)
-        frames = np.broadcast_to(blocks[:, :, :, :, :, None], (*blocks.shape[:5], t, p, p))
-        patches = frames.reshape(grid_h * grid_w, channels * t * p * p)
-        return np.ascontiguousarray(patches), np.array([1, grid_h, grid_w], dtype=np.int64)
+        blocks = image.reshape(grid_h // m, m, p, grid_w // m, m, p, channels)
+        # -> (block row, block col, row in block, col in block, C, patch row, patch col); the
+        # reordering copies uint8 pixels, a quarter of the bytes of float32 ones.
+        ordered = blocks.transpose(0, 3, 1, 4, 6, 2, 5).reshape(grid_h * grid_w, channels, 1, p, p)
+        patches = np.empty((grid_h * grid_w, channels, t, p, p), dtype=np.float32)
+        first = self.normalize(ordered, out=patches[:, :, :1])
+        patches[:, :, 1:] = first  # the temporal repeat, written once
+        patches = patches.reshape(grid_h * grid_w, channels * t * p * p)
+        return patches, np.array([1, grid_h, grid_w], dtype=np.int64)
 
     def __call__(
         self, images: Sequence[ImageInput], *, root: str | os.PathLike | None = None
