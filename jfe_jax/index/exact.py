@@ -22,6 +22,7 @@ streamed blocks are merged with a stable sort in block order.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -120,26 +121,88 @@ def _search_block(
     return jnp.take_along_axis(cand_rows, positions, axis=1), top_scores
 
 
-class _Shards:
-    """One row block of the database, padded to a multiple of the shard count."""
+# Fills ``out`` (float32 [m, dim], C-contiguous) with database rows [start, start + m).
+RowReader = Callable[[int, np.ndarray], None]
 
-    def __init__(self, rows, first_row: int, mesh: Mesh):
+
+def _place_blocks(
+    mesh: Mesh, num_rows: int, dim: int, rows_per_shard: int, device_block
+) -> tuple[jax.Array, jax.Array]:
+    """(the rows sharded over the mesh, padded to ``rows_per_shard`` per device; their valid
+    count, replicated). ``device_block(start, stop)`` gives one device's block on the host
+    (float32 [rows_per_shard, dim]: rows [start, stop), then zeros); each block goes to its
+    own device and is done before the next is made, so the host never holds a padded copy
+    of the whole database, only one device's block at a time."""
+    (axis,) = mesh.axis_names
+    shape = (rows_per_shard * mesh.shape[axis], dim)
+    sharding = NamedSharding(mesh, P(axis, None))
+    by_row = sorted(
+        sharding.addressable_devices_indices_map(shape).items(),
+        key=lambda item: item[1][0].start or 0,
+    )
+    placed = []
+    for device, (rows, _) in by_row:
+        start = rows.start or 0
+        stop = max(start, min(start + rows_per_shard, num_rows))
+        # A copy (may_alias=False), finished before the next block is made: a block may be a
+        # view of the caller's array or a staging buffer that is then refilled.
+        block = jax.device_put(device_block(start, stop), device, may_alias=False)
+        placed.append(block.block_until_ready())
+    database = jax.make_array_from_single_device_arrays(shape, sharding, placed)
+    num_valid = jax.device_put(jnp.int32(num_rows), NamedSharding(mesh, P()))
+    return database, num_valid
+
+
+def _array_blocks(rows: np.ndarray, rows_per_shard: int):
+    """``device_block`` over a float32 host array: views of it, only a short block copied."""
+
+    def device_block(start: int, stop: int) -> np.ndarray:
+        if stop - start == rows_per_shard:
+            return rows[start:stop]
+        padded = np.zeros((rows_per_shard, rows.shape[1]), np.float32)
+        padded[: stop - start] = rows[start:stop]
+        return padded
+
+    return device_block
+
+
+def _reader_blocks(read_rows: RowReader, rows_per_shard: int, dim: int):
+    """``device_block`` that reads each device's rows into one reused, zero-padded buffer."""
+    staging = np.empty((rows_per_shard, dim), np.float32)
+
+    def device_block(start: int, stop: int) -> np.ndarray:
+        read_rows(start, staging[: stop - start])
+        staging[stop - start :] = 0
+        return staging
+
+    return device_block
+
+
+class _Shards:
+    """One row block of the database, padded to a multiple of the shard count when placed.
+
+    ``rows`` is the block (a host array, or a device array), or None once the devices hold
+    it for good (a resident index keeps no host copy)."""
+
+    def __init__(self, rows, first_row: int, num_rows: int, mesh: Mesh):
         (axis,) = mesh.axis_names
         num_shards = mesh.shape[axis]
         self.first_row = first_row
-        self.num_rows = rows.shape[0]
+        self.num_rows = num_rows
         self.rows_per_shard = -(-self.num_rows // num_shards)
         self._host = rows
         self._mesh = mesh
 
     def place(self) -> tuple[jax.Array, jax.Array]:
         """(the padded block sharded over the mesh, its valid row count, replicated)."""
+        if isinstance(self._host, np.ndarray):
+            dim = self._host.shape[1]
+            blocks = _array_blocks(self._host, self.rows_per_shard)
+            return _place_blocks(self._mesh, self.num_rows, dim, self.rows_per_shard, blocks)
         (axis,) = self._mesh.axis_names
         num_shards = self._mesh.shape[axis]
         padding = ((0, self.rows_per_shard * num_shards - self.num_rows), (0, 0))
-        # A host array is padded on the host, so each device receives only its own rows.
-        xp = np if isinstance(self._host, np.ndarray) else jnp
-        padded = xp.pad(xp.asarray(self._host, dtype=xp.float32), padding)
+        padded = jnp.pad(jnp.asarray(self._host, dtype=jnp.float32), padding)
         placed = jax.device_put(padded, NamedSharding(self._mesh, P(axis, None)))
         num_valid = jax.device_put(jnp.int32(self.num_rows), NamedSharding(self._mesh, P()))
         return placed, num_valid
@@ -149,9 +212,11 @@ class ExactIndex:
     """Exact top-k by dot product over a database held on a 1-D device mesh.
 
     The database is placed on the devices once, when the index is made, and stays there for
-    every `search` (``placements`` counts the transfers). If one device's share would exceed
-    ``max_bytes_per_device``, the database is kept on the host in row blocks that fit and
-    streamed block by block on each search (``streamed`` is True).
+    every `search` (``placements`` counts the transfers); the index keeps no host copy of it.
+    If one device's share would exceed ``max_bytes_per_device``, the database is kept on the
+    host in row blocks that fit and streamed block by block on each search (``streamed`` is
+    True). `from_rows` builds one from a reader (an export on disk, ``jfe_jax.index.pool``)
+    without a full host copy.
 
     Args:
       database: [num_rows, dim] float array (finite values); any num_rows, divisible by the
@@ -171,6 +236,71 @@ class ExactIndex:
         if isinstance(database, np.ndarray) and database.dtype != np.float32:
             database = database.astype(np.float32)
         _check_database(database)
+        max_rows = self._setup(*database.shape, mesh, max_bytes_per_device)
+        self._blocks = [
+            _Shards(
+                database[start : start + max_rows],
+                start,
+                min(max_rows, self.num_rows - start),
+                self.mesh,
+            )
+            for start in range(0, self.num_rows, max_rows)
+        ]
+        self.streamed = len(self._blocks) > 1
+        self._resident = None
+        if not self.streamed:
+            self._resident = self._place(self._blocks[0])
+            self._blocks = [_Shards(None, 0, self.num_rows, self.mesh)]
+
+    @classmethod
+    def from_rows(
+        cls,
+        read_rows: RowReader,
+        num_rows: int,
+        dim: int,
+        *,
+        mesh: Mesh | None = None,
+        max_bytes_per_device: int | None = None,
+    ) -> ExactIndex:
+        """An index over the ``num_rows`` x ``dim`` float32 rows that ``read_rows(start, out)``
+        writes into ``out``. Rows are read straight into each device's block (the host holds
+        one block at a time), or, for a streamed index, into one host array with no padding.
+        """
+        if num_rows == 0:
+            raise ValueError("database is empty; expected at least one row")
+        index = cls.__new__(cls)
+        max_rows = index._setup(num_rows, dim, mesh, max_bytes_per_device)
+        index.streamed = num_rows > max_rows
+        index._resident = None
+        if index.streamed:
+            host = np.empty((num_rows, dim), np.float32)
+            read_rows(0, host)
+            index._blocks = [
+                _Shards(
+                    host[start : start + max_rows],
+                    start,
+                    min(max_rows, num_rows - start),
+                    index.mesh,
+                )
+                for start in range(0, num_rows, max_rows)
+            ]
+            return index
+        block = _Shards(None, 0, num_rows, index.mesh)
+        index.placements = 1
+        index._resident = _place_blocks(
+            index.mesh,
+            num_rows,
+            dim,
+            block.rows_per_shard,
+            _reader_blocks(read_rows, block.rows_per_shard, dim),
+        )
+        index._blocks = [block]
+        return index
+
+    def _setup(
+        self, num_rows: int, dim: int, mesh: Mesh | None, max_bytes_per_device: int | None
+    ) -> int:
+        """Sets the mesh, shape and counters; returns the most rows one placed block holds."""
         mesh = default_mesh() if mesh is None else mesh
         if len(mesh.axis_names) != 1:
             raise ValueError(f"mesh must be 1-D, got axes {mesh.axis_names}")
@@ -178,17 +308,10 @@ class ExactIndex:
         self.mesh = mesh
         if max_bytes_per_device is None:
             max_bytes_per_device = default_max_bytes_per_device(mesh)
-        self.num_rows, self.dim = int(database.shape[0]), int(database.shape[1])
+        self.num_rows, self.dim = int(num_rows), int(dim)
         num_shards = mesh.shape[axis]
-        row_bytes = 4 * self.dim
-        max_rows = max(num_shards, (max_bytes_per_device // row_bytes) * num_shards)
         self.placements = 0
-        self._blocks = [
-            _Shards(database[start : start + max_rows], start, mesh)
-            for start in range(0, self.num_rows, max_rows)
-        ]
-        self.streamed = len(self._blocks) > 1
-        self._resident = None if self.streamed else self._place(self._blocks[0])
+        return max(num_shards, (max_bytes_per_device // (4 * self.dim)) * num_shards)
 
     def _place(self, block: _Shards) -> tuple[jax.Array, jax.Array]:
         self.placements += 1

@@ -10,9 +10,18 @@ On disk an index is a directory:
   scann/               ScaNN's own `serialize` output (relative paths, so the directory moves)
   ids.npy              the string ids, fixed-width unicode, written and read without pickle
   index_metadata.json  scann version, n, dim, metric, normalisation, the builder settings
-                       used, and the caller's metadata (model, checkpoint step, prompt, ...)
+                       used, the caller's metadata (model, checkpoint step, prompt, ...), and
+                       under "files" the size and blake2b hash of ids.npy and of every file in
+                       scann/ (``jfe_jax.index.integrity``)
 ScaNN's own doc-id support is a pickle; it is never written, and `load` refuses a directory
 that has one rather than unpickle it.
+
+`load` checks every recorded file's size and hash before ScaNN reads it (ScaNN reads its files
+whole anyway; the hashing costs about a second per 1.4 GB): a modified ``ids.npy`` (which
+would pair the old scores with other ids), a truncated or replaced searcher file, or a missing
+one is refused with one line naming the file. Indexes written before the records (format 1)
+are refused with a message to rebuild them: `jfe index build` remakes one from its export in
+one command, and nothing else could tell a reordered ``ids.npy`` from the original.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from jfe_jax.index import integrity
 from jfe_jax.paths import absolute
 
 METRICS = ("dot_product", "squared_l2")
@@ -39,7 +49,7 @@ MAX_TREE_TRAINING_SAMPLE = 250_000
 METADATA_FILE = "index_metadata.json"
 IDS_FILE = "ids.npy"
 SCANN_DIR = "scann"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: file sizes and hashes under "files"
 # Keys of the metadata file that `Index.load(expect=...)` checks before the user metadata.
 _BUILTIN_KEYS = ("n", "dim", "metric", "normalized", "scann_version")
 
@@ -359,6 +369,8 @@ class Index:
         # Relative asset paths, so the directory can be copied or moved as a whole.
         self._searcher.serialize(scann_dir, relative_path=True)
         np.save(os.path.join(directory, IDS_FILE), self._ids, allow_pickle=False)
+        files = [f"{SCANN_DIR}/{name}" for name in integrity.files_under(scann_dir)]
+        self._metadata["files"] = integrity.record_files(directory, [IDS_FILE, *files])
         # The metadata goes last: a directory without it is an interrupted save.
         with open(os.path.join(directory, METADATA_FILE), "w") as f:
             json.dump(self._metadata, f, indent=2, sort_keys=True)
@@ -373,7 +385,9 @@ class Index:
         "scann_version", or any key of the metadata passed to `build` (e.g. "model",
         "checkpoint_step"). A missing key or a different value raises ValueError naming both,
         so an index built by another model or for another dimension is caught before search.
-        Raises FileNotFoundError when a file of the index is missing.
+        Raises FileNotFoundError when a file of the index is missing, IntegrityError (a
+        ValueError) when one is truncated or modified, ValueError for an index written before
+        file hashes (rebuild it).
         """
         directory = absolute(directory)
         metadata_path = os.path.join(directory, METADATA_FILE)
@@ -391,19 +405,37 @@ class Index:
             )
         with open(metadata_path) as f:
             metadata = json.load(f)
-        if metadata.get("format_version") != FORMAT_VERSION:
+        rebuild = "rebuild the index from its export (jfe index build)"
+        version = metadata.get("format_version")
+        if version == 1:
             raise ValueError(
-                f"{metadata_path} has format_version {metadata.get('format_version')!r}; "
-                f"expected {FORMAT_VERSION}"
+                f"index {directory} was built by an older jfe-jax (format 1, without file "
+                f"hashes), so a modified ids.npy could not be caught; {rebuild}"
+            )
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"{metadata_path} has format_version {version!r}; expected {FORMAT_VERSION}"
             )
         _check_expected(metadata, expect or {}, metadata_path)
+        records = metadata.get("files") or {}
+        for name in (IDS_FILE, f"{SCANN_DIR}/scann_assets.pbtxt"):
+            if name not in records:
+                raise integrity.IntegrityError(f"{metadata_path} records no {name}; {rebuild}")
+        integrity.check_files(directory, records, rebuild=rebuild)
         ids = np.load(ids_path, allow_pickle=False)
         if ids.shape != (metadata["n"],):
             raise ValueError(f"{ids_path} holds {ids.shape} ids; metadata says n={metadata['n']}")
 
         import scann
 
-        searcher = scann.scann_ops_pybind.load_searcher(scann_dir)
+        try:
+            searcher = scann.scann_ops_pybind.load_searcher(scann_dir)
+        except RuntimeError as error:  # its files matched their hashes: another ScaNN?
+            cause = (str(error).strip().splitlines() or ["RuntimeError"])[-1]
+            raise ValueError(
+                f"ScaNN {importlib.metadata.version('scann')} cannot load {scann_dir} (written "
+                f"by ScaNN {metadata.get('scann_version')}): {cause}; {rebuild}"
+            ) from None
         if searcher.size() != metadata["n"]:
             raise ValueError(
                 f"{scann_dir} holds {searcher.size()} vectors; metadata says n={metadata['n']}"
