@@ -189,3 +189,35 @@ def test_a_stage_without_hard_negatives_stores_no_negative_image(root, tmp_path)
     }
     assert len(source[0]["negative_dids"]) == 0
     assert {p.decode() for p in read} == set(ImageStore(store_dir).catalog())
+
+
+def test_hosts_other_than_0_wait_for_the_data_without_a_device_collective(
+    root, tmp_path, monkeypatch
+):
+    from jax.experimental import multihost_utils
+
+    from jfe_jax.train import data as train_data
+    from jfe_jax.train.config_base import demo_stage2_config
+
+    config = demo_stage2_config()
+    config.data.root = str(root)
+    config.data.tfds_dir = str(tmp_path / "tfds")
+    host_0 = train_data._builders(config, config.data.tfds_dir, 112 * 112)  # builds
+    calls = []
+    monkeypatch.setattr(train_data.jax, "process_index", lambda: 1)
+    monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda *a: calls.append(a))
+    monkeypatch.setattr(train_data, "build_dataset", _recording(train_data.build_dataset, calls))
+    host_1 = train_data._builders(config, config.data.tfds_dir, 112 * 112)
+    assert [c for c in calls if not isinstance(c, dict)] == []  # no device barrier
+    assert [c["wait_for_host"] for c in calls] == [0] * len(host_0)
+    assert {k: b.data_path for k, b in host_1.items()} == {
+        k: b.data_path for k, b in host_0.items()
+    }
+
+
+def _recording(function, calls):
+    def recorded(*args, **kwargs):
+        calls.append(kwargs)
+        return function(*args, **kwargs)
+
+    return recorded
