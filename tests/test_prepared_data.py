@@ -132,9 +132,11 @@ def test_a_changed_image_is_read_again_alone_and_its_dataset_rebuilt(root, tmp_p
     assert images[first["id"]] == changed.read_bytes()
 
 
-def test_a_build_with_worker_processes_equals_one_in_process(root, tmp_path):
+def test_a_build_with_worker_processes_equals_one_in_process(root, tmp_path, monkeypatch):
     serial = _captions(root, tmp_path / "a", image_store=tmp_path / "s0", workers=0)
     parallel = _captions(root, tmp_path / "b", image_store=tmp_path / "s2", workers=2)
+    # One segment open at a time: the reader closes and reopens them as it goes.
+    monkeypatch.setattr(image_store_lib, "MAX_OPEN_SEGMENTS", 1)
     _assert_same_records(load_source(serial), load_source(parallel))
     # Two worker processes wrote their own segments.
     segments = [n for n in os.listdir(tmp_path / "s2") if n.endswith(".array_record")]

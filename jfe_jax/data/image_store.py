@@ -62,6 +62,9 @@ _NO_PIXEL_LIMIT = 2**62
 # Images per worker task: large enough that a segment file is not tiny, small enough that a
 # pool of workers stays busy and the progress bar moves.
 _IMAGES_PER_SEGMENT = 2000
+# Segment files a reading process keeps open (oldest closed first): a 1.1M-record store has
+# about a thousand segments, and each grain worker reads from all of them.
+MAX_OPEN_SEGMENTS = 64
 # decode state of an entry: not decoded yet, decoded fine, or the decode error's text.
 NOT_DECODED, DECODED = None, ""
 
@@ -328,6 +331,8 @@ class ImageStore:
                     f"image store segment {path} is missing (the store was moved or cleared): "
                     "rebuild the prepared data"
                 )
+            if len(self._readers) >= MAX_OPEN_SEGMENTS:  # bounded file handles per process
+                self._readers.pop(next(iter(self._readers))).close()
             reader = self._readers[tag] = ArrayRecordReader(path, "readahead_buffer_size:0")
         try:
             data = reader.read([int(row)])[0]
