@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 import tempfile
@@ -129,7 +130,7 @@ def make_records(directory: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
 def model_config() -> ModelConfig:
     """The 2b architecture with the offline tokenizer's vocabulary."""
     config = get_size("2b")
-    text = config.text.__class__(**{**config.text.__dict__, "vocab_size": VOCAB_SIZE})
+    text = dataclasses.replace(config.text, vocab_size=VOCAB_SIZE)
     return config.replace(text=text, **special_token_ids(VOCAB_SIZE))
 
 
