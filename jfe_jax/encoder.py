@@ -47,6 +47,9 @@ BACKBONE = ("vision", "text")
 
 # Options that do not change what the model computes, left out of its fingerprint.
 _LAYOUT_OPTIONS = ("scan_layers", "remat", "temperature")
+# ... and those whose effect the fingerprint sees in the canonical weights (LoRA merged,
+# values as float32), so that a workdir and its converted directory agree.
+_WEIGHT_OPTIONS = (*_LAYOUT_OPTIONS, "param_dtype", "lora_rank", "lora_alpha", "lora_targets")
 
 
 def init_params(module: OneTowerEncoder, rng: jax.Array, *, keep=None, shardings=None):
@@ -265,29 +268,45 @@ class Encoder:
     def fingerprint(self) -> str:
         """Content hash of what this encoder computes (``jfe_jax.models.fingerprint``).
 
-        The weights it was loaded from (a workdir checkpoint's state and step, or a Hugging
-        Face directory's weight files), else its params, plus the options that change its
-        outputs. A moved or copied model keeps it; another step or more training changes it.
-        Computed on first use and cached (recomputed if ``params`` is replaced).
+        Its parameters' values in one canonical layout (layers unstacked, LoRA merged, float32)
+        plus its architecture and the options that change its outputs: a workdir and the
+        directory converted from it (``save_pretrained``) have the same one, a moved or copied
+        model keeps it, more training or a lower-precision copy changes it. Read from the
+        ``jfe_fingerprint.json`` beside the weights loaded, else computed (one read of the
+        params) and stored there; cached (recomputed if ``params`` is replaced).
         """
         if self._fingerprint is None or self._fingerprint[0] is not self.params:
             loaded = self._loaded_from
             _, kind, path = loaded if loaded and loaded[0] is self.params else (None, "params", "")
+            options = dataclasses.asdict(self.options)
+            load_options = {k: v for k, v in options.items() if k not in _LAYOUT_OPTIONS}
+            store, key, value = None, None, None
             if kind == "workdir":
                 from jfe_jax.train.checkpoint import checkpoint_dir
 
-                state = os.path.join(checkpoint_dir(path), str(self.step), "state")
-                weights = fingerprint_lib.hash_tree(
-                    state, contents_up_to=fingerprint_lib.CHECKPOINT_CONTENTS_UP_TO
+                store = os.path.join(checkpoint_dir(path), str(self.step))
+                files = fingerprint_lib.hash_tree(
+                    os.path.join(store, "state"),
+                    contents_up_to=fingerprint_lib.CHECKPOINT_CONTENTS_UP_TO,
                 )
             elif kind == "hf":
-                weights = fingerprint_lib.hash_hf_weights(path)
-            else:
-                weights = fingerprint_lib.hash_params(self.params)
-            options = dataclasses.asdict(self.options)
-            options = {k: v for k, v in options.items() if k not in _LAYOUT_OPTIONS}
-            identity = {"kind": kind, "weights": weights, "step": self.step, "options": options}
-            self._fingerprint = (self.params, fingerprint_lib.hash_json(identity))
+                store, files = path, fingerprint_lib.hf_files_key(path)
+            if store is not None:
+                # What the in-memory params were made from: the files and how they were read.
+                key = fingerprint_lib.hash_json({"kind": kind, "files": files, **load_options})
+                value = fingerprint_lib.read_stored(store, key)
+            if value is None:
+                identity = {
+                    "weights": fingerprint_lib.hash_canonical_params(
+                        self.params, lora_alpha=self.options.lora_alpha
+                    ),
+                    "config": self.config.to_hf_dict(),
+                    "options": {k: v for k, v in options.items() if k not in _WEIGHT_OPTIONS},
+                }
+                value = f"{fingerprint_lib.FORM}-{fingerprint_lib.hash_json(identity)}"
+                if store is not None and jax.process_index() == 0:
+                    fingerprint_lib.write_stored(store, key, value)
+            self._fingerprint = (self.params, value)
         return self._fingerprint[1]
 
     def save_pretrained(

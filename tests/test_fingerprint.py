@@ -18,7 +18,10 @@ from jfe_jax.cli import main
 from jfe_jax.encoder import Encoder
 from jfe_jax.index.embedder import Item, embedder_for
 from jfe_jax.index.export import IDENTITY_FILE, export_embeddings, load_embeddings
-from jfe_jax.models.fingerprint import short
+from jfe_jax.models import fingerprint as fingerprint_lib
+from jfe_jax.models.fingerprint import FINGERPRINT_FILE, is_current_form, short
+from jfe_jax.models.one_tower import EncoderOptions
+from jfe_jax.models.safetensors_io import SINGLE_FILE, SafetensorsFile, _write_file
 from jfe_jax.models.sizes import get_size
 from jfe_jax.train.checkpoint import MODEL_CONFIG_FILE, Checkpointer
 from jfe_jax.train.config_base import base_config
@@ -60,7 +63,7 @@ def test_moved_model_keeps_its_fingerprint_and_another_model_differs(setup, tmp_
     a = Encoder.from_pretrained(models["a"])
     assert Encoder.from_pretrained(str(moved)).fingerprint == a.fingerprint
     assert Encoder.from_pretrained(models["b"]).fingerprint != a.fingerprint
-    assert len(a.fingerprint) == 64 and a.fingerprint is a.fingerprint  # computed once
+    assert re.fullmatch(r"w2-[0-9a-f]{64}", a.fingerprint) and a.fingerprint is a.fingerprint
 
 
 def test_in_memory_fingerprint_hashes_params_and_output_options():
@@ -78,11 +81,11 @@ def test_in_memory_fingerprint_hashes_params_and_output_options():
     assert a.fingerprint != layout.fingerprint
 
 
-def _save_workdir(workdir, params_by_step):
+def _save_workdir(workdir, params_by_step, config=None):
     """A training workdir as the trainer writes it, with the given params at each step."""
     os.makedirs(workdir)
     with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(base_config().to_json_best_effort())
+        f.write((config or base_config()).to_json_best_effort())
     with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w") as f:
         json.dump(get_size("tiny").to_hf_dict(), f)
     checkpointer = Checkpointer(
@@ -114,6 +117,103 @@ def test_workdir_fingerprint_follows_the_checkpoint_not_the_path(tmp_path):
     flat = traverse_util.flatten_dict(jax.device_get(step2.params))
     for key, value in traverse_util.flatten_dict(jax.device_get(p2)).items():
         np.testing.assert_array_equal(flat[key], value)
+
+
+def test_converted_directory_has_its_workdirs_fingerprint(tmp_path, monkeypatch):
+    params = Encoder.init(get_size("tiny"), seed=3).params
+    _save_workdir(tmp_path / "run", {1: params})
+    workdir = Encoder.from_workdir(str(tmp_path / "run"))
+    workdir.save_pretrained(str(tmp_path / "converted"))
+    converted = Encoder.from_pretrained(str(tmp_path / "converted"))
+    assert converted.fingerprint == workdir.fingerprint
+    # Stored beside the weights and read back: nothing is hashed again.
+    assert os.path.isfile(tmp_path / "run" / "checkpoints" / "1" / FINGERPRINT_FILE)
+    assert os.path.isfile(tmp_path / "converted" / FINGERPRINT_FILE)
+
+    def no_rehash(*args, **kwargs):
+        raise AssertionError("the stored fingerprint was not used")
+
+    monkeypatch.setattr(fingerprint_lib, "hash_canonical_params", no_rehash)
+    for again in (
+        Encoder.from_workdir(str(tmp_path / "run")),
+        Encoder.from_pretrained(str(tmp_path / "converted")),
+    ):
+        assert again.fingerprint == workdir.fingerprint
+
+
+def test_scanned_lora_model_and_its_merged_conversion_agree(tmp_path):
+    config = get_size("tiny")
+    options = EncoderOptions(scan_layers=True, lora_rank=4, lora_alpha=8.0)
+    params = Encoder.init(config, options, seed=5).params
+    # Non-zero adapters, so that merging them changes the kernels.
+    flat = traverse_util.flatten_dict(jax.device_get(params))
+    rng = np.random.default_rng(0)
+    for key, value in flat.items():
+        if key[-1] == "lora_b":
+            flat[key] = rng.normal(size=value.shape).astype(value.dtype)
+    lora = Encoder(config, traverse_util.unflatten_dict(flat), options)
+    lora.save_pretrained(str(tmp_path / "merged"))
+    merged = Encoder.from_pretrained(str(tmp_path / "merged"), scan_layers=False)
+    assert merged.options.lora_rank == 0 and not merged.options.scan_layers
+    assert merged.fingerprint == lora.fingerprint
+    plain = Encoder(config, params, options)  # the same kernels, zero adapters: another model
+    assert plain.fingerprint != lora.fingerprint
+
+
+def test_a_changed_weight_in_a_converted_directory_changes_its_fingerprint(setup, tmp_path):
+    _, models, _ = setup
+    copy = str(shutil.copytree(models["a"], tmp_path / "copy"))
+    before = Encoder.from_pretrained(copy).fingerprint
+    assert Encoder.from_pretrained(copy).fingerprint == before  # read back
+    path = os.path.join(copy, SINGLE_FILE)
+    weights = SafetensorsFile(path)
+    tensors = {name: np.array(weights.get(name)) for name in weights.keys()}
+    del weights
+    tensors["model.norm.weight"][0] += 1.0
+    _write_file(path, tensors)
+    assert Encoder.from_pretrained(copy).fingerprint != before
+
+
+def test_converted_model_searches_its_workdirs_index(setup, capsys, tmp_path):
+    root, _, _ = setup
+    config = base_config()
+    config.data.image_max_pixels = 112 * 112  # small images: a fast export
+    config.data.candidate_patch_budget = config.data.query_patch_budget = 64
+    workdir = tmp_path / "run"
+    _save_workdir(workdir, {1: Encoder.init(get_size("tiny"), seed=6).params}, config)
+    shutil.copytree(os.path.join(root, "tokenizer"), workdir / "tokenizer")
+    pool, index = str(tmp_path / "pool"), str(tmp_path / "index")
+    args = ["--mbeir-root", root, "--pool", TASK, "--out", pool]
+    assert main(["export", "--model", str(workdir), *args]) == 0
+    assert main(["index", "build", "--embeddings", pool, "--out", index]) == 0
+    converted = str(tmp_path / "converted")
+    assert main(["convert", "--src", str(workdir), "--dst", converted]) == 0
+    query = ["--index", index, "--text", "a red circle", "-k", "3", "--json"]
+    capsys.readouterr()
+    assert main(["search", "--model", str(workdir), *query]) == 0
+    from_workdir = json.loads(capsys.readouterr().out)["hits"]
+    assert main(["search", "--model", converted, *query]) == 0
+    assert json.loads(capsys.readouterr().out)["hits"] == from_workdir
+
+
+def test_index_of_an_older_fingerprint_form_is_refused(setup, capsys):
+    root, models, base = setup
+    pool, index = str(base / "old_form_pool"), str(base / "old_form_index")
+    args = ["--mbeir-root", root, "--pool", TASK, "--out", pool]
+    assert main(["export", "--model", models["a"], *args]) == 0
+    assert main(["index", "build", "--embeddings", pool, "--out", index]) == 0
+    meta_path = os.path.join(index, "index_metadata.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    assert is_current_form(meta["user"]["model_fingerprint"])
+    meta["user"]["model_fingerprint"] = "ab" * 32  # as jfe-jax wrote them before: file hashes
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    capsys.readouterr()
+    assert main(["search", "--model", models["a"], "--index", index, "--text", "x"]) == 2
+    line = _error_line(capsys)
+    assert "abababababab" in line and "--model has w2-" in line
+    assert "rebuild it" in line
 
 
 def test_item_format_names_what_the_model_is_fed(setup, tmp_path):
