@@ -422,11 +422,21 @@ class Encoder:
         ``jfe_item_format.json``, a workdir's training config, or its
         ``preprocessor_config.json``; see ``embedder_for``), and run data-parallel on this
         host's devices, ``batch_size`` at a time. ``options``: ``embedder_for`` overrides
-        (``image_root``, ``pack_vision``, ``ItemFormat`` fields such as ``prompt``). The same
+        (``image_root``, ``pack_vision``, ``tokenizer``: a directory with tokenizer.json, needed
+        by an encoder built in memory; ``ItemFormat`` fields such as ``prompt``). The same
         as ``embedder_for(encoder, ...).embed([Item(text, image, instruction), ...])``.
         """
         from jfe_jax.index.embedder import Item, embedder_for
 
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if not self.source_dir and options.get("tokenizer") is None:
+            raise ValueError(
+                "this encoder was built in memory (Encoder.init or Encoder(config, params)), so "
+                "it has no tokenizer beside its weights: pass encode(..., tokenizer=DIR) with a "
+                "directory holding tokenizer.json (e.g. the Qwen2-VL checkpoint's), or load the "
+                "model with Encoder.from_pretrained(DIR)"
+            )
         texts = _as_list(texts, "texts", lambda x: isinstance(x, str))
         images = _as_list(images, "images", _is_one_image)
         if texts is None and images is None:

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 from bench_fixtures import make_bench, small_synthetic, tiny_model
@@ -264,3 +265,164 @@ def test_describe_error_finds_a_full_disk_anywhere_in_the_chain():
             "no space left on the device writing /w/metrics.jsonl; free some space and rerun"
         )
     assert describe_error(RuntimeError("a bug")) is None  # keeps its traceback
+
+
+def test_truncated_safetensors_names_the_file_and_the_tensor(world, capsys, tmp_path):
+    model = str(shutil.copytree(world / "model", tmp_path / "model"))
+    weights = os.path.join(model, "model.safetensors")
+    os.truncate(weights, os.path.getsize(weights) - 1000)  # a download cut short
+    capsys.readouterr()
+    assert main(["convert", "--src", model, "--dst", str(tmp_path / "out")]) == EXIT_ERROR
+    line = error_line(capsys, "convert")
+    assert re.search(rf"{re.escape(weights)} is truncated: tensor [\w.]+ needs data bytes", line)
+
+
+def test_checkpoint_with_truncated_data_files_prints_one_line_and_no_traceback(tmp_path):
+    import jax.numpy as jnp
+
+    from jfe_jax.encoder import Encoder
+    from jfe_jax.train.checkpoint import MODEL_CONFIG_FILE
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(base_config().to_json_best_effort())
+    (workdir / MODEL_CONFIG_FILE).write_text(json.dumps(get_size("tiny").to_hf_dict()))
+    params = Encoder.init(get_size("tiny"), seed=1).params
+    checkpointer = ckpt.Checkpointer(
+        str(workdir), every_steps=1, every_seconds=1e9, keep=1, asynchronous=False
+    )
+    state = {"step": jnp.asarray(1), "trainable": params, "frozen": {}}
+    checkpointer.save(1, state, data_state={}, config={})
+    checkpointer.close()
+    # Only the array data cut short (manifests and metadata intact): the restore starts many
+    # reads before one fails, and the others are abandoned unfinished.
+    data = [
+        os.path.join(d, f)
+        for d, _, names in os.walk(workdir / "checkpoints" / "1" / "state")
+        for f in names
+        if os.path.basename(d) == "d" and os.path.getsize(os.path.join(d, f)) > 100
+    ]
+    assert data
+    for path in data:
+        os.truncate(path, 100)
+    env = {**os.environ, "XLA_FLAGS": os.environ["JFE_TEST_COMPILE_FLAGS"]}
+    command = [sys.executable, "-m", "jfe_jax.cli", "convert", "--src", str(workdir)]
+    done = subprocess.run(
+        [*command, "--dst", str(tmp_path / "out")], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == EXIT_ERROR
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot be read" in lines[0], done.stderr
+
+
+@contextlib.contextmanager
+def moved(path, to):
+    """``path`` renamed to ``to`` for the block (a shared fixture's folder, put back after)."""
+    os.rename(path, to)
+    try:
+        yield
+    finally:
+        os.rename(to, path)
+
+
+def test_a_copied_index_searches_without_its_root_and_task_names_the_missing_root(
+    world, tmp_path, capsys
+):
+    model, bench = str(world / "model"), str(world / "bench")
+    index = str(tmp_path / "copy" / "index")
+    shutil.copytree(world / "index", index)
+    query = ["search", "--model", model, "--index", index, "--text", "a red circle", "--json"]
+    capsys.readouterr()
+    # The root moved beside the copy, where it was beside the original: found relative to it.
+    with moved(bench, str(tmp_path / "copy" / "bench")):
+        assert main([*query, "--task", "mscoco_task0", "-k", "2"]) == 0
+        hits = json.loads(capsys.readouterr().out)["hits"]
+        assert all(h["image"].startswith(str(tmp_path / "copy" / "bench")) for h in hits)
+    # The root gone: the search needs none, a task's instruction does.
+    with moved(bench, str(tmp_path / "gone")):
+        assert main([*query, "-k", "2"]) == 0
+        hits = json.loads(capsys.readouterr().out)["hits"]
+        assert len(hits) == 2 and all("text" not in h for h in hits)
+        assert main([*query, "--task", "mscoco_task0"]) == EXIT_ERROR
+        line = error_line(capsys, "search")
+    assert f"M-BEIR root of index {index}" in line and bench in line
+    assert line.endswith("pass --mbeir-root DIR")
+
+
+def _pool_copy(world, tmp_path, edit) -> tuple[str, str]:
+    """(a copy of the benchmark whose mscoco_task0 test pool ``edit(lines)`` rewrote, that
+    pool file)."""
+    root = str(tmp_path / "bench")
+    shutil.copytree(world / "bench", root)
+    pool = os.path.join(root, "cand_pool", "local", "mbeir_mscoco_task0_test_cand_pool.jsonl")
+    with open(pool) as f:
+        lines = f.readlines()
+    with open(pool, "w") as f:
+        f.writelines(edit(lines))
+    return root, pool
+
+
+def test_a_duplicate_pool_id_names_the_pool_file_and_both_lines(world, tmp_path, capsys):
+    root, pool = _pool_copy(world, tmp_path, lambda lines: [*lines, lines[1]])
+    did = json.loads(open(pool).readlines()[1])["did"]
+    capsys.readouterr()
+    args = ["export", "--model", str(world / "model"), "--mbeir-root", root]
+    assert main([*args, "--pool", "mscoco_task0", "--out", str(tmp_path / "x")]) == EXIT_ERROR
+    lines = len(open(pool).readlines())
+    assert error_line(capsys, "export") == (
+        f"jfe export: error: {pool}: did {did!r} occurs on lines 2 and {lines}; expected each "
+        "id once"
+    )
+
+
+def test_an_empty_pool_is_refused_naming_the_file(world, tmp_path, capsys):
+    root, pool = _pool_copy(world, tmp_path, lambda lines: [])
+    model = str(world / "model")
+    capsys.readouterr()
+    args = ["export", "--model", model, "--mbeir-root", root, "--pool", "mscoco_task0"]
+    assert main([*args, "--out", str(tmp_path / "x")]) == EXIT_ERROR
+    expected = f"pool {pool} holds no candidates; expected at least one"
+    assert error_line(capsys, "export") == f"jfe export: error: {expected}"
+    args = ["eval", "--model", model, "--mbeir-root", root, "--out", str(tmp_path / "e")]
+    assert main(args) == EXIT_ERROR
+    assert error_line(capsys, "eval") == f"jfe eval: error: {expected}"
+
+
+def test_an_empty_export_is_refused_by_index_build_naming_it(world, tmp_path, capsys):
+    from jfe_jax.index.pool import IDS_FILE
+
+    export = str(tmp_path / "pool")
+    shutil.copytree(world / "pool", export)
+    (meta_file,) = [n for n in os.listdir(export) if n.startswith("metadata-host")]
+    with open(os.path.join(export, meta_file)) as f:
+        meta = json.load(f)
+    assert os.path.isfile(os.path.join(export, "shard-00000", IDS_FILE))
+    shutil.rmtree(os.path.join(export, "shard-00000"))  # an export of an empty pool: no shard
+    meta.update(total_items=0, num_shards=0, shards=[])
+    with open(os.path.join(export, meta_file), "w") as f:
+        json.dump(meta, f)
+    capsys.readouterr()
+    args = ["index", "build", "--embeddings", export, "--out", str(tmp_path / "i")]
+    assert main(args) == EXIT_ERROR
+    line = error_line(capsys, "index")
+    assert f"export {export} holds no embeddings of pool {meta['pool']}" in line
+
+
+def test_an_over_long_query_names_the_truncate_text_flag_which_shortens_it(world, tmp_path, capsys):
+    model, index = str(world / "model"), str(world / "index")
+    capsys.readouterr()
+    long_text = " ".join(["circle"] * 3000)
+    search = ["search", "--model", model, "--text", long_text, "--json"]
+    assert main([*search, "--index", index]) == EXIT_ERROR
+    line = error_line(capsys, "search")
+    assert "pass --truncate-text to shorten the text" in line and "truncate_text=" not in line
+    # The flag changes the item format: an index exported with it is searched with it.
+    pool, truncating = str(tmp_path / "pool"), str(tmp_path / "index")
+    args = ["--model", model, "--mbeir-root", str(world / "bench"), "--pool", "mscoco_task0"]
+    assert main(["export", *args, "--out", pool, "--truncate-text"]) == 0
+    assert main(["index", "build", "--embeddings", pool, "--out", truncating]) == 0
+    capsys.readouterr()
+    assert main([*search, "--index", truncating, "--truncate-text", "-k", "1"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["hits"]) == 1
+    assert main([*search, "--index", index, "--truncate-text"]) == EXIT_ERROR
+    assert "truncate_text: false vs true" in error_line(capsys, "search")

@@ -102,6 +102,17 @@ def test_encode_rejects_what_it_cannot_pair(model_dir):
         enc.encode(texts=["a", "b"], instruction=["x"])
     with pytest.raises(ValueError, match="must be a list"):
         enc.encode(texts={"a"})
+    with pytest.raises(ValueError, match=r"^batch_size must be an integer >= 1, got 0$"):
+        enc.encode(texts=["a"], batch_size=0)
+
+
+def test_encoder_built_in_memory_says_it_has_no_tokenizer_and_takes_one(model_dir):
+    enc = Encoder.init(get_size("tiny"), seed=3)
+    with pytest.raises(ValueError, match=r"built in memory \(Encoder.init.*tokenizer=DIR"):
+        enc.encode(texts=["a dog"])
+    loaded = Encoder.from_pretrained(model_dir)  # the same weights, its tokenizer beside them
+    got = enc.encode(texts=["a dog"], tokenizer=model_dir, prompt=PROMPT, max_pixels=56 * 56 * 2)
+    np.testing.assert_allclose(got, loaded.encode(texts=["a dog"]), atol=1e-6)
 
 
 def test_public_names():

@@ -205,6 +205,16 @@ def _dataset_id(record_id: Any, field: str, source: str) -> int:
     return int(record_id.split(":", 1)[0])
 
 
+def _required(record: Mapping[str, Any], field: str, what: str, source: str) -> Any:
+    """``record[field]``; ValueError saying it is missing (absent or null), not "empty" or
+    "unknown", for a field every record must have."""
+    value = record.get(field)
+    if value is None:
+        state = "is missing" if field not in record else "is null"
+        raise ValueError(f"{source}: {what} has no {field} (the field {state})")
+    return value
+
+
 def _modality(value: Any, field: str, source: str) -> str:
     if value not in MODALITIES:
         raise ValueError(f"{source}: unknown {field} {value!r}, expected one of {MODALITIES}")
@@ -244,7 +254,8 @@ def parse_query(record: Mapping[str, Any], source: str = "", task_id: int | None
         )
     qid = record.get("qid")
     dataset_id = _dataset_id(qid, "qid", source)
-    modality = _modality(record.get("query_modality"), "query_modality", source)
+    modality = _required(record, "query_modality", f"query {qid}", source)
+    modality = _modality(modality, "query_modality", source)
     if modality != TASK_MODALITIES[task_id][0]:
         raise ValueError(
             f"{source}: query_modality {modality!r} does not match task {task_id}, "
@@ -253,7 +264,8 @@ def parse_query(record: Mapping[str, Any], source: str = "", task_id: int | None
     text = _text(record.get("query_txt"), "query_txt", source)
     image = _relative_path(record.get("query_img_path"), "query_img_path", source)
     _check_parts(modality, text, image, f"query {qid}", source)
-    pos = _did_list(record.get("pos_cand_list"), "pos_cand_list", source)
+    pos = _required(record, "pos_cand_list", f"query {qid}", source)
+    pos = _did_list(pos, "pos_cand_list", source)
     if not pos:
         raise ValueError(f"{source}: query {qid} has an empty pos_cand_list")
     return Query(
@@ -274,7 +286,9 @@ def parse_candidate(record: Mapping[str, Any], source: str = "") -> Candidate:
     """Validates one decoded candidate-pool line."""
     did = record.get("did")
     dataset_id = _dataset_id(did, "did", source)
-    modality = _modality(record.get("modality"), "modality", source)
+    modality = _modality(
+        _required(record, "modality", f"candidate {did}", source), "modality", source
+    )
     text = _text(record.get("txt"), "txt", source)
     image = _relative_path(record.get("img_path"), "img_path", source)
     _check_parts(modality, text, image, f"candidate {did}", source)

@@ -52,6 +52,34 @@ class SafetensorsFile:
         self.header = header
         self._data_start = 8 + header_len
         self._map = None
+        self._check_extents(os.path.getsize(path) - self._data_start)
+
+    def _check_extents(self, data_bytes: int) -> None:
+        """ValueError naming the first tensor whose bytes lie past the end of the file (a cut
+        short download or copy) or do not match its shape and dtype."""
+        try:
+            extents = sorted(
+                (int(info["data_offsets"][1]), int(info["data_offsets"][0]), name)
+                for name, info in self.header.items()
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"{self.path} has a corrupt safetensors header: {e!r}") from e
+        for end, begin, name in extents:
+            if end > data_bytes:
+                raise ValueError(
+                    f"{self.path} is truncated: tensor {name} needs data bytes {begin}..{end} "
+                    f"but the file holds {max(data_bytes, 0)}; download or copy it again"
+                )
+            info = self.header[name]
+            dtype = _DTYPES.get(info.get("dtype"))
+            if dtype is not None:
+                want = dtype.itemsize * int(np.prod(info.get("shape", []), dtype=np.int64))
+                if end - begin != want:
+                    raise ValueError(
+                        f"{self.path} has a corrupt safetensors header: tensor {name} of shape "
+                        f"{info.get('shape')} and dtype {info['dtype']} takes {want} bytes, "
+                        f"its offsets span {end - begin}"
+                    )
 
     def keys(self) -> list[str]:
         return list(self.header)

@@ -198,20 +198,58 @@ ITEM_HANDLERS = {
 }
 
 
+def _is_closed_loop_noise(error: BaseException | None, origin: Any = None) -> bool:
+    """Whether ``error`` is a report of a checkpoint read abandoned after the restore failed:
+    "Event loop is closed" anywhere in its chain, or an Orbax read coroutine's own error."""
+    code = getattr(origin, "cr_code", None)
+    if code is not None and "orbax" in code.co_filename:
+        return True
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _quiet_closed_loop_reports() -> None:
-    """After a failed restore, TensorStore reads still in flight report "Event loop is closed"
-    from their own threads (through ``sys.excepthook``), one traceback each; drop those."""
+    """When a restore fails, the TensorStore reads still in flight are abandoned: Orbax's
+    read coroutines are garbage-collected unfinished ("Exception ignored in: <coroutine
+    _read_array_index_and_device_put>", through ``sys.unraisablehook``) and their threads
+    report "Event loop is closed" (through ``sys.excepthook`` or ``threading.excepthook``),
+    each with a traceback below the one error line. Drop exactly those reports; any other
+    goes to the previous hook."""
     previous = sys.excepthook
-    if getattr(previous, "jfe_quiet", False):
-        return
+    if not getattr(previous, "jfe_quiet", False):
 
-    def hook(kind, value, traceback):
-        if kind is RuntimeError and str(value) == "Event loop is closed":
-            return
-        previous(kind, value, traceback)
+        def hook(kind, value, traceback):
+            if _is_closed_loop_noise(value):
+                return
+            previous(kind, value, traceback)
 
-    hook.jfe_quiet = True
-    sys.excepthook = hook
+        hook.jfe_quiet = True
+        sys.excepthook = hook
+    previous_unraisable = sys.unraisablehook
+    if not getattr(previous_unraisable, "jfe_quiet", False):
+
+        def unraisable_hook(report):
+            if _is_closed_loop_noise(report.exc_value, report.object):
+                return
+            previous_unraisable(report)
+
+        unraisable_hook.jfe_quiet = True
+        sys.unraisablehook = unraisable_hook
+    previous_thread = threading.excepthook
+    if not getattr(previous_thread, "jfe_quiet", False):
+
+        def thread_hook(report):
+            if _is_closed_loop_noise(report.exc_value):
+                return
+            previous_thread(report)
+
+        thread_hook.jfe_quiet = True
+        threading.excepthook = thread_hook
 
 
 @contextlib.contextmanager
@@ -221,12 +259,13 @@ def _explain_read_errors(directory: str, step: int):
     Orbax and TensorStore report a truncated file as a bare Exception with a page of
     TensorStore spec (or "Event loop is closed"); the innermost cause is the useful line.
     """
+    # Before the read: TensorStore threads report the loop closed while the error unwinds.
+    _quiet_closed_loop_reports()
     try:
         yield
     except CheckpointReadError:
         raise
     except Exception as e:
-        _quiet_closed_loop_reports()
         cause = e
         while cause.__cause__ is not None:
             cause = cause.__cause__
