@@ -426,3 +426,28 @@ def test_an_over_long_query_names_the_truncate_text_flag_which_shortens_it(world
     assert len(json.loads(capsys.readouterr().out)["hits"]) == 1
     assert main([*search, "--index", index, "--truncate-text"]) == EXIT_ERROR
     assert "truncate_text: false vs true" in error_line(capsys, "search")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--config.data.global_batch_size=-4", "data.global_batch_size must be >= 1"),
+        # ml_collections reads 5 as (5,): a bucket too short for the config's max_length.
+        ("--config.data.length_buckets=5", "data.max_length=128 is longer than the largest of"),
+        ("--config.data.length_buckets=(128,64)", "data.length_buckets=(128, 64): expected"),
+    ],
+)
+def test_bad_config_value_fails_in_one_line_before_any_data_is_prepared(
+    tmp_path, capsys, override, message
+):
+    config = tmp_path / "stage1.py"
+    config.write_text(
+        "from jfe_jax.train.config_base import demo_stage1_config\n\n"
+        "def get_config():\n    c = demo_stage1_config()\n    c.lock()\n    return c\n"
+    )
+    workdir = tmp_path / "run"
+    capsys.readouterr()
+    args = ["train", "--config", str(config), "--workdir", str(workdir), override]
+    assert main([*args, f"--config.data.root={tmp_path}"]) == EXIT_ERROR
+    assert message in error_line(capsys, "train")
+    assert not os.path.exists(workdir / "tfds")

@@ -22,6 +22,7 @@ import optax
 from etils import epath
 from flax import traverse_util
 
+from jfe_jax.data.item_format import ItemFormat
 from jfe_jax.models.axes import LOGICAL_RULES
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.hf_io import backbone_shapes, load_hf_params
@@ -91,11 +92,124 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     mesh of this runtime's devices. ValueError names the field."""
     check_config(config, mesh_lib.make_mesh(dict(config.mesh)))
     init_source(config)
+    # The item format's own checks (pixel limits, budgets), as the data pipeline builds it.
+    ItemFormat.from_train_config(config, model_config_for(config).vision)
+
+
+# (field, lowest allowed value, whether it must be an integer): checked by ``check_fields``.
+_RANGES = (
+    ("data.global_batch_size", 1, True),
+    ("data.num_hard_negatives", 0, True),
+    ("data.max_length", 1, True),
+    ("data.query_patch_budget", 0, True),
+    ("data.candidate_patch_budget", 0, True),
+    ("data.image_min_pixels", 1, True),
+    ("data.image_max_pixels", 1, True),
+    ("data.worker_count", 0, True),
+    ("data.read_threads", 0, True),
+    ("data.read_buffer_size", 1, True),
+    ("data.cache_examples_mb", 0, True),
+    ("data.prepare_wait_s", 0, False),
+    ("data.pack_items_per_row", 1, True),
+    ("data.pack_length", 0, True),
+    ("data.pack_vision_row_fraction", 0, False),
+    ("model.lora_rank", 0, True),
+    ("model.lora_alpha", 0, False),
+    ("model.projection_dim", 0, True),
+    ("optimizer.end_learning_rate", 0, False),
+    ("optimizer.decay_fraction", 0, False),
+    ("optimizer.warmup_steps", 0, True),
+    ("optimizer.weight_decay", 0, False),
+    ("optimizer.max_grad_norm", 0, False),
+    ("optimizer.b1", 0, False),
+    ("optimizer.b2", 0, False),
+    ("train.num_steps", 1, True),
+    ("train.grad_cache_chunk", 0, True),
+    ("train.log_every", 1, True),
+    ("train.checkpoint_every_steps", 0, True),
+    ("train.keep_checkpoints", 1, True),
+)
+# (field, its allowed values).
+_CHOICES = (
+    ("stage", ("stage1", "stage2")),
+    ("data.kind", ("pairs", "mbeir")),
+    ("data.instruction_mode", ("fixed", "seeded")),
+    ("data.verify_images", ("header", "full", "none")),
+    ("model.dtype", ("float32", "bfloat16", "float16")),
+    ("model.param_dtype", ("float32", "bfloat16", "float16")),
+    ("model.remat", ("none", "full", "dots", "dots_no_batch")),
+    ("model.fusion", ("early", "late")),
+    ("optimizer.trainable", ("full", "freeze_vision", "lora")),
+)
+
+
+def _field(config: ml_collections.ConfigDict, name: str) -> Any:
+    for key in name.split("."):
+        config = config[key]
+    return config
+
+
+def _positive_ints(config: ml_collections.ConfigDict, name: str, *, ascending: bool) -> None:
+    value = _field(config, name)
+    ok = isinstance(value, tuple | list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value
+    )
+    if ok and ascending:
+        ok = bool(value) and all(a < b for a, b in zip(value, value[1:]))
+    if not ok:
+        what = "a non-empty ascending tuple" if ascending else "a tuple"
+        raise ValueError(
+            f"{name}={value!r}: expected {what} of positive integers "
+            f"(e.g. --config.{name}='(64, 128)')"
+        )
+
+
+def check_fields(config: ml_collections.ConfigDict) -> None:
+    """Types and ranges of the config's fields, each alone; ValueError names the field and what
+    it expects. The first check of ``check_config``, so a bad value fails before any data is
+    prepared or folder written."""
+    for name, low, integer in _RANGES:
+        value = _field(config, name)
+        kind = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind) or not value >= low:
+            kind_name = "an integer" if integer else "a number"
+            raise ValueError(f"{name} must be >= {low} ({kind_name}), got {value!r}")
+    for name, choices in _CHOICES:
+        if _field(config, name) not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {_field(config, name)!r}")
+    _positive_ints(config, "data.length_buckets", ascending=True)
+    _positive_ints(config, "data.pack_vision_blocks", ascending=False)
+    for name in ("optimizer.learning_rate", "optimizer.eps", "model.temperature"):
+        value = _field(config, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ValueError(f"{name} must be > 0 (a number), got {value!r}")
+    for name in ("optimizer.b1", "optimizer.b2", "optimizer.decay_fraction"):
+        if _field(config, name) > 1:
+            raise ValueError(f"{name} must be in [0, 1], got {_field(config, name)!r}")
+    prepare_workers = config.data.prepare_workers
+    if isinstance(prepare_workers, bool) or not isinstance(prepare_workers, int):
+        raise ValueError(f"data.prepare_workers={prepare_workers!r}: expected an integer")
+    if prepare_workers == 0 or prepare_workers < -1:
+        raise ValueError(
+            f"data.prepare_workers={prepare_workers}: expected >= 1, or -1 for every core"
+        )
+    if config.data.image_min_pixels > config.data.image_max_pixels:
+        raise ValueError(
+            f"data.image_min_pixels={config.data.image_min_pixels} is above "
+            f"data.image_max_pixels={config.data.image_max_pixels}"
+        )
+    if config.data.max_length > max(config.data.length_buckets):
+        raise ValueError(
+            f"data.max_length={config.data.max_length} is longer than the largest of "
+            f"data.length_buckets={tuple(config.data.length_buckets)}: an item of max_length "
+            "tokens would have no bucket"
+        )
 
 
 def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
     """The checks of a config against a mesh that need no weights; ValueError names the field.
     ``build`` runs them (``jfe aot`` too, on a TPU slice's mesh)."""
+    check_fields(config)
     if config.stage not in ("stage1", "stage2"):
         raise ValueError(f"stage must be 'stage1' or 'stage2', got {config.stage!r}")
     if config.data.kind not in ("pairs", "mbeir"):
