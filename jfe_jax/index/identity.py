@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jfe_jax.data.item_format import differences
-from jfe_jax.models.fingerprint import short
+from jfe_jax.models.fingerprint import is_current_form, short
 
 MODEL_KEYS = ("model_fingerprint", "item_format_hash")  # what computed the embeddings
 EXPORT_KEYS = (*MODEL_KEYS, "source", "shard_size")  # ... and of which items, how sharded
@@ -70,6 +70,14 @@ def mismatch(
     (written by an older jfe-jax, or a partial write) never agrees."""
     if not stored or not stored.get("model_fingerprint"):
         return "without a model fingerprint (by an older jfe-jax, or the write was cut short)"
+    if not is_current_form(stored["model_fingerprint"]) and is_current_form(
+        current.get("model_fingerprint")
+    ):
+        return (
+            f"by an older jfe-jax (model fingerprint {short(stored['model_fingerprint'])} hashed "
+            "the weight files; fingerprints now hash the weights' values, so a workdir and its "
+            "converted directory share one): it cannot be matched to a model, rebuild it"
+        )
     found = []
     if "model_fingerprint" in keys and stored["model_fingerprint"] != current["model_fingerprint"]:
         found.append(
@@ -103,6 +111,15 @@ def check_index_model(
         raise ValueError(
             f"index {index_dir} has no model fingerprint (built by an older jfe-jax), so it "
             "cannot be matched to a model; rebuild it (jfe export the pool, then jfe index build)"
+        )
+    if not is_current_form(user["model_fingerprint"]) and is_current_form(
+        current.get("model_fingerprint")
+    ):
+        raise ValueError(
+            f"index {index_dir} was built by an older jfe-jax, whose model fingerprints hashed "
+            "the weight files (they now hash the weights' values, shared by a workdir and its "
+            "converted directory), so it cannot be matched to a model; rebuild it (jfe export "
+            "the pool, then jfe index build)"
         )
     what = mismatch(user, current, MODEL_KEYS, this=this)
     if what:
