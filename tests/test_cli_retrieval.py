@@ -63,6 +63,17 @@ def test_export_index_and_search_return_the_exact_top_k(setup, capsys):
         == 0
     )
     out = json.loads(capsys.readouterr().out)
+    # What describes the query, and none of argparse's other fields (--json, --batch-size, ...).
+    assert set(out["query"]) == {"text", "image", "instruction", "task", "model", "index", "k"}
+    assert out["query"] == {
+        "text": "a red circle",
+        "image": None,
+        "instruction": None,
+        "task": None,
+        "model": model,
+        "index": index,
+        "k": 3,
+    }
     assert len(out["hits"]) == 3 and all(h["id"] in pool_ids for h in out["hits"])
     assert all(h["image"] and os.path.isfile(h["image"]) for h in out["hits"])
 
@@ -73,6 +84,7 @@ def test_export_index_and_search_return_the_exact_top_k(setup, capsys):
     assert main([*query, "--task", "mscoco_task0"]) == 0
     by_task = json.loads(capsys.readouterr().out)
     assert by_task["query"]["instruction"] == expected
+    assert by_task["query"]["task"] == "mscoco_task0"
     assert main([*query, "--instruction", expected]) == 0
     assert json.loads(capsys.readouterr().out)["hits"] == by_task["hits"]
     assert main([*query, "--task", "cirr_task7"]) == 2  # an image + text task

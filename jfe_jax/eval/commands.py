@@ -6,7 +6,13 @@ import logging
 from collections.abc import Sequence
 
 from jfe_jax.errors import ArgumentParser, positive_int
-from jfe_jax.index.commands import mesh_arg, model_mesh
+from jfe_jax.index.commands import (
+    cli_remedies,
+    format_overrides,
+    mesh_arg,
+    model_mesh,
+    truncate_text_arg,
+)
 
 
 def eval_main(argv: Sequence[str]) -> int:
@@ -50,6 +56,7 @@ def eval_main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--batch-size", type=positive_int, default=64, help="rows per step")
     mesh_arg(parser)
+    truncate_text_arg(parser)
     parser.add_argument("--label", default="JFE", help="the model's name in the table and plot")
     parser.add_argument(
         "--no-overwrite",
@@ -71,22 +78,27 @@ def eval_main(argv: Sequence[str]) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     embedder = embedder_for(
-        args.model, batch_size=args.batch_size, image_root=args.mbeir_root, mesh=model_mesh(args)
+        args.model,
+        batch_size=args.batch_size,
+        image_root=args.mbeir_root,
+        mesh=model_mesh(args),
+        **format_overrides(args),
     )
-    result = evaluate_mbeir(
-        embedder,
-        args.mbeir_root,
-        args.out,
-        split=args.split,
-        tasks=[t for t in args.tasks.split(",") if t] or None,
-        pool=args.pool,
-        ks=ks,
-        instruction_mode=args.instruction_mode,
-        instruction_seed=args.seed,
-        index_mode=args.index_mode,
-        label=args.label,
-        overwrite=args.overwrite,
-    )
+    with cli_remedies():
+        result = evaluate_mbeir(
+            embedder,
+            args.mbeir_root,
+            args.out,
+            split=args.split,
+            tasks=[t for t in args.tasks.split(",") if t] or None,
+            pool=args.pool,
+            ks=ks,
+            instruction_mode=args.instruction_mode,
+            instruction_seed=args.seed,
+            index_mode=args.index_mode,
+            label=args.label,
+            overwrite=args.overwrite,
+        )
     print(result["text"])
     agreement = scann_agreement(result["details"])
     if agreement:

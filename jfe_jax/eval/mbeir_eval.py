@@ -42,6 +42,7 @@ from jfe_jax.eval.recall import (
     task_table,
     write_table_json,
 )
+from jfe_jax.index.commands import check_pool_not_empty, root_metadata, stream_file_errors
 from jfe_jax.index.embedder import Item, ItemEmbedder
 from jfe_jax.index.exact import ExactIndex
 from jfe_jax.index.export import REBUILD_HINT, export_embeddings, file_source, load_embeddings
@@ -112,6 +113,7 @@ def pool_embeddings(
 ) -> tuple[np.ndarray, list[str], dict[str, Any]]:
     """Exports a pool jsonl once (resumable; another model's cache is rebuilt, or refused
     when ``overwrite`` is False) and returns its embeddings, dids and export metadata."""
+    check_pool_not_empty(mbeir, pool_path)
     name = pool_path.name.removesuffix(".jsonl")
     if drop is not None:  # ablated embeddings never share a cache with the full items'
         name += f".no_{drop}"
@@ -120,15 +122,16 @@ def pool_embeddings(
         (c.did, drop_modality(Item(text=c.text, image=c.image_path), drop))
         for c in mbeir.iter_candidates(pool_path)
     )
-    export_embeddings(
-        embedder,
-        records,
-        directory,
-        progress=progress,
-        metadata={"pool": str(pool_path.relative_to(mbeir.root))},
-        source=file_source(pool_path, mbeir.root),
-        overwrite=overwrite,
-    )
+    with stream_file_errors(mbeir, pool_path, "did"):
+        export_embeddings(
+            embedder,
+            records,
+            directory,
+            progress=progress,
+            metadata={"pool": str(pool_path.relative_to(mbeir.root))},
+            source=file_source(pool_path, mbeir.root),
+            overwrite=overwrite,
+        )
     return load_embeddings(directory)
 
 
@@ -224,16 +227,17 @@ def evaluate_mbeir(
             )
             scann = None
             if index_mode != "none":
+                index_dir = os.path.join(out_dir, "index", pool_name)
                 scann = scann_index(
                     cand_emb,
                     cand_ids,
-                    os.path.join(out_dir, "index", pool_name),
+                    index_dir,
                     mode=index_mode,
                     metadata={
                         **{key: export[key] for key in (*RECORD_KEYS, "source")},
                         "pool": pool_path.name,
                         # what `jfe search` needs to show each hit's text and image
-                        "mbeir_root": str(mbeir.root),
+                        **root_metadata(str(mbeir.root), index_dir),
                     },
                     overwrite=overwrite,
                 )

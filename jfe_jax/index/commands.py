@@ -3,18 +3,56 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from jfe_jax.errors import ArgumentParser, mesh_spec, positive_int
+
+log = logging.getLogger(__name__)
+# Where `jfe export`'s pool file is, in an index's metadata: relative to the index directory
+# (so an index copied or moved with its M-BEIR folder still finds it), and absolute as a hint.
+ROOT_KEY, ROOT_HINT_KEY = "mbeir_root", "mbeir_root_absolute"
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="jfe train workdir or HF Qwen2-VL dir")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="rows per device step")
     mesh_arg(parser)
+    truncate_text_arg(parser)
+
+
+def truncate_text_arg(parser: argparse.ArgumentParser) -> None:
+    """``--truncate-text``: shorten an over-long item's text instead of failing on it."""
+    parser.add_argument(
+        "--truncate-text",
+        action="store_true",
+        help="shorten the text of an item longer than the model's max_length (never its "
+        "instruction or image) instead of failing; it changes the item format, so an index is "
+        "searched with the setting it was exported with. Off: as the model's item format says",
+    )
+
+
+def format_overrides(args: argparse.Namespace) -> dict:
+    """The ``ItemFormat`` fields the command line sets (``embedder_for`` overrides)."""
+    return {"truncate_text": True} if args.truncate_text else {}
+
+
+@contextlib.contextmanager
+def cli_remedies() -> Iterator[None]:
+    """Errors whose remedy names a Python argument, reworded for the command line."""
+    try:
+        yield
+    except ValueError as error:
+        message = str(error)
+        if "pass truncate_text=True" not in message:
+            raise
+        raise ValueError(message.replace("pass truncate_text=True", "pass --truncate-text")) from (
+            error
+        )
 
 
 def mesh_arg(parser: argparse.ArgumentParser) -> None:
@@ -95,7 +133,11 @@ def export_main(argv: Sequence[str]) -> int:
 
     mbeir = MBEIR(args.mbeir_root)
     embedder = embedder_for(
-        args.model, batch_size=args.batch_size, image_root=args.mbeir_root, mesh=model_mesh(args)
+        args.model,
+        batch_size=args.batch_size,
+        image_root=args.mbeir_root,
+        mesh=model_mesh(args),
+        **format_overrides(args),
     )
     if args.pool:
         path = (
@@ -103,6 +145,7 @@ def export_main(argv: Sequence[str]) -> int:
             if args.pool == "global"
             else mbeir.local_pool_path(args.pool, args.split)
         )
+        check_pool_not_empty(mbeir, path)
         records = ((c.did, Item(c.text, c.image_path)) for c in mbeir.iter_candidates(path))
         extra = {
             "pool": str(path.relative_to(mbeir.root)),
@@ -110,34 +153,64 @@ def export_main(argv: Sequence[str]) -> int:
         }
         source = file_source(path, mbeir.root)
     else:
+        path = mbeir.query_path(args.split, args.queries)
         queries = mbeir.read_queries(args.split, args.queries)
+        if not queries:
+            raise ValueError(f"query file {path} holds no queries; expected at least one")
         records = ((q.qid, query_item(mbeir, q, args.instruction_mode, args.seed)) for q in queries)
         extra = {
             "queries": f"{args.queries} ({args.split})",
             "instruction_mode": args.instruction_mode,
             "instruction_seed": args.seed,
         }
-        source = {
-            **extra,
-            **file_source(mbeir.query_path(args.split, args.queries), mbeir.root),
-        }
-    meta = export_embeddings(
-        embedder,
-        records,
-        args.out,
-        shard_size=args.shard_size,
-        metadata=extra,
-        source=source,
-        overwrite=args.overwrite,
-        workers=args.workers,
-        bucket_window=args.bucket_window,
-    )
+        source = {**extra, **file_source(path, mbeir.root)}
+    with cli_remedies(), stream_file_errors(mbeir, path, "qid" if args.queries else "did"):
+        meta = export_embeddings(
+            embedder,
+            records,
+            args.out,
+            shard_size=args.shard_size,
+            metadata=extra,
+            source=source,
+            overwrite=args.overwrite,
+            workers=args.workers,
+            bucket_window=args.bucket_window,
+        )
     reused = len(meta["resumed_shards"])
     print(
         f"exported {meta['total_items']} items ({meta['dim']}-d) into {meta['num_shards']} "
         f"shards of {args.out}; this host wrote {len(meta['shards']) - reused}, reused {reused}"
     )
     return 0
+
+
+def check_pool_not_empty(mbeir, path) -> None:
+    """ValueError naming the pool file ``path`` when it holds no candidate."""
+    candidates = mbeir.iter_candidates(path)
+    try:
+        if next(candidates, None) is None:
+            raise ValueError(f"pool {path} holds no candidates; expected at least one")
+    finally:
+        candidates.close()
+
+
+@contextlib.contextmanager
+def stream_file_errors(mbeir, path, id_field: str) -> Iterator[None]:
+    """An id that occurs twice in an export of M-BEIR file ``path`` (its ``id_field``, "did"
+    or "qid"), reported with the file and the lines it occurs on."""
+    from jfe_jax.index.export import DuplicateIdError
+
+    try:
+        yield
+    except DuplicateIdError as error:
+        records = mbeir.iter_candidates(path) if id_field == "did" else mbeir.iter_query_file(path)
+        lines = [
+            r.source.rpartition(":")[2] for r in records if getattr(r, id_field) == error.record_id
+        ]
+        where = f"lines {' and '.join(lines[:2])}" if len(lines) >= 2 else "two lines"
+        raise ValueError(
+            f"{path}: {id_field} {error.record_id!r} occurs on {where}; expected each id once"
+        ) from error
 
 
 def index_main(argv: Sequence[str]) -> int:
@@ -191,8 +264,16 @@ def _index_build(argv: Sequence[str]) -> int:
     from jfe_jax.index.scann_index import Index
 
     embeddings, ids, meta = load_embeddings(args.embeddings)
+    if not ids:
+        of = f" of pool {meta['pool']} in {meta.get('mbeir_root')}" if meta.get("pool") else ""
+        raise ValueError(
+            f"export {args.embeddings} holds no embeddings{of}; expected at least one to index"
+        )
     # What made the embeddings (jfe_jax.index.identity), which the searches check.
-    keep = (*RECORD_KEYS, "source", "prompt", "pool", "mbeir_root")
+    keep = (*RECORD_KEYS, "source", "prompt", "pool")
+    metadata = {k: meta[k] for k in keep if k in meta}
+    if meta.get("mbeir_root"):
+        metadata.update(root_metadata(meta["mbeir_root"], args.out))
     index = Index.build(
         embeddings,
         ids,
@@ -201,7 +282,7 @@ def _index_build(argv: Sequence[str]) -> int:
         num_leaves_to_search=args.num_leaves_to_search,
         training_sample_size=args.training_sample_size,
         reorder_k=args.reorder_k,
-        metadata={k: meta[k] for k in keep if k in meta},
+        metadata=metadata,
     )
     index.save(args.out)
     print(
@@ -264,7 +345,8 @@ def search_main(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--mbeir-root",
         help="M-BEIR-layout directory: the instructions for --task, the hits' texts and "
-        "images; default: the one the index was built from",
+        "images; default: the one the index was built from (looked for relative to the index, "
+        "then at its absolute path)",
     )
     parser.add_argument("-k", type=positive_int, default=5, help="hits to show")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -277,29 +359,28 @@ def search_main(argv: Sequence[str]) -> int:
     from jfe_jax.index.identity import check_index_model, model_identity
     from jfe_jax.index.scann_index import Index
 
-    embedder = embedder_for(args.model, batch_size=args.batch_size, mesh=model_mesh(args))
+    embedder = embedder_for(
+        args.model, batch_size=args.batch_size, mesh=model_mesh(args), **format_overrides(args)
+    )
     index = Index.load(args.index, expect={"dim": embedder.dim})
     check_index_model(index.metadata, model_identity(embedder), args.index, this="--model has")
     meta = index.metadata.get("user", {})
+    # The M-BEIR root is looked for only here: a copied index whose root is gone still searches.
+    root, missing = index_mbeir_root(args.index, meta, args.mbeir_root)
     instruction = args.instruction
     if args.task is not None:
-        root = args.mbeir_root or meta.get("mbeir_root")
-        if not root:
-            raise ValueError(
-                f"--task {args.task} needs --mbeir-root: the index {args.index} names no M-BEIR "
-                "directory"
-            )
+        if root is None:
+            raise ValueError(f"--task {args.task} needs {missing}")
         instruction = task_instruction(MBEIR(root), args.task, args.text, args.image)
-        args.instruction = instruction
-    query = embedder.embed(
-        [Item(args.text, args.image and os.path.abspath(args.image), instruction)]
-    )
+    with cli_remedies():
+        query = embedder.embed(
+            [Item(args.text, args.image and os.path.abspath(args.image), instruction)]
+        )
     ids, scores = index.search(query, args.k)
     hits = [
         {"rank": r + 1, "id": str(i), "score": float(s)}
         for r, (i, s) in enumerate(zip(ids[0], scores[0]))
     ]
-    root = args.mbeir_root or meta.get("mbeir_root")
     pool = root and meta.get("pool") and _pool_file(MBEIR(root), meta["pool"])
     if pool:  # the hits' text and image, from the pool the index was built from
         wanted = {h["id"] for h in hits}
@@ -308,8 +389,19 @@ def search_main(argv: Sequence[str]) -> int:
             c = found.get(h["id"])
             h["text"] = c.text if c else None
             h["image"] = os.path.join(root, c.image_path) if c and c.image_path else None
+    elif missing and meta.get("pool"):
+        log.warning("the hits are shown without their text and image: they need %s", missing)
     if args.json:
-        print(json.dumps({"query": vars(args) | {"model": args.model}, "hits": hits}, indent=2))
+        described = {
+            "text": args.text,
+            "image": args.image,
+            "instruction": instruction,
+            "task": args.task,
+            "model": args.model,
+            "index": args.index,
+            "k": args.k,
+        }
+        print(json.dumps({"query": described, "hits": hits}, indent=2))
         return 0
     if instruction:
         print(f"instruction: {instruction}")
@@ -318,6 +410,39 @@ def search_main(argv: Sequence[str]) -> int:
         detail = " | ".join(x for x in (h.get("text"), h.get("image")) if x)
         print(f"{h['rank']:>4}  {h['score']:>7.4f}  {h['id']:<14} {detail}")
     return 0
+
+
+def root_metadata(mbeir_root: str, index_dir: str) -> dict[str, str]:
+    """An index's record of the M-BEIR root its pool came from: relative to ``index_dir``
+    (``ROOT_KEY``) and, as a hint where the relative one is gone, absolute."""
+    absolute = os.path.abspath(mbeir_root)
+    return {
+        ROOT_KEY: os.path.relpath(absolute, os.path.abspath(index_dir)),
+        ROOT_HINT_KEY: absolute,
+    }
+
+
+def index_mbeir_root(index_dir: str, meta: dict, given: str | None) -> tuple[str | None, str]:
+    """(the M-BEIR root of an index's pool, or None; what is missing when it is None).
+
+    ``given`` (``--mbeir-root``) wins; else the index's ``ROOT_KEY`` relative to
+    ``index_dir`` (an index from before relative roots holds an absolute one there), else its
+    absolute hint, whichever is a directory."""
+    if given:
+        return given, ""
+    recorded = meta.get(ROOT_KEY)
+    if not recorded:
+        return None, f"--mbeir-root DIR: the index {index_dir} names no M-BEIR directory"
+    tried = [os.path.normpath(os.path.join(index_dir, recorded))]
+    if meta.get(ROOT_HINT_KEY) and meta[ROOT_HINT_KEY] not in tried:
+        tried.append(meta[ROOT_HINT_KEY])
+    for candidate in tried:
+        if os.path.isdir(candidate):
+            return candidate, ""
+    return None, (
+        f"the M-BEIR root of index {index_dir}, which is not at {' nor '.join(tried)}; "
+        "pass --mbeir-root DIR"
+    )
 
 
 def _pool_file(mbeir, pool: str) -> str | None:

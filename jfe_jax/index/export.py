@@ -54,6 +54,19 @@ REBUILD_HINT = "rerun without --no-overwrite (overwrite=True) to rebuild"
 DEFAULT_BUCKET_WINDOW = 8
 
 
+# -- duplicate ids (issue 38 item 3): the error carries the id, so a caller that knows the
+# stream's file can name the lines it occurs on.
+class DuplicateIdError(ValueError):
+    """An id (``record_id``) that occurs twice in an exported stream."""
+
+    def __init__(self, record_id: str):
+        super().__init__(f"id {record_id!r} occurs twice in the exported stream")
+        self.record_id = record_id
+
+
+# -- end duplicate ids
+
+
 def file_source(path: str | os.PathLike, root: str | os.PathLike) -> dict[str, Any]:
     """A source file's identity: its path relative to ``root``, size and content hash."""
     return {
@@ -210,7 +223,7 @@ def export_embeddings(
             count[0] += len(chunk)
             for record_id, _ in chunk:
                 if record_id in seen_ids:
-                    raise ValueError(f"id {record_id!r} occurs twice in the exported stream")
+                    raise DuplicateIdError(record_id)
                 seen_ids.add(record_id)
             if shard % process_count != process_index:
                 bar.update(len(chunk))
