@@ -117,7 +117,7 @@ def export_main(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--bucket-window",
         type=int,
-        default=8,
+        default=4,
         help="batches' worth of a shard's items sorted by token and patch count together, so "
         "batches pad less (rows are written in stream order); 0: batches in stream order",
     )

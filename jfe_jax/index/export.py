@@ -51,7 +51,7 @@ _METADATA_NAME = re.compile(r"metadata-host(\d+)\.json")
 REBUILD_HINT = "rerun without --no-overwrite (overwrite=True) to rebuild"
 # Batches' worth of a shard's items sorted by length together: less padding, and at most
 # this many (twice, read ahead) prepared items held in memory.
-DEFAULT_BUCKET_WINDOW = 8
+DEFAULT_BUCKET_WINDOW = 4
 
 
 # -- duplicate ids (issue 38 item 3): the error carries the id, so a caller that knows the
