@@ -124,6 +124,35 @@ def test_exact_index_places_the_pool_once_and_matches_float64_numpy_with_ties(mo
     assert [shape for shape in puts if shape[:1] in ((126,), (1008,))] == db_puts
 
 
+def test_exact_index_from_rows_reads_each_device_block_into_its_own_buffer(monkeypatch):
+    """A CPU device may keep a put host buffer as its memory: a buffer reused for the next
+    block would silently make every device's rows the last block's."""
+    rng = np.random.default_rng(5)
+    database = rng.standard_normal((1003, 16)).astype(np.float32)
+    put = []
+    real_put = jax.device_put
+
+    def recording_put(x, *args, **kwargs):
+        if isinstance(x, np.ndarray):
+            put.append(x)
+        return real_put(x, *args, **kwargs)
+
+    monkeypatch.setattr(exact_module.jax, "device_put", recording_put)
+
+    def read_rows(start, out):
+        out[:] = database[start : start + len(out)]
+
+    index = ExactIndex.from_rows(read_rows, 1003, 16)
+    monkeypatch.undo()
+    blocks = [x for x in put if x.shape == (126, 16)]
+    assert len(blocks) == 8
+    assert not any(np.shares_memory(a, b) for i, a in enumerate(blocks) for b in blocks[i + 1 :])
+    queries = database[[0, 500, 1002]]
+    np.testing.assert_array_equal(
+        index.search(queries, 5)[0], exact_search_numpy(queries, database, 5)[0]
+    )
+
+
 def test_exact_index_streams_a_pool_larger_than_the_device_budget():
     rng = np.random.default_rng(4)
     database = rng.integers(-4, 5, (1003, 16)).astype(np.float32)  # exact scores, many ties

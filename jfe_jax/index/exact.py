@@ -167,10 +167,13 @@ def _array_blocks(rows: np.ndarray, rows_per_shard: int):
 
 
 def _reader_blocks(read_rows: RowReader, rows_per_shard: int, dim: int):
-    """``device_block`` that reads each device's rows into one reused, zero-padded buffer."""
-    staging = np.empty((rows_per_shard, dim), np.float32)
+    """``device_block`` that reads each device's rows into a fresh zero-padded buffer, never
+    one reused buffer: a CPU device can keep the host buffer as its array's memory even with
+    ``may_alias=False`` (seen on jax 0.10 after earlier ``device_put`` calls), and every
+    device's block was then the last one read. An accelerator frees each after its copy."""
 
     def device_block(start: int, stop: int) -> np.ndarray:
+        staging = np.empty((rows_per_shard, dim), np.float32)
         read_rows(start, staging[: stop - start])
         staging[stop - start :] = 0
         return staging
