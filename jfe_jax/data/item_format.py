@@ -38,8 +38,10 @@ from jfe_jax.data.processing import DEFAULT_EMBED_PROMPT
 
 ITEM_FORMAT_FILE = "jfe_item_format.json"  # beside config.json (HF dir) or in a workdir
 VERSION = 1  # of the file layout; a file of a later version is refused
-# Fields that change how items are batched but not their embeddings: out of the identity.
-_EMBEDDING_NEUTRAL = ("pack",)
+# Fields that do not change any embedding that both settings produce: out of the identity.
+# pack changes only how items are batched; truncate_text only shortens items that would
+# otherwise be refused, so a search may truncate its query against an index exported without.
+_EMBEDDING_NEUTRAL = ("pack", "truncate_text")
 
 
 def derived_patch_budget(max_pixels: int, patch_size: int, merge_size: int, max_length: int) -> int:
