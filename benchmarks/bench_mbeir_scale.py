@@ -21,7 +21,14 @@ estimate for an 8-core host assumes the image phase scales with cores (one proce
 measured per core here) and the record phase stays on one core (it is serial), with the
 measured ratio of distinct images to records.
 
+Then, with ``--parts`` (default all), the other real-scale tables of issue 32, each from its own
+benchmark: the host pipeline's examples/s per process at the 2b format with its per-stage
+profile (``bench_host_pipeline``), export items/s and host share with ``tiny`` and ``small``
+(``bench_export_pool``), and the exact-search peak RSS of a 500k x 1536 pool
+(``bench_pool_load``), each beside the matmul rate measured with it.
+
 Usage: python benchmarks/bench_mbeir_scale.py [--records 2000] [--root DIR] [--workers N]
+           [--parts build,pipeline,export,pool] [--pool-rows 500000]
 """
 
 from __future__ import annotations
@@ -187,11 +194,73 @@ def main(argv=None) -> int:
     parser.add_argument("--root", default="", help="where the set is generated (reused)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--skip-tfds", action="store_true")
+    parser.add_argument(
+        "--parts",
+        default="build,pipeline,export,pool",
+        help="which tables: build, pipeline (host examples/s, bench_host_pipeline), export "
+        "(items/s and host share, bench_export_pool), pool (exact-search peak RSS, "
+        "bench_pool_load)",
+    )
+    parser.add_argument("--pool-rows", type=int, default=500_000)
     args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
+    if "build" in parts:
+        build_table(args)
+    if "pipeline" in parts:
+        pipeline_table()
+    if "export" in parts:
+        export_table()
+    if "pool" in parts:
+        pool_table(args.pool_rows)
+    return 0
+
+
+def pipeline_table() -> None:
+    from bench_host_pipeline import profile_host_pipeline
+
+    result = profile_host_pipeline(64, rounds=3)
+    print(f"\nhost pipeline, 2b stage-2 format, one process ({result['examples']} examples per "
+          f"round; matmul {result['matmul_gflops']:.0f} GFLOP/s)")  # fmt: skip
+    stages = list(result["current"]["ms_per_example"])
+    print("| implementation | examples/s | " + " | ".join(stages) + " |")
+    print("|" + "---|" * (len(stages) + 2))
+    for name in ("baseline", "current"):
+        row = result[name]
+        cells = " | ".join(f"{row['ms_per_example'][s]:.2f}" for s in stages)
+        print(f"| {name} | {row['examples_per_s']:.1f} | {cells} |")
+
+
+def export_table() -> None:
+    from bench_export_pool import measure_export
+    from bench_train_step import matmul_peak
+
+    print(f"\nexport (matmul {matmul_peak() / 1e9:.0f} GFLOP/s)")
+    print("| size | items | variant | items/s | host share |\n|---|---|---|---|---|")
+    for size, n in (("tiny", 128), ("small", 48)):
+        for name, workers, pack in (("before", 0, False), ("after", 2, True)):
+            r = measure_export(size, n, workers, pack)
+            print(f"| {size} | {n} | {name} | {r['items_per_s']:.1f} | {r['host_share']:.0%} |")
+
+
+def pool_table(rows: int) -> None:
+    from bench_pool_load import measure_exact_load, write_synthetic_export
+    from bench_train_step import matmul_peak
+
+    with tempfile.TemporaryDirectory(prefix="bench_pool_") as tmp:
+        write_synthetic_export(os.path.join(tmp, "pool"), rows, 1536)
+        results = {p: measure_exact_load(os.path.join(tmp, "pool"), p) for p in ("old", "new")}
+    print(f"\nexact search load, {rows} x 1536 float32 (matmul {matmul_peak() / 1e9:.0f} GFLOP/s)")
+    print("| path | peak RSS above baseline GB | x pool | seconds |\n|---|---|---|---|")
+    for path, r in results.items():
+        print(f"| {path} | {r['peak_bytes'] / 1e9:.2f} | {r['peak_bytes'] / r['pool_bytes']:.2f} "
+              f"| {r['seconds']:.1f} |")  # fmt: skip
+
+
+def build_table(args) -> None:
     from bench_train_step import matmul_peak
 
     scratch = tempfile.mkdtemp(prefix="mbeir_scale_")
-    root = args.root or os.path.join(scratch, "mbeir")
+    root = args.root or os.path.join(scratch, "mbeir", "set")
     print(f"generating {args.records} records under {root} ...", flush=True)
     info = generate(root, args.records)
     gflops = matmul_peak() / 1e9
@@ -230,8 +299,7 @@ def main(argv=None) -> int:
         f"({per_image * 1e3:.2f} ms per image per core, {ratio:.2f} distinct images per "
         f"record, record phase {per_record * 1e6:.0f} us per record on one core)"
     )
-    shutil.rmtree(scratch, ignore_errors=True) if not args.root else None
-    return 0
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":
