@@ -223,3 +223,24 @@ def _recording(function, calls):
         return function(*args, **kwargs)
 
     return recorded
+
+
+def test_a_text_file_named_png_fails_the_default_stage_2_build_with_its_file_and_line(
+    root, tmp_path
+):
+    query_file = root / "query" / "union_train" / "mbeir_union_up_train.jsonl"
+    lines = query_file.read_text().splitlines()
+    number, query = next(
+        (n, q) for n, q in enumerate(map(json.loads, lines), 1) if q.get("query_img_path")
+    )
+    (root / query["query_img_path"]).write_text("a text file renamed to .png\n")
+    with pytest.raises(
+        ValueError, match=rf"mbeir_union_up_train.jsonl:{number}: query .*not a readable image"
+    ):
+        build_dataset(MbeirTrainPairs, tmp_path / "tfds", mbeir_root=str(root))
+
+
+def test_a_build_writes_nothing_to_stdout(root, tmp_path, capfd):
+    build_dataset(MbeirTrainPairs, tmp_path / "tfds", mbeir_root=str(root))
+    _captions(root, tmp_path / "tfds")
+    assert capfd.readouterr().out == ""  # TFDS's "Downloading and preparing ..." is gone
