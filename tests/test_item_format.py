@@ -199,3 +199,18 @@ def test_format_precedence_budgets_and_mismatch(tmp_path):
     message = str(error.value)
     assert "with item format aaaaaaaaaaaa, --model has bbbbbbbbbbbb" in message
     assert "max_pixels: 6272 vs 12544" in message and f'prompt: "{PROMPT}" vs "Summ' in message
+
+
+def test_a_run_with_text_only_queries_saves_and_reloads_a_text_only_query_budget(tmp_path):
+    from jfe_jax.train.config_base import demo_stage2_config
+
+    config = demo_stage2_config()
+    config.data.query_patch_budget = 0  # text-only queries, as the config field documents
+    vision = get_size("tiny").vision
+    # What the trainer writes into its workdir, then what export and eval read back.
+    ItemFormat.from_train_config(config, vision).save(str(tmp_path))
+    loaded = ItemFormat.load(str(tmp_path))
+    assert loaded.query_patch_budget == 0
+    assert loaded.candidate_patch_budget == config.data.candidate_patch_budget
+    # Left unset, a budget is still derived from max_pixels.
+    assert ItemFormat.for_vision(vision).query_patch_budget > 0

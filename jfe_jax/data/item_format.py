@@ -54,16 +54,17 @@ def derived_patch_budget(max_pixels: int, patch_size: int, merge_size: int, max_
 
 @dataclasses.dataclass(frozen=True)
 class ItemFormat:
-    """What the encoder is fed for an item, besides the item. Budgets of 0 and a max_length of
-    0 are resolved when the object is made (see ``__post_init__``), so a saved format is
-    always concrete."""
+    """What the encoder is fed for an item, besides the item. Budgets of None and a max_length
+    of 0 are resolved when the object is made (see ``__post_init__``), so a saved format is
+    always concrete. A budget of 0 means text-only rows, as in the training config."""
 
     prompt: str = DEFAULT_EMBED_PROMPT  # embedding prompt after each item
     length_buckets: tuple[int, ...] = DEFAULT_LENGTH_BUCKETS  # padded sequence lengths
     max_length: int = 0  # longest item in tokens; 0: the largest length bucket
     truncate_text: bool = False  # shorten an over-long item's text (else it raises)
-    query_patch_budget: int = 0  # image patches per query row; 0: derived from max_pixels
-    candidate_patch_budget: int = 0  # image patches per candidate row; 0: derived
+    # Image patches per query / candidate row; None: derived from max_pixels; 0: text only.
+    query_patch_budget: int | None = None
+    candidate_patch_budget: int | None = None
     min_pixels: int = 56 * 56  # Qwen2-VL smart-resize bounds on the resized image area
     max_pixels: int = 28 * 28 * 1280  # (the transformers Qwen2VLImageProcessor defaults)
     patch_size: int = 14  # ViT patch side, in pixels (the model's vision config)
@@ -87,10 +88,14 @@ class ItemFormat:
         set_("image_std", tuple(float(s) for s in self.image_std))
         self.image_processor()  # checks the pixel limits, sizes, mean and std
         for name in ("query_patch_budget", "candidate_patch_budget"):
-            value = int(getattr(self, name))
+            value = getattr(self, name)
+            value = self.derived_patch_budget if value is None else int(value)
             if value < 0:
-                raise ValueError(f"{name} is {value}; expected >= 0 (0: derived from max_pixels)")
-            set_(name, value or self.derived_patch_budget)
+                raise ValueError(
+                    f"{name} is {value}; expected >= 0 (0: text-only rows; None: derived from "
+                    "max_pixels)"
+                )
+            set_(name, value)
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion {self.fusion!r} is unknown, expected one of {FUSIONS}")
         if self.pack and self.fusion != "early":
