@@ -112,7 +112,7 @@ class ItemEmbedder:
     ):
         vision = encoder.config.vision
         if "patch_budget" in fields:
-            budget = fields.pop("patch_budget") or 0
+            budget = fields.pop("patch_budget") or None  # None or 0: derived from max_pixels
             fields.update(query_patch_budget=budget, candidate_patch_budget=budget)
         if item_format is None:
             item_format = ItemFormat.for_vision(vision, **fields)
