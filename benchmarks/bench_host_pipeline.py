@@ -5,19 +5,23 @@ a gradient, quality 90: about 80-200 KB each) to a temporary directory and build
 records from them: query = instruction + caption (text), positive = photo + caption. Each
 record runs through the project's ``ContrastiveBatcher`` at the 2b stage-2 item format
 (``configs/stage2_2b.py``: max_pixels 448x448, patch budgets 1024, length buckets 128/256/512),
-one process, no grain: ``encode`` of every record (decode JPEG, smart-resize, rescale and
-normalise, patchify, tokenise), then ``collate`` into padded batches. The tokenizer is the
+one process, no grain: ``encode`` of every record (decode JPEG, smart-resize, patchify,
+tokenise; the baseline rescales and normalises there too), then ``collate`` into padded
+batches (where the current code normalises). The tokenizer is the
 offline BPE (8192 ids); the model config is the 2b one with that vocabulary.
 
 Two implementations run side by side in one process, alternating round by round:
 
-  current   the library as it is
+  current   the library as it is: items keep uint8 patches (``ImagePatches``, no temporal
+            repeat) and collate normalises and repeats them straight into the padded batch
   baseline  the code before issue 32 item 4 (kept below): rescale in float64, patchify of the
             float image with the temporal repeat, collate by concatenating every image's
             patches and copying them into the padded batch (``prepare_batch``)
 
 The per-stage profile wraps the stage functions with timers (the baseline's stages are the
-same functions of its own code); "other" is the rest (record handling, checks, keys). The
+same functions of its own code), each stage's time exclusive of the timed stages it calls
+(the current normalise runs inside collate, and wherever an item's ``pixel_values`` is
+read); "other" is the rest (record handling, checks, keys). The
 machine's JAX float32 2048x2048 matmul rate is printed beside the timings: on a shared 2-core
 machine absolute times are noisy, the ratio of the two rows of one run is what counts.
 
@@ -44,6 +48,7 @@ from PIL import Image  # noqa: E402
 
 from jfe_jax.data import collate as collate_lib  # noqa: E402
 from jfe_jax.data import pipeline, processing  # noqa: E402
+from jfe_jax.data.image_patches import ImagePatches  # noqa: E402
 from jfe_jax.data.image_processor import ImageProcessor, smart_resize, to_rgb  # noqa: E402
 from jfe_jax.data.pipeline import ContrastiveBatcher  # noqa: E402
 from jfe_jax.data.processing import ProcessedItem  # noqa: E402
@@ -158,7 +163,12 @@ def stage2_2b_batcher(tokenizer, *, baseline: bool = False) -> ContrastiveBatche
 
 
 class BaselineImageProcessor(ImageProcessor):
-    """``ImageProcessor.process_one`` as it was: float64 rescale, float patchify."""
+    """``ImageProcessor.process_one`` as it was: float64 rescale, float patchify. encode_item
+    calls ``process_patches``: here it returns the float32 pixel values, which an item takes
+    as its patches (as items held them before)."""
+
+    def process_patches(self, image, *, root=None, name="image"):
+        return self.process_one(image, root=root, name=name)
 
     def process_one(self, image, *, root=None, name="image"):
         height, width = image.height, image.width
@@ -245,16 +255,24 @@ class BaselineBatcher(ContrastiveBatcher):
 
 
 @contextlib.contextmanager
-def _timed(owner: Any, name: str, stage: str, totals: dict[str, float]) -> Iterator[None]:
-    """Within the block, calls of ``owner.name`` add their wall time to ``totals[stage]``."""
+def _timed(
+    owner: Any, name: str, stage: str, totals: dict[str, float], active: list[float]
+) -> Iterator[None]:
+    """Within the block, calls of ``owner.name`` add their wall time to ``totals[stage]``,
+    less the time of timed calls nested in them. ``active`` is shared by all the timers: the
+    nested time of each timed call in progress."""
     original = getattr(owner, name)
 
     def timed(*args, **kwargs):
+        active.append(0.0)
         start = time.perf_counter()
         try:
             return original(*args, **kwargs)
         finally:
-            totals[stage] += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            totals[stage] += elapsed - active.pop()
+            if active:
+                active[-1] += elapsed
 
     setattr(owner, name, timed)
     try:
@@ -264,19 +282,22 @@ def _timed(owner: Any, name: str, stage: str, totals: dict[str, float]) -> Itera
 
 
 def _stage_timers(batcher: ContrastiveBatcher, totals: dict[str, float]) -> contextlib.ExitStack:
-    """Timers on the stage functions of ``batcher``'s implementation (nested stages are
-    subtracted from their callers afterwards, see ``_exclusive``)."""
+    """Timers on the stage functions of ``batcher``'s implementation, each exclusive of the
+    timed stages it calls."""
     stack = contextlib.ExitStack()
+    active: list[float] = []
     processor = batcher.image_processor  # a frozen dataclass: its class is wrapped
-    stack.enter_context(_timed(pipeline, "decode_image", "decode", totals))
-    stack.enter_context(_timed(processing, "_tokenize", "tokenise", totals))
-    stack.enter_context(_timed(batcher, "collate", "collate", totals))
+    stack.enter_context(_timed(pipeline, "decode_image", "decode", totals, active))
+    stack.enter_context(_timed(processing, "_tokenize", "tokenise", totals, active))
+    stack.enter_context(_timed(batcher, "collate", "collate", totals, active))
     if isinstance(processor, BaselineImageProcessor):
+        owners = [type(processor)] * 3
         names = ("baseline_resize", "baseline_normalize", "baseline_patchify")
     else:
-        names = ("resize", "normalize", "patchify")
-    for name, stage in zip(names, ("resize", "rescale+normalise", "patchify")):
-        stack.enter_context(_timed(type(processor), name, stage, totals))
+        owners = [type(processor), ImagePatches, type(processor)]
+        names = ("resize", "write_pixel_values", "patchify_uint8")
+    for owner, name, stage in zip(owners, names, ("resize", "rescale+normalise", "patchify")):
+        stack.enter_context(_timed(owner, name, stage, totals, active))
     return stack
 
 
@@ -326,8 +347,6 @@ def profile_host_pipeline(
                 start = time.perf_counter()
                 _run(batcher, records, batch_size)
                 total = time.perf_counter() - start
-            if name == "current":  # its patchify calls normalize: count that once
-                totals["patchify"] -= totals["rescale+normalise"]
             totals["other"] = total - sum(v for k, v in totals.items() if k != "other")
             seconds[name].append(total)
             for stage, value in totals.items():

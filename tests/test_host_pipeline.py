@@ -3,18 +3,22 @@
 References, written out here: transformers' rescale (``x * (1/255)`` in float64, cast to
 float32) then normalise in float32; the float image patchified with a broadcast temporal
 repeat; and collation by concatenating every item's patches and handing them to
-``prepare_batch``.
+``prepare_batch``. Items hold uint8 patches (``ImagePatches``) that collate and pack_items
+normalise straight into the batch; items given float32 pixel values must batch the same.
 """
 
 import dataclasses
 import io
+import pickle
 import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from jfe_jax.data.collate import collate, pick_length
+from jfe_jax.data.collate import collate, collate_packed, pick_length
+from jfe_jax.data.example_cache import example_nbytes
+from jfe_jax.data.image_patches import ImagePatches, normalized_table
 from jfe_jax.data.image_processor import ImageProcessor, smart_resize, to_rgb
 from jfe_jax.data.processing import ProcessedItem, encode_item
 from jfe_jax.data.tokenizer import build_tokenizer
@@ -65,7 +69,9 @@ def _assert_same_bits(actual, expected):
     for field in dataclasses.fields(expected):
         a, e = getattr(actual, field.name), getattr(expected, field.name)
         assert (a is None) == (e is None), field.name
-        if e is not None:
+        if not isinstance(e, np.ndarray):
+            assert a == e, field.name
+        else:
             assert a.dtype == e.dtype and a.shape == e.shape, field.name
             assert np.array_equal(a.view(np.uint8), e.view(np.uint8)), field.name
 
@@ -98,6 +104,17 @@ def test_float32_normalise_equals_the_float64_rescale_for_every_uint8_value(mean
     np.testing.assert_array_equal(actual.view(np.uint32), expected.view(np.uint32))
 
 
+@pytest.mark.parametrize("mean,std", [(None, None), ((0.5, 0.25, 0.0), (0.5, 0.125, 1.0))])
+def test_the_uint8_lookup_table_equals_the_float64_rescale_for_every_value(mean, std):
+    processor = ImageProcessor() if mean is None else ImageProcessor(image_mean=mean, image_std=std)
+    values = np.arange(256, dtype=np.float64) * (1 / 255)
+    expected = values.astype(np.float32)[None] - np.float32(processor.image_mean)[:, None]
+    expected = expected / np.float32(processor.image_std)[:, None]
+    table = normalized_table(processor.image_mean, processor.image_std)
+    assert table.dtype == np.float32 and table.shape == (3, 256)
+    np.testing.assert_array_equal(table.view(np.uint32), expected.view(np.uint32))
+
+
 @pytest.mark.parametrize(
     "width,height,mode",
     [(640, 480, "RGB"), (768, 1024, "RGB"), (333, 517, "L"), (120, 90, "RGBA")],
@@ -112,6 +129,47 @@ def test_process_one_gives_the_bits_of_the_float64_reference(width, height, mode
     assert pixel_values.dtype == np.float32 and pixel_values.shape == expected.shape
     assert int(np.prod(grid_thw)) == len(expected)
     np.testing.assert_array_equal(pixel_values.view(np.uint32), expected.view(np.uint32))
+
+
+def test_an_encoded_item_holds_uint8_patches_an_eighth_of_its_float_pixel_values(tokenizer):
+    processor = ImageProcessor(max_pixels=448 * 448)
+    image = _photo(640, 480, seed=3)
+    item = encode_item(tokenizer, processor, text="a red circle", image=image)
+    assert isinstance(item.patches, ImagePatches)
+    pixels = item.patches.pixels  # patch order, (C, row, col) per patch, no temporal repeat
+    assert pixels.dtype == np.uint8 and pixels.shape == (item.num_patches, 3 * 14 * 14)
+    expected = _reference_patches(processor, image)
+    assert item.num_patches == len(expected) == int(np.prod(item.image_grid_thw))
+    np.testing.assert_array_equal(item.pixel_values.view(np.uint32), expected.view(np.uint32))
+    frames = expected.reshape(len(expected), 3, 2, 14 * 14)
+    np.testing.assert_array_equal(frames[:, :, 0], frames[:, :, 1])
+    # The example cache counts the uint8 patches, not the float32 ones they stand for.
+    arrays = (item.input_ids, pixels, item.image_grid_thw)
+    assert example_nbytes(item) == sum(a.nbytes for a in arrays)
+    assert pixels.nbytes * 8 == expected.nbytes
+    copy = pickle.loads(pickle.dumps(item))  # as grain's worker processes hand items over
+    assert isinstance(copy.patches, ImagePatches)
+    np.testing.assert_array_equal(copy.patches.pixels, pixels)
+
+
+def test_processed_item_takes_float_pixel_values_or_patches_not_both():
+    ids = np.arange(6, dtype=np.int32)
+    pixels = np.ones((4, CONFIG.vision.patch_dim), np.float32)
+    item = ProcessedItem(ids, pixels, np.array([[1, 2, 2]]))
+    assert item.pixel_values is pixels and item.num_patches == 4
+    assert ProcessedItem(ids).pixel_values is None and ProcessedItem(ids).num_patches == 0
+    with pytest.raises(ValueError, match="both pixel_values and patches"):
+        ProcessedItem(ids, pixels, patches=pixels)
+
+
+def test_image_patches_refuse_an_output_they_cannot_fill_in_place():
+    processor = ImageProcessor(max_pixels=56 * 56)
+    patches, _ = processor.process_patches(_photo(56, 56, seed=1))
+    out = np.zeros((patches.num_patches, 2 * patches.patch_dim), np.float32)
+    with pytest.raises(ValueError, match="expected C-contiguous float32"):
+        patches.write_pixel_values(out[:, ::2])  # strided: a reshape would copy
+    with pytest.raises(ValueError, match=r"expected uint8 \[patches, 3 \* patch_size\*\*2\]"):
+        ImagePatches(np.zeros((4, 10), np.uint8), patches.image_mean, patches.image_std, 2)
 
 
 def _two_image_item(seed: int) -> ProcessedItem:
@@ -138,6 +196,10 @@ def test_collate_equals_concatenating_then_prepare_batch_bit_for_bit(tokenizer, 
         )
         for i, size in enumerate(sizes)
     ] + [_two_image_item(7)]
+    for item, size in zip(items, sizes):
+        if size is not None:
+            expected = _reference_patches(processor, _photo(*size, seed=sizes.index(size)))
+            np.testing.assert_array_equal(item.pixel_values, expected)
     batch = collate(
         items, config=CONFIG, pad_token_id=0, length_buckets=BUCKETS, patch_budget=128,
         padding_side=padding_side,
@@ -151,7 +213,7 @@ def test_collate_names_the_row_whose_patches_or_tokens_disagree(tokenizer):
     options = dict(config=CONFIG, pad_token_id=0, length_buckets=BUCKETS)
     with pytest.raises(ValueError, match="row 1 has 16 patches but the patch budget is 12"):
         collate([_two_image_item(0), item], patch_budget=12, **options)
-    short = dataclasses.replace(item, pixel_values=item.pixel_values[:8])
+    short = dataclasses.replace(item, patches=item.pixel_values[:8])
     with pytest.raises(ValueError, match="row 1: pixel_values has 8 patches but image_grid_thw"):
         collate([item, short], patch_budget=16, **options)
     no_run = dataclasses.replace(
@@ -159,3 +221,27 @@ def test_collate_names_the_row_whose_patches_or_tokens_disagree(tokenizer):
     )
     with pytest.raises(ValueError, match=re.escape("row 0 has 0 runs of <|image_pad|> but 1")):
         collate([no_run], patch_budget=16, **options)
+
+
+def _as_float_item(item: ProcessedItem) -> ProcessedItem:
+    """The item with its image as float32 pixel values (as the code before kept it)."""
+    return ProcessedItem(item.input_ids, item.pixel_values, item.image_grid_thw)
+
+
+def test_pack_items_of_uint8_patches_equals_packing_their_float_pixel_values(tokenizer):
+    processor = ImageProcessor(max_pixels=112 * 112)
+    sizes = [(56, 56), None, (112, 84), (60, 150), None, (84, 84)]
+    items = [
+        encode_item(
+            tokenizer,
+            processor,
+            text="a photo of a green square" * (i % 3),
+            image=None if size is None else _photo(*size, seed=i),
+        )
+        for i, size in enumerate(sizes)
+    ] + [_two_image_item(3)]
+    options = dict(config=CONFIG, pad_token_id=0, patch_budget=96, length=256, num_rows=4)
+    packed = collate_packed(items, **options)
+    expected = collate_packed([_as_float_item(it) for it in items], **options)
+    _assert_same_bits(packed, expected)
+    assert packed.pixel_values.shape == (4, 96, CONFIG.vision.patch_dim)

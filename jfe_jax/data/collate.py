@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jfe_jax.data.image_patches import pixel_values_shape
 from jfe_jax.data.processing import ProcessedItem
 from jfe_jax.models.batches import EarlyBatch, PackedBatch
 from jfe_jax.models.config import ModelConfig
@@ -71,7 +72,7 @@ def collate(
         span = slice(0, n) if padding_side == "right" else slice(length - n, length)
         ids[row, span] = item.input_ids
         mask[row, span] = 1
-        if item.pixel_values is not None:
+        if item.patches is not None:
             if patch_budget <= 0:
                 raise ValueError(
                     f"item {row} has an image but the batch has no patch budget "
@@ -100,11 +101,13 @@ def _with_patches(
     patch_budget: int,
 ) -> EarlyBatch:
     """``prepare_batch(config, ids, mask, all patches, all grids, num_patches=patch_budget)``,
-    with each item's patches copied once, straight into the preallocated padded arrays.
+    with each item's patches written once, straight into the preallocated padded arrays.
 
     prepare_batch takes the reference's flat ``pixel_values``: feeding it meant concatenating
     every item's patches and copying them again into the batch, two passes over about 4 MB
-    per 448x448 image (and fresh pages for each). The checks are prepare_batch's, per row.
+    per 448x448 image (and fresh pages for each). An item's uint8 patches are normalised and
+    repeated over time on that one write (``ImagePatches.write_pixel_values``), so no item
+    holds float32 patches of its own. The checks are prepare_batch's, per row.
     """
     vcfg = config.vision
     merge = vcfg.spatial_merge_size
@@ -131,8 +134,7 @@ def _with_patches(
         grids = _item_grids(row, item, ids[row], config)
         if grids.size and int(np.prod(grids, axis=1).sum()) > patch_budget:
             raise ValueError(
-                f"row {row} has {len(item.pixel_values)} patches but the patch budget is "
-                f"{patch_budget}"
+                f"row {row} has {item.num_patches} patches but the patch budget is {patch_budget}"
             )
         position_ids[row] = mrope_position_ids(
             ids[row], mask[row], grids, image_token_id=config.image_token_id, merge_size=merge
@@ -144,7 +146,7 @@ def _with_patches(
             positions[row, cursor : cursor + n] = vision_patch_positions(grid, merge)
             cursor += n
         if cursor:
-            pixel_values[row, :cursor] = item.pixel_values
+            item.write_pixel_values(pixel_values[row, :cursor])
     return EarlyBatch(
         input_ids=ids,
         attention_mask=mask,
@@ -161,11 +163,11 @@ def _item_grids(row: int, item: ProcessedItem, row_ids: np.ndarray, config: Mode
     vcfg = config.vision
     merge = vcfg.spatial_merge_size
     runs = image_runs(row_ids, config.image_token_id)
-    if item.pixel_values is None:
+    if item.patches is None:
         grids = np.zeros((0, 3), dtype=np.int64)
     else:
         grids = np.asarray(item.image_grid_thw).astype(np.int64).reshape(-1, 3)
-        shape = np.shape(item.pixel_values)
+        shape = pixel_values_shape(item.patches)
         if len(shape) != 2 or shape[1] != vcfg.patch_dim:
             raise ValueError(
                 f"row {row}: pixel_values must be [num_patches, {vcfg.patch_dim}] "
@@ -237,7 +239,7 @@ def collate_packed(
     return pack_items(
         config,
         [np.asarray(it.input_ids) for it in items],
-        [it.pixel_values for it in items],
+        [it.patches for it in items],
         [it.image_grid_thw for it in items],
         length=length,
         num_patches=patch_budget,

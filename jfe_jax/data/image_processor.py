@@ -13,10 +13,15 @@ trained on:
 3. Patchify: the uint8 image is cut into ``patch_size`` squares, ordered by 2x2 merge block
    (block row, block column, row in block, column in block), each flattened as (C, T,
    patch_h, patch_w) with the patch repeated ``temporal_patch_size`` times along time.
-4. ``(x / 255 - mean) / std`` in float32, written straight into the first frame of each patch
-   (the other frames are copies). transformers rescales ``x * (1/255)`` in float64 and casts
-   to float32; the float32 quotient ``x / 255`` is correctly rounded and equals that cast for
-   every uint8 ``x`` (tested), so the values are the same bits without a float64 image.
+4. ``(x / 255 - mean) / std`` in float32, written into every frame of each patch.
+   transformers rescales ``x * (1/255)`` in float64 and casts to float32; the float32 quotient
+   ``x / 255`` is correctly rounded and equals that cast for every uint8 ``x`` (tested), so the
+   values are the same bits without a float64 image.
+
+``process_patches`` stops before step 4: it returns ``ImagePatches``
+(``jfe_jax.data.image_patches``), the uint8 patches of step 3 without the temporal repeat (an
+eighth of the float32 bytes), which the collate step normalises and repeats straight into the
+padded batch.
 
 ``max_image_pixels`` is a decompression-bomb guard on the original image, checked from the
 file header before the raster is decoded. Pillow's own ``Image.MAX_IMAGE_PIXELS`` limit
@@ -34,6 +39,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from jfe_jax.data.image_patches import ImagePatches, normalize_uint8
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 PROCESSOR_CONFIG = "processor_config.json"
@@ -254,6 +261,13 @@ class ImageProcessor:
         ``image`` is a PIL image, a uint8 array (channels last) or a path (read with
         ``load_image`` relative to ``root``). ``name`` labels the image in error messages.
         """
+        patches, grid_thw = self.process_patches(image, root=root, name=name)
+        return patches.pixel_values(), grid_thw
+
+    def process_patches(
+        self, image: ImageInput, *, root: str | os.PathLike | None = None, name: str = "image"
+    ) -> tuple[ImagePatches, np.ndarray]:
+        """``process_one`` before normalisation: (uint8 ``ImagePatches``, image_grid_thw)."""
         if isinstance(image, str | os.PathLike):
             name = os.fspath(image)
             image = self.load_image(image, root)
@@ -269,7 +283,7 @@ class ImageProcessor:
             )
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from err
-        return self.patchify(self.resize(image, new_height, new_width))
+        return self.patchify_uint8(self.resize(image, new_height, new_width))
 
     def resize(self, image: Image.Image | np.ndarray, height: int, width: int) -> np.ndarray:
         """The image in RGB (``to_rgb``), PIL-bicubic resized to ``height`` x ``width``: uint8
@@ -285,34 +299,26 @@ class ImageProcessor:
         return np.asarray(rgb.resize((width, height), Image.Resampling.BICUBIC))
 
     def normalize(self, pixels: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """uint8 pixels with channels on axis 1 -> float32 ``(x / 255 - mean) / std``, in
-        float32 throughout (the module docstring says why that is transformers' result).
-
-        ``out``, when given, is a float32 array of ``pixels``'s shape (a view is fine) that
-        receives the result.
-        """
-        shape = (1, len(self.image_mean)) + (1,) * (pixels.ndim - 2)
-        mean = np.asarray(self.image_mean, dtype=np.float32).reshape(shape)
-        std = np.asarray(self.image_std, dtype=np.float32).reshape(shape)
-        out = np.divide(pixels, np.float32(255), out=out, dtype=np.float32)
-        np.subtract(out, mean, out=out)
-        return np.divide(out, std, out=out)
+        """``normalize_uint8`` with this processor's mean and std."""
+        return normalize_uint8(pixels, self.image_mean, self.image_std, out=out)
 
     def patchify(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A resized uint8 (H, W, C) image -> (pixel_values float32 [patches, patch_dim],
         image_grid_thw int64 [3]): normalised patches in merge-block order, each repeated over
         time (the module docstring's steps 3 and 4)."""
+        patches, grid_thw = self.patchify_uint8(image)
+        return patches.pixel_values(), grid_thw
+
+    def patchify_uint8(self, image: np.ndarray) -> tuple[ImagePatches, np.ndarray]:
+        """A resized uint8 (H, W, C) image -> (its ``ImagePatches``, image_grid_thw int64 [3]):
+        step 3 of the module docstring without the temporal repeat."""
         height, width, channels = image.shape
-        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        p, m = self.patch_size, self.merge_size
         grid_h, grid_w = height // p, width // p
         blocks = image.reshape(grid_h // m, m, p, grid_w // m, m, p, channels)
-        # -> (block row, block col, row in block, col in block, C, patch row, patch col); the
-        # reordering copies uint8 pixels, a quarter of the bytes of float32 ones.
-        ordered = blocks.transpose(0, 3, 1, 4, 6, 2, 5).reshape(grid_h * grid_w, channels, 1, p, p)
-        patches = np.empty((grid_h * grid_w, channels, t, p, p), dtype=np.float32)
-        first = self.normalize(ordered, out=patches[:, :, :1])
-        patches[:, :, 1:] = first  # the temporal repeat, written once
-        patches = patches.reshape(grid_h * grid_w, channels * t * p * p)
+        # -> (block row, block col, row in block, col in block, C, patch row, patch col)
+        ordered = blocks.transpose(0, 3, 1, 4, 6, 2, 5).reshape(grid_h * grid_w, channels * p * p)
+        patches = ImagePatches(ordered, self.image_mean, self.image_std, self.temporal_patch_size)
         return patches, np.array([1, grid_h, grid_w], dtype=np.int64)
 
     def __call__(

@@ -24,6 +24,7 @@ import os
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from jfe_jax.data.image_patches import ImagePatches, pixel_values_shape, write_pixel_values
 from jfe_jax.data.image_processor import ImageInput, ImageProcessor
 from jfe_jax.models.sizes import SPECIAL_TOKENS
 
@@ -34,14 +35,59 @@ USER_HEADER = "<|im_start|>user\n"
 ASSISTANT_HEADER = "<|im_end|>\n<|im_start|>assistant\n"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class ProcessedItem:
-    """Model inputs for one item."""
+    """Model inputs for one item.
+
+    The image is held as ``patches``: the uint8 ``ImagePatches`` that ``encode_item`` makes
+    (an eighth of the float32 bytes; collate normalises them straight into the batch), or
+    float32 pixel values given as ``pixel_values``. Either way ``pixel_values`` reads the
+    float32 ``[patches, patch_dim]`` of the image processor (computed on each read for
+    uint8 patches: ``num_patches`` is the cheap way to count them).
+    """
 
     input_ids: np.ndarray  # int32 [L]
-    pixel_values: np.ndarray | None  # float32 [patches, patch_dim], None without an image
-    image_grid_thw: np.ndarray | None  # int64 [1, 3], None without an image
+    patches: ImagePatches | np.ndarray | None  # see above; None without an image
+    image_grid_thw: np.ndarray | None  # int64 [images, 3], None without an image
     text_truncated: bool = False  # True when truncate_text shortened the text to fit
+
+    # Written out so that ``ProcessedItem(ids, pixel_values, grid)`` still builds an item from
+    # float32 pixels; ``patches=`` is what dataclasses.replace passes.
+    def __init__(
+        self,
+        input_ids: np.ndarray,
+        pixel_values: np.ndarray | None = None,
+        image_grid_thw: np.ndarray | None = None,
+        text_truncated: bool = False,
+        *,
+        patches: ImagePatches | np.ndarray | None = None,
+    ):
+        if pixel_values is not None and patches is not None:
+            raise ValueError(
+                "ProcessedItem got both pixel_values and patches; expected one (to change an "
+                "item's image: dataclasses.replace(item, patches=...))"
+            )
+        object.__setattr__(self, "input_ids", input_ids)
+        object.__setattr__(self, "patches", patches if pixel_values is None else pixel_values)
+        object.__setattr__(self, "image_grid_thw", image_grid_thw)
+        object.__setattr__(self, "text_truncated", text_truncated)
+
+    @property
+    def pixel_values(self) -> np.ndarray | None:
+        """float32 ``[patches, patch_dim]``, normalised, or None without an image."""
+        if isinstance(self.patches, ImagePatches):
+            return self.patches.pixel_values()
+        return self.patches
+
+    @property
+    def num_patches(self) -> int:
+        """Image patches of the item (0 without an image), without computing them."""
+        return 0 if self.patches is None else int(pixel_values_shape(self.patches)[0])
+
+    def write_pixel_values(self, out: np.ndarray) -> None:
+        """Writes ``pixel_values`` into ``out`` (float32 ``[patches, patch_dim]``, e.g. the
+        patch rows of a batch row), without a float32 copy of the item's own."""
+        write_pixel_values(self.patches, out)
 
 
 def _layout(
@@ -157,10 +203,10 @@ def encode_item(
     # Validate the text layout before paying for image decoding.
     build_text(text, image is not None, instruction, prompt)
 
-    pixel_values = image_grid_thw = None
+    patches = image_grid_thw = None
     image_tokens = 0
     if image is not None:
-        pixel_values, grid_thw = image_processor.process_one(image, root=image_root)
+        patches, grid_thw = image_processor.process_patches(image, root=image_root)
         image_grid_thw = grid_thw.reshape(1, 3)
         image_tokens = image_processor.num_image_tokens(grid_thw)
 
@@ -190,7 +236,7 @@ def encode_item(
         )
     return ProcessedItem(
         input_ids=np.asarray(ids, dtype=np.int32),
-        pixel_values=pixel_values,
+        patches=patches,
         image_grid_thw=image_grid_thw,
         text_truncated=truncated,
     )

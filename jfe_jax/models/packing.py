@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from jfe_jax.data.image_patches import pixel_values_shape, write_pixel_values
 from jfe_jax.models.batches import (
     EarlyBatch,
     PackedBatch,
@@ -43,7 +44,12 @@ from jfe_jax.models.inputs import image_runs, prepare_batch
 
 
 def _item_batch(config: ModelConfig, index: int, ids, pixels, grid) -> EarlyBatch:
-    """``prepare_batch`` of one item alone (all its checks), with errors naming the item."""
+    """``prepare_batch`` of one item alone (all its checks), with errors naming the item.
+
+    Its ``pixel_values`` are zeros: prepare_batch sees a zero-stride stand-in of the item's
+    pixels' shape (pack_items writes the real pixels into the packed rows itself, so an
+    item's uint8 patches are normalised once, there).
+    """
     ids = np.asarray(ids)
     if ids.ndim != 1 or ids.size == 0:
         raise ValueError(f"item {index}: input_ids must be a non-empty 1-D array, got {ids.shape}")
@@ -53,8 +59,10 @@ def _item_batch(config: ModelConfig, index: int, ids, pixels, grid) -> EarlyBatc
     if grid is not None:
         grid = np.asarray(grid).reshape(-1, 3)
         num_patches = int(np.prod(grid, axis=1).sum())
-        if not len(grid) and not np.size(pixels):
+        if not len(grid) and not np.prod(pixel_values_shape(pixels)):
             pixels, grid, num_patches = None, None, None  # an empty image list: text only
+        else:
+            pixels = np.broadcast_to(np.float32(0), pixel_values_shape(pixels))
     try:
         return prepare_batch(config, ids[None], None, pixels, grid, num_patches=num_patches)
     except ValueError as err:
@@ -94,7 +102,8 @@ def pack_items(
       config: the model's architecture (token ids, vision geometry).
       input_ids: per item, its token ids ``[n_i]`` (no padding), with one ``<|image_pad|>``
         run per image.
-      pixel_values: per item, ``[patches_i, patch_dim]`` (all its images, in order) or None.
+      pixel_values: per item, ``[patches_i, patch_dim]`` (all its images, in order) or None;
+        or the item's uint8 ``ImagePatches``, normalised as they are written into the rows.
       image_grid_thw: per item, ``[images_i, 3]`` or None.
       length: L, tokens per row.
       num_patches: P, image patches per row, shared by the images of the row's items; > 0
@@ -214,7 +223,7 @@ def pack_items(
             if p:
                 pspan = slice(patch_cursor, patch_cursor + p)
                 item_segments = item.patch_segment_ids[0, :p]
-                out["pixel_values"][r, pspan] = item.pixel_values[0, :p]
+                write_pixel_values(pixel_values[i], out["pixel_values"][r, pspan])
                 out["patch_segment_ids"][r, pspan] = item_segments + images
                 out["patch_positions"][r, pspan] = item.patch_positions[0, :p]
                 images += int(item_segments.max())
