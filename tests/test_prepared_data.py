@@ -244,3 +244,11 @@ def test_a_build_writes_nothing_to_stdout(root, tmp_path, capfd):
     build_dataset(MbeirTrainPairs, tmp_path / "tfds", mbeir_root=str(root))
     _captions(root, tmp_path / "tfds")
     assert capfd.readouterr().out == ""  # TFDS's "Downloading and preparing ..." is gone
+
+
+def test_an_image_removed_after_it_was_stored_is_reported_missing(root, tmp_path):
+    _captions(root, tmp_path / "a")  # stores every image
+    first = json.loads((root / "pairs" / "image_captions.jsonl").read_text().splitlines()[0])
+    (root / first["image_path"]).unlink()
+    with pytest.raises(ValueError, match=rf"{first['id']}.*cannot read image"):
+        _captions(root, tmp_path / "b")

@@ -247,13 +247,14 @@ class ImageStore:
         wanted = sorted(set(paths))
         with self._lock():
             catalog = self.catalog()
-            todo = []
+            todo, present = [], []
             for relative in wanted:
                 entry = catalog.get(relative)
                 try:
                     stat = os.stat(os.path.join(root, relative))
                 except OSError:
-                    continue
+                    continue  # missing now: no entry, whatever the store once read
+                present.append(relative)
                 if (
                     entry is None
                     or entry.signature != [stat.st_size, stat.st_mtime_ns]
@@ -263,7 +264,7 @@ class ImageStore:
             if todo:
                 self._ingest(root, todo, decode)
                 catalog = self.catalog()
-        return {p: catalog[p] for p in wanted if p in catalog}
+        return {p: catalog[p] for p in present if p in catalog}
 
     def _ingest(self, root: str, paths: Sequence[str], decode: bool) -> None:
         self._remove_orphans()
