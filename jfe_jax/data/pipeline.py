@@ -368,9 +368,9 @@ class ContrastiveBatcher:
         if self.fusion == "late":
             return split_item(encode, text=side.text, image=image, instruction=instruction)
         item = encode(text=side.text, image=image, instruction=instruction)
-        if item.pixel_values is not None and len(item.pixel_values) > budget:
+        if item.num_patches > budget:  # (pixel_values would normalise the patches again)
             raise ValueError(
-                f"{what} image has {len(item.pixel_values)} patches but the patch "
+                f"{what} image has {item.num_patches} patches but the patch "
                 f"budget is {budget}; raise the budget or lower max_pixels"
             )
         return item

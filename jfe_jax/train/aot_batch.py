@@ -453,9 +453,7 @@ def _required_flops(
 ) -> float:
     """Required FLOPs of ``items``, each alone at its real tokens and patches."""
     sizes = collections.Counter(
-        (len(part.input_ids), 0 if part.pixel_values is None else len(part.pixel_values))
-        for item in items
-        for part in _parts(item)
+        (len(part.input_ids), part.num_patches) for item in items for part in _parts(item)
     )
     total = 0.0
     for (tokens, patches), count in sizes.items():
