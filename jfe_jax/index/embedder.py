@@ -497,7 +497,7 @@ def _length_key(item: ProcessedItem | LateItem) -> tuple[int, int]:
     parts = (item.text, item.image) if isinstance(item, LateItem) else (item,)
     parts = [part for part in parts if part is not None]
     tokens = sum(len(part.input_ids) for part in parts)
-    patches = sum(0 if part.pixel_values is None else len(part.pixel_values) for part in parts)
+    patches = sum(part.num_patches for part in parts)
     return tokens, patches
 
 
