@@ -2,7 +2,7 @@
 
 from setuptools import find_packages, setup
 
-# Pinned to the versions this project is tested with (see README, "Dependencies").
+# Pinned to the versions this project is tested with (see docs/dependencies.md).
 INSTALL_REQUIRES = [
     "jax==0.10.2",
     "jaxlib==0.10.2",
