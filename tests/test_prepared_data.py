@@ -85,7 +85,12 @@ def test_examples_equal_tfds_own_build_record_by_record(bench, tmp_path, builder
         config=builder_cls.CONFIG_CLASS(**{field: str(bench)}, **config),
     )
     reference.download_and_prepare()  # TFDS's own writer: image bytes inside the examples
-    _assert_same_records(load_source(built), reference.as_data_source("train"))
+    ours, theirs = load_source(built), reference.as_data_source("train")
+    _assert_same_records(ours, theirs)
+    # In the same order, too: training reads the same batches as from TFDS's build.
+    assert [_key(ours[i]) for i in range(len(ours))] == [
+        _key(theirs[i]) for i in range(len(theirs))
+    ]
 
 
 def _captions(root: Path, data_dir: Path, **options):

@@ -4,9 +4,9 @@
 module writes them. TFDS's own writer is not used: above 1000 MiB of examples its shuffler
 spills to bucket files through ``tf.io.gfile``, which needs TensorFlow. Here the examples go,
 in the order the builder yields them, into array_record shards, one msgpack map per example,
-and the shuffle is an index: ``order.npy`` lists the examples sorted by a hash of their key
-(the order TFDS would give them: deterministic, independent of how the build ran), and the
-source reads example ``order[i]`` as its i-th. The grain loader shuffles again per epoch.
+and the shuffle is an index: ``order.npy`` lists the examples sorted by TFDS's hash of their
+key (the order TFDS's writer gives them: deterministic, independent of how the build ran), and
+the source reads example ``order[i]`` as its i-th. The grain loader shuffles again per epoch.
 
 Images are not copied into the examples: an image field holds a reference ``[sha256, segment,
 row]`` into the data root's ``jfe_jax.data.image_store.ImageStore``, and the source returns
@@ -49,9 +49,14 @@ FORMAT_VERSION = 1
 FIELD_KINDS = ("text", "int32", "bytes", "image", "bytes_list", "image_list", "text_sequence")
 
 
+SPLIT = "train"
+
+
 def order_key(example_key: str) -> int:
-    """The 64-bit hash that orders the examples (blake2b of the key)."""
-    return int.from_bytes(hashlib.blake2b(example_key.encode(), digest_size=8).digest(), "big")
+    """The 128-bit hash that orders the examples: TFDS's (md5 of the split name, then the
+    key; ``tensorflow_datasets.core.hashing``), so a dataset is read in the order TFDS's own
+    writer gave the same examples."""
+    return int(hashlib.md5((SPLIT + example_key.replace("\\", "/")).encode()).hexdigest(), 16)
 
 
 def _plain(value: Any) -> Any:
@@ -119,7 +124,7 @@ def write_examples(
     finally:
         if writer is not None:
             writer.close()
-    order = np.argsort(np.array(keys, dtype=np.uint64), kind="stable").astype(np.int64)
+    order = np.array(sorted(range(len(keys)), key=keys.__getitem__), dtype=np.int64)
     np.save(os.path.join(data_path, ORDER_FILE), order)
     record = {
         "format": FORMAT_VERSION,
