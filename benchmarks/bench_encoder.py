@@ -35,6 +35,7 @@ Usage: python benchmarks/bench_encoder.py --batch 32 --length 128 --repeats 7
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -157,11 +158,11 @@ def main():
     )
     candidates = {}  # name -> a call returning [B, D] embeddings
     for impl in layers.ATTENTION_IMPLS:
-        # A fresh jit per implementation, traced (at warm-up) under that implementation.
-        forward = jax.jit(lambda params, batch: encoder.module.apply({"params": params}, batch)[0])
-        with layers.attention_impl(impl):
-            forward(encoder.params, prepared)
-            forward(encoder.params, vision_packed)
+        # A fresh jit per implementation, its module built with that implementation.
+        module = dataclasses.replace(encoder.options, attention_impl=impl).module(encoder.config)
+        forward = jax.jit(lambda params, batch, m=module: m.apply({"params": params}, batch)[0])
+        forward(encoder.params, prepared)
+        forward(encoder.params, vision_packed)
         candidates[f"JAX forward ({impl})"] = lambda f=forward: np.asarray(
             f(encoder.params, prepared)
         )

@@ -12,11 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from jfe_jax.logs import quiet_libtpu
-
 __version__ = "0.1.0"
-
-quiet_libtpu()  # before JAX is imported: no libtpu start-up lines on a machine without a TPU
 
 # Public name -> the module that defines it.
 _EXPORTS = {

@@ -14,16 +14,22 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-import jfe_jax
-from jfe_jax.errors import (
+from jfe_jax.logs import quiet_libtpu, setup_logging
+
+# The jfe command's start, before JAX is imported (run_control below imports it): on a machine
+# with libtpu installed but no TPU, JAX on the CPU without libtpu's start-up lines. Importing
+# the library (``import jfe_jax``) leaves the platform to the user.
+quiet_libtpu()
+
+import jfe_jax  # noqa: E402
+from jfe_jax.errors import (  # noqa: E402
     ArgumentParser,
     DropBackgroundTracebacks,
     debug_enabled,
     describe_error,
     positive_int,
 )
-from jfe_jax.logs import setup_logging
-from jfe_jax.train.run_control import TrainingInterrupted
+from jfe_jax.train.run_control import TrainingInterrupted  # noqa: E402
 
 
 def _convert(argv: Sequence[str]) -> int:
@@ -342,12 +348,12 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "demo": (_demo, "the whole pipeline end to end on the embedded synthetic benchmark"),
     "train": (_train, "train a stage from a config file (stage 1 or stage 2)"),
     "export": (
-        _lazy("jfe_jax.index.commands", "export_main"),
+        _lazy("jfe_jax.commands.index", "export_main"),
         "embed a pool or queries into shards",
     ),
-    "index": (_lazy("jfe_jax.index.commands", "index_main"), "build or search a ScaNN index"),
-    "search": (_lazy("jfe_jax.index.commands", "search_main"), "query an index by text/image"),
-    "eval": (_lazy("jfe_jax.eval.commands", "eval_main"), "M-BEIR evaluation of a model"),
+    "index": (_lazy("jfe_jax.commands.index", "index_main"), "build or search a ScaNN index"),
+    "search": (_lazy("jfe_jax.commands.index", "search_main"), "query an index by text/image"),
+    "eval": (_lazy("jfe_jax.commands.eval", "eval_main"), "M-BEIR evaluation of a model"),
     "aot": (_lazy("jfe_jax.train.aot", "aot_main"), "compile for a TPU topology: fit, speed"),
     "convert": (_convert, "re-save a Hugging Face Qwen2-VL checkpoint through JAX"),
 }

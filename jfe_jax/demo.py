@@ -210,8 +210,8 @@ def run_demo(
         stage(name, functools.partial(train_stage, config, os.path.join(workdir, name), name))
 
     def evaluate():
+        from jfe_jax.encoder import embedder_for
         from jfe_jax.eval.mbeir_eval import evaluate_mbeir
-        from jfe_jax.index.embedder import embedder_for
 
         embedder = embedder_for(os.path.join(workdir, "stage2"), image_root=data_dir, batch_size=64)
         evaluate_mbeir(embedder, data_dir, os.path.join(workdir, "eval"), progress=progress)

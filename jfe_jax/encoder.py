@@ -9,7 +9,7 @@
     enc.save_pretrained("/path/to/out")  # transformers loads it
 
 ``encode`` takes items (texts, images, or image + text pairs) and feeds them in the item
-format the model was trained with (``jfe_jax.index.embedder.embedder_for``). The array
+format the model was trained with (``embedder_for``). The array
 arguments of ``hidden_states`` and ``embed`` are exactly those of transformers' Qwen2-VL
 forward; outputs are numpy.
 """
@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
@@ -40,13 +41,18 @@ from jfe_jax.models.one_tower import EncoderOptions, OneTowerEncoder, _dtype
 from jfe_jax.models.safetensors_io import SafetensorsFile, _write_file
 from jfe_jax.paths import absolute
 
+if TYPE_CHECKING:
+    from jfe_jax.index.embedder import ItemEmbedder
+
+log = logging.getLogger(__name__)
+
 ENCODER_FILE = "jfe_encoder.json"  # our options, next to the HF files
 TOKENIZER_DIR = "tokenizer"  # where a training workdir keeps its tokenizer
 HEAD_FILE = "jfe_head.safetensors"  # params outside the HF backbone: logit_scale, projection
 BACKBONE = ("vision", "text")
 
 # Options that do not change what the model computes, left out of its fingerprint.
-_LAYOUT_OPTIONS = ("scan_layers", "remat", "temperature")
+_LAYOUT_OPTIONS = ("scan_layers", "remat", "temperature", "attention_impl")
 # ... and those whose effect the fingerprint sees in the canonical weights (LoRA merged,
 # values as float32), so that a workdir and its converted directory agree.
 _WEIGHT_OPTIONS = (*_LAYOUT_OPTIONS, "param_dtype", "lora_rank", "lora_alpha", "lora_targets")
@@ -141,7 +147,6 @@ class Encoder:
             params = _place(params, param_shardings(self.module, mesh))
         self.params = params
         self.source_dir = source_dir
-        self.trace_count = 0  # traces of the forward: one per input shape and output kind
         self.step: int | None = None  # training step of a checkpoint loaded from a workdir
         # (params, kind, path) of the files the params were loaded from; set by the loaders.
         self._loaded_from: tuple[Any, str, str] | None = None
@@ -149,17 +154,22 @@ class Encoder:
         self._embedders: dict[Any, Any] = {}  # encode's ItemEmbedders, by (params, options)
 
         def embed(params, batch):
-            self.trace_count += 1
             return self.module.apply({"params": params}, batch)[0]
 
         def hidden(params, batch):
-            self.trace_count += 1
             _, out = self.module.apply({"params": params}, batch, return_hidden=True)
             return out["last_hidden_state"].astype(jnp.float32)
 
         # Two programs: the embedding one skips the final layer's unpooled positions.
         self._embed = jax.jit(embed)
         self._hidden = jax.jit(hidden)
+
+    @property
+    def trace_count(self) -> int:
+        """Traces of the forward so far: one per input shape and output kind. Read from the
+        jitted functions' own caches (an entry per trace), not counted inside the traced
+        code, where a Python side effect would run only while tracing."""
+        return self._embed._cache_size() + self._hidden._cache_size()
 
     # ------------------------------------------------------------------ construction
 
@@ -426,7 +436,7 @@ class Encoder:
         by an encoder built in memory; ``ItemFormat`` fields such as ``prompt``). The same
         as ``embedder_for(encoder, ...).embed([Item(text, image, instruction), ...])``.
         """
-        from jfe_jax.index.embedder import Item, embedder_for
+        from jfe_jax.index.embedder import Item
 
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -497,3 +507,37 @@ def _as_list(value: Any, name: str, is_one) -> list | None:
     if not isinstance(value, Sequence):
         raise ValueError(f"{name} must be a list; got {type(value).__name__}")
     return list(value)
+
+
+def embedder_for(model: str | Encoder, **overrides: Any) -> ItemEmbedder:
+    """The one way to get an ``ItemEmbedder`` for a model: with the item format it was trained
+    with (``ItemFormat.of_model``: its ``jfe_item_format.json``, else a workdir's config.json,
+    else its ``preprocessor_config.json``, else Qwen2-VL's defaults), logged in one line.
+
+    ``overrides``: embedder options (``batch_size``, ``image_root``, ``tokenizer``,
+    ``pack_vision``) and ``ItemFormat`` fields (e.g. ``prompt``, ``pack``), which win.
+    ``mesh`` (with a model path): load the params into their shards over this host's mesh
+    (``Encoder.from_pretrained(mesh=)``) instead of a replicated copy on every device.
+    """
+    from jfe_jax.index.embedder import ItemEmbedder  # the item pipeline, on first use
+
+    mesh = overrides.pop("mesh", None)
+    if isinstance(model, Encoder):
+        if mesh is not None:
+            raise ValueError("mesh= applies to a model path; an Encoder keeps its own mesh")
+        encoder = model
+    else:
+        encoder = Encoder.from_pretrained(model, mesh=mesh)
+    if encoder.source_dir:
+        item_format, origin = ItemFormat.of_model(encoder.source_dir, encoder.config.vision)
+    else:
+        item_format, origin = ItemFormat.for_vision(encoder.config.vision), "defaults (no files)"
+    changed = sorted(set(overrides) & {f.name for f in dataclasses.fields(ItemFormat)})
+    embedder = ItemEmbedder(encoder, item_format, **overrides)
+    log.info(
+        "item format from %s%s: %s",
+        origin,
+        f", with {', '.join(changed)} overridden" if changed else "",
+        embedder.format.describe(),
+    )
+    return embedder

@@ -41,37 +41,6 @@ def positive_int(text: str) -> int:
     return value
 
 
-def mesh_spec(text: str) -> dict[str, int]:
-    """argparse type of ``--mesh``: "data=2,fsdp=4" -> {"data": 2, "fsdp": 4, "tensor": 1}.
-
-    Axes not named are 1; one axis may be -1 (the devices left over). The device count is
-    checked when the mesh is built (``jfe_jax.train.mesh.make_mesh``)."""
-    from jfe_jax.models.axes import MESH_AXES
-
-    sizes = dict.fromkeys(MESH_AXES, 1)
-    seen = set()
-    for part in text.split(","):
-        name, sep, value = part.partition("=")
-        name = name.strip()
-        if not sep or name not in MESH_AXES:
-            raise argparse.ArgumentTypeError(
-                f"{text!r}: expected comma-separated axis=size with axes {', '.join(MESH_AXES)}"
-                f" (e.g. data=2,fsdp=4), got {part!r}"
-            )
-        if name in seen:
-            raise argparse.ArgumentTypeError(f"{text!r} names axis {name!r} twice")
-        seen.add(name)
-        try:
-            sizes[name] = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r}: {name}={value!r} is not an integer"
-            ) from None
-        if sizes[name] < 1 and sizes[name] != -1:
-            raise argparse.ArgumentTypeError(f"{text!r}: {name} must be >= 1 or -1")
-    return sizes
-
-
 def _chain(error: BaseException):
     """``error`` and the exceptions it was raised from or during, outermost first."""
     seen = set()

@@ -3,7 +3,8 @@ libraries' warnings, and no libtpu start-up noise on a machine without a TPU.
 
 ``setup_logging(verbose)`` is called once per command by ``jfe_jax.cli.main``; ``--verbose``
 lets the INFO lines of Orbax, absl, JAX, TensorFlow Datasets, grain, ... through too.
-``quiet_libtpu()`` runs when ``jfe_jax`` is imported, before JAX is.
+``quiet_libtpu()`` runs when the ``jfe`` command starts (``jfe_jax.cli``), before JAX is
+imported; importing the library sets nothing.
 """
 
 from __future__ import annotations

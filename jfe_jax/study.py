@@ -349,8 +349,8 @@ def _evaluate(
     todo = [(d, out) for d, out in todo if not os.path.isfile(os.path.join(out, "results.json"))]
     if not todo:
         return
+    from jfe_jax.encoder import embedder_for
     from jfe_jax.eval.mbeir_eval import evaluate_mbeir
-    from jfe_jax.index.embedder import embedder_for
 
     # One embedder (one model load, one compilation per shape) for all of the run's evaluations.
     embedder = embedder_for(model_dir, image_root=data_dir, batch_size=64)

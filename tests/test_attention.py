@@ -1,12 +1,14 @@
 """Both attention implementations against a float64 numpy reference, and padding accounting."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hf_reference import make_inputs
 
-from jfe_jax.encoder import Encoder
+from jfe_jax.encoder import Encoder, EncoderOptions
 from jfe_jax.models import flops, layers
 from jfe_jax.models.inputs import prepare_batch
 from jfe_jax.models.padding import padding_report
@@ -205,15 +207,7 @@ def test_unknown_impl_and_malformed_masks_are_rejected():
     with pytest.raises(ValueError, match=r"boolean \[B, Lq, Lk\].*\(7, 7\)"):
         layers.attention(q, k, v, mask[0], dtype=jnp.float32)
     with pytest.raises(ValueError, match="unknown attention impl"):
-        with layers.attention_impl("flash"):
-            pass
-
-
-def test_attention_impl_context_switches_the_default_and_restores_it():
-    before = layers.DEFAULT_ATTENTION_IMPL
-    with layers.attention_impl("dot_product_attention"):
-        assert layers.DEFAULT_ATTENTION_IMPL == "dot_product_attention"
-    assert layers.DEFAULT_ATTENTION_IMPL == before
+        EncoderOptions(attention_impl="flash")
 
 
 @pytest.mark.parametrize("padding", ["right", "left"])
@@ -230,9 +224,8 @@ def test_model_hidden_states_do_not_depend_on_the_attention_impl(padding, monkey
         monkeypatch.setattr(layers, name, wrapped)
     hidden = {}
     for impl in IMPLS:
-        encoder = Encoder(config, base.params, base.options)  # fresh jit: traced under impl
-        with layers.attention_impl(impl):
-            hidden[impl] = encoder.hidden_states(*inputs)
+        options = dataclasses.replace(base.options, attention_impl=impl)
+        hidden[impl] = Encoder(config, base.params, options).hidden_states(*inputs)
     calls = config.vision.depth + config.text.num_layers
     assert traced == [name for name in names for _ in range(calls)]
     for impl in IMPLS:

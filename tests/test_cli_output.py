@@ -183,14 +183,21 @@ def test_version_and_top_level_help(capsys):
 
 
 def test_no_libtpu_lines_without_a_tpu():
-    """libtpu is installed (the tpu extra) but this machine has no TPU: importing jfe_jax
-    first keeps JAX on the CPU, with nothing on stderr."""
+    """libtpu is installed (the tpu extra) but this machine has no TPU: the jfe command's
+    start (importing jfe_jax.cli) keeps JAX on the CPU, with nothing on stderr."""
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
-    code = "import jfe_jax, jax; print(jax.numpy.ones(2).sum())"
+    code = "import jfe_jax.cli, jax; print(jax.numpy.ones(2).sum())"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "2.0"
     if not os.path.exists("/dev/accel0") and not os.path.isdir("/dev/vfio"):
         assert done.stderr == ""
+
+
+def test_importing_the_library_leaves_the_jax_platform_alone():
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    code = "import os, jfe_jax; jfe_jax.Encoder; print(os.environ.get('JAX_PLATFORMS'))"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr
 
 
 def test_verbose_lets_third_party_info_through(capsys):

@@ -14,7 +14,8 @@ from PIL import Image
 from jfe_jax import Encoder
 from jfe_jax.data.item_format import ItemFormat
 from jfe_jax.data.processing import DEFAULT_EMBED_PROMPT
-from jfe_jax.index.embedder import Item, ItemEmbedder, embedder_for
+from jfe_jax.encoder import embedder_for
+from jfe_jax.index.embedder import Item, ItemEmbedder
 from jfe_jax.models.sizes import get_size
 
 PROMPT = "Describe it in one word:"

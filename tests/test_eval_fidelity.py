@@ -18,8 +18,9 @@ from bench_fixtures import make_bench, small_synthetic, tiny_model
 
 from jfe_jax.cli import main
 from jfe_jax.data.mbeir import MBEIR
+from jfe_jax.encoder import embedder_for
 from jfe_jax.eval.mbeir_eval import query_item
-from jfe_jax.index.embedder import Item, embedder_for
+from jfe_jax.index.embedder import Item
 from jfe_jax.index.export import load_embeddings
 
 TASKS = ("oven_task6", "oven_task8", "webqa_task1")

@@ -15,8 +15,8 @@ from bench_fixtures import make_bench, small_synthetic, tiny_model
 from flax import traverse_util
 
 from jfe_jax.cli import main
-from jfe_jax.encoder import Encoder
-from jfe_jax.index.embedder import Item, embedder_for
+from jfe_jax.encoder import Encoder, embedder_for
+from jfe_jax.index.embedder import Item
 from jfe_jax.index.export import IDENTITY_FILE, export_embeddings, load_embeddings
 from jfe_jax.models import fingerprint as fingerprint_lib
 from jfe_jax.models.fingerprint import FINGERPRINT_FILE, is_current_form, short

@@ -15,7 +15,8 @@ from PIL import Image
 
 from jfe_jax.cli import main
 from jfe_jax.data.item_format import ITEM_FORMAT_FILE, ItemFormat
-from jfe_jax.index.embedder import Item, embedder_for
+from jfe_jax.encoder import embedder_for
+from jfe_jax.index.embedder import Item
 from jfe_jax.index.export import load_embeddings
 from jfe_jax.index.identity import check_index_model
 from jfe_jax.models.sizes import get_size

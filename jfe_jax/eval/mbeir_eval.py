@@ -24,10 +24,11 @@ reproducing any number), ``results.png`` (bar chart) and the table printed by th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,15 @@ from jfe_jax.eval.recall import (
     task_table,
     write_table_json,
 )
-from jfe_jax.index.commands import check_pool_not_empty, root_metadata, stream_file_errors
 from jfe_jax.index.embedder import Item, ItemEmbedder
 from jfe_jax.index.exact import ExactIndex
-from jfe_jax.index.export import REBUILD_HINT, export_embeddings, file_source, load_embeddings
+from jfe_jax.index.export import (
+    REBUILD_HINT,
+    DuplicateIdError,
+    export_embeddings,
+    file_source,
+    load_embeddings,
+)
 from jfe_jax.index.identity import MODEL_KEYS, RECORD_KEYS, model_identity
 from jfe_jax.index.scann_index import Index
 from jfe_jax.paths import absolute
@@ -56,6 +62,9 @@ log = logging.getLogger(__name__)
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
 FASHION_KS: tuple[int, ...] = (10, 20, 50)
 INDEX_MODES = ("auto", "brute_force", "ah", "tree_ah", "none")
+# Where `jfe export`'s pool file is, in an index's metadata: relative to the index directory
+# (so an index copied or moved with its M-BEIR folder still finds it), and absolute as a hint.
+ROOT_KEY, ROOT_HINT_KEY = "mbeir_root", "mbeir_root_absolute"
 
 
 def task_ks(task: str, ks: Sequence[int] | None = None) -> tuple[int, ...]:
@@ -89,6 +98,66 @@ def query_item(mbeir: MBEIR, query: Query, mode: str, seed: int) -> Item:
         text=query.text,
         image=query.image_path,
         instruction=mbeir.instruction_for(query, mode, seed),
+    )
+
+
+def check_pool_not_empty(mbeir, path) -> None:
+    """ValueError naming the pool file ``path`` when it holds no candidate."""
+    candidates = mbeir.iter_candidates(path)
+    try:
+        if next(candidates, None) is None:
+            raise ValueError(f"pool {path} holds no candidates; expected at least one")
+    finally:
+        candidates.close()
+
+
+@contextlib.contextmanager
+def stream_file_errors(mbeir, path, id_field: str) -> Iterator[None]:
+    """An id that occurs twice in an export of M-BEIR file ``path`` (its ``id_field``, "did"
+    or "qid"), reported with the file and the lines it occurs on."""
+    try:
+        yield
+    except DuplicateIdError as error:
+        records = mbeir.iter_candidates(path) if id_field == "did" else mbeir.iter_query_file(path)
+        lines = [
+            r.source.rpartition(":")[2] for r in records if getattr(r, id_field) == error.record_id
+        ]
+        where = f"lines {' and '.join(lines[:2])}" if len(lines) >= 2 else "two lines"
+        raise ValueError(
+            f"{path}: {id_field} {error.record_id!r} occurs on {where}; expected each id once"
+        ) from error
+
+
+def root_metadata(mbeir_root: str, index_dir: str) -> dict[str, str]:
+    """An index's record of the M-BEIR root its pool came from: relative to ``index_dir``
+    (``ROOT_KEY``) and, as a hint where the relative one is gone, absolute."""
+    absolute = os.path.abspath(mbeir_root)
+    return {
+        ROOT_KEY: os.path.relpath(absolute, os.path.abspath(index_dir)),
+        ROOT_HINT_KEY: absolute,
+    }
+
+
+def index_mbeir_root(index_dir: str, meta: dict, given: str | None) -> tuple[str | None, str]:
+    """(the M-BEIR root of an index's pool, or None; what is missing when it is None).
+
+    ``given`` (``--mbeir-root``) wins; else the index's ``ROOT_KEY`` relative to
+    ``index_dir`` (an index from before relative roots holds an absolute one there), else its
+    absolute hint, whichever is a directory."""
+    if given:
+        return given, ""
+    recorded = meta.get(ROOT_KEY)
+    if not recorded:
+        return None, f"--mbeir-root DIR: the index {index_dir} names no M-BEIR directory"
+    tried = [os.path.normpath(os.path.join(index_dir, recorded))]
+    if meta.get(ROOT_HINT_KEY) and meta[ROOT_HINT_KEY] not in tried:
+        tried.append(meta[ROOT_HINT_KEY])
+    for candidate in tried:
+        if os.path.isdir(candidate):
+            return candidate, ""
+    return None, (
+        f"the M-BEIR root of index {index_dir}, which is not at {' nor '.join(tried)}; "
+        "pass --mbeir-root DIR"
     )
 
 

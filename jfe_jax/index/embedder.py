@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
@@ -36,12 +36,14 @@ from jfe_jax.data.item_format import ItemFormat
 from jfe_jax.data.late_fusion import LateItem, late_collate, split_item
 from jfe_jax.data.processing import ProcessedItem, encode_item
 from jfe_jax.data.tokenizer import load_tokenizer
-from jfe_jax.encoder import Encoder
 from jfe_jax.models.axes import LOGICAL_RULES
 from jfe_jax.models.fingerprint import hash_json
 from jfe_jax.models.packing import pack_vision
 from jfe_jax.paths import absolute
 from jfe_jax.train import mesh as mesh_lib
+
+if TYPE_CHECKING:  # the encoder sits above this module (it embeds items with it)
+    from jfe_jax.encoder import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,7 @@ def find_tokenizer(encoder: Encoder) -> str:
 class ItemEmbedder:
     """Embeds ``Item``s with an ``Encoder``, ``batch_size`` rows at a time on all local devices.
 
-    Build one with ``embedder_for(model)``: it reads the model's item format. Direct
+    Build one with ``jfe_jax.encoder.embedder_for(model)``: it reads the model's item format. Direct
     construction is for tests and for formats made in code.
 
     Args:
@@ -419,38 +421,6 @@ class ItemEmbedder:
         if not out:
             return np.zeros((0, self.dim), np.float32)
         return np.concatenate(out)
-
-
-def embedder_for(model: str | Encoder, **overrides: Any) -> ItemEmbedder:
-    """The one way to get an ``ItemEmbedder`` for a model: with the item format it was trained
-    with (``ItemFormat.of_model``: its ``jfe_item_format.json``, else a workdir's config.json,
-    else its ``preprocessor_config.json``, else Qwen2-VL's defaults), logged in one line.
-
-    ``overrides``: embedder options (``batch_size``, ``image_root``, ``tokenizer``,
-    ``pack_vision``) and ``ItemFormat`` fields (e.g. ``prompt``, ``pack``), which win.
-    ``mesh`` (with a model path): load the params into their shards over this host's mesh
-    (``Encoder.from_pretrained(mesh=)``) instead of a replicated copy on every device.
-    """
-    mesh = overrides.pop("mesh", None)
-    if isinstance(model, Encoder):
-        if mesh is not None:
-            raise ValueError("mesh= applies to a model path; an Encoder keeps its own mesh")
-        encoder = model
-    else:
-        encoder = Encoder.from_pretrained(model, mesh=mesh)
-    if encoder.source_dir:
-        item_format, origin = ItemFormat.of_model(encoder.source_dir, encoder.config.vision)
-    else:
-        item_format, origin = ItemFormat.for_vision(encoder.config.vision), "defaults (no files)"
-    changed = sorted(set(overrides) & {f.name for f in dataclasses.fields(ItemFormat)})
-    embedder = ItemEmbedder(encoder, item_format, **overrides)
-    log.info(
-        "item format from %s%s: %s",
-        origin,
-        f", with {', '.join(changed)} overridden" if changed else "",
-        embedder.format.describe(),
-    )
-    return embedder
 
 
 def default_workers() -> int:

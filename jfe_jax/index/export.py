@@ -37,15 +37,14 @@ from etils import epath
 
 from jfe_jax.index.embedder import Item, ItemEmbedder, StreamTiming, default_workers
 from jfe_jax.index.identity import mismatch, model_identity
+from jfe_jax.index.layout import IDENTITY_FILE, METADATA_PATTERN, SHARD_PATTERN
+from jfe_jax.index.pool import load_embeddings as load_embeddings  # the reader, re-exported
 from jfe_jax.models.fingerprint import hash_file
 from jfe_jax.paths import is_remote
 from jfe_jax.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-SHARD_PATTERN = "shard-{:05d}"
-METADATA_PATTERN = "metadata-host{:03d}.json"
-IDENTITY_FILE = "identity.json"
 _SHARD_NAME = re.compile(r"shard-(\d+)(\.tmp)?")
 _METADATA_NAME = re.compile(r"metadata-host(\d+)\.json")
 REBUILD_HINT = "rerun without --no-overwrite (overwrite=True) to rebuild"
@@ -284,18 +283,3 @@ def export_embeddings(
         json.dumps(host_metadata, indent=2, sort_keys=True), encoding="utf-8"
     )
     return host_metadata
-
-
-def load_embeddings(out_dir: str) -> tuple[np.ndarray, list[str], dict[str, Any]]:
-    """All shards of an export, in stream order: (embeddings [n, D], ids, metadata), read
-    shard by shard into one preallocated array after checking each shard's files against its
-    manifest (``jfe_jax.index.pool.load_embeddings``, which says what is checked).
-
-    Raises:
-      ValueError: no metadata, metadata without a model fingerprint (an older export), hosts
-        that disagree, a missing shard or one made under another identity, or a shard file
-        truncated or modified (named).
-    """
-    from jfe_jax.index.pool import load_embeddings as load_pool  # pool imports this module
-
-    return load_pool(out_dir)

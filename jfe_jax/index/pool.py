@@ -31,8 +31,8 @@ import numpy as np
 
 from jfe_jax.index import integrity
 from jfe_jax.index.exact import ExactIndex
-from jfe_jax.index.export import IDENTITY_FILE, SHARD_PATTERN
 from jfe_jax.index.identity import EXPORT_KEYS, mismatch
+from jfe_jax.index.layout import IDENTITY_FILE, SHARD_PATTERN
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,15 @@ import jax.numpy as jnp
 
 from jfe_jax.models import axes
 from jfe_jax.models.config import TextConfig
-from jfe_jax.models.layers import Linear, RMSNorm, apply_rotary, attention, run_layers, stack_layers
+from jfe_jax.models.layers import (
+    DEFAULT_ATTENTION_IMPL,
+    Linear,
+    RMSNorm,
+    apply_rotary,
+    attention,
+    run_layers,
+    stack_layers,
+)
 
 Dtype = Any
 
@@ -48,6 +56,7 @@ class DecoderLayer(nn.Module):
     lora_rank: int = 0
     lora_alpha: float = 0.0
     lora_targets: tuple[str, ...] = ()
+    attention_impl: str = DEFAULT_ATTENTION_IMPL  # one of layers.ATTENTION_IMPLS
 
     def _linear(self, name, features, kernel_axes, use_bias):
         lora = name in self.lora_targets
@@ -97,7 +106,9 @@ class DecoderLayer(nn.Module):
         q, k = apply_rotary(q, cos_q, sin_q), apply_rotary(k, cos, sin)
         if query_points is not None:
             k, v = k[rows], v[rows]
-        h = attention(q, k, v, mask_q, dtype=self.dtype, causal=query_points is None)
+        h = attention(
+            q, k, v, mask_q, dtype=self.dtype, impl=self.attention_impl, causal=query_points is None
+        )
         h = h.reshape(batch, length, -1)
         h = self._linear("o_proj", cfg.hidden_size, (axes.Q_HEADS, axes.EMBED), False)(h)
         x = residual + h
@@ -125,6 +136,7 @@ class LanguageModel(nn.Module):
     lora_rank: int = 0
     lora_alpha: float = 0.0
     lora_targets: tuple[str, ...] = ()
+    attention_impl: str = DEFAULT_ATTENTION_IMPL  # one of layers.ATTENTION_IMPLS
 
     def setup(self):
         cfg = self.config
@@ -149,6 +161,7 @@ class LanguageModel(nn.Module):
                 lora_rank=self.lora_rank,
                 lora_alpha=self.lora_alpha,
                 lora_targets=self.lora_targets,
+                attention_impl=self.attention_impl,
             ),
         )
         self.norm = RMSNorm(eps=cfg.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)

@@ -6,8 +6,7 @@ Norms, softmax and rotary angles run in float32 whatever the compute ``dtype``; 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -154,27 +153,15 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # logits and softmax, -0.7 * float32 max for masked logits, GQA by vmapping over the groups), on
 # every backend; its only fused kernel is "cudnn" (NVIDIA GPUs, fp16/bf16 only).
 ATTENTION_IMPLS = ("einsum", "dot_product_attention")
-# What ``impl=None`` means. Read when a model is traced, so switching it (``attention_impl``)
-# affects functions jitted afterwards, not executables already compiled. "einsum" stays the
-# default: on CPU the two run the small encoder and its train step at the same speed, within
-# the noise of the measurement (benchmarks/README.md), and ``implementation=None`` brings no
-# fused kernel on TPU or GPU.
+# The modules' default (``attention_impl``, an ``EncoderOptions`` field handed down to every
+# layer; a constant, not a switch). "einsum" stays the default: on CPU the two run the small
+# encoder and its train step at the same speed, within the noise of the measurement
+# (benchmarks/README.md), and ``implementation=None`` brings no fused kernel on TPU or GPU.
 DEFAULT_ATTENTION_IMPL = "einsum"
 
 
-@contextlib.contextmanager
-def attention_impl(name: str) -> Iterator[None]:
-    """Within the block, models traced use attention implementation ``name``."""
-    global DEFAULT_ATTENTION_IMPL
-    _check_impl(name)
-    previous, DEFAULT_ATTENTION_IMPL = DEFAULT_ATTENTION_IMPL, name
-    try:
-        yield
-    finally:
-        DEFAULT_ATTENTION_IMPL = previous
-
-
-def _check_impl(name: str) -> None:
+def check_attention_impl(name: str) -> None:
+    """ValueError unless ``name`` is one of ``ATTENTION_IMPLS``."""
     if name not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention impl {name!r}; expected one of {ATTENTION_IMPLS}")
 
@@ -199,7 +186,7 @@ def attention(
     mask: jax.Array,
     *,
     dtype: Dtype,
-    impl: str | None = None,
+    impl: str = DEFAULT_ATTENTION_IMPL,
     causal: bool = False,
 ) -> jax.Array:
     """Masked softmax attention with grouped-query heads.
@@ -220,13 +207,12 @@ def attention(
       mask: boolean, ``[B, Lq, Lk]`` or broadcastable to it (``[B, 1, Lk]`` for key padding),
         True where a query may attend to a key.
       dtype: compute dtype of the two matmuls; logits and softmax are float32.
-      impl: one of ``ATTENTION_IMPLS``; None means ``DEFAULT_ATTENTION_IMPL``.
+      impl: one of ``ATTENTION_IMPLS``.
 
     Returns:
       ``[B, Lq, H, D]`` in ``dtype``.
     """
-    impl = DEFAULT_ATTENTION_IMPL if impl is None else impl
-    _check_impl(impl)
+    check_attention_impl(impl)
     if mask.dtype != jnp.bool_ or mask.ndim != 3:
         raise ValueError(
             f"attention mask must be boolean [B, Lq, Lk] (or broadcastable to it), got "

@@ -31,7 +31,7 @@ from jfe_jax.models.batches import (
 )
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.language import LORA_TARGETS_ALL, LanguageModel
-from jfe_jax.models.layers import Linear
+from jfe_jax.models.layers import DEFAULT_ATTENTION_IMPL, Linear, check_attention_impl
 from jfe_jax.models.vision import VisionTower
 
 Dtype = Any
@@ -70,6 +70,8 @@ class OneTowerEncoder(nn.Module):
       projection_dim: size of an optional linear head after pooling; 0 keeps the LLM width.
       temperature: initial contrastive temperature, stored as the learnable ``logit_scale``
         = log(1 / temperature) param (the trainer decides whether it learns).
+      attention_impl: the attention implementation of every layer (``layers.ATTENTION_IMPLS``;
+        the same outputs, a different lowering).
     """
 
     config: ModelConfig
@@ -82,6 +84,7 @@ class OneTowerEncoder(nn.Module):
     lora_targets: tuple[str, ...] = LORA_TARGETS_ALL
     projection_dim: int = 0
     temperature: float = 0.05
+    attention_impl: str = DEFAULT_ATTENTION_IMPL
 
     def setup(self):
         cfg = self.config
@@ -91,7 +94,14 @@ class OneTowerEncoder(nn.Module):
             raise ValueError(
                 f"unknown LoRA targets {sorted(unknown)}; expected some of {list(LORA_TARGETS_ALL)}"
             )
-        self.vision = VisionTower(cfg.vision, scan_layers=self.scan_layers, remat=self.remat, **kw)
+        check_attention_impl(self.attention_impl)
+        self.vision = VisionTower(
+            cfg.vision,
+            scan_layers=self.scan_layers,
+            remat=self.remat,
+            attention_impl=self.attention_impl,
+            **kw,
+        )
         self.text = LanguageModel(
             cfg.text,
             image_token_id=cfg.image_token_id,
@@ -101,6 +111,7 @@ class OneTowerEncoder(nn.Module):
             lora_rank=self.lora_rank,
             lora_alpha=self.lora_alpha,
             lora_targets=tuple(self.lora_targets),
+            attention_impl=self.attention_impl,
             **kw,
         )
         if self.projection_dim:
@@ -237,6 +248,10 @@ class EncoderOptions:
     lora_targets: tuple[str, ...] = LORA_TARGETS_ALL
     projection_dim: int = 0
     temperature: float = 0.05
+    attention_impl: str = DEFAULT_ATTENTION_IMPL  # one of layers.ATTENTION_IMPLS
+
+    def __post_init__(self):
+        check_attention_impl(self.attention_impl)
 
     def module(self, config: ModelConfig) -> OneTowerEncoder:
         return OneTowerEncoder(
@@ -250,4 +265,5 @@ class EncoderOptions:
             lora_targets=tuple(self.lora_targets),
             projection_dim=self.projection_dim,
             temperature=self.temperature,
+            attention_impl=self.attention_impl,
         )

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jfe_jax.models import axes
 from jfe_jax.models.config import VisionConfig
 from jfe_jax.models.layers import (
+    DEFAULT_ATTENTION_IMPL,
     LayerNorm,
     Linear,
     apply_rotary,
@@ -55,6 +56,7 @@ class VisionBlock(nn.Module):
     config: VisionConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = DEFAULT_ATTENTION_IMPL  # one of layers.ATTENTION_IMPLS
 
     @nn.compact
     def __call__(self, x, mask, cos, sin):
@@ -66,7 +68,9 @@ class VisionBlock(nn.Module):
         qkv = qkv.reshape(batch, length, 3, cfg.num_heads, cfg.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        h = attention(q, k, v, mask, dtype=self.dtype).reshape(batch, length, cfg.embed_dim)
+        h = attention(q, k, v, mask, dtype=self.dtype, impl=self.attention_impl).reshape(
+            batch, length, cfg.embed_dim
+        )
         h = Linear(cfg.embed_dim, kernel_axes=(axes.V_QKV, axes.V_EMBED), name="proj", **kw)(h)
         x = x + h
         h = LayerNorm(name="norm2", **kw)(x)
@@ -93,6 +97,7 @@ class VisionTower(nn.Module):
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = False
     remat: str = "none"
+    attention_impl: str = DEFAULT_ATTENTION_IMPL  # one of layers.ATTENTION_IMPLS
 
     @nn.compact
     def __call__(self, pixel_values, patch_segment_ids, patch_positions):
@@ -123,7 +128,7 @@ class VisionTower(nn.Module):
             remat=self.remat,
             broadcast_args=3,
             name_prefix="blocks",
-            parent_kwargs=dict(config=cfg, **kw),
+            parent_kwargs=dict(config=cfg, attention_impl=self.attention_impl, **kw),
         )
         x = run_layers(blocks, x, mask, cos, sin)
         # Patch merger: LayerNorm, group each 2x2 block of patches, MLP into the LLM width.

@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.model.projection_dim = 0  # linear head after pooling; 0 keeps the LLM width
     c.model.temperature = 0.05  # initial InfoNCE temperature
+    c.model.attention_impl = "einsum"  # einsum | dot_product_attention (models/layers.py)
     c.model.learn_temperature = False  # train logit_scale = log(1/temperature)
     # early: JFE, image and text in one sequence; late: the baseline that embeds them apart
     # with the same tower and adds the embeddings (UniIR's score fusion)

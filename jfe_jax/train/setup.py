@@ -47,6 +47,8 @@ def encoder_options(config: ml_collections.ConfigDict) -> EncoderOptions:
         lora_targets=tuple(m.lora_targets),
         projection_dim=m.projection_dim,
         temperature=m.temperature,
+        # A run config saved before the field existed ran the default.
+        attention_impl=m.get("attention_impl", EncoderOptions.attention_impl),
     )
 
 

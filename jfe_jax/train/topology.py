@@ -16,6 +16,7 @@ v4 and v5p devices are built "megacore" (one JAX device per chip, as on a real s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import importlib.util
 import math
@@ -200,20 +201,16 @@ def require_libtpu() -> str:
         return "unknown"
 
 
-_MEASURED_CPU_PEAK: float | None = None
-
-
+@functools.cache
 def measured_cpu_peak(size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a jitted float32 matmul on this host's CPU backend (the whole machine)."""
-    global _MEASURED_CPU_PEAK
-    if _MEASURED_CPU_PEAK is None:
-        _MEASURED_CPU_PEAK = time_matmul(jax.devices("cpu")[0], size, repeats)
-    return _MEASURED_CPU_PEAK
+    """FLOP/s of a jitted float32 matmul on this host's CPU backend (the whole machine),
+    measured once per (``size``, ``repeats``)."""
+    return time_matmul(jax.devices("cpu")[0], size, repeats)
 
 
 def time_matmul(device: jax.Device, size: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of a jitted float32 ``size`` x ``size`` matmul on ``device``, best of ``repeats``
-    (measured afresh on every call; ``measured_cpu_peak`` keeps its first measurement)."""
+    (measured afresh on every call; ``measured_cpu_peak`` keeps one per argument)."""
     a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
     matmul = jax.jit(lambda x: x @ x)
     matmul(a).block_until_ready()

@@ -10,12 +10,10 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 
-from jfe_jax.errors import ArgumentParser, mesh_spec, positive_int
+from jfe_jax.errors import ArgumentParser, positive_int
+from jfe_jax.models.axes import MESH_AXES
 
 log = logging.getLogger(__name__)
-# Where `jfe export`'s pool file is, in an index's metadata: relative to the index directory
-# (so an index copied or moved with its M-BEIR folder still finds it), and absolute as a hint.
-ROOT_KEY, ROOT_HINT_KEY = "mbeir_root", "mbeir_root_absolute"
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +51,35 @@ def cli_remedies() -> Iterator[None]:
         raise ValueError(message.replace("pass truncate_text=True", "pass --truncate-text")) from (
             error
         )
+
+
+def mesh_spec(text: str) -> dict[str, int]:
+    """argparse type of ``--mesh``: "data=2,fsdp=4" -> {"data": 2, "fsdp": 4, "tensor": 1}.
+
+    Axes not named are 1; one axis may be -1 (the devices left over). The device count is
+    checked when the mesh is built (``jfe_jax.train.mesh.make_mesh``)."""
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    seen = set()
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in MESH_AXES:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: expected comma-separated axis=size with axes {', '.join(MESH_AXES)}"
+                f" (e.g. data=2,fsdp=4), got {part!r}"
+            )
+        if name in seen:
+            raise argparse.ArgumentTypeError(f"{text!r} names axis {name!r} twice")
+        seen.add(name)
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: {name}={value!r} is not an integer"
+            ) from None
+        if sizes[name] < 1 and sizes[name] != -1:
+            raise argparse.ArgumentTypeError(f"{text!r}: {name} must be >= 1 or -1")
+    return sizes
 
 
 def mesh_arg(parser: argparse.ArgumentParser) -> None:
@@ -127,8 +154,9 @@ def export_main(argv: Sequence[str]) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
 
     from jfe_jax.data.mbeir import MBEIR
-    from jfe_jax.eval.mbeir_eval import query_item
-    from jfe_jax.index.embedder import Item, embedder_for
+    from jfe_jax.encoder import embedder_for
+    from jfe_jax.eval.mbeir_eval import check_pool_not_empty, query_item, stream_file_errors
+    from jfe_jax.index.embedder import Item
     from jfe_jax.index.export import export_embeddings, file_source
 
     mbeir = MBEIR(args.mbeir_root)
@@ -184,35 +212,6 @@ def export_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def check_pool_not_empty(mbeir, path) -> None:
-    """ValueError naming the pool file ``path`` when it holds no candidate."""
-    candidates = mbeir.iter_candidates(path)
-    try:
-        if next(candidates, None) is None:
-            raise ValueError(f"pool {path} holds no candidates; expected at least one")
-    finally:
-        candidates.close()
-
-
-@contextlib.contextmanager
-def stream_file_errors(mbeir, path, id_field: str) -> Iterator[None]:
-    """An id that occurs twice in an export of M-BEIR file ``path`` (its ``id_field``, "did"
-    or "qid"), reported with the file and the lines it occurs on."""
-    from jfe_jax.index.export import DuplicateIdError
-
-    try:
-        yield
-    except DuplicateIdError as error:
-        records = mbeir.iter_candidates(path) if id_field == "did" else mbeir.iter_query_file(path)
-        lines = [
-            r.source.rpartition(":")[2] for r in records if getattr(r, id_field) == error.record_id
-        ]
-        where = f"lines {' and '.join(lines[:2])}" if len(lines) >= 2 else "two lines"
-        raise ValueError(
-            f"{path}: {id_field} {error.record_id!r} occurs on {where}; expected each id once"
-        ) from error
-
-
 def index_main(argv: Sequence[str]) -> int:
     usage = (
         "usage: jfe index {build,search} ...\n\n"
@@ -259,6 +258,7 @@ def _index_build(argv: Sequence[str]) -> int:
     )
     args = parser.parse_args(argv)
 
+    from jfe_jax.eval.mbeir_eval import root_metadata
     from jfe_jax.index.export import load_embeddings
     from jfe_jax.index.identity import RECORD_KEYS
     from jfe_jax.index.scann_index import Index
@@ -355,7 +355,9 @@ def search_main(argv: Sequence[str]) -> int:
         raise ValueError("a query needs --text, --image or both")
 
     from jfe_jax.data.mbeir import MBEIR
-    from jfe_jax.index.embedder import Item, embedder_for
+    from jfe_jax.encoder import embedder_for
+    from jfe_jax.eval.mbeir_eval import index_mbeir_root
+    from jfe_jax.index.embedder import Item
     from jfe_jax.index.identity import check_index_model, model_identity
     from jfe_jax.index.scann_index import Index
 
@@ -410,39 +412,6 @@ def search_main(argv: Sequence[str]) -> int:
         detail = " | ".join(x for x in (h.get("text"), h.get("image")) if x)
         print(f"{h['rank']:>4}  {h['score']:>7.4f}  {h['id']:<14} {detail}")
     return 0
-
-
-def root_metadata(mbeir_root: str, index_dir: str) -> dict[str, str]:
-    """An index's record of the M-BEIR root its pool came from: relative to ``index_dir``
-    (``ROOT_KEY``) and, as a hint where the relative one is gone, absolute."""
-    absolute = os.path.abspath(mbeir_root)
-    return {
-        ROOT_KEY: os.path.relpath(absolute, os.path.abspath(index_dir)),
-        ROOT_HINT_KEY: absolute,
-    }
-
-
-def index_mbeir_root(index_dir: str, meta: dict, given: str | None) -> tuple[str | None, str]:
-    """(the M-BEIR root of an index's pool, or None; what is missing when it is None).
-
-    ``given`` (``--mbeir-root``) wins; else the index's ``ROOT_KEY`` relative to
-    ``index_dir`` (an index from before relative roots holds an absolute one there), else its
-    absolute hint, whichever is a directory."""
-    if given:
-        return given, ""
-    recorded = meta.get(ROOT_KEY)
-    if not recorded:
-        return None, f"--mbeir-root DIR: the index {index_dir} names no M-BEIR directory"
-    tried = [os.path.normpath(os.path.join(index_dir, recorded))]
-    if meta.get(ROOT_HINT_KEY) and meta[ROOT_HINT_KEY] not in tried:
-        tried.append(meta[ROOT_HINT_KEY])
-    for candidate in tried:
-        if os.path.isdir(candidate):
-            return candidate, ""
-    return None, (
-        f"the M-BEIR root of index {index_dir}, which is not at {' nor '.join(tried)}; "
-        "pass --mbeir-root DIR"
-    )
 
 
 def _pool_file(mbeir, pool: str) -> str | None:

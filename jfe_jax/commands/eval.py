@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from jfe_jax.errors import ArgumentParser, positive_int
-from jfe_jax.index.commands import (
+from jfe_jax.commands.index import (
     cli_remedies,
     format_overrides,
     mesh_arg,
     model_mesh,
     truncate_text_arg,
 )
+from jfe_jax.errors import ArgumentParser, positive_int
 
 
 def eval_main(argv: Sequence[str]) -> int:
@@ -73,8 +73,8 @@ def eval_main(argv: Sequence[str]) -> int:
     if ks is not None and min(ks) < 1:
         parser.error(f"--ks must be comma-separated positive integers, got {args.ks!r}")
 
+    from jfe_jax.encoder import embedder_for
     from jfe_jax.eval.mbeir_eval import evaluate_mbeir, scann_agreement
-    from jfe_jax.index.embedder import embedder_for
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     embedder = embedder_for(
