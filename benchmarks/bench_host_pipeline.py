@@ -48,7 +48,7 @@ from PIL import Image  # noqa: E402
 
 from jfe_jax.data import collate as collate_lib  # noqa: E402
 from jfe_jax.data import pipeline, processing  # noqa: E402
-from jfe_jax.data.image_patches import ImagePatches  # noqa: E402
+from jfe_jax.models.image_patches import ImagePatches  # noqa: E402
 from jfe_jax.data.image_processor import ImageProcessor, smart_resize, to_rgb  # noqa: E402
 from jfe_jax.data.pipeline import ContrastiveBatcher  # noqa: E402
 from jfe_jax.data.processing import ProcessedItem  # noqa: E402

@@ -29,7 +29,7 @@ PACKAGE = "jfe_jax"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 LAYERS = ("base", "models", "data", "train", "index", "eval", "top", "cli")
-BASE_MODULES = ("errors", "logs", "paths", "progress")
+BASE_MODULES = ("errors", "image_files", "logs", "paths", "progress")
 SUBPACKAGE_LAYERS = {"models": "models", "data": "data", "train": "train", "index": "index"}
 SUBPACKAGE_LAYERS |= {"eval": "eval", "commands": "cli"}
 STRING_IMPORTERS = ("import_module", "_lazy")  # calls whose first argument names a module

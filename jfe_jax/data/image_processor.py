@@ -19,7 +19,7 @@ trained on:
    values are the same bits without a float64 image.
 
 ``process_patches`` stops before step 4: it returns ``ImagePatches``
-(``jfe_jax.data.image_patches``), the uint8 patches of step 3 without the temporal repeat (an
+(``jfe_jax.models.image_patches``), the uint8 patches of step 3 without the temporal repeat (an
 eighth of the float32 bytes), which the collate step normalises and repeats straight into the
 padded batch.
 
@@ -35,12 +35,18 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from jfe_jax.data.image_patches import ImagePatches, normalize_uint8
+from jfe_jax.image_files import (  # noqa: F401  (re-exported: the data layer's image reads)
+    DEFAULT_MAX_IMAGE_PIXELS,
+    decode_opened,
+    load_image,
+    open_image,
+)
+from jfe_jax.models.image_patches import ImagePatches, normalize_uint8
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 PROCESSOR_CONFIG = "processor_config.json"
@@ -48,7 +54,6 @@ PROCESSOR_CONFIG = "processor_config.json"
 # transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD, the Qwen2-VL defaults.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-DEFAULT_MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 # smart_resize refuses aspect ratios above this (as Qwen2-VL does).
 MAX_ASPECT_RATIO = 200
 
@@ -123,80 +128,6 @@ def to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
         alpha = image[..., 3:4] / 255
         return np.round(alpha * image[..., :3] + (1 - alpha) * 255).astype(np.uint8)
     return image
-
-
-def load_image(
-    path: str | os.PathLike,
-    root: str | os.PathLike | None = None,
-    *,
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-) -> Image.Image:
-    """Open and decode an image file, with its EXIF orientation applied.
-
-    ``path`` is taken relative to ``root`` when one is given, and must stay inside it once
-    ``..`` and symlinks are resolved. The size is checked against ``max_image_pixels`` from
-    the header, before the raster is decoded. The mode is left as stored (RGBA, P, ...):
-    the processor converts to RGB. Raises FileNotFoundError for a missing file and
-    ValueError, naming the file, for an escaping path, an oversized or unreadable image.
-    """
-    path = _resolve_inside(path, root) if root is not None else os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"image file not found: {path}")
-    if not os.path.isfile(path):
-        raise ValueError(f"image path {path} is not a regular file")
-    name = f"image file {path}"
-    return decode_opened(open_image(path, max_image_pixels=max_image_pixels, name=name), name)
-
-
-def open_image(
-    source: str | os.PathLike | BinaryIO, *, max_image_pixels: int, name: str
-) -> Image.Image:
-    """``Image.open`` (the header only) with the decompression-bomb guard: ValueError naming
-    ``name`` when the header is unreadable or claims more than ``max_image_pixels`` pixels.
-
-    No pixel is decoded yet: the caller decodes (``decode_opened``) or closes the image.
-    """
-    try:
-        image = Image.open(source)
-    except Image.DecompressionBombError as err:
-        raise ValueError(f"{name} is too large to decode safely: {err}") from err
-    except Image.UnidentifiedImageError:  # its message is the repr of an in-memory file
-        raise ValueError(f"{name} is not a readable image: unknown or corrupt format") from None
-    except OSError as err:
-        raise ValueError(f"{name} is not a readable image: {err}") from err
-    width, height = image.size
-    if width * height > max_image_pixels:
-        image.close()
-        raise ValueError(
-            f"{name} is {width}x{height} = {width * height} pixels;"
-            f" expected at most max_image_pixels={max_image_pixels}"
-        )
-    return image
-
-
-def decode_opened(image: Image.Image, name: str) -> Image.Image:
-    """Decodes an ``open_image`` result, applies its EXIF orientation and closes the file;
-    ValueError naming ``name`` for truncated or corrupt data after a valid header."""
-    try:
-        image.load()
-        # exif_transpose always returns a new image, so closing the file below is safe.
-        return ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError) as err:
-        raise ValueError(f"{name} could not be decoded: {err}") from err
-    finally:
-        image.close()
-
-
-def _resolve_inside(path: str | os.PathLike, root: str | os.PathLike) -> str:
-    """``path`` joined to ``root`` and resolved; ValueError if it lands outside ``root``."""
-    real_root = os.path.realpath(root)
-    real_path = os.path.realpath(os.path.join(real_root, os.fspath(path)))
-    if os.path.commonpath([real_root, real_path]) != real_root:
-        raise ValueError(
-            f"image path {os.fspath(path)!r} resolves to {real_path}, outside the image root"
-            f" {real_root}; expected a path inside the root"
-        )
-    return real_path
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,7 @@ import os
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from jfe_jax.data.image_patches import ImagePatches, pixel_values_shape, write_pixel_values
+from jfe_jax.models.image_patches import ImagePatches, pixel_values_shape, write_pixel_values
 from jfe_jax.data.image_processor import ImageInput, ImageProcessor
 from jfe_jax.models.sizes import SPECIAL_TOKENS
 

@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 
-from jfe_jax.data.image_patches import pixel_values_shape, write_pixel_values
 from jfe_jax.models.batches import (
     EarlyBatch,
     PackedBatch,
@@ -40,6 +39,7 @@ from jfe_jax.models.batches import (
     as_batch,
 )
 from jfe_jax.models.config import ModelConfig
+from jfe_jax.models.image_patches import pixel_values_shape, write_pixel_values
 from jfe_jax.models.inputs import image_runs, prepare_batch
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from flax import traverse_util
 from PIL import Image
 
-from jfe_jax.data.image_processor import DEFAULT_MAX_IMAGE_PIXELS, load_image
+from jfe_jax.image_files import DEFAULT_MAX_IMAGE_PIXELS, load_image
 from jfe_jax.models.axes import NORM, PATCH, PROJ, V_EMBED, V_MLP, V_QKV, param_init
 from jfe_jax.models.mire.mismatch import raise_if_mismatched
 
