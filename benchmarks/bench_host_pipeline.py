@@ -48,13 +48,13 @@ from PIL import Image  # noqa: E402
 
 from jfe_jax.data import collate as collate_lib  # noqa: E402
 from jfe_jax.data import pipeline, processing  # noqa: E402
-from jfe_jax.models.image_patches import ImagePatches  # noqa: E402
 from jfe_jax.data.image_processor import ImageProcessor, smart_resize, to_rgb  # noqa: E402
 from jfe_jax.data.pipeline import ContrastiveBatcher  # noqa: E402
 from jfe_jax.data.processing import ProcessedItem  # noqa: E402
 from jfe_jax.data.tokenizer import build_tokenizer  # noqa: E402
 from jfe_jax.models.batches import EarlyBatch  # noqa: E402
 from jfe_jax.models.config import ModelConfig  # noqa: E402
+from jfe_jax.models.image_patches import ImagePatches  # noqa: E402
 from jfe_jax.models.inputs import prepare_batch  # noqa: E402
 from jfe_jax.models.sizes import get_size, special_token_ids  # noqa: E402
 from jfe_jax.train.config_base import stage2_config  # noqa: E402

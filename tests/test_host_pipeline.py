@@ -18,10 +18,10 @@ from PIL import Image
 
 from jfe_jax.data.collate import collate, collate_packed, pick_length
 from jfe_jax.data.example_cache import example_nbytes
-from jfe_jax.models.image_patches import ImagePatches, normalized_table
 from jfe_jax.data.image_processor import ImageProcessor, smart_resize, to_rgb
 from jfe_jax.data.processing import ProcessedItem, encode_item
 from jfe_jax.data.tokenizer import build_tokenizer
+from jfe_jax.models.image_patches import ImagePatches, normalized_table
 from jfe_jax.models.inputs import prepare_batch
 from jfe_jax.models.sizes import get_size
 

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jfe_jax.models.image_patches import pixel_values_shape
 from jfe_jax.data.processing import ProcessedItem
 from jfe_jax.models.batches import EarlyBatch, PackedBatch
 from jfe_jax.models.config import ModelConfig
+from jfe_jax.models.image_patches import pixel_values_shape
 from jfe_jax.models.inputs import (
     image_runs,
     mrope_position_ids,

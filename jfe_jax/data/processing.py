@@ -24,8 +24,8 @@ import os
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from jfe_jax.models.image_patches import ImagePatches, pixel_values_shape, write_pixel_values
 from jfe_jax.data.image_processor import ImageInput, ImageProcessor
+from jfe_jax.models.image_patches import ImagePatches, pixel_values_shape, write_pixel_values
 from jfe_jax.models.sizes import SPECIAL_TOKENS
 
 DEFAULT_EMBED_PROMPT = "Summarize above image and sentence in one word:"
