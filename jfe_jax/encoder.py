@@ -112,6 +112,20 @@ def _is_extra(path: tuple[str, ...]) -> bool:
     return path[0] not in BACKBONE or path[-1] in ("lora_a", "lora_b")
 
 
+class _SignedJit:
+    """A jitted function that records each call's (name, argument shapes and dtypes) in a set:
+    what JAX traces once per signature, counted without a side effect inside the trace."""
+
+    def __init__(self, function: Any, name: str, signatures: set[Any]):
+        self.function, self.name, self.signatures = function, name, signatures
+
+    def __call__(self, *args: Any) -> Any:
+        leaves, tree = jax.tree_util.tree_flatten(args)
+        shapes = tuple((tuple(np.shape(x)), str(getattr(x, "dtype", type(x)))) for x in leaves)
+        self.signatures.add((self.name, tree, shapes))
+        return self.function(*args)
+
+
 def _write_preprocessor_config(directory: str, item_format: ItemFormat) -> None:
     """``preprocessor_config.json`` with the format's image settings, over the keys of one
     copied from the source (e.g. ``processor_class``), which are kept."""
@@ -161,15 +175,16 @@ class Encoder:
             return out["last_hidden_state"].astype(jnp.float32)
 
         # Two programs: the embedding one skips the final layer's unpooled positions.
-        self._embed = jax.jit(embed)
-        self._hidden = jax.jit(hidden)
+        self._signatures: set[Any] = set()
+        self._embed = _SignedJit(jax.jit(embed), "embed", self._signatures)
+        self._hidden = _SignedJit(jax.jit(hidden), "hidden", self._signatures)
 
     @property
     def trace_count(self) -> int:
-        """Traces of the forward so far: one per input shape and output kind. Read from the
-        jitted functions' own caches (an entry per trace), not counted inside the traced
-        code, where a Python side effect would run only while tracing."""
-        return self._embed._cache_size() + self._hidden._cache_size()
+        """Traces of the forward so far: one per input shape and output kind (the distinct
+        argument shapes and dtypes each program was called with, recorded at the call, outside
+        the traced code; the jit caches hold more entries, e.g. one per input placement)."""
+        return len(self._signatures)
 
     # ------------------------------------------------------------------ construction
 
