@@ -179,7 +179,7 @@ def test_changed_sources_rebuild_the_dataset_and_unchanged_ones_reuse_it(root, t
     options = dict(verify_images="full", skip_bad_records=True)
     assert len(load_source(_captions_dataset(root, data_dir, **options))) == len(captions) - 1
 
-    with caplog.at_level(logging.INFO, logger="jfe_jax.data.tfds_builders"):
+    with caplog.at_level(logging.INFO, logger="jfe_jax.data.prepare"):
         image.write_bytes(original)  # the fix
         builder = _captions_dataset(root, data_dir, **options)
         images = len({c["image_path"] for c in captions})
@@ -231,7 +231,7 @@ def test_sources_record_keeps_a_digest_of_the_images_and_stats_each_once(
     monkeypatch.setattr(
         prepared_sources, "file_signature", lambda path: stats.append(path) or file_signature(path)
     )
-    with caplog.at_level(logging.INFO, logger="jfe_jax.data.tfds_builders"):
+    with caplog.at_level(logging.INFO, logger="jfe_jax.data.prepare"):
         build_dataset(MbeirTrainPairs, tmp_path / "tfds", mbeir_root=str(root))
         assert "rebuilding" not in caplog.text
         assert sorted(stats) == sorted(os.path.join(root, image) for image in images)  # once each

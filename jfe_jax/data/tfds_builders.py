@@ -56,26 +56,30 @@ lets one process prepare at a time.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
-import inspect
-import io
 import json
 import logging
 import os
-import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
-from jfe_jax.data import prepared
-from jfe_jax.data.image_processor import DEFAULT_MAX_IMAGE_PIXELS, decode_opened, open_image
-from jfe_jax.data.image_store import ImageEntry, ImageStore, default_store_dir
+from jfe_jax.data.builder_base import (  # noqa: F401  (re-exported)
+    MAX_BAD_RECORDS,
+    NAMED_BAD_RECORDS,
+    VERIFY_IMAGES,
+    BadImageError,
+    _bytes,
+    _check_settings,
+    _NoTensorFlowBuilder,
+    _padded,
+    _quiet,
+    _text,
+)
+from jfe_jax.data.image_processor import DEFAULT_MAX_IMAGE_PIXELS
 from jfe_jax.data.mbeir import (
     INSTRUCTIONS_FILE,
     MBEIR,
@@ -84,279 +88,20 @@ from jfe_jax.data.mbeir import (
     Query,
     parse_task_name,
 )
-from jfe_jax.data.prepared_sources import (
-    Signature,
-    file_signature,
-    prepare_lock,
-    stale_reason,
-    write_sources,
+from jfe_jax.data.prepare import (  # noqa: F401  (re-exported: the builders' entry points)
+    PrepareTimeoutError,
+    build_dataset,
+    load_source,
 )
+from jfe_jax.data.prepared_sources import file_signature
 from jfe_jax.data.synthetic.pairs import IMAGE_CAPTIONS_FILE, TEXT_TRIPLES_FILE
 
 logger = logging.getLogger(__name__)
 
-FILE_FORMAT = "array_record"
 PAIR_KINDS: dict[str, str] = {
     "text_triples": TEXT_TRIPLES_FILE,
     "image_captions": IMAGE_CAPTIONS_FILE,
 }
-# header: open each image and check its size against max_image_pixels (no pixel decoded);
-# full: also decode it (catches truncated data); none: copy the bytes unchecked.
-VERIFY_IMAGES = ("header", "full", "none")
-NAMED_BAD_RECORDS = 3  # bad records quoted in a failed build's error
-# A build that finds this many bad records stops looking (a wrong root, say) and fails.
-MAX_BAD_RECORDS = 1000
-
-
-class BadImageError(ValueError):
-    """A record's image is missing, unreadable, too large or (verify_images="full") corrupt."""
-
-
-def _check_settings(verify_images: str, max_image_pixels: int) -> None:
-    if verify_images not in VERIFY_IMAGES:
-        raise ValueError(
-            f"verify_images {verify_images!r} is unknown, expected one of {VERIFY_IMAGES}"
-        )
-    if max_image_pixels < 1:
-        raise ValueError(f"max_image_pixels is {max_image_pixels}; expected >= 1")
-
-
-def _text() -> tfds.features.Text:
-    return tfds.features.Text()
-
-
-def _bytes(shape: tuple[int, ...] = ()) -> tfds.features.Tensor:
-    """Raw bytes (an encoded image, or a padded list of strings): no TensorFlow decoding."""
-    return tfds.features.Tensor(shape=shape, dtype=np.object_)
-
-
-class _NoTensorFlowBuilder(tfds.core.GeneratorBasedBuilder):
-    """Base builder: array_record only, a code path that needs no importlib_resources, and
-    the bad-record policy and image checks of both builders.
-
-    TFDS 4.9.10 finds a builder's source file through the `importlib_resources` backport,
-    which is not installed for Python >= 3.9; the file that defines the class is the same
-    answer.
-    """
-
-    ROOT_FIELD = "root"  # the config field that names the input root
-
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        return epath.Path(inspect.getfile(cls))
-
-    def __init__(self, **kwargs: Any):
-        file_format = kwargs.setdefault("file_format", FILE_FORMAT)
-        if str(file_format) != FILE_FORMAT:
-            raise ValueError(
-                f"{type(self).__name__} writes file_format={FILE_FORMAT!r} only "
-                f"(other formats need TensorFlow), got {file_format!r}"
-            )
-        super().__init__(**kwargs)
-        self._skipped: collections.Counter[str] = collections.Counter()
-        self._errors: list[ValueError] = []  # bad records found, when not skipping them
-        self._skipped_images: list[str] = []  # why each record skipped for its image was bad
-        self._image_problems: dict[str, str | None] = {}  # each image checked once
-        # Every image file the build looked at (relative to the root), for jfe_sources.json.
-        self.source_images: dict[str, Signature] = {}
-        # build_dataset's image store entries by relative path: examples then hold store
-        # references. None: examples hold the image bytes (TFDS's download_and_prepare).
-        self.store_entries: dict[str, ImageEntry] | None = None
-
-    def input_root(self, manual_dir: str | os.PathLike | None) -> Path:
-        """The config's root, else the manual_dir; FileNotFoundError naming what was tried."""
-        root = getattr(self.builder_config, self.ROOT_FIELD) or manual_dir
-        path = Path(os.fspath(root)) if root else None
-        if path is None or not path.is_dir():
-            raise FileNotFoundError(
-                f"{self.name}: input root {path} is not a directory; set "
-                "the config's root or pass download_config.manual_dir"
-            )
-        return path
-
-    def _split_root(self, dl_manager: Any) -> Path:
-        """``input_root`` in _split_generators (TFDS's manual_dir must exist when read)."""
-        has_root = bool(getattr(self.builder_config, self.ROOT_FIELD))
-        return self.input_root(None if has_root else dl_manager.manual_dir)
-
-    def input_files(self, root: Path) -> list[Path]:
-        """The files (besides images) that the dataset is built from."""
-        raise NotImplementedError
-
-    def image_paths(self, root: Path) -> Iterator[str]:
-        """The images (relative to the root, inside it) that the examples will read; a path
-        may repeat. Bad records are not reported here: ``examples`` does that."""
-        raise NotImplementedError
-
-    def examples(self, root: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-        """The (key, example) pairs of the train split, read from ``root``."""
-        raise NotImplementedError
-
-    IMAGE_FIELDS: tuple[str, ...] = ()  # fields holding one image
-    IMAGE_LIST_FIELDS: tuple[str, ...] = ()  # fields holding a padded list of images
-
-    def field_kinds(self) -> dict[str, str]:
-        """Each feature's kind for ``jfe_jax.data.prepared`` (FIELD_KINDS)."""
-        kinds = {}
-        for name, feature in self.info.features.items():
-            if isinstance(feature, tfds.features.Text):
-                kinds[name] = "text"
-            elif isinstance(feature, tfds.features.Sequence):
-                kinds[name] = "text_sequence"
-            elif isinstance(feature, tfds.features.Scalar):
-                kinds[name] = "int32"
-            elif feature.shape == ():
-                kinds[name] = "image" if name in self.IMAGE_FIELDS else "bytes"
-            else:
-                kinds[name] = "image_list" if name in self.IMAGE_LIST_FIELDS else "bytes_list"
-        return kinds
-
-    def _image_list(self, images: list[Any], length: int) -> Any:
-        """A padded [N] image field: bytes (b"" fill), or store references (None fill)."""
-        if self.store_entries is None:
-            return _padded(images, length)
-        return images + [None] * (length - len(images))
-
-    def source_settings(self, root: Path) -> dict[str, Any]:
-        """What, besides its input files, decides the dataset's content (jfe_sources.json)."""
-        # The root counts as resolved (a relative and an absolute path name the same input).
-        skip = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)} | {self.ROOT_FIELD}
-        config = self.builder_config
-        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-        return {
-            "builder": self.name,
-            "version": str(self.version),
-            "config": config.name,
-            "input_root": os.path.realpath(root),
-            **{name: value for name, value in fields.items() if name not in skip},
-        }
-
-    def _read_image(self, path: Path, relative: str, what: str) -> Any:
-        """An image file's bytes (or, from build_dataset, its image store reference), checked
-        as the config's verify_images says; BadImageError naming ``what`` (the record) and the
-        file."""
-        if self.store_entries is not None:
-            return self._stored_image(path, relative, what)
-        if relative not in self.source_images:  # M-BEIR reads a pool image for many queries
-            self.source_images[relative] = file_signature(path)
-        try:
-            data = path.read_bytes()
-        except OSError as error:
-            raise BadImageError(f"{what}: cannot read image {path}: {error}") from error
-        config = self.builder_config
-        if config.verify_images != "none":
-            if relative not in self._image_problems:
-                self._image_problems[relative] = _image_problem(
-                    data, f"image {path}", config.max_image_pixels, config.verify_images
-                )
-            if self._image_problems[relative]:
-                raise BadImageError(f"{what}: {self._image_problems[relative]}")
-        return data
-
-    def _stored_image(self, path: Path, relative: str, what: str) -> list[Any]:
-        """``_read_image`` from the image store: the same checks, on what the store read."""
-        entry = self.store_entries.get(relative)
-        if relative not in self.source_images:
-            self.source_images[relative] = entry.signature if entry else file_signature(path)
-        if entry is None:
-            raise BadImageError(f"{what}: cannot read image {path}: it is missing or unreadable")
-        config = self.builder_config
-        if config.verify_images != "none":
-            name = f"image {path}"
-            if entry.header_error:
-                # The store named the file by its absolute path when it read it.
-                problem = entry.header_error
-            elif entry.width * entry.height > config.max_image_pixels:
-                problem = (
-                    f"{name} is {entry.width}x{entry.height} = {entry.width * entry.height} "
-                    f"pixels; expected at most max_image_pixels={config.max_image_pixels}"
-                )
-            elif config.verify_images == "full" and entry.decode_error:
-                problem = entry.decode_error
-            else:
-                problem = None
-            if problem:
-                raise BadImageError(f"{what}: {problem}")
-        return entry.ref
-
-    def _bad(self, reason: str, error: ValueError, skip: bool) -> None:
-        if not skip:
-            # Go on looking, to name how many there are; fail at the end (or at too many).
-            self._errors.append(error)
-            if len(self._errors) >= MAX_BAD_RECORDS:
-                raise self._build_error()
-            return
-        self._skipped[reason] += 1
-        if isinstance(error, BadImageError):
-            self._skipped_images.append(str(error))
-        self.info.metadata["skipped_records"] = dict(self._skipped)
-        logger.warning("skipping bad record: %s", error)
-
-    def _build_error(self) -> ValueError:
-        """One error for the bad records found: the first few, and how many."""
-        errors = self._errors
-        if len(errors) == 1:
-            return errors[0]
-        count = f"{len(errors)} or more" if len(errors) >= MAX_BAD_RECORDS else len(errors)
-        named = "; ".join(str(e) for e in errors[:NAMED_BAD_RECORDS])
-        more = len(errors) - NAMED_BAD_RECORDS
-        return ValueError(
-            f"{self.name}/{self.builder_config.name}: {count} bad records "
-            f"(skip_bad_records=True skips them): {named}"
-            + (f"; and {more} more" if more > 0 else "")
-        )
-
-    def _finish_generation(self) -> None:
-        """After the last example: fail for bad records, or record the skipped ones."""
-        if self._errors:
-            raise self._build_error()
-        self.info.metadata["skipped_records"] = dict(self._skipped)
-        self.info.metadata["skipped_bad_images"] = len(self._skipped_images)
-        if self._skipped_images:
-            logger.warning(
-                "%s/%s: skipped %d records with bad images: %s",
-                self.name,
-                self.builder_config.name,
-                len(self._skipped_images),
-                "; ".join(self._skipped_images[:NAMED_BAD_RECORDS]),
-            )
-
-    def _info_with(self, features: dict[str, Any]) -> tfds.core.DatasetInfo:
-        metadata = tfds.core.MetadataDict(skipped_records={}, skipped_bad_images=0)
-        return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict(features), metadata=metadata
-        )
-
-
-@contextlib.contextmanager
-def _quiet(log: logging.Logger) -> Iterator[None]:
-    """Silences ``log`` below ERROR for the block (a first pass that re-reads the inputs)."""
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-
-
-def _image_problem(data: bytes, name: str, max_image_pixels: int, verify: str) -> str | None:
-    """Why encoded image bytes would fail training, or None: the ImageProcessor's header and
-    size check, and with verify="full" a complete decode."""
-    try:
-        image = open_image(io.BytesIO(data), max_image_pixels=max_image_pixels, name=name)
-        if verify == "full":
-            decode_opened(image, name)
-        else:
-            image.close()
-    except ValueError as error:
-        return str(error)
-    return None
-
-
-def _padded(values: list[bytes], length: int) -> np.ndarray:
-    """A fixed-length object array of bytes, filled with b"" (what a [N] bytes feature takes)."""
-    return np.array(values + [b""] * (length - len(values)), dtype=object)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -695,163 +440,3 @@ class PairData(_NoTensorFlowBuilder):
                     continue
                 yield example["id"], example
         self._finish_generation()
-
-
-# ---------------------------------------------------------------------------------------------
-# Building and reading
-# ---------------------------------------------------------------------------------------------
-
-
-class PrepareTimeoutError(TimeoutError):
-    """Another host did not finish preparing a dataset within the wait allowed."""
-
-
-def _inside(root: Path, relative: str) -> bool:
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(os.path.join(real_root, relative))
-    return os.path.commonpath([real_root, real]) == real_root
-
-
-def build_dataset(
-    builder_cls: type[_NoTensorFlowBuilder],
-    data_dir: str | os.PathLike,
-    *,
-    manual_dir: str | os.PathLike | None = None,
-    check_sources: bool = True,
-    image_store: str | os.PathLike | None = None,
-    workers: int | None = None,
-    wait_for_host: int | None = None,
-    wait_seconds: float = 6 * 3600,
-    **config: Any,
-) -> tfds.core.DatasetBuilder:
-    """Prepares a dataset under data_dir (no TensorFlow at any size) and returns its builder.
-
-    ``config`` holds the builder config's fields (``MbeirTrainConfig`` or ``PairDataConfig``,
-    e.g. ``mbeir_root=..., query_split="union_train", max_hard_negatives=4``); ``manual_dir``
-    is the input root when the config names none. The examples are written by
-    ``jfe_jax.data.prepared`` (array_record shards, an index for the shuffle), their images
-    once into the root's ``ImageStore`` (``image_store``: its folder, default
-    ``default_store_dir(root)``; read by ``workers`` processes, default every core).
-
-    A dataset already prepared under the same name and version is reused while its sources
-    are unchanged (the config, the input files and every image it read; see
-    ``jfe_jax.data.prepared_sources``); otherwise it is removed and rebuilt, saying why in an
-    INFO log line. ``check_sources=False`` reuses a prepared dataset without stating its
-    images. One process prepares at a time: a second one waits for the lock in data_dir, then
-    reuses what the first prepared.
-
-    ``wait_for_host=H`` (several hosts, data_dir shared): do not build, wait on the filesystem
-    for host H to finish a build with these settings and input files, at most
-    ``wait_seconds``; then PrepareTimeoutError names the dataset and what to check.
-    """
-    data_dir = os.fspath(data_dir)
-    builder_config = builder_cls.CONFIG_CLASS(**config)
-    if wait_for_host is not None:
-        return _wait_for_build(builder_cls, data_dir, builder_config, manual_dir,
-                               wait_for_host, wait_seconds)  # fmt: skip
-    with prepare_lock(data_dir):
-        builder = builder_cls(data_dir=data_dir, config=builder_config)
-        root = builder.input_root(manual_dir or Path(data_dir, "downloads", "manual"))
-        settings = builder.source_settings(root)
-        files = {os.fspath(path): file_signature(path) for path in builder.input_files(root)}
-        data_path = os.fspath(builder.data_path)
-        if prepared.is_complete(data_path):
-            reason = stale_reason(
-                builder.data_path, settings, files, root, check_images=check_sources
-            )
-            if reason is None:
-                _reuse(builder, data_path)
-                return builder
-            logger.info("rebuilding the prepared dataset %s: %s", data_path, reason)
-        if os.path.exists(data_path):
-            shutil.rmtree(data_path)  # stale, interrupted, or an older (TFDS-written) build
-        store = ImageStore(image_store or default_store_dir(root), workers=workers)
-        paths = {p for p in builder.image_paths(root) if _inside(root, p)}
-        builder.store_entries = store.ensure(
-            root, paths, decode=builder_config.verify_images == "full"
-        )
-        started = time.perf_counter()
-        count = prepared.write_examples(
-            data_path,
-            builder.examples(root),
-            fields=builder.field_kinds(),
-            store=store,
-            description={
-                "builder": builder.name,
-                "config": builder_config.name,
-                "version": str(builder.version),
-            },  # fmt: skip
-            metadata=builder.info.metadata,
-        )
-        write_sources(builder.data_path, settings, files, builder.source_images)
-        logger.info(
-            "prepared %s: %d examples in %.1f s (%d images in the store %s)",
-            data_path,
-            count,
-            time.perf_counter() - started,
-            len(builder.store_entries),
-            store.directory,
-        )
-    return builder
-
-
-def _reuse(builder: _NoTensorFlowBuilder, data_path: str) -> None:
-    """A reused build's metadata (skipped records) on the builder, as after building."""
-    builder.info.metadata.update(prepared.read_description(data_path)["metadata"])
-
-
-def _wait_for_build(
-    builder_cls: type[_NoTensorFlowBuilder],
-    data_dir: str,
-    builder_config: Any,
-    manual_dir: Any,
-    host: int,
-    wait_seconds: float,
-) -> tfds.core.DatasetBuilder:
-    """``build_dataset(wait_for_host=...)``: polls the filesystem, never a device collective."""
-    builder = builder_cls(data_dir=data_dir, config=builder_config)
-    root = builder.input_root(manual_dir or Path(data_dir, "downloads", "manual"))
-    settings = builder.source_settings(root)
-    data_path = os.fspath(builder.data_path)
-    started = time.monotonic()
-    delay, reason = 0.2, ""
-    while True:
-        if prepared.is_complete(data_path):
-            files = {os.fspath(p): file_signature(p) for p in builder.input_files(root)}
-            reason = stale_reason(builder.data_path, settings, files, root, check_images=False)
-            if reason is None:
-                _reuse(builder, data_path)
-                return builder
-        waited = time.monotonic() - started
-        if waited >= wait_seconds:
-            raise PrepareTimeoutError(
-                f"waited {waited:.0f} s for host {host} to prepare {data_path}"
-                + (f" (what is there: {reason})" if reason else " (nothing there yet)")
-                + "; check that host's log, that data.tfds_dir is a folder every host shares, "
-                "or raise data.prepare_wait_s"
-            )
-        time.sleep(min(delay, max(wait_seconds - waited, 0.01)))
-        delay = min(delay * 1.5, 10.0)
-
-
-def load_source(builder: tfds.core.DatasetBuilder | str | os.PathLike, split: str = "train") -> Any:
-    """A random-access data source (len, [i] -> dict of numpy/bytes) over a prepared split.
-
-    ``builder`` is a builder ``build_dataset`` returned, or the directory of one prepared
-    version (``<data_dir>/<builder name>/<config name>/<version>``), read without the config.
-    Text fields come back as bytes, integer fields as numpy scalars, images as their encoded
-    bytes. A directory prepared by TFDS itself (``download_and_prepare``: dataset_info.json,
-    images inside the examples) is read through TFDS.
-    """
-    directory = os.fspath(builder.data_path if hasattr(builder, "data_path") else builder)
-    if split != "train":
-        raise ValueError(f"prepared datasets have one split, 'train'; got {split!r}")
-    if prepared.is_complete(directory):
-        return prepared.PreparedSource(directory)
-    if not os.path.isfile(os.path.join(directory, "dataset_info.json")):
-        raise FileNotFoundError(
-            f"{directory} holds no prepared dataset (no {prepared.DATASET_FILE}); expected "
-            "<data_dir>/<name>/<config>/<version>"
-        )
-    legacy = tfds.builder_from_directory(epath.Path(directory))
-    return legacy.as_data_source(split)
