@@ -24,17 +24,27 @@ reproducing any number), ``results.png`` (bar chart) and the table printed by th
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import logging
 import os
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from jfe_jax.data.mbeir import MBEIR, Query, headline_k
+from jfe_jax.eval.mbeir_pools import (  # noqa: F401  (re-exported: callers import them here)
+    ROOT_HINT_KEY,
+    ROOT_KEY,
+    ResidentPool,
+    check_pool_not_empty,
+    drop_modality,
+    index_mbeir_root,
+    load_pool,
+    pool_embeddings,
+    root_metadata,
+    scann_index,
+    stream_file_errors,
+)
 from jfe_jax.eval.plots import plot_headline_recall
 from jfe_jax.eval.recall import (
     format_task_table,
@@ -44,15 +54,7 @@ from jfe_jax.eval.recall import (
     write_table_json,
 )
 from jfe_jax.index.embedder import Item, ItemEmbedder
-from jfe_jax.index.exact import ExactIndex
-from jfe_jax.index.export import (
-    REBUILD_HINT,
-    DuplicateIdError,
-    export_embeddings,
-    file_source,
-    load_embeddings,
-)
-from jfe_jax.index.identity import MODEL_KEYS, RECORD_KEYS, model_identity
+from jfe_jax.index.identity import model_identity
 from jfe_jax.index.scann_index import Index
 from jfe_jax.paths import absolute
 
@@ -62,9 +64,6 @@ log = logging.getLogger(__name__)
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
 FASHION_KS: tuple[int, ...] = (10, 20, 50)
 INDEX_MODES = ("auto", "brute_force", "ah", "tree_ah", "none")
-# Where `jfe export`'s pool file is, in an index's metadata: relative to the index directory
-# (so an index copied or moved with its M-BEIR folder still finds it), and absolute as a hint.
-ROOT_KEY, ROOT_HINT_KEY = "mbeir_root", "mbeir_root_absolute"
 
 
 def task_ks(task: str, ks: Sequence[int] | None = None) -> tuple[int, ...]:
@@ -101,129 +100,144 @@ def query_item(mbeir: MBEIR, query: Query, mode: str, seed: int) -> Item:
     )
 
 
-def check_pool_not_empty(mbeir, path) -> None:
-    """ValueError naming the pool file ``path`` when it holds no candidate."""
-    candidates = mbeir.iter_candidates(path)
-    try:
-        if next(candidates, None) is None:
-            raise ValueError(f"pool {path} holds no candidates; expected at least one")
-    finally:
-        candidates.close()
+def check_evaluate_args(
+    *, drop: str | None, pool: str, index_mode: str, ks: Sequence[int] | None
+) -> None:
+    """ValueError naming the first of `evaluate_mbeir`'s options that is out of range."""
+    if drop not in (None, "image", "text"):
+        raise ValueError(f"drop must be None, 'image' or 'text', got {drop!r}")
+    if pool not in ("local", "global"):
+        raise ValueError(f"pool must be 'local' or 'global', got {pool!r}")
+    if index_mode not in INDEX_MODES:
+        raise ValueError(f"index_mode must be one of {INDEX_MODES}, got {index_mode!r}")
+    if ks is not None and (not ks or any(not isinstance(k, int) or k < 1 for k in ks)):
+        raise ValueError(f"ks must be positive integers, got {ks!r}")
 
 
-@contextlib.contextmanager
-def stream_file_errors(mbeir, path, id_field: str) -> Iterator[None]:
-    """An id that occurs twice in an export of M-BEIR file ``path`` (its ``id_field``, "did"
-    or "qid"), reported with the file and the lines it occurs on."""
-    try:
-        yield
-    except DuplicateIdError as error:
-        records = mbeir.iter_candidates(path) if id_field == "did" else mbeir.iter_query_file(path)
-        lines = [
-            r.source.rpartition(":")[2] for r in records if getattr(r, id_field) == error.record_id
-        ]
-        where = f"lines {' and '.join(lines[:2])}" if len(lines) >= 2 else "two lines"
-        raise ValueError(
-            f"{path}: {id_field} {error.record_id!r} occurs on {where}; expected each id once"
-        ) from error
-
-
-def root_metadata(mbeir_root: str, index_dir: str) -> dict[str, str]:
-    """An index's record of the M-BEIR root its pool came from: relative to ``index_dir``
-    (``ROOT_KEY``) and, as a hint where the relative one is gone, absolute."""
-    absolute = os.path.abspath(mbeir_root)
+def scann_detail(
+    scann: Index,
+    query_emb: np.ndarray,
+    k: int,
+    kh: int,
+    positives: list[set[str]],
+    reported: tuple[int, ...],
+    exact_ids: np.ndarray,
+) -> dict[str, Any]:
+    """A task's ScaNN figures: its Recall@k, its agreement with the exact top ``kh``, and the
+    index's settings."""
+    scann_ids, _ = scann.search(query_emb, k)
+    scann_ids = scann_ids.tolist()
     return {
-        ROOT_KEY: os.path.relpath(absolute, os.path.abspath(index_dir)),
-        ROOT_HINT_KEY: absolute,
+        "recall": {int(kk): v for kk, v in recall_at_k(scann_ids, positives, reported).items()},
+        # ScaNN's recall@k against the exact top k: 1.0 when ScaNN is exact.
+        f"agreement_at_{kh}": float(
+            np.mean(
+                [len(set(a[:kh]) & set(b[:kh])) / kh for a, b in zip(scann_ids, exact_ids.tolist())]
+            )
+        ),
+        "settings": dict(scann.metadata.get("settings", {})) or None,
     }
 
 
-def index_mbeir_root(index_dir: str, meta: dict, given: str | None) -> tuple[str | None, str]:
-    """(the M-BEIR root of an index's pool, or None; what is missing when it is None).
-
-    ``given`` (``--mbeir-root``) wins; else the index's ``ROOT_KEY`` relative to
-    ``index_dir`` (an index from before relative roots holds an absolute one there), else its
-    absolute hint, whichever is a directory."""
-    if given:
-        return given, ""
-    recorded = meta.get(ROOT_KEY)
-    if not recorded:
-        return None, f"--mbeir-root DIR: the index {index_dir} names no M-BEIR directory"
-    tried = [os.path.normpath(os.path.join(index_dir, recorded))]
-    if meta.get(ROOT_HINT_KEY) and meta[ROOT_HINT_KEY] not in tried:
-        tried.append(meta[ROOT_HINT_KEY])
-    for candidate in tried:
-        if os.path.isdir(candidate):
-            return candidate, ""
-    return None, (
-        f"the M-BEIR root of index {index_dir}, which is not at {' nor '.join(tried)}; "
-        "pass --mbeir-root DIR"
-    )
-
-
-def drop_modality(item: Item, drop: str | None) -> Item:
-    """``item`` without its image (``drop="image"``) or text (``"text"``) when it has both."""
-    if drop is None or item.text is None or item.image is None:
-        return item
-    if drop == "image":
-        return dataclasses.replace(item, image=None)
-    return dataclasses.replace(item, text=None)
-
-
-def pool_embeddings(
+def evaluate_task(
     embedder: ItemEmbedder,
     mbeir: MBEIR,
-    pool_path: Path,
+    task: str,
+    resident: ResidentPool,
     out_dir: str,
     *,
-    progress: bool,
-    overwrite: bool = True,
-    drop: str | None = None,
-) -> tuple[np.ndarray, list[str], dict[str, Any]]:
-    """Exports a pool jsonl once (resumable; another model's cache is rebuilt, or refused
-    when ``overwrite`` is False) and returns its embeddings, dids and export metadata."""
-    check_pool_not_empty(mbeir, pool_path)
-    name = pool_path.name.removesuffix(".jsonl")
-    if drop is not None:  # ablated embeddings never share a cache with the full items'
-        name += f".no_{drop}"
-    directory = os.path.join(out_dir, "embeddings", name)
-    records = (
-        (c.did, drop_modality(Item(text=c.text, image=c.image_path), drop))
-        for c in mbeir.iter_candidates(pool_path)
-    )
-    with stream_file_errors(mbeir, pool_path, "did"):
-        export_embeddings(
-            embedder,
-            records,
-            directory,
-            progress=progress,
-            metadata={"pool": str(pool_path.relative_to(mbeir.root))},
-            source=file_source(pool_path, mbeir.root),
-            overwrite=overwrite,
+    split: str,
+    pool: str,
+    ks: Sequence[int] | None,
+    instruction_mode: str,
+    instruction_seed: int,
+    drop: str | None,
+) -> tuple[dict[int, float], dict[str, Any]]:
+    """Ranks one task's queries against its resident pool; writes ``runs/<task>.<pool>.tsv``
+    and returns (its exact Recall@k, its details for ``results.json``)."""
+    queries = mbeir.read_queries(split, task)
+    positives = positives_from_qrels(queries, mbeir.read_qrels(split, task))
+    without = [q.qid for q, pos in zip(queries, positives) if not pos]
+    if without:
+        log.warning(
+            "%s: %d of %d queries have no positive qrels line and score 0 (as in UniIR), e.g. %s",
+            task,
+            len(without),
+            len(queries),
+            ", ".join(without[:5]),
         )
-    return load_embeddings(directory)
-
-
-def scann_index(
-    embeddings, ids, directory: str, *, mode: str, metadata: dict, overwrite: bool = True
-) -> Index:
-    """Builds the ScaNN index of a pool, or reloads it when it was built over the same pool
-    (``metadata["source"]``) by the same model fingerprint and item format."""
-    expect = {
-        "n": len(ids),
-        "dim": embeddings.shape[1],
-        **{key: metadata[key] for key in (*MODEL_KEYS, "source")},
+    cand_ids = resident.ids
+    reported = task_ks(task, ks)
+    k = min(max(reported), len(cand_ids))
+    query_emb = embedder.embed(
+        drop_modality(query_item(mbeir, q, instruction_mode, instruction_seed), drop)
+        for q in queries
+    )
+    exact_rows, exact_scores = resident.exact.search(query_emb, k)
+    exact_ids = np.asarray(cand_ids, dtype=object)[exact_rows]
+    recall = recall_at_k(exact_ids.tolist(), positives, reported)
+    write_run(os.path.join(out_dir, "runs", f"{task}.{pool}.tsv"), queries, exact_ids, exact_scores)
+    kh = min(headline_k(task), k)
+    detail = {
+        "queries": len(queries),
+        "queries_without_qrels": len(without),
+        "pool": resident.path.name,
+        "pool_size": len(cand_ids),
+        # Recall@k of a random ranking of this pool: what "k times chance" refers to.
+        "chance_recall": {
+            int(kk): chance_recall([len(p) for p in positives], len(cand_ids), kk)
+            for kk in reported
+        },
     }
-    if os.path.isfile(os.path.join(directory, "index_metadata.json")):
-        try:
-            return Index.load(directory, expect=expect)
-        except ValueError as e:
-            if not overwrite:
-                raise ValueError(f"{e}; {REBUILD_HINT}") from e
-            log.warning("rebuilding index %s: %s", directory, e)
-    index = Index.build(embeddings, ids, mode=mode, metadata=metadata)
-    index.save(directory)
-    return index
+    if resident.scann is not None:
+        detail["scann"] = scann_detail(
+            resident.scann, query_emb, k, kh, positives, reported, exact_ids
+        )
+    detail["per_query"] = {
+        "qids": [q.qid for q in queries],
+        f"hit_at_{headline_k(task)}": query_hits(exact_ids.tolist(), positives, kh),
+    }
+    return recall, detail
+
+
+def summarise(
+    embedder: ItemEmbedder,
+    results: dict[str, dict[int, float]],
+    details: dict[str, dict[str, Any]],
+    out_dir: str,
+    *,
+    label: str,
+    split: str,
+    pool: str,
+    ks: Sequence[int] | None,
+    instruction_mode: str,
+    instruction_seed: int,
+    drop: str | None,
+) -> dict[str, Any]:
+    """Writes ``results.json`` and ``results.png`` from the per-task numbers; returns the
+    results dict of `evaluate_mbeir`."""
+    table = task_table(results)
+    extra = {
+        "label": label,
+        "split": split,
+        "pool": pool,
+        "ranking": "exact",  # the numbers above; ScaNN's, when built, are under details
+        "ks": list(ks) if ks is not None else "uniir",
+        "instruction_mode": instruction_mode,
+        "instruction_seed": instruction_seed,
+        "drop": drop,
+        "queries_without_qrels": sum(d["queries_without_qrels"] for d in details.values()),
+        **model_identity(embedder),
+        "prompt": embedder.prompt,
+        "details": details,
+    }
+    write_table_json(table, os.path.join(out_dir, "results.json"), extra=extra)
+    plot_headline_recall({label: table}, os.path.join(out_dir, "results.png"))
+    return {
+        "table": table,
+        **extra,
+        "text": format_task_table(table, title=f"{label} ({split}, {pool} pools, exact search)"),
+    }
 
 
 def evaluate_mbeir(
@@ -257,14 +271,7 @@ def evaluate_mbeir(
     both (an ablation: how much a task needs the two together); single-modality items are kept.
     ``details[task]["per_query"]`` holds every query's id and hit at the task's headline k.
     """
-    if drop not in (None, "image", "text"):
-        raise ValueError(f"drop must be None, 'image' or 'text', got {drop!r}")
-    if pool not in ("local", "global"):
-        raise ValueError(f"pool must be 'local' or 'global', got {pool!r}")
-    if index_mode not in INDEX_MODES:
-        raise ValueError(f"index_mode must be one of {INDEX_MODES}, got {index_mode!r}")
-    if ks is not None and (not ks or any(not isinstance(k, int) or k < 1 for k in ks)):
-        raise ValueError(f"ks must be positive integers, got {ks!r}")
+    check_evaluate_args(drop=drop, pool=pool, index_mode=index_mode, ks=ks)
     root, out_dir = absolute(root), absolute(out_dir)
     mbeir = MBEIR(root)
     available = mbeir.tasks(split)
@@ -275,126 +282,39 @@ def evaluate_mbeir(
             f"split {split!r} of {root} has no queries for {unknown}; it has {available}"
         )
     os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
+    options = dict(
+        split=split,
+        pool=pool,
+        ks=ks,
+        instruction_mode=instruction_mode,
+        instruction_seed=instruction_seed,
+        drop=drop,
+    )
     results, details = {}, {}
     # One resident exact index per pool file: the global pool is placed on the devices once.
-    exact_indexes: dict[str, tuple[ExactIndex, np.ndarray, list[str], dict, Index | None]] = {}
+    resident: dict[str, ResidentPool] = {}
     for task in tasks:
         pool_path = (
             mbeir.local_pool_path(task, split) if pool == "local" else mbeir.global_pool_path(split)
         )
         pool_name = pool_path.name.removesuffix(".jsonl") + (f".no_{drop}" if drop else "")
-        if pool_name not in exact_indexes:
-            exact_indexes.clear()  # a local pool is used by one task: free the devices
-            cand_emb, cand_ids, export = pool_embeddings(
+        if pool_name not in resident:
+            resident.clear()  # a local pool is used by one task: free the devices
+            resident[pool_name] = load_pool(
                 embedder,
                 mbeir,
                 pool_path,
                 out_dir,
+                index_mode=index_mode,
                 progress=progress,
                 overwrite=overwrite,
                 drop=drop,
             )
-            scann = None
-            if index_mode != "none":
-                index_dir = os.path.join(out_dir, "index", pool_name)
-                scann = scann_index(
-                    cand_emb,
-                    cand_ids,
-                    index_dir,
-                    mode=index_mode,
-                    metadata={
-                        **{key: export[key] for key in (*RECORD_KEYS, "source")},
-                        "pool": pool_path.name,
-                        # what `jfe search` needs to show each hit's text and image
-                        **root_metadata(str(mbeir.root), index_dir),
-                    },
-                    overwrite=overwrite,
-                )
-            exact_indexes[pool_name] = (ExactIndex(cand_emb), cand_emb, cand_ids, export, scann)
-        exact, cand_emb, cand_ids, export, scann = exact_indexes[pool_name]
-        queries = mbeir.read_queries(split, task)
-        positives = positives_from_qrels(queries, mbeir.read_qrels(split, task))
-        without = [q.qid for q, pos in zip(queries, positives) if not pos]
-        if without:
-            log.warning(
-                "%s: %d of %d queries have no positive qrels line and score 0 (as in UniIR), "
-                "e.g. %s",
-                task,
-                len(without),
-                len(queries),
-                ", ".join(without[:5]),
-            )
-        reported = task_ks(task, ks)
-        k = min(max(reported), len(cand_ids))
-        query_emb = embedder.embed(
-            drop_modality(query_item(mbeir, q, instruction_mode, instruction_seed), drop)
-            for q in queries
+        results[task], details[task] = evaluate_task(
+            embedder, mbeir, task, resident[pool_name], out_dir, **options
         )
-        exact_rows, exact_scores = exact.search(query_emb, k)
-        exact_ids = np.asarray(cand_ids, dtype=object)[exact_rows]
-        results[task] = recall_at_k(exact_ids.tolist(), positives, reported)
-        write_run(
-            os.path.join(out_dir, "runs", f"{task}.{pool}.tsv"), queries, exact_ids, exact_scores
-        )
-        detail = {
-            "queries": len(queries),
-            "queries_without_qrels": len(without),
-            "pool": pool_path.name,
-            "pool_size": len(cand_ids),
-            # Recall@k of a random ranking of this pool: what "k times chance" refers to.
-            "chance_recall": {
-                int(kk): chance_recall([len(p) for p in positives], len(cand_ids), kk)
-                for kk in reported
-            },
-        }
-        if scann is not None:
-            scann_ids, _ = scann.search(query_emb, k)
-            scann_ids = scann_ids.tolist()
-            kh = min(headline_k(task), k)
-            detail["scann"] = {
-                "recall": {
-                    int(kk): v for kk, v in recall_at_k(scann_ids, positives, reported).items()
-                },
-                # ScaNN's recall@k against the exact top k: 1.0 when ScaNN is exact.
-                f"agreement_at_{kh}": float(
-                    np.mean(
-                        [
-                            len(set(a[:kh]) & set(b[:kh])) / kh
-                            for a, b in zip(scann_ids, exact_ids.tolist())
-                        ]
-                    )
-                ),
-                "settings": dict(scann.metadata.get("settings", {})) or None,
-            }
-        kh = min(headline_k(task), k)
-        detail["per_query"] = {
-            "qids": [q.qid for q in queries],
-            f"hit_at_{headline_k(task)}": query_hits(exact_ids.tolist(), positives, kh),
-        }
-        details[task] = detail
         log.info("%s: exact %s", task, results[task])
-    table = task_table(results)
-    extra = {
-        "label": label,
-        "split": split,
-        "pool": pool,
-        "ranking": "exact",  # the numbers above; ScaNN's, when built, are under details
-        "ks": list(ks) if ks is not None else "uniir",
-        "instruction_mode": instruction_mode,
-        "instruction_seed": instruction_seed,
-        "drop": drop,
-        "queries_without_qrels": sum(d["queries_without_qrels"] for d in details.values()),
-        **model_identity(embedder),
-        "prompt": embedder.prompt,
-        "details": details,
-    }
-    write_table_json(table, os.path.join(out_dir, "results.json"), extra=extra)
-    plot_headline_recall({label: table}, os.path.join(out_dir, "results.png"))
-    return {
-        "table": table,
-        **extra,
-        "text": format_task_table(table, title=f"{label} ({split}, {pool} pools, exact search)"),
-    }
+    return summarise(embedder, results, details, out_dir, label=label, **options)
 
 
 def write_run(path: str, queries: Sequence[Query], ids: np.ndarray, scores: np.ndarray) -> None:
