@@ -142,6 +142,49 @@ def group_of(
     )
 
 
+def check_paired(hits: Mapping[str, Mapping[str, Any]], reference: str) -> list[str]:
+    """The reference system's tasks, after checking every system has the same tasks and the
+    same hits shape per task (ValueError naming the first that differs)."""
+    systems = list(hits)
+    if reference not in hits:
+        raise ValueError(f"reference system {reference!r} is not one of {systems}")
+    tasks = list(hits[reference])
+    for name in systems:
+        if sorted(hits[name]) != sorted(tasks):
+            raise ValueError(
+                f"system {name!r} has tasks {sorted(hits[name])}, {reference!r} has "
+                f"{sorted(tasks)}: every system must be evaluated on the same tasks"
+            )
+        for task in tasks:
+            shape = np.shape(hits[name][task])
+            if shape != np.shape(hits[reference][task]):
+                raise ValueError(
+                    f"{name!r} {task}: hits of shape {shape}, {reference!r} has "
+                    f"{np.shape(hits[reference][task])}: the same seeds and test queries are "
+                    "needed to pair the systems"
+                )
+    return tasks
+
+
+def summarise_means(
+    means: Mapping[str, Any],
+    reps: Mapping[str, np.ndarray],
+    tasks: Sequence[str],
+    groups: Mapping[str, Sequence[str]],
+    level: float,
+) -> dict[str, Any]:
+    """Interval dicts per task, per group and for the average of the tasks."""
+    out: dict[str, Any] = {
+        "tasks": {t: percentile_interval(means[t], reps[t], level).to_dict() for t in tasks}
+    }
+    out["groups"] = {
+        g: percentile_interval(*group_of(means, reps, members), level).to_dict()
+        for g, members in groups.items()
+    }
+    out["average"] = percentile_interval(*group_of(means, reps, tasks), level).to_dict()
+    return out
+
+
 def compare_systems(
     hits: Mapping[str, Mapping[str, Any]],
     *,
@@ -168,23 +211,7 @@ def compare_systems(
     if not systems:
         raise ValueError("no systems to compare")
     reference = reference or systems[0]
-    if reference not in hits:
-        raise ValueError(f"reference system {reference!r} is not one of {systems}")
-    tasks = list(hits[reference])
-    for name in systems:
-        if sorted(hits[name]) != sorted(tasks):
-            raise ValueError(
-                f"system {name!r} has tasks {sorted(hits[name])}, {reference!r} has "
-                f"{sorted(tasks)}: every system must be evaluated on the same tasks"
-            )
-        for task in tasks:
-            shape = np.shape(hits[name][task])
-            if shape != np.shape(hits[reference][task]):
-                raise ValueError(
-                    f"{name!r} {task}: hits of shape {shape}, {reference!r} has "
-                    f"{np.shape(hits[reference][task])}: the same seeds and test queries are "
-                    "needed to pair the systems"
-                )
+    tasks = check_paired(hits, reference)
     groups = {
         g: [t for t in members if t in tasks]
         for g, members in (groups or {}).items()
@@ -192,25 +219,13 @@ def compare_systems(
     }
     boot = Bootstrap(replicates, seed=seed, resample_seeds=resample_seeds)
     stats = {name: task_means(hits[name], boot) for name in systems}
-
-    def summary(means, reps) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "tasks": {t: percentile_interval(means[t], reps[t], level).to_dict() for t in tasks}
-        }
-        out["groups"] = {
-            g: percentile_interval(*group_of(means, reps, members), level).to_dict()
-            for g, members in groups.items()
-        }
-        out["average"] = percentile_interval(*group_of(means, reps, tasks), level).to_dict()
-        return out
-
     result: dict[str, Any] = {
         "reference": reference,
         "replicates": replicates,
         "level": level,
         "bootstrap_seed": seed,
         "resample_seeds": resample_seeds,
-        "systems": {name: summary(*stats[name]) for name in systems},
+        "systems": {name: summarise_means(*stats[name], tasks, groups, level) for name in systems},
         "differences": {},
     }
     ref_means, ref_reps = stats[reference]
@@ -220,7 +235,7 @@ def compare_systems(
         means, reps = stats[name]
         diff_means = {t: means[t] - ref_means[t] for t in tasks}
         diff_reps = {t: reps[t] - ref_reps[t] for t in tasks}
-        diff = summary(diff_means, diff_reps)
+        diff = summarise_means(diff_means, diff_reps, tasks, groups, level)
         for section in ("tasks", "groups"):
             for interval in diff[section].values():
                 interval["decision"] = decide(Interval(**interval), (name, reference))
