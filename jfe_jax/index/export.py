@@ -165,6 +165,61 @@ def _write_shard(
         target.rename(final)
 
 
+class _HostShards:
+    """This host's shards of a stream, checked as the stream is read (by the preparing threads
+    when ``workers`` > 0): duplicate ids anywhere, and this host's complete shards that already
+    hold the stream's ids (skipped) or other ids (rebuilt, or refused without ``overwrite``)."""
+
+    def __init__(self, out, out_dir, shard_size, process_index, process_count, overwrite, bar):
+        self.out, self.out_dir, self.shard_size = out, out_dir, shard_size
+        self.process_index, self.process_count = process_index, process_count
+        self.overwrite, self.bar = overwrite, bar
+        self.skipped: list[int] = []
+        self.seen_ids: set[str] = set()
+        self.ids_of: dict[int, list[str]] = {}  # the ids of the shards yielded, not yet written
+        self.count = 0  # items in the stream, counted as the stream is read
+
+    def to_embed(self, records: Iterable[tuple[str, Item]]) -> Iterator[tuple[int, list[Item]]]:
+        """(shard, items) for each shard this host must embed."""
+        for shard, chunk in _shard_chunks(records, self.shard_size):
+            self.count += len(chunk)
+            for record_id, _ in chunk:
+                if record_id in self.seen_ids:
+                    raise DuplicateIdError(record_id)
+                self.seen_ids.add(record_id)
+            if shard % self.process_count != self.process_index:
+                self.bar.update(len(chunk))
+                continue
+            final = self.out / SHARD_PATTERN.format(shard)
+            ids = [record_id for record_id, _ in chunk]
+            if final.is_dir():
+                if _read_json(final / "ids.json") == ids:
+                    self.skipped.append(shard)
+                    self.bar.update(len(chunk))
+                    continue
+                message = f"export {self.out_dir}: {final.name} holds other ids than the stream"
+                if not self.overwrite:
+                    raise ValueError(f"{message}; {REBUILD_HINT}")
+                log.warning("%s: rebuilding it", message)
+                final.rmtree()
+            self.ids_of[shard] = ids
+            yield shard, [item for _, item in chunk]
+
+
+def _log_timing(out_dir: str, timing: StreamTiming, workers: int) -> None:
+    if timing.items:
+        log.info(
+            "export %s: embedded %d items in %.1f s (%.1f items/s, %d workers); the device "
+            "waited on item preparation for %.0f%% of it",
+            out_dir,
+            timing.items,
+            timing.wall_s,
+            timing.items / max(timing.wall_s, 1e-9),
+            workers,
+            100 * timing.host_share,
+        )
+
+
 def export_embeddings(
     embedder: ItemEmbedder,
     records: Iterable[tuple[str, Item]],
@@ -212,71 +267,33 @@ def export_embeddings(
         process_index=process_index,
         process_count=process_count,
     )
-    written, skipped, seen_ids, ids_of = [], [], set(), {}
-    count = [0]  # items in the stream, counted as the stream is read
+    written = []
     bar = progress_bar(total=total, desc=f"export {out.name}", unit="item", disable=not progress)
-
-    def shards_to_embed() -> Iterator[tuple[int, list[Item]]]:
-        # Read ahead by the preparing threads (workers > 0): the stream's checks run there.
-        for shard, chunk in _shard_chunks(records, shard_size):
-            count[0] += len(chunk)
-            for record_id, _ in chunk:
-                if record_id in seen_ids:
-                    raise DuplicateIdError(record_id)
-                seen_ids.add(record_id)
-            if shard % process_count != process_index:
-                bar.update(len(chunk))
-                continue
-            final = out / SHARD_PATTERN.format(shard)
-            ids = [record_id for record_id, _ in chunk]
-            if final.is_dir():
-                if _read_json(final / "ids.json") == ids:
-                    skipped.append(shard)
-                    bar.update(len(chunk))
-                    continue
-                message = f"export {out_dir}: {final.name} holds other ids than the stream"
-                if not overwrite:
-                    raise ValueError(f"{message}; {REBUILD_HINT}")
-                log.warning("%s: rebuilding it", message)
-                final.rmtree()
-            ids_of[shard] = ids
-            yield shard, [item for _, item in chunk]
-
+    host = _HostShards(out, out_dir, shard_size, process_index, process_count, overwrite, bar)
     timing = timing if timing is not None else StreamTiming()
     for shard, rows in embedder.embed_groups(
-        shards_to_embed(),
+        host.to_embed(records),
         workers=workers,
         bucket_window=bucket_window,
         timing=timing,
         on_rows=bar.update,
     ):
-        _write_shard(out, shard, rows, ids_of.pop(shard), identity)
+        _write_shard(out, shard, rows, host.ids_of.pop(shard), identity)
         written.append(shard)
     bar.close()
-    if timing.items:
-        log.info(
-            "export %s: embedded %d items in %.1f s (%.1f items/s, %d workers); the device "
-            "waited on item preparation for %.0f%% of it",
-            out_dir,
-            timing.items,
-            timing.wall_s,
-            timing.items / max(timing.wall_s, 1e-9),
-            workers,
-            100 * timing.host_share,
-        )
-    count = count[0]
+    _log_timing(out_dir, timing, workers)
     host_metadata = {
         "format": "jfe-jax embeddings",
         **identity,
         "dim": embedder.dim,
         "prompt": embedder.prompt,
         "normalized": True,
-        "total_items": count,
-        "num_shards": -(-count // shard_size),
+        "total_items": host.count,
+        "num_shards": -(-host.count // shard_size),
         "process_index": process_index,
         "process_count": process_count,
-        "shards": sorted(written + skipped),
-        "resumed_shards": sorted(skipped),
+        "shards": sorted(written + host.skipped),
+        "resumed_shards": sorted(host.skipped),
         **(metadata or {}),
     }
     (out / METADATA_PATTERN.format(process_index)).write_text(

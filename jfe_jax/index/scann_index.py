@@ -125,7 +125,28 @@ def resolve_settings(
     )
     if mode == "ah":
         return settings
+    return _tree_settings(
+        settings,
+        n,
+        normalized=normalized,
+        num_leaves=num_leaves,
+        num_leaves_to_search=num_leaves_to_search,
+        training_sample_size=training_sample_size,
+        spherical=spherical,
+    )
 
+
+def _tree_settings(
+    settings: IndexSettings,
+    n: int,
+    *,
+    normalized: bool,
+    num_leaves: int | None,
+    num_leaves_to_search: int | None,
+    training_sample_size: int | None,
+    spherical: bool | None,
+) -> IndexSettings:
+    """``settings`` (AH, resolved) with the tree's: its defaults for n vectors, checked."""
     num_leaves = max(1, round(math.sqrt(n))) if num_leaves is None else num_leaves
     if not 1 <= num_leaves <= n:
         raise ValueError(f"num_leaves must be in [1, n={n}], got {num_leaves}")
@@ -146,7 +167,7 @@ def resolve_settings(
     if spherical is None:
         # Spherical k-means matches cosine geometry: on normalised clustered data (100k x 256)
         # it took recall@10 from 0.81 to 0.97 at the same leaves searched (measured).
-        spherical = normalized and metric == "dot_product"
+        spherical = normalized and settings.metric == "dot_product"
     return dataclasses.replace(
         settings,
         num_leaves=num_leaves,
