@@ -5,17 +5,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from jfe_jax.commands.index import (
+from jfe_jax.commands.model_args import (
     cli_remedies,
-    format_overrides,
+    instruction_args,
+    load_embedder,
     mesh_arg,
-    model_mesh,
     truncate_text_arg,
 )
 from jfe_jax.errors import ArgumentParser, positive_int
 
 
-def eval_main(argv: Sequence[str]) -> int:
+def _eval_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="jfe eval",
         description="M-BEIR Recall@k per task (UniIR's hit rate over every positive qrels "
@@ -34,13 +34,7 @@ def eval_main(argv: Sequence[str]) -> int:
         choices=["local", "global"],
         help="candidates: each task's own pool, or the union of all",
     )
-    parser.add_argument(
-        "--instruction-mode",
-        default="fixed",
-        choices=["fixed", "seeded"],
-        help="each query's instruction: the task's first (fixed) or one drawn per query (seeded)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of seeded instructions")
+    instruction_args(parser)
     parser.add_argument(
         "--ks",
         default="",
@@ -65,25 +59,49 @@ def eval_main(argv: Sequence[str]) -> int:
         help="refuse, rather than rebuild, embeddings or indexes cached in --out by another "
         "model, checkpoint, item format or pool",
     )
-    args = parser.parse_args(argv)
-    try:
-        ks = [int(k) for k in args.ks.split(",") if k.strip()] or None
-    except ValueError:
-        parser.error(f"--ks must be comma-separated positive integers, got {args.ks!r}")
-    if ks is not None and min(ks) < 1:
-        parser.error(f"--ks must be comma-separated positive integers, got {args.ks!r}")
+    return parser
 
-    from jfe_jax.encoder import embedder_for
-    from jfe_jax.eval.mbeir_eval import evaluate_mbeir, scann_agreement
+
+def _parse_ks(parser: ArgumentParser, text: str) -> list[int] | None:
+    """``--ks`` as a list of k (None: UniIR's per task); exits with the parser's error when it
+    is not comma-separated positive integers."""
+    try:
+        ks = [int(k) for k in text.split(",") if k.strip()] or None
+    except ValueError:
+        parser.error(f"--ks must be comma-separated positive integers, got {text!r}")
+    if ks is not None and min(ks) < 1:
+        parser.error(f"--ks must be comma-separated positive integers, got {text!r}")
+    return ks
+
+
+def _print_result(result: dict, out: str) -> None:
+    """The table, ScaNN's agreement, the queries without qrels and where the files are."""
+    from jfe_jax.eval.mbeir_eval import scann_agreement
+
+    print(result["text"])
+    agreement = scann_agreement(result["details"])
+    if agreement:
+        print(
+            "\nScaNN's recall@headline-k against exact search: "
+            + ", ".join(f"{task} {value:.3f}" for task, value in agreement.items())
+        )
+    if result["queries_without_qrels"]:
+        print(
+            f"\n{result['queries_without_qrels']} queries have no positive qrels line and "
+            "score 0 (per task in results.json)"
+        )
+    print(f"results: {out}/results.json and results.png")
+
+
+def eval_main(argv: Sequence[str]) -> int:
+    parser = _eval_parser()
+    args = parser.parse_args(argv)
+    ks = _parse_ks(parser, args.ks)
+
+    from jfe_jax.eval.mbeir_eval import evaluate_mbeir
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    embedder = embedder_for(
-        args.model,
-        batch_size=args.batch_size,
-        image_root=args.mbeir_root,
-        mesh=model_mesh(args),
-        **format_overrides(args),
-    )
+    embedder = load_embedder(args, image_root=args.mbeir_root)
     with cli_remedies():
         result = evaluate_mbeir(
             embedder,
@@ -99,17 +117,5 @@ def eval_main(argv: Sequence[str]) -> int:
             label=args.label,
             overwrite=args.overwrite,
         )
-    print(result["text"])
-    agreement = scann_agreement(result["details"])
-    if agreement:
-        print(
-            "\nScaNN's recall@headline-k against exact search: "
-            + ", ".join(f"{task} {value:.3f}" for task, value in agreement.items())
-        )
-    if result["queries_without_qrels"]:
-        print(
-            f"\n{result['queries_without_qrels']} queries have no positive qrels line and "
-            "score 0 (per task in results.json)"
-        )
-    print(f"results: {args.out}/results.json and results.png")
+    _print_result(result, args.out)
     return 0

@@ -3,116 +3,34 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
+from jfe_jax.commands.model_args import (  # noqa: F401  (re-exported: they were defined here)
+    cli_remedies,
+    format_overrides,
+    instruction_args,
+    load_embedder,
+    mesh_arg,
+    mesh_spec,
+    model_args,
+    model_mesh,
+    truncate_text_arg,
+)
 from jfe_jax.errors import ArgumentParser, positive_int
-from jfe_jax.models.axes import MESH_AXES
 
 log = logging.getLogger(__name__)
 
 
-def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="jfe train workdir or HF Qwen2-VL dir")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="rows per device step")
-    mesh_arg(parser)
-    truncate_text_arg(parser)
-
-
-def truncate_text_arg(parser: argparse.ArgumentParser) -> None:
-    """``--truncate-text``: shorten an over-long item's text instead of failing on it."""
-    parser.add_argument(
-        "--truncate-text",
-        action="store_true",
-        help="shorten the text of an item longer than the model's max_length (never its "
-        "instruction or image) instead of failing; it changes the item format, so an index is "
-        "searched with the setting it was exported with. Off: as the model's item format says",
-    )
-
-
-def format_overrides(args: argparse.Namespace) -> dict:
-    """The ``ItemFormat`` fields the command line sets (``embedder_for`` overrides)."""
-    return {"truncate_text": True} if args.truncate_text else {}
-
-
-@contextlib.contextmanager
-def cli_remedies() -> Iterator[None]:
-    """Errors whose remedy names a Python argument, reworded for the command line."""
-    try:
-        yield
-    except ValueError as error:
-        message = str(error)
-        if "pass truncate_text=True" not in message:
-            raise
-        raise ValueError(message.replace("pass truncate_text=True", "pass --truncate-text")) from (
-            error
-        )
-
-
-def mesh_spec(text: str) -> dict[str, int]:
-    """argparse type of ``--mesh``: "data=2,fsdp=4" -> {"data": 2, "fsdp": 4, "tensor": 1}.
-
-    Axes not named are 1; one axis may be -1 (the devices left over). The device count is
-    checked when the mesh is built (``jfe_jax.train.mesh.make_mesh``)."""
-    sizes = dict.fromkeys(MESH_AXES, 1)
-    seen = set()
-    for part in text.split(","):
-        name, sep, value = part.partition("=")
-        name = name.strip()
-        if not sep or name not in MESH_AXES:
-            raise argparse.ArgumentTypeError(
-                f"{text!r}: expected comma-separated axis=size with axes {', '.join(MESH_AXES)}"
-                f" (e.g. data=2,fsdp=4), got {part!r}"
-            )
-        if name in seen:
-            raise argparse.ArgumentTypeError(f"{text!r} names axis {name!r} twice")
-        seen.add(name)
-        try:
-            sizes[name] = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r}: {name}={value!r} is not an integer"
-            ) from None
-        if sizes[name] < 1 and sizes[name] != -1:
-            raise argparse.ArgumentTypeError(f"{text!r}: {name} must be >= 1 or -1")
-    return sizes
-
-
-def mesh_arg(parser: argparse.ArgumentParser) -> None:
-    """``--mesh``: load the model's params into their shards over this host's devices."""
-    parser.add_argument(
-        "--mesh",
-        type=mesh_spec,
-        default=None,
-        metavar="AXIS=N,...",
-        help="shard the model's params over this host's devices, e.g. fsdp=8 or "
-        "data=2,fsdp=4 (axes data, fsdp, tensor; unnamed ones 1, one may be -1), for a model "
-        "too large to copy onto every device; rows split over data x fsdp. Default: every "
-        "device holds a replicated copy",
-    )
-
-
-def model_mesh(args: argparse.Namespace):
-    """The mesh ``--mesh`` asks for, or None."""
-    if args.mesh is None:
-        return None
-    import jax
-
-    from jfe_jax.train.mesh import make_mesh
-
-    return make_mesh(args.mesh, devices=jax.local_devices())
-
-
-def export_main(argv: Sequence[str]) -> int:
+def _export_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="jfe export",
         description="Embed an M-BEIR candidate pool (or a task's queries) into resumable shards.",
     )
-    _model_args(parser)
+    model_args(parser)
     parser.add_argument("--mbeir-root", required=True, help="M-BEIR-layout directory")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--pool", help="a task's local pool (e.g. mscoco_task0) or 'global'")
@@ -120,13 +38,7 @@ def export_main(argv: Sequence[str]) -> int:
     parser.add_argument("--split", default="test", help="M-BEIR split")
     parser.add_argument("--out", required=True, help="export directory")
     parser.add_argument("--shard-size", type=positive_int, default=4096, help="items per shard")
-    parser.add_argument(
-        "--instruction-mode",
-        default="fixed",
-        choices=["fixed", "seeded"],
-        help="each query's instruction: the task's first (fixed) or one drawn per query (seeded)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of seeded instructions")
+    instruction_args(parser)
     parser.add_argument(
         "--no-overwrite",
         dest="overwrite",
@@ -148,25 +60,17 @@ def export_main(argv: Sequence[str]) -> int:
         help="batches' worth of a shard's items sorted by token and patch count together, so "
         "batches pad less (rows are written in stream order); 0: batches in stream order",
     )
-    args = parser.parse_args(argv)
-    for name in ("workers", "bucket_window"):
-        if (getattr(args, name) or 0) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    return parser
 
-    from jfe_jax.data.mbeir import MBEIR
-    from jfe_jax.encoder import embedder_for
-    from jfe_jax.eval.mbeir_eval import check_pool_not_empty, query_item, stream_file_errors
+
+def _export_records(args: argparse.Namespace, mbeir):
+    """(the M-BEIR file, its (id, Item) records, the export's metadata, its source) for
+    ``--pool`` or ``--queries``."""
+    from jfe_jax.eval.mbeir_eval import query_item
+    from jfe_jax.eval.mbeir_pools import check_pool_not_empty
     from jfe_jax.index.embedder import Item
-    from jfe_jax.index.export import export_embeddings, file_source
+    from jfe_jax.index.export import file_source
 
-    mbeir = MBEIR(args.mbeir_root)
-    embedder = embedder_for(
-        args.model,
-        batch_size=args.batch_size,
-        image_root=args.mbeir_root,
-        mesh=model_mesh(args),
-        **format_overrides(args),
-    )
     if args.pool:
         path = (
             mbeir.global_pool_path(args.split)
@@ -179,19 +83,34 @@ def export_main(argv: Sequence[str]) -> int:
             "pool": str(path.relative_to(mbeir.root)),
             "mbeir_root": os.path.abspath(args.mbeir_root),
         }
-        source = file_source(path, mbeir.root)
-    else:
-        path = mbeir.query_path(args.split, args.queries)
-        queries = mbeir.read_queries(args.split, args.queries)
-        if not queries:
-            raise ValueError(f"query file {path} holds no queries; expected at least one")
-        records = ((q.qid, query_item(mbeir, q, args.instruction_mode, args.seed)) for q in queries)
-        extra = {
-            "queries": f"{args.queries} ({args.split})",
-            "instruction_mode": args.instruction_mode,
-            "instruction_seed": args.seed,
-        }
-        source = {**extra, **file_source(path, mbeir.root)}
+        return path, records, extra, file_source(path, mbeir.root)
+    path = mbeir.query_path(args.split, args.queries)
+    queries = mbeir.read_queries(args.split, args.queries)
+    if not queries:
+        raise ValueError(f"query file {path} holds no queries; expected at least one")
+    records = ((q.qid, query_item(mbeir, q, args.instruction_mode, args.seed)) for q in queries)
+    extra = {
+        "queries": f"{args.queries} ({args.split})",
+        "instruction_mode": args.instruction_mode,
+        "instruction_seed": args.seed,
+    }
+    return path, records, extra, {**extra, **file_source(path, mbeir.root)}
+
+
+def export_main(argv: Sequence[str]) -> int:
+    parser = _export_parser()
+    args = parser.parse_args(argv)
+    for name in ("workers", "bucket_window"):
+        if (getattr(args, name) or 0) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+
+    from jfe_jax.data.mbeir import MBEIR
+    from jfe_jax.eval.mbeir_pools import stream_file_errors
+    from jfe_jax.index.export import export_embeddings
+
+    mbeir = MBEIR(args.mbeir_root)
+    embedder = load_embedder(args, image_root=args.mbeir_root)
+    path, records, extra, source = _export_records(args, mbeir)
     with cli_remedies(), stream_file_errors(mbeir, path, "qid" if args.queries else "did"):
         meta = export_embeddings(
             embedder,
@@ -258,7 +177,7 @@ def _index_build(argv: Sequence[str]) -> int:
     )
     args = parser.parse_args(argv)
 
-    from jfe_jax.eval.mbeir_eval import root_metadata
+    from jfe_jax.eval.mbeir_pools import root_metadata
     from jfe_jax.index.export import load_embeddings
     from jfe_jax.index.identity import RECORD_KEYS
     from jfe_jax.index.scann_index import Index
@@ -326,12 +245,12 @@ def _index_search(argv: Sequence[str]) -> int:
     return 0
 
 
-def search_main(argv: Sequence[str]) -> int:
+def _search_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="jfe search",
         description="Search an index with a text, an image, or both (and an instruction).",
     )
-    _model_args(parser)
+    model_args(parser)
     parser.add_argument("--index", required=True, help="index directory (jfe index build)")
     parser.add_argument("--text", help="query text")
     parser.add_argument("--image", help="path of a query image")
@@ -350,20 +269,59 @@ def search_main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("-k", type=positive_int, default=5, help="hits to show")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _add_hit_items(hits: list[dict], root: str | None, meta: dict, missing: str) -> None:
+    """Each hit's text and image, from the pool the index was built from, where it is found."""
+    from jfe_jax.data.mbeir import MBEIR
+
+    pool = root and meta.get("pool") and _pool_file(MBEIR(root), meta["pool"])
+    if pool:
+        wanted = {h["id"] for h in hits}
+        found = {c.did: c for c in MBEIR(root).iter_candidates(pool) if c.did in wanted}
+        for h in hits:
+            c = found.get(h["id"])
+            h["text"] = c.text if c else None
+            h["image"] = os.path.join(root, c.image_path) if c and c.image_path else None
+    elif missing and meta.get("pool"):
+        log.warning("the hits are shown without their text and image: they need %s", missing)
+
+
+def _print_hits(args: argparse.Namespace, instruction: str | None, hits: list[dict]) -> None:
+    """The hits as JSON (``--json``, with the query) or as a table."""
+    if args.json:
+        described = {
+            "text": args.text,
+            "image": args.image,
+            "instruction": instruction,
+            "task": args.task,
+            "model": args.model,
+            "index": args.index,
+            "k": args.k,
+        }
+        print(json.dumps({"query": described, "hits": hits}, indent=2))
+        return
+    if instruction:
+        print(f"instruction: {instruction}")
+    print(f"{'rank':>4}  {'score':>7}  {'id':<14} text / image")
+    for h in hits:
+        detail = " | ".join(x for x in (h.get("text"), h.get("image")) if x)
+        print(f"{h['rank']:>4}  {h['score']:>7.4f}  {h['id']:<14} {detail}")
+
+
+def search_main(argv: Sequence[str]) -> int:
+    args = _search_parser().parse_args(argv)
     if not args.text and not args.image:
         raise ValueError("a query needs --text, --image or both")
 
     from jfe_jax.data.mbeir import MBEIR
-    from jfe_jax.encoder import embedder_for
-    from jfe_jax.eval.mbeir_eval import index_mbeir_root
+    from jfe_jax.eval.mbeir_pools import index_mbeir_root
     from jfe_jax.index.embedder import Item
     from jfe_jax.index.identity import check_index_model, model_identity
     from jfe_jax.index.scann_index import Index
 
-    embedder = embedder_for(
-        args.model, batch_size=args.batch_size, mesh=model_mesh(args), **format_overrides(args)
-    )
+    embedder = load_embedder(args)
     index = Index.load(args.index, expect={"dim": embedder.dim})
     check_index_model(index.metadata, model_identity(embedder), args.index, this="--model has")
     meta = index.metadata.get("user", {})
@@ -383,34 +341,8 @@ def search_main(argv: Sequence[str]) -> int:
         {"rank": r + 1, "id": str(i), "score": float(s)}
         for r, (i, s) in enumerate(zip(ids[0], scores[0]))
     ]
-    pool = root and meta.get("pool") and _pool_file(MBEIR(root), meta["pool"])
-    if pool:  # the hits' text and image, from the pool the index was built from
-        wanted = {h["id"] for h in hits}
-        found = {c.did: c for c in MBEIR(root).iter_candidates(pool) if c.did in wanted}
-        for h in hits:
-            c = found.get(h["id"])
-            h["text"] = c.text if c else None
-            h["image"] = os.path.join(root, c.image_path) if c and c.image_path else None
-    elif missing and meta.get("pool"):
-        log.warning("the hits are shown without their text and image: they need %s", missing)
-    if args.json:
-        described = {
-            "text": args.text,
-            "image": args.image,
-            "instruction": instruction,
-            "task": args.task,
-            "model": args.model,
-            "index": args.index,
-            "k": args.k,
-        }
-        print(json.dumps({"query": described, "hits": hits}, indent=2))
-        return 0
-    if instruction:
-        print(f"instruction: {instruction}")
-    print(f"{'rank':>4}  {'score':>7}  {'id':<14} text / image")
-    for h in hits:
-        detail = " | ".join(x for x in (h.get("text"), h.get("image")) if x)
-        print(f"{h['rank']:>4}  {h['score']:>7.4f}  {h['id']:<14} {detail}")
+    _add_hit_items(hits, root, meta, missing)
+    _print_hits(args, instruction, hits)
     return 0
 
 
