@@ -45,6 +45,7 @@ from jfe_jax.models import layers  # noqa: E402
 from jfe_jax.models.flops import train_step_flops  # noqa: E402
 from jfe_jax.models.padding import padding_report  # noqa: E402
 from jfe_jax.models.sizes import get_size  # noqa: E402
+from jfe_jax.train import config_base  # noqa: E402
 from jfe_jax.train.hlo_cost import hlo_costs  # noqa: E402
 from jfe_jax.train.optimizer import make_optimizer  # noqa: E402
 from jfe_jax.train.step import TrainState, make_train_step  # noqa: E402
@@ -64,7 +65,7 @@ class StepConfig:
     scan: bool = False  # scan over layers (stacked params) instead of unrolling
     remat: str = "none"  # rematerialisation policy per layer
     donate: bool = True  # donate the train state to the step (buffers reused in place)
-    attention: str = layers.DEFAULT_ATTENTION_IMPL  # attention implementation (layers.py)
+    attention: str = config_base.DEFAULTS.model.attention_impl  # attention (layers.py)
 
     @classmethod
     def parse(cls, text: str) -> StepConfig:
@@ -83,7 +84,7 @@ class StepConfig:
             scan="scan" in flags,
             remat="full" if "remat" in flags else "none",
             donate="nodonate" not in flags,
-            attention=impls[0] if impls else layers.DEFAULT_ATTENTION_IMPL,
+            attention=impls[0] if impls else config_base.DEFAULTS.model.attention_impl,
         )
 
 

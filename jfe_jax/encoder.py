@@ -40,6 +40,7 @@ from jfe_jax.models.inputs import dummy_batch, prepare_batch
 from jfe_jax.models.one_tower import EncoderOptions, OneTowerEncoder, _dtype
 from jfe_jax.models.safetensors_io import SafetensorsFile, _write_file
 from jfe_jax.paths import absolute
+from jfe_jax.workdir import Workdir, is_workdir
 
 if TYPE_CHECKING:
     from jfe_jax.index.embedder import ItemEmbedder
@@ -47,12 +48,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENCODER_FILE = "jfe_encoder.json"  # our options, next to the HF files
-TOKENIZER_DIR = "tokenizer"  # where a training workdir keeps its tokenizer
 HEAD_FILE = "jfe_head.safetensors"  # params outside the HF backbone: logit_scale, projection
 BACKBONE = ("vision", "text")
 
 # Options that do not change what the model computes, left out of its fingerprint.
-_LAYOUT_OPTIONS = ("scan_layers", "remat", "temperature", "attention_impl")
+_LAYOUT_OPTIONS = EncoderOptions.layout_fields()
 # ... and those whose effect the fingerprint sees in the canonical weights (LoRA merged,
 # values as float32), so that a workdir and its converted directory agree.
 _WEIGHT_OPTIONS = (*_LAYOUT_OPTIONS, "param_dtype", "lora_rank", "lora_alpha", "lora_targets")
@@ -216,7 +216,7 @@ class Encoder:
         path = absolute(path)
         if not os.path.isdir(path):
             raise ValueError(f"{path} is not a directory")
-        if os.path.isdir(os.path.join(path, "checkpoints")):
+        if is_workdir(path):
             return cls.from_workdir(path, options, mesh=mesh, **overrides)
         config = ModelConfig.from_pretrained(path)
         if options is None:
@@ -307,9 +307,7 @@ class Encoder:
             load_options = {k: v for k, v in options.items() if k not in _LAYOUT_OPTIONS}
             store, key, value = None, None, None
             if kind == "workdir":
-                from jfe_jax.train.checkpoint import checkpoint_dir
-
-                store = os.path.join(checkpoint_dir(path), str(self.step))
+                store = Workdir(path).step_dir(self.step)
                 files = fingerprint_lib.hash_tree(
                     os.path.join(store, "state"),
                     contents_up_to=fingerprint_lib.CHECKPOINT_CONTENTS_UP_TO,
@@ -361,7 +359,7 @@ class Encoder:
             side_files_from=self.source_dir,
         )
         if self.source_dir:  # a training workdir keeps its tokenizer in tokenizer/
-            copy_side_files(os.path.join(self.source_dir, TOKENIZER_DIR), path)
+            copy_side_files(Workdir(self.source_dir).tokenizer, path)
         item_format.save(path)
         _write_preprocessor_config(path, item_format)
         head = {k: v for k, v in host.items() if k not in BACKBONE}

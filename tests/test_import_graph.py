@@ -3,7 +3,12 @@
 The layers, lowest first (a module may import from its own layer and the ones below):
 
 0. ``base``: the top-level helpers with no package imports of their own: ``errors.py``,
-   ``logs.py``, ``paths.py``, ``progress.py``. Every layer uses them, so they sit under all.
+   ``logs.py``, ``paths.py``, ``progress.py``, ``workdir.py``. Every layer uses them, so they
+   sit under all. Also ``train/config_base.py``, the one declaration of every option with its
+   comment: it imports only ml_collections, and the layers below the trainer read their
+   defaults from it (``EncoderOptions``' fields, the optimizer's keywords) instead of
+   repeating them (tests/test_declared_once.py). Importing it runs
+   ``jfe_jax/train/__init__.py``, which therefore imports nothing.
 1. ``models``: ``jfe_jax/models/`` (architectures, params, batches; no host pipeline).
 2. ``data``: ``jfe_jax/data/`` (items, images, tokens -> batches).
 3. ``train``: ``jfe_jax/train/``.
@@ -29,7 +34,8 @@ PACKAGE = "jfe_jax"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 
 LAYERS = ("base", "models", "data", "train", "index", "eval", "top", "cli")
-BASE_MODULES = ("errors", "image_files", "logs", "paths", "progress")
+BASE_MODULES = ("errors", "image_files", "logs", "paths", "progress", "workdir")
+BASE_SUBMODULES = ("train.config_base",)  # base modules inside a subpackage (docstring)
 SUBPACKAGE_LAYERS = {"models": "models", "data": "data", "train": "train", "index": "index"}
 SUBPACKAGE_LAYERS |= {"eval": "eval", "commands": "cli"}
 STRING_IMPORTERS = ("import_module", "_lazy")  # calls whose first argument names a module
@@ -52,6 +58,8 @@ def layer_of(module: str) -> str:
     parts = module.split(".")[1:]
     if not parts:
         return "top"  # jfe_jax/__init__.py
+    if ".".join(parts) in BASE_SUBMODULES:
+        return "base"
     if parts[0] in SUBPACKAGE_LAYERS and (len(parts) > 1 or (ROOT / parts[0]).is_dir()):
         return SUBPACKAGE_LAYERS[parts[0]]
     if parts[0] in BASE_MODULES:
@@ -217,6 +225,20 @@ def test_the_base_helpers_listed_exist():
     # helper that no longer exists means the list went stale.
     top_level = {p.stem for p in ROOT.glob("*.py")}
     assert set(BASE_MODULES) <= top_level, set(BASE_MODULES) - top_level
+
+
+def test_the_base_submodules_exist_and_their_packages_import_nothing():
+    # Importing jfe_jax.train.config_base runs jfe_jax/train/__init__.py: an import there
+    # would reach the train layer from below without an arrow in the graph.
+    files = module_files()
+    for name in BASE_SUBMODULES:
+        module = f"{PACKAGE}.{name}"
+        assert module in files, f"{module} is listed as a base module but does not exist"
+        assert layer_of(module) == "base"
+        package = files[module].parent / "__init__.py"
+        tree = ast.parse(package.read_text(encoding="utf-8"))
+        imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        assert not imports, f"{package} imports something: it must stay import-free"
 
 
 def test_the_parser_sees_relative_in_function_and_string_imports():

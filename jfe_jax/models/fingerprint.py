@@ -38,12 +38,13 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
+from jfe_jax.workdir import FINGERPRINT_FILE
+
 CHUNK_BYTES = 1 << 20
 CHECKPOINT_CONTENTS_UP_TO = 1 << 20  # larger checkpoint files: name and size only
 SHORT = 12  # hex digits shown to users
 HF_WEIGHT_FILES = ("config.json", "jfe_encoder.json")  # besides every *.safetensors
 FORM = "w2"  # prefix of this fingerprint form; older jfe-jax wrote bare hex (of the files)
-FINGERPRINT_FILE = "jfe_fingerprint.json"  # beside the weights: the fingerprint, computed once
 _STACKS = ("layers", "blocks")  # scan_layers' stacked collections of the text and vision towers
 
 
@@ -161,7 +162,7 @@ def _hash_tensor(name: str, value: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def hash_canonical_params(params: Mapping[str, Any], *, lora_alpha: float = 0.0) -> str:
+def hash_canonical_params(params: Mapping[str, Any], *, lora_alpha: float) -> str:
     """Hex digest of a model's parameters in the canonical layout (see the module docstring):
     layers unstacked, LoRA merged (``merged_lora_kernel``, as ``save_pretrained`` does), float32
     values; the same for the params of a workdir and of the directory converted from it.

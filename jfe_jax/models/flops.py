@@ -20,9 +20,15 @@ convention's.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-from jfe_jax.models.batches import EarlyBatch, LateFusionBatch, as_batch, text_rows
+from jfe_jax.models.batches import (
+    EarlyBatch,
+    EarlyFusionBatch,
+    LateFusionBatch,
+    ModelBatch,
+    TrainBatch,
+    text_rows,
+)
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.packing import vision_groups
 
@@ -57,34 +63,26 @@ def vision_forward_flops(config: ModelConfig, rows: int, patches: int) -> float:
     return float(blocks + embed + merger)
 
 
-def batch_vision_flops(config: ModelConfig, model_batch: Any) -> float:
+def batch_vision_flops(config: ModelConfig, model_batch: EarlyFusionBatch) -> float:
     """Forward FLOPs of the vision tower on one early-fusion model batch: its ``[B, P]``
     patch rows, or with ``pack_vision`` its vision rows (each group at its own row length)."""
-    model_batch = as_batch(model_batch)
     rows = [segments.shape for _, segments, _ in vision_groups(model_batch)]
     if isinstance(model_batch, EarlyBatch) and model_batch.pixel_values is not None:
         rows.append(model_batch.pixel_values.shape[:2])
     return sum(vision_forward_flops(config, n, p) for n, p in rows if p)
 
 
-def batch_forward_flops(config: ModelConfig, model_batch: Any) -> float:
+def batch_forward_flops(config: ModelConfig, model_batch: ModelBatch) -> float:
     """Forward FLOPs of one model batch (shapes only; late-fusion batches: the parts held)."""
-    model_batch = as_batch(model_batch)
     if isinstance(model_batch, LateFusionBatch):
         return sum(batch_forward_flops(config, part) for part, _ in model_batch.parts())
     rows, length = text_rows(model_batch).input_ids.shape
     return text_forward_flops(config, rows, length) + batch_vision_flops(config, model_batch)
 
 
-def model_sides(batch: Any) -> list[Any]:
-    """The model batches (query, candidate, hard negatives) of a train batch."""
-    return as_batch(batch).sides()
-
-
-def train_step_flops(config: ModelConfig, batch: Any) -> float:
+def train_step_flops(config: ModelConfig, batch: TrainBatch) -> float:
     """Model FLOPs of one contrastive step (every side, forward + backward = 3x forward)."""
-    sides = model_sides(batch)
-    return 3.0 * sum(batch_forward_flops(config, side) for side in sides)
+    return 3.0 * sum(batch_forward_flops(config, side) for side in batch.sides())
 
 
 def _projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -136,18 +134,17 @@ def _decoder_required(
 
 def batch_required_flops(
     config: ModelConfig,
-    model_batch: Any,
+    model_batch: ModelBatch,
     *,
     trainable: str,
-    lora_rank: int = 0,
-    lora_targets: Sequence[str] = (),
+    lora_rank: int,
+    lora_targets: Sequence[str],
 ) -> float:
     """FLOPs one training pass over a model batch cannot avoid (``train_step_required_flops``)."""
     if trainable not in ("full", "freeze_vision", "lora"):
         raise ValueError(
             f"unknown trainable mode {trainable!r}; expected full, freeze_vision, lora"
         )
-    model_batch = as_batch(model_batch)
     if isinstance(model_batch, LateFusionBatch):
         return sum(
             batch_required_flops(
@@ -169,11 +166,11 @@ def batch_required_flops(
 
 def train_step_required_flops(
     config: ModelConfig,
-    batch: Any,
+    batch: TrainBatch,
     *,
     trainable: str,
-    lora_rank: int = 0,
-    lora_targets: Sequence[str] = (),
+    lora_rank: int,
+    lora_targets: Sequence[str],
 ) -> float:
     """FLOPs of one contrastive step that the trained parts make necessary, every side.
 
@@ -184,10 +181,9 @@ def train_step_required_flops(
     and adapters 3x. Remat and gradient-cache re-forwards are excluded, as in
     ``train_step_flops`` (the 3 x forward convention, which this does not replace).
     """
-    sides = model_sides(batch)
     return sum(
         batch_required_flops(
             config, side, trainable=trainable, lora_rank=lora_rank, lora_targets=lora_targets
         )
-        for side in sides
+        for side in batch.sides()
     )

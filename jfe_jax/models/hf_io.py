@@ -216,7 +216,7 @@ def _is_stacked(entries: list[Entry], scan_layers: bool) -> bool:
 
 
 def backbone_shapes(
-    config: ModelConfig, *, scan_layers: bool = False
+    config: ModelConfig, *, scan_layers: bool
 ) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Flax path -> shape of every backbone parameter a Hugging Face checkpoint fills (layers
     stacked on a leading axis when ``scan_layers``); from the config alone, nothing is read."""
@@ -276,8 +276,8 @@ def load_hf_params(
     directory: str,
     config: ModelConfig,
     *,
-    scan_layers: bool = False,
-    dtype: Any = np.float32,
+    scan_layers: bool,
+    dtype: Any,
     shardings: Any = None,
 ) -> dict[str, Any]:
     """Reads the backbone params (``{'vision': ..., 'text': ...}``) of a HF Qwen2-VL directory

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 from jfe_jax.models import axes
 from jfe_jax.models.config import TextConfig
 from jfe_jax.models.layers import (
-    DEFAULT_ATTENTION_IMPL,
     Linear,
     RMSNorm,
     apply_rotary,
@@ -50,13 +49,14 @@ def mrope(position_ids: jax.Array, config: TextConfig) -> tuple[jax.Array, jax.A
 class DecoderLayer(nn.Module):
     """Pre-norm decoder layer: RMSNorm -> GQA attention (q/k/v bias) -> RMSNorm -> SwiGLU."""
 
+    # The encoder's options (``EncoderOptions``), handed down; no defaults of their own.
     config: TextConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    lora_rank: int = 0
-    lora_alpha: float = 0.0
-    lora_targets: tuple[str, ...] = ()
-    attention_impl: str = DEFAULT_ATTENTION_IMPL  # one of layers.ATTENTION_IMPLS
+    dtype: Dtype
+    param_dtype: Dtype
+    lora_rank: int
+    lora_alpha: float
+    lora_targets: tuple[str, ...]
+    attention_impl: str  # one of layers.ATTENTION_IMPLS
 
     def _linear(self, name, features, kernel_axes, use_bias):
         lora = name in self.lora_targets
@@ -129,14 +129,15 @@ class LanguageModel(nn.Module):
     config: TextConfig
     image_token_id: int
     tie_word_embeddings: bool
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    scan_layers: bool = False
-    remat: str = "none"
-    lora_rank: int = 0
-    lora_alpha: float = 0.0
-    lora_targets: tuple[str, ...] = ()
-    attention_impl: str = DEFAULT_ATTENTION_IMPL  # one of layers.ATTENTION_IMPLS
+    # The encoder's options (``EncoderOptions``), handed down; no defaults of their own.
+    dtype: Dtype
+    param_dtype: Dtype
+    scan_layers: bool
+    remat: str
+    lora_rank: int
+    lora_alpha: float
+    lora_targets: tuple[str, ...]
+    attention_impl: str  # one of layers.ATTENTION_IMPLS
 
     def setup(self):
         cfg = self.config

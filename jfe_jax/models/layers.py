@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jfe_jax.models import axes
+from jfe_jax.train import config_base
 
 Dtype = Any
 
@@ -153,11 +154,8 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # logits and softmax, -0.7 * float32 max for masked logits, GQA by vmapping over the groups), on
 # every backend; its only fused kernel is "cudnn" (NVIDIA GPUs, fp16/bf16 only).
 ATTENTION_IMPLS = ("einsum", "dot_product_attention")
-# The modules' default (``attention_impl``, an ``EncoderOptions`` field handed down to every
-# layer; a constant, not a switch). "einsum" stays the default: on CPU the two run the small
-# encoder and its train step at the same speed, within the noise of the measurement
-# (benchmarks/README.md), and ``implementation=None`` brings no fused kernel on TPU or GPU.
-DEFAULT_ATTENTION_IMPL = "einsum"
+# The one in use is ``model.attention_impl`` (declared, with why einsum is the default, in
+# jfe_jax/train/config_base.py), an ``EncoderOptions`` field handed down to every layer.
 
 
 def check_attention_impl(name: str) -> None:
@@ -186,7 +184,7 @@ def attention(
     mask: jax.Array,
     *,
     dtype: Dtype,
-    impl: str = DEFAULT_ATTENTION_IMPL,
+    impl: str = config_base.DEFAULTS.model.attention_impl,
     causal: bool = False,
 ) -> jax.Array:
     """Masked softmax attention with grouped-query heads.

@@ -3,7 +3,7 @@
 ``OneTowerEncoder.apply(variables, batch)`` returns ``(embedding, out)``: the L2-normalised
 embedding ``[B, D]`` and a dict of named intermediates (``last_hidden_state``, ``pooled``).
 The batch is a typed batch (``jfe_jax.models.batches``), as ``jfe_jax.models.inputs.prepare_batch``
-or the data pipeline makes it (a dict of the same layout is converted by ``as_batch``).
+or the data pipeline makes it (``as_batch`` types a dict of the former layout).
 A packed batch (``jfe_jax.models.packing``: several items per row, with ``segment_ids``,
 ``pool_index [N, 2]`` and ``item_mask [N]``) gives ``[N, D]``, one embedding per item in order.
 A vision-packed batch (``packing.pack_vision``) runs the tower on its vision rows, group by
@@ -23,18 +23,18 @@ import jax.numpy as jnp
 from jfe_jax.models import axes
 from jfe_jax.models.batches import (
     EarlyBatch,
+    EarlyFusionBatch,
     LateFusionBatch,
+    ModelBatch,
     PackedBatch,
     VisionPackedBatch,
-    as_batch,
     text_rows,
 )
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.language import LORA_TARGETS_ALL, LanguageModel
-from jfe_jax.models.layers import DEFAULT_ATTENTION_IMPL, Linear, check_attention_impl
+from jfe_jax.models.layers import Linear, check_attention_impl
 from jfe_jax.models.vision import VisionTower
-
-Dtype = Any
+from jfe_jax.train import config_base
 
 
 def last_token_index(attention_mask: jax.Array) -> jax.Array:
@@ -60,78 +60,51 @@ class OneTowerEncoder(nn.Module):
 
     Attributes:
       config: the backbone's architecture.
-      dtype: compute dtype of the matmuls (norms, softmax, pooling and the output are float32).
-      param_dtype: storage dtype of the parameters.
-      scan_layers: scan over the decoder layers and vision blocks (stacked params, fast compile).
-      remat: rematerialisation policy per layer: none, full, dots, dots_no_batch.
-      lora_rank: LoRA rank on ``lora_targets`` of the language model; 0 disables LoRA.
-      lora_alpha: LoRA scale numerator (the update is scaled by alpha / rank).
-      lora_targets: names of the decoder's projections that get adapters.
-      projection_dim: size of an optional linear head after pooling; 0 keeps the LLM width.
-      temperature: initial contrastive temperature, stored as the learnable ``logit_scale``
-        = log(1 / temperature) param (the trainer decides whether it learns).
-      attention_impl: the attention implementation of every layer (``layers.ATTENTION_IMPLS``;
-        the same outputs, a different lowering).
+      options: how it is run and what sits on top (``EncoderOptions``). ``dtype`` is the
+        compute dtype of the matmuls (norms, softmax, pooling and the output are float32);
+        ``temperature`` is stored as the ``logit_scale`` = log(1 / temperature) param (the
+        trainer decides whether it learns).
     """
 
     config: ModelConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    scan_layers: bool = False
-    remat: str = "none"
-    lora_rank: int = 0
-    lora_alpha: float = 0.0
-    lora_targets: tuple[str, ...] = LORA_TARGETS_ALL
-    projection_dim: int = 0
-    temperature: float = 0.05
-    attention_impl: str = DEFAULT_ATTENTION_IMPL
+    options: EncoderOptions
 
     def setup(self):
-        cfg = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        unknown = set(self.lora_targets) - set(LORA_TARGETS_ALL)
-        if unknown:
-            raise ValueError(
-                f"unknown LoRA targets {sorted(unknown)}; expected some of {list(LORA_TARGETS_ALL)}"
-            )
-        check_attention_impl(self.attention_impl)
-        self.vision = VisionTower(
-            cfg.vision,
-            scan_layers=self.scan_layers,
-            remat=self.remat,
-            attention_impl=self.attention_impl,
-            **kw,
+        cfg, options = self.config, self.options
+        kw = dict(dtype=_dtype(options.dtype), param_dtype=_dtype(options.param_dtype))
+        layout = dict(
+            scan_layers=options.scan_layers,
+            remat=options.remat,
+            attention_impl=options.attention_impl,
         )
+        self.vision = VisionTower(cfg.vision, **layout, **kw)
         self.text = LanguageModel(
             cfg.text,
             image_token_id=cfg.image_token_id,
             tie_word_embeddings=cfg.tie_word_embeddings,
-            scan_layers=self.scan_layers,
-            remat=self.remat,
-            lora_rank=self.lora_rank,
-            lora_alpha=self.lora_alpha,
-            lora_targets=tuple(self.lora_targets),
-            attention_impl=self.attention_impl,
+            lora_rank=options.lora_rank,
+            lora_alpha=options.lora_alpha,
+            lora_targets=options.lora_targets,
+            **layout,
             **kw,
         )
-        if self.projection_dim:
+        if options.projection_dim:
             self.projection = Linear(
-                self.projection_dim, use_bias=False, kernel_axes=(axes.EMBED, axes.PROJ), **kw
+                options.projection_dim, use_bias=False, kernel_axes=(axes.EMBED, axes.PROJ), **kw
             )
         self.logit_scale = self.param(
             "logit_scale",
-            axes.param_init(nn.initializers.constant(math.log(1.0 / self.temperature)), ()),
+            axes.param_init(nn.initializers.constant(math.log(1.0 / options.temperature)), ()),
             (),
             jnp.float32,
         )
 
-    def image_features(self, batch: Any) -> jax.Array | None:
+    def image_features(self, batch: EarlyFusionBatch) -> jax.Array | None:
         """The vision tower's merged image tokens ``[B, P // merge**2, H]``; None without images.
 
         Computed apart, they can be fed back through ``image_features=`` (the train step reuses
         a frozen tower's output across the gradient cache's two passes).
         """
-        batch = as_batch(batch)
         if isinstance(batch, VisionPackedBatch):  # images in their own rows (pack_vision)
             # One tower call per group of vision rows: the masked rows, and each per-image
             # block group (rows of one image size), whose attention is the image's own.
@@ -148,7 +121,7 @@ class OneTowerEncoder(nn.Module):
 
     def hidden_states(
         self,
-        batch: Any,
+        batch: EarlyFusionBatch,
         image_features: jax.Array | None = None,
         pool_index: jax.Array | None = None,
     ) -> jax.Array:
@@ -158,7 +131,6 @@ class OneTowerEncoder(nn.Module):
         vision tower here. ``pool_index [N, 2]``: only the states at those (row, position)
         tokens, ``[N, H]`` (``LanguageModel(pool_index=)``).
         """
-        batch = as_batch(batch)
         if image_features is None:
             image_features = self.image_features(batch)
         rows = text_rows(batch)
@@ -173,14 +145,13 @@ class OneTowerEncoder(nn.Module):
 
     def __call__(
         self,
-        batch: Any,
+        batch: ModelBatch,
         image_features: jax.Array | None = None,
         return_hidden: bool = False,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """``(embedding [N, D], out)``; ``out`` holds ``pooled`` and, with ``return_hidden``,
         ``last_hidden_state [B, L, H]``. Without it the last layer runs only at the pooled
         tokens (``LanguageModel(pool_index=)``): the same embeddings for less work."""
-        batch = as_batch(batch)
         if isinstance(batch, LateFusionBatch):
             if image_features is not None:
                 raise ValueError("precomputed image_features are for early-fusion batches only")
@@ -197,7 +168,7 @@ class OneTowerEncoder(nn.Module):
         else:
             pooled = self.hidden_states(batch, image_features, pool_index)
         out["pooled"] = pooled
-        features = self.projection(pooled) if self.projection_dim else pooled
+        features = self.projection(pooled) if self.options.projection_dim else pooled
         embedding = l2_normalize(features)
         if isinstance(rows, PackedBatch):
             # Slots that only pad N to a static item count embed to zero.
@@ -235,35 +206,55 @@ def _dtype(name: str | Any) -> Any:
     return name
 
 
+_DEFAULTS = config_base.DEFAULTS.model
+# A layout option changes how the model runs or is stored, not what it computes: the
+# fingerprint leaves it out (temperature only seeds logit_scale, a param the fingerprint hashes).
+_LAYOUT = {"layout": True}
+
+
 @dataclasses.dataclass(frozen=True)
 class EncoderOptions:
-    """How the backbone is run and what sits on top of it (see ``OneTowerEncoder``)."""
+    """How the backbone is run and what sits on top of it (``OneTowerEncoder``).
 
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    scan_layers: bool = False
-    remat: str = "none"
-    lora_rank: int = 0
-    lora_alpha: float = 0.0
-    lora_targets: tuple[str, ...] = LORA_TARGETS_ALL
-    projection_dim: int = 0
-    temperature: float = 0.05
-    attention_impl: str = DEFAULT_ATTENTION_IMPL  # one of layers.ATTENTION_IMPLS
+    Each field is the training config's ``model.<name>``, declared and commented in
+    ``jfe_jax.train.config_base``, whose value is its default here. Fields with
+    ``metadata["layout"]`` do not change what the model computes.
+    """
+
+    dtype: str = _DEFAULTS.dtype
+    param_dtype: str = _DEFAULTS.param_dtype
+    scan_layers: bool = dataclasses.field(default=_DEFAULTS.scan_layers, metadata=_LAYOUT)
+    remat: str = dataclasses.field(default=_DEFAULTS.remat, metadata=_LAYOUT)
+    lora_rank: int = _DEFAULTS.lora_rank
+    lora_alpha: float = _DEFAULTS.lora_alpha
+    lora_targets: tuple[str, ...] = _DEFAULTS.lora_targets
+    projection_dim: int = _DEFAULTS.projection_dim
+    temperature: float = dataclasses.field(default=_DEFAULTS.temperature, metadata=_LAYOUT)
+    attention_impl: str = dataclasses.field(default=_DEFAULTS.attention_impl, metadata=_LAYOUT)
 
     def __post_init__(self):
+        # A list (from JSON) becomes a tuple: the options are hashed as a module field.
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        unknown = set(self.lora_targets) - set(LORA_TARGETS_ALL)
+        if unknown:
+            raise ValueError(
+                f"unknown LoRA targets {sorted(unknown)}; expected some of {list(LORA_TARGETS_ALL)}"
+            )
         check_attention_impl(self.attention_impl)
 
+    @classmethod
+    def from_config(cls, model_cfg: Any) -> EncoderOptions:
+        """The options of a training config's ``model`` section (a ConfigDict or a mapping).
+        A field the section lacks (a run config saved before the field existed) takes its
+        default, which that run ran."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{name: model_cfg[name] for name in names if name in model_cfg})
+
+    @classmethod
+    def layout_fields(cls) -> tuple[str, ...]:
+        """The fields that do not change what the model computes (``metadata["layout"]``)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("layout"))
+
     def module(self, config: ModelConfig) -> OneTowerEncoder:
-        return OneTowerEncoder(
-            config,
-            dtype=_dtype(self.dtype),
-            param_dtype=_dtype(self.param_dtype),
-            scan_layers=self.scan_layers,
-            remat=self.remat,
-            lora_rank=self.lora_rank,
-            lora_alpha=self.lora_alpha,
-            lora_targets=tuple(self.lora_targets),
-            projection_dim=self.projection_dim,
-            temperature=self.temperature,
-            attention_impl=self.attention_impl,
-        )
+        """The encoder module of architecture ``config`` run with these options."""
+        return OneTowerEncoder(config, self)

@@ -20,7 +20,6 @@ import jax.numpy as jnp
 from jfe_jax.models import axes
 from jfe_jax.models.config import VisionConfig
 from jfe_jax.models.layers import (
-    DEFAULT_ATTENTION_IMPL,
     LayerNorm,
     Linear,
     apply_rotary,
@@ -53,10 +52,11 @@ def vision_rotary(positions: jax.Array, head_dim: int, theta: float) -> tuple[ja
 class VisionBlock(nn.Module):
     """Pre-norm ViT block: LayerNorm -> attention with rotary q/k -> LayerNorm -> MLP."""
 
+    # The encoder's options (``EncoderOptions``), handed down; no defaults of their own.
     config: VisionConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    attention_impl: str = DEFAULT_ATTENTION_IMPL  # one of layers.ATTENTION_IMPLS
+    dtype: Dtype
+    param_dtype: Dtype
+    attention_impl: str  # one of layers.ATTENTION_IMPLS
 
     @nn.compact
     def __call__(self, x, mask, cos, sin):
@@ -92,12 +92,13 @@ class VisionTower(nn.Module):
     of that row, in order.
     """
 
+    # The encoder's options (``EncoderOptions``), handed down; no defaults of their own.
     config: VisionConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    scan_layers: bool = False
-    remat: str = "none"
-    attention_impl: str = DEFAULT_ATTENTION_IMPL  # one of layers.ATTENTION_IMPLS
+    dtype: Dtype
+    param_dtype: Dtype
+    scan_layers: bool
+    remat: str
+    attention_impl: str  # one of layers.ATTENTION_IMPLS
 
     @nn.compact
     def __call__(self, pixel_values, patch_segment_ids, patch_positions):

@@ -3,6 +3,10 @@
 Experiment files (``configs/stage1_*.py``, ``configs/stage2_*.py``) start from
 ``base_config()`` and override values; the config is then locked, so a misspelt override on
 the command line (``--config.optimizer.lerning_rate=...``) fails before anything is built.
+
+Code below the trainer reads its defaults from ``DEFAULTS`` (``EncoderOptions``' fields, the
+optimizer's keyword defaults) instead of repeating them. This module imports nothing from the
+package, so every layer may import it (tests/test_import_graph.py, tests/test_declared_once.py).
 """
 
 import ml_collections
@@ -24,6 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = "none"  # none | full | dots | dots_no_batch
     c.model.lora_rank = 0  # LoRA rank on the decoder projections; 0 = no adapters
     c.model.lora_alpha = 0.0  # LoRA scale numerator (update scaled by alpha / rank)
+    # The decoder projections that get adapters (some of language.LORA_TARGETS_ALL).
     c.model.lora_targets = (
         "q_proj",
         "k_proj",
@@ -35,7 +40,10 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.model.projection_dim = 0  # linear head after pooling; 0 keeps the LLM width
     c.model.temperature = 0.05  # initial InfoNCE temperature
-    c.model.attention_impl = "einsum"  # einsum | dot_product_attention (models/layers.py)
+    # einsum | dot_product_attention (models/layers.py): the same outputs, another lowering.
+    # einsum: no slower on CPU (benchmarks/README.md), and dot_product_attention's
+    # implementation=None brings no fused kernel on TPU or GPU.
+    c.model.attention_impl = "einsum"
     c.model.learn_temperature = False  # train logit_scale = log(1/temperature)
     # early: JFE, image and text in one sequence; late: the baseline that embeds them apart
     # with the same tower and adds the embeddings (UniIR's score fusion)
@@ -148,6 +156,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.async_checkpointing = True
     c.train.distributed = False  # call jax.distributed.initialize() first (multi-host)
     return c
+
+
+# The base config, frozen: the defaults that EncoderOptions and the optimizer's keywords read.
+DEFAULTS = ml_collections.FrozenConfigDict(base_config())
 
 
 def demo_stage1_config() -> ml_collections.ConfigDict:

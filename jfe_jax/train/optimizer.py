@@ -21,6 +21,11 @@ from typing import Any
 import jax
 import optax
 
+from jfe_jax.train import config_base
+
+# The keyword defaults below are the training config's (declared in config_base).
+_DEFAULTS = config_base.DEFAULTS.optimizer
+
 # Path components that get no weight decay: biases, norm scales/biases (any component
 # containing "norm", or "ln..."), and Flax's "scale". Matched by path, not only by ndim,
 # because scanned layers stack 1-D norm scales and biases into 2-D arrays.
@@ -43,7 +48,7 @@ def make_schedule(
     warmup_steps: int,
     total_steps: int,
     end_learning_rate: float,
-    decay_fraction: float = 1.0,
+    decay_fraction: float = _DEFAULTS.decay_fraction,
 ) -> optax.Schedule:
     """Linear warmup from 0 to the peak over ``warmup_steps``, then cosine decay to the end.
 
@@ -143,12 +148,12 @@ def make_optimizer(
     end_learning_rate: float,
     weight_decay: float,
     max_grad_norm: float | None,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
+    b1: float = _DEFAULTS.b1,
+    b2: float = _DEFAULTS.b2,
+    eps: float = _DEFAULTS.eps,
     lr_multipliers: Mapping[str, float] | None = None,
     no_decay_pattern: str = NO_DECAY_PATTERN,
-    decay_fraction: float = 1.0,
+    decay_fraction: float = _DEFAULTS.decay_fraction,
 ) -> optax.GradientTransformation:
     """AdamW on a warmup + cosine schedule with global-norm clipping and parameter groups.
 

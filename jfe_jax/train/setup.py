@@ -22,34 +22,24 @@ import optax
 from etils import epath
 from flax import traverse_util
 
+from jfe_jax.data.batch_layout import BatchLayout
 from jfe_jax.data.item_format import ItemFormat
 from jfe_jax.models.axes import LOGICAL_RULES
-from jfe_jax.models.config import ModelConfig
+from jfe_jax.models.config import HF_CONFIG_FILE, ModelConfig
 from jfe_jax.models.hf_io import backbone_shapes, load_hf_params
 from jfe_jax.models.inputs import dummy_batch
-from jfe_jax.models.one_tower import EncoderOptions
+from jfe_jax.models.one_tower import EncoderOptions, _dtype
 from jfe_jax.models.sizes import get_size
 from jfe_jax.train import checkpoint as ckpt
 from jfe_jax.train import mesh as mesh_lib
 from jfe_jax.train.optimizer import make_optimizer, make_schedule, trainable_mask
 from jfe_jax.train.step import TrainState, jit_train_step, merge_params, split_params
+from jfe_jax.workdir import is_workdir
 
 
 def encoder_options(config: ml_collections.ConfigDict) -> EncoderOptions:
-    m = config.model
-    return EncoderOptions(
-        dtype=m.dtype,
-        param_dtype=m.param_dtype,
-        scan_layers=m.scan_layers,
-        remat=m.remat,
-        lora_rank=m.lora_rank,
-        lora_alpha=m.lora_alpha,
-        lora_targets=tuple(m.lora_targets),
-        projection_dim=m.projection_dim,
-        temperature=m.temperature,
-        # A run config saved before the field existed ran the default.
-        attention_impl=m.get("attention_impl", EncoderOptions.attention_impl),
-    )
+    """The encoder options of a training config (``EncoderOptions.from_config``)."""
+    return EncoderOptions.from_config(config.model)
 
 
 def init_source(config: ml_collections.ConfigDict) -> str:
@@ -63,9 +53,7 @@ def init_source(config: ml_collections.ConfigDict) -> str:
         return "scratch"
     if not epath.Path(path).is_dir():
         raise ValueError(f"model.init_from={path!r} is not a directory")
-    if (epath.Path(path) / "config.json").is_file() and not epath.Path(
-        ckpt.checkpoint_dir(path)
-    ).is_dir():
+    if not is_workdir(path) and (epath.Path(path) / HF_CONFIG_FILE).is_file():
         return "hf"
     if ckpt.latest_step(path) is None:
         raise ValueError(
@@ -290,6 +278,26 @@ def pack_chunk_items(config: ml_collections.ConfigDict, hosts: int | None = None
     return chunk // (jax.process_count() if hosts is None else hosts)
 
 
+def batch_layout(
+    config: ml_collections.ConfigDict, local_shards: int, hosts: int | None = None
+) -> BatchLayout:
+    """How the trainer lays a side's items into rows: ``config.data``'s packing options, rows
+    (text and vision) rounded to the ``local_shards`` batch shards this host's devices hold,
+    gradient-cache chunks split over ``hosts`` (default: this runtime's); ``pack_length`` 0
+    is the largest length bucket (one shape per side)."""
+    d = config.data
+    return BatchLayout(
+        pack=d.pack,
+        pack_items_per_row=d.pack_items_per_row,
+        pack_length=d.pack_length or max(d.length_buckets),
+        row_multiple=local_shards if d.pack or d.pack_vision else 1,
+        pack_vision=d.pack_vision,
+        pack_vision_blocks=tuple(d.pack_vision_blocks),
+        pack_vision_row_fraction=d.pack_vision_row_fraction,
+        chunk_items=pack_chunk_items(config, hosts),
+    )
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class TrainSetup:
     """What ``build`` makes of a config: the train step and everything it is built from."""
@@ -433,7 +441,7 @@ def initial_params(config, module, model_config, mesh, param_shardings):
     flat_shardings = traverse_util.flatten_dict(param_shardings)
     source_shapes, step = {}, None
     if source == "hf":
-        source_shapes = backbone_shapes(model_config, scan_layers=module.scan_layers)
+        source_shapes = backbone_shapes(model_config, scan_layers=module.options.scan_layers)
     elif source == "workdir":
         saved, step = ckpt.param_shapes(init_from)
         source_shapes = {key: value.shape for key, value in saved.items()}
@@ -468,8 +476,8 @@ def initial_params(config, module, model_config, mesh, param_shardings):
         loaded = load_hf_params(
             init_from,
             model_config,
-            scan_layers=module.scan_layers,
-            dtype=module.param_dtype,
+            scan_layers=module.options.scan_layers,
+            dtype=_dtype(module.options.param_dtype),
             shardings=param_shardings,
         )
         what = "Hugging Face weights from " + init_from
@@ -512,7 +520,7 @@ def build_optimizer(config: ml_collections.ConfigDict, abstract_params: Any) -> 
         b2=config.optimizer.b2,
         eps=config.optimizer.eps,
         lr_multipliers=dict(config.optimizer.lr_multipliers),
-        decay_fraction=config.optimizer.get("decay_fraction", 1.0),
+        decay_fraction=config.optimizer.decay_fraction,
     )
     return optimizer, mask
 
@@ -523,7 +531,7 @@ def make_lr_fn(config):
         warmup_steps=config.optimizer.warmup_steps,
         total_steps=config.train.num_steps,
         end_learning_rate=config.optimizer.end_learning_rate,
-        decay_fraction=config.optimizer.get("decay_fraction", 1.0),
+        decay_fraction=config.optimizer.decay_fraction,
     )
     # The optimizer's count is the number of updates already applied when step `step` runs.
     return lambda step: float(schedule(step - 1))
