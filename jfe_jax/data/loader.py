@@ -22,6 +22,57 @@ class _Apply(grain.MapTransform):
         return self.function(element)
 
 
+def _host_share(
+    num_records: int,
+    global_batch_size: int,
+    shard_index: int | None,
+    shard_count: int | None,
+    drop_remainder: bool,
+) -> tuple[grain.ShardOptions, int]:
+    """(this host's shard of the records, its per-host batch size), checked: the global batch
+    splits evenly over the hosts and, with ``drop_remainder``, a shard holds one batch."""
+    if shard_index is None or shard_count is None:
+        import jax  # here, so that worker processes need not import it
+
+        shard_index = jax.process_index() if shard_index is None else shard_index
+        shard_count = jax.process_count() if shard_count is None else shard_count
+    if global_batch_size <= 0 or global_batch_size % shard_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} must be a positive multiple "
+            f"of shard_count={shard_count} (each host takes an equal share)"
+        )
+    batch_size = global_batch_size // shard_count
+    shard_options = grain.ShardOptions(shard_index, shard_count, drop_remainder=drop_remainder)
+    shard_size = num_records // shard_count
+    if drop_remainder and shard_size < batch_size:
+        raise ValueError(
+            f"each shard holds {shard_size} of {num_records} records, fewer than "
+            f"one per-host batch of {batch_size}"
+        )
+    return shard_options, batch_size
+
+
+def _operations(
+    source: Any,
+    transform: ContrastiveBatcher | Callable[[Any], Any],
+    batch_size: int,
+    drop_remainder: bool,
+    cache_bytes: int,
+) -> tuple[Any, list]:
+    """(the source to read, maybe lazily for the example cache; grain's operations on it)."""
+    if cache_bytes < 0:
+        raise ValueError(f"cache_bytes={cache_bytes}: expected >= 0 (0: no cache)")
+    if hasattr(transform, "operations"):
+        operations = transform.operations(batch_size, drop_remainder, cache_bytes)
+        if cache_bytes:
+            source = LazyRecords(source)
+    elif cache_bytes:
+        raise ValueError("cache_bytes needs a ContrastiveBatcher transform (it caches encoding)")
+    else:
+        operations = [_Apply(transform), grain.Batch(batch_size, drop_remainder=drop_remainder)]
+    return source, operations
+
+
 def make_train_loader(
     source: Any,
     *,
@@ -61,38 +112,14 @@ def make_train_loader(
     ``grain.PyGrainCheckpointSave(it)``/``PyGrainCheckpointRestore(it)``) resumes at the next
     batch; restore with the same source, seed, shards, batch size and worker_count.
     """
-    if shard_index is None or shard_count is None:
-        import jax  # here, so that worker processes need not import it
-
-        shard_index = jax.process_index() if shard_index is None else shard_index
-        shard_count = jax.process_count() if shard_count is None else shard_count
-    if global_batch_size <= 0 or global_batch_size % shard_count:
-        raise ValueError(
-            f"global_batch_size={global_batch_size} must be a positive multiple "
-            f"of shard_count={shard_count} (each host takes an equal share)"
-        )
-    batch_size = global_batch_size // shard_count
-    shard_options = grain.ShardOptions(shard_index, shard_count, drop_remainder=drop_remainder)
-    shard_size = len(source) // shard_count
-    if drop_remainder and shard_size < batch_size:
-        raise ValueError(
-            f"each shard holds {shard_size} of {len(source)} records, fewer than "
-            f"one per-host batch of {batch_size}"
-        )
+    shard_options, batch_size = _host_share(
+        len(source), global_batch_size, shard_index, shard_count, drop_remainder
+    )
     if worker_count > 0 and not flags.FLAGS.is_parsed():
         # grain 0.2.18 reads an absl flag in its workers and fails when flags were never
         # parsed (scripts and notebooks without absl.app; google/grain#1355): use defaults.
         flags.FLAGS.mark_as_parsed()
-    if cache_bytes < 0:
-        raise ValueError(f"cache_bytes={cache_bytes}: expected >= 0 (0: no cache)")
-    if hasattr(transform, "operations"):
-        operations = transform.operations(batch_size, drop_remainder, cache_bytes)
-        if cache_bytes:
-            source = LazyRecords(source)
-    elif cache_bytes:
-        raise ValueError("cache_bytes needs a ContrastiveBatcher transform (it caches encoding)")
-    else:
-        operations = [_Apply(transform), grain.Batch(batch_size, drop_remainder=drop_remainder)]
+    source, operations = _operations(source, transform, batch_size, drop_remainder, cache_bytes)
     sampler = grain.IndexSampler(
         len(source), shard_options=shard_options, shuffle=shuffle, num_epochs=num_epochs, seed=seed
     )

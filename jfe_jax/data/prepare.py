@@ -87,33 +87,44 @@ def build_dataset(
         if os.path.exists(data_path):
             shutil.rmtree(data_path)  # stale, interrupted, or an older (TFDS-written) build
         store = ImageStore(image_store or default_store_dir(root), workers=workers)
-        paths = {p for p in builder.image_paths(root) if _inside(root, p)}
-        builder.store_entries = store.ensure(
-            root, paths, decode=builder_config.verify_images == "full"
-        )
-        started = time.perf_counter()
-        count = prepared.write_examples(
-            data_path,
-            builder.examples(root),
-            fields=builder.field_kinds(),
-            store=store,
-            description={
-                "builder": builder.name,
-                "config": builder_config.name,
-                "version": str(builder.version),
-            },  # fmt: skip
-            metadata=builder.info.metadata,
-        )
-        write_sources(builder.data_path, settings, files, builder.source_images)
-        logger.info(
-            "prepared %s: %d examples in %.1f s (%d images in the store %s)",
-            data_path,
-            count,
-            time.perf_counter() - started,
-            len(builder.store_entries),
-            store.directory,
-        )
+        _write_build(builder, builder_config, root, store, settings, files)
     return builder
+
+
+def _write_build(
+    builder: _NoTensorFlowBuilder,
+    builder_config: Any,
+    root: Path,
+    store: ImageStore,
+    settings: dict[str, Any],
+    files: dict[str, Any],
+) -> None:
+    """Writes the builder's images into ``store``, its examples and its sources record."""
+    data_path = os.fspath(builder.data_path)
+    paths = {p for p in builder.image_paths(root) if _inside(root, p)}
+    builder.store_entries = store.ensure(root, paths, decode=builder_config.verify_images == "full")
+    started = time.perf_counter()
+    count = prepared.write_examples(
+        data_path,
+        builder.examples(root),
+        fields=builder.field_kinds(),
+        store=store,
+        description={
+            "builder": builder.name,
+            "config": builder_config.name,
+            "version": str(builder.version),
+        },  # fmt: skip
+        metadata=builder.info.metadata,
+    )
+    write_sources(builder.data_path, settings, files, builder.source_images)
+    logger.info(
+        "prepared %s: %d examples in %.1f s (%d images in the store %s)",
+        data_path,
+        count,
+        time.perf_counter() - started,
+        len(builder.store_entries),
+        store.directory,
+    )
 
 
 def _reuse(builder: _NoTensorFlowBuilder, data_path: str) -> None:
