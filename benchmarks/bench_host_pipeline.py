@@ -145,7 +145,7 @@ def stage2_2b_batcher(tokenizer, *, baseline: bool = False) -> ContrastiveBatche
     processor_class = BaselineImageProcessor if baseline else ImageProcessor
     batcher_class = BaselineBatcher if baseline else ContrastiveBatcher
     processor = processor_class(min_pixels=d.image_min_pixels, max_pixels=d.image_max_pixels)
-    return batcher_class(
+    batcher = batcher_class.from_options(
         tokenizer,
         processor,
         model_config(),
@@ -157,6 +157,8 @@ def stage2_2b_batcher(tokenizer, *, baseline: bool = False) -> ContrastiveBatche
         candidate_patch_budget=d.candidate_patch_budget,
         num_hard_negatives=d.num_hard_negatives,
     )
+    batcher.image_processor = processor  # the format's would be a plain ImageProcessor
+    return batcher
 
 
 # --- the baseline: the code before issue 32 item 4 ------------------------------------------------
@@ -241,12 +243,12 @@ def baseline_collate(
 class BaselineBatcher(ContrastiveBatcher):
     """The batcher with the baseline's collate."""
 
-    def _collate_early(self, items, patch_budget):
+    def _collate(self, items, patch_budget, side):
         return baseline_collate(
             items,
             config=self.model_config,
             pad_token_id=self.tokenizer.pad_token_id,
-            length_buckets=self.length_buckets,
+            length_buckets=self.item_format.length_buckets,
             patch_budget=patch_budget,
         )
 
@@ -369,10 +371,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--against",
+        metavar="TREE",
+        help="also time the whole pipeline of another checkout of the package (for instance"
+        " `git worktree add /tmp/old 7b83e95^`, the code before issue 32 item 4) against this"
+        " one, each in its own process (host_pipeline_worker.py), alternating round by round",
+    )
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench_host_") as directory:
         records = make_records(directory, args.examples, args.seed)
         sizes = sorted({len(r["positive_image"]) // 1024 for r in records})
+    floor = decode_resize_floor(records)
     results = profile_host_pipeline(batch_size=args.batch_size, rounds=args.rounds, records=records)
     print(
         f"stage-2 host pipeline, 2b item format, {results['examples']} examples (JPEGs 640x480 to "
@@ -391,7 +401,77 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"| {name} | {row['examples_per_s']:.1f} | {cells} |")
     speedup = results["current"]["examples_per_s"] / results["baseline"]["examples_per_s"]
     print(f"speed-up: {speedup:.2f}x")
+    baseline_ms = sum(results["baseline"]["ms_per_example"].values())
+    print(
+        f"decode + resize alone (PIL, the same images, best of 3): {floor:.2f} ms per example;"
+        f" no pipeline that keeps transformers' pixels beats {baseline_ms / floor:.2f}x the"
+        " baseline of this run"
+    )
+    if args.against:
+        print()
+        print_against(records, args.against, args.rounds, args.batch_size)
     return 0
+
+
+def decode_resize_floor(records: list[dict]) -> float:
+    """Milliseconds per example of the JPEG decode and the PIL bicubic resize alone, the two
+    stages whose results must equal transformers' (best of three passes)."""
+    import io
+
+    d = stage2_config("2b").data
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for record in records:
+            image = Image.open(io.BytesIO(record["positive_image"]))
+            image.load()
+            height, width = smart_resize(
+                image.height, image.width, 28, d.image_min_pixels, d.image_max_pixels
+            )
+            image.resize((width, height), Image.Resampling.BICUBIC)
+        best = min(best, time.perf_counter() - start)
+    return 1e3 * best / len(records)
+
+
+def print_against(records: list[dict], tree: str, rounds: int, batch_size: int) -> None:
+    """Times the whole pipeline of this checkout and of ``tree`` in separate processes."""
+    import json
+    import pickle
+    import subprocess
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "host_pipeline_worker.py")
+    trees = {"this checkout": here, os.path.abspath(tree): os.path.abspath(tree)}
+    with tempfile.TemporaryDirectory(prefix="bench_host_against_") as directory:
+        path = os.path.join(directory, "records.pkl")
+        with open(path, "wb") as f:
+            data = dict(records=records, corpus=tokenizer_corpus(0), vocab_size=VOCAB_SIZE)
+            pickle.dump(data, f)
+        rates: dict[str, list[float]] = {name: [] for name in trees}
+        for _ in range(rounds):
+            for name, root in trees.items():
+                env = dict(os.environ, PYTHONPATH=root)
+                command = [sys.executable, worker, path, "--passes", "1"]
+                command += ["--batch-size", str(batch_size)]
+                out = subprocess.run(command, env=env, capture_output=True, text=True)
+                if out.returncode != 0:
+                    raise SystemExit(f"{name}: the worker failed:\n{out.stderr[-2000:]}")
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                if os.path.realpath(result["package"]) != os.path.realpath(
+                    os.path.join(root, "jfe_jax")
+                ):
+                    raise SystemExit(f"{name}: imported {result['package']}, not {root}")
+                rates[name].append(result["examples"] / min(result["seconds"]))
+    print(
+        f"whole pipeline, one process each, median of {rounds} rounds (load average"
+        f" {os.getloadavg()[0]:.2f}):"
+    )
+    print("| package | examples/s | x the other |")
+    print("|---|---|---|")
+    medians = {name: float(np.median(values)) for name, values in rates.items()}
+    (a, ra), (b, rb) = medians.items()
+    print(f"| {a} | {ra:.1f} | {ra / rb:.2f}x |")
+    print(f"| {b} | {rb:.1f} | {rb / ra:.2f}x |")
 
 
 if __name__ == "__main__":

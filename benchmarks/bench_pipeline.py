@@ -28,7 +28,7 @@ from pathlib import Path
 
 from jfe_jax.data.image_processor import ImageProcessor
 from jfe_jax.data.loader import make_train_loader
-from jfe_jax.data.pipeline import make_transform
+from jfe_jax.data.pipeline import ContrastiveBatcher
 from jfe_jax.data.synthetic import SyntheticConfig, corpus_texts, generate
 from jfe_jax.data.tfds_builders import MbeirTrainPairs, PairData, build_dataset, load_source
 from jfe_jax.data.tokenizer import build_tokenizer
@@ -66,7 +66,7 @@ def prepare(workdir: Path) -> dict:
 
 def transform_for(kind: str, tokenizer):
     """The batcher the benchmark uses for a dataset kind."""
-    return make_transform(
+    return ContrastiveBatcher.from_options(
         tokenizer,
         ImageProcessor(),
         get_size("tiny"),

@@ -74,11 +74,11 @@ def patch_data(toy_stages: tuple[str, ...]) -> None:
     stage, _, spec = os.environ.get("JFE_TEST_SIGNAL", "").rpartition(":")
     name, _, at = spec.partition("@")
 
-    def make_train_data(config, workdir, model_config):
+    def make_train_data(config, workdir, model_config, item_format=None):
         if config.stage in toy_stages:
             data = ToyPairs(model_config, batch_size=8, seed=1)
         else:
-            data = real(config, workdir, model_config)
+            data = real(config, workdir, model_config, item_format)
         if name and stage in ("", config.stage):
             data = SignalAt(data, getattr(signal, "SIG" + name), int(at))
         return data

@@ -4,10 +4,12 @@ import io
 import pathlib
 import pickle
 import re
+from collections.abc import Mapping
 
 import jax
 import numpy as np
 import pytest
+from batch_dicts import as_dict
 from PIL import Image
 
 from jfe_jax.data.collate import collate, collate_packed
@@ -28,6 +30,7 @@ from jfe_jax.models.batches import (
     text_rows,
 )
 from jfe_jax.models.packing import pack_vision
+from jfe_jax.models.padding import padding_report
 from jfe_jax.models.sizes import get_size
 
 CONFIG = get_size("tiny")
@@ -79,8 +82,8 @@ def tokenizer():
     return build_tokenizer(["a red circle", "a photo of a green square"] * 20, 512)
 
 
-def test_the_pipeline_makes_a_train_batch_that_reads_like_the_dict_it_replaces(tokenizer):
-    batcher = ContrastiveBatcher(
+def test_the_pipeline_makes_a_train_batch_that_pickles_and_jits(tokenizer):
+    batcher = ContrastiveBatcher.from_options(
         tokenizer,
         ImageProcessor(max_pixels=56 * 56),
         CONFIG,
@@ -93,18 +96,7 @@ def test_the_pipeline_makes_a_train_batch_that_reads_like_the_dict_it_replaces(t
     batch = batcher(records)
     assert type(batch) is TrainBatch and batch.hard_negative is None
     assert [type(s) for s in batch.sides()] == [EarlyBatch, EarlyBatch]
-    # The dict view: keys present, values the fields; absent ones are not keys.
-    assert "query" in batch and "hard_negative" not in batch
-    assert batch["candidate"]["pixel_values"] is batch.candidate.pixel_values
-    assert set(dict(batch)) == {
-        "query",
-        "candidate",
-        "query_key",
-        "candidate_key",
-        "hard_negative_key",
-        "hard_negative_count",
-        "skipped_records",
-    }
+    assert batch.hard_negative_key is not None and batch.skipped_records is not None
     # grain's worker processes pickle batches; jit takes them as pytrees.
     again = pickle.loads(pickle.dumps(batch))
     np.testing.assert_array_equal(again.candidate.pixel_values, batch.candidate.pixel_values)
@@ -114,22 +106,77 @@ def test_the_pipeline_makes_a_train_batch_that_reads_like_the_dict_it_replaces(t
 
 def test_as_batch_types_the_dict_layouts_and_names_what_is_wrong():
     early = collate(_items(), config=CONFIG, pad_token_id=0, patch_budget=16)
-    assert type(as_batch(dict(early))) is EarlyBatch
+    assert type(as_batch(as_dict(early))) is EarlyBatch
     packed = collate_packed(_items(), config=CONFIG, pad_token_id=0, patch_budget=32, length=32)
-    assert type(as_batch(dict(packed))) is PackedBatch
-    vision = as_batch(dict(pack_vision(early)))
+    assert type(as_batch(as_dict(packed))) is PackedBatch
+    vision = as_batch(as_dict(pack_vision(early)))
     assert type(vision) is VisionPackedBatch and vision.masked is not None
-    late = as_batch({"text": dict(early), "image": dict(early), "has_text": 1, "has_image": 1})
+    late = as_batch(
+        {"text": as_dict(early), "image": as_dict(early), "has_text": 1, "has_image": 1}
+    )
     assert type(late) is LateFusionBatch and type(late.text) is EarlyBatch
-    train = as_batch({"query": dict(early), "candidate": dict(packed), "query_key": np.arange(3)})
+    train = as_batch(
+        {"query": as_dict(early), "candidate": as_dict(packed), "query_key": np.arange(3)}
+    )
     assert type(train) is TrainBatch and type(train.candidate) is PackedBatch
     assert as_batch(train) is train
     with pytest.raises(ValueError, match="no model batch found: keys \\['features'\\]"):
         as_batch({"features": np.zeros(3)})
     with pytest.raises(ValueError, match="both segment_ids and pool_index"):
-        as_batch({k: v for k, v in dict(packed).items() if k != "pool_index"})
+        as_batch({k: v for k, v in as_dict(packed).items() if k != "pool_index"})
     with pytest.raises(ValueError, match="unknown train batch keys \\['extra'\\]"):
-        as_batch({"query": dict(early), "candidate": dict(early), "extra": 1})
+        as_batch({"query": as_dict(early), "candidate": as_dict(early), "extra": 1})
+
+
+def test_a_batch_is_not_a_mapping():
+    early = collate(_items(), config=CONFIG, pad_token_id=0, patch_budget=16)
+    packed = collate_packed(_items(), config=CONFIG, pad_token_id=0, patch_budget=32, length=32)
+    late = late_collate(
+        [LateItem(_item(5, seed=4), _item(7, image=True, seed=5))],
+        lambda items, budget: collate(items, config=CONFIG, pad_token_id=0, patch_budget=budget),
+        16,
+    )
+    train = TrainBatch(query=early, candidate=packed)
+    for batch in (early, packed, pack_vision(early), late, train):
+        assert not isinstance(batch, Mapping)
+        assert not hasattr(batch, "keys") and not hasattr(batch, "__getitem__")
+        with pytest.raises(TypeError):
+            batch["input_ids"]
+        with pytest.raises(TypeError):
+            "query" in batch  # noqa: B015 (the test is that it raises)
+    # The pytree view stays: tree_map keeps the types, leaves are the arrays.
+    doubled = jax.tree.map(lambda x: 2 * x, train)
+    assert type(doubled.candidate) is PackedBatch and doubled.candidate.row_chunks == 1
+    np.testing.assert_array_equal(doubled.query.input_ids, 2 * early.input_ids)
+
+
+def test_as_batch_converts_a_dict_at_the_public_boundary():
+    """padding_report (a user-facing report) takes the former dict layout; the same numbers."""
+    early = collate(_items(), config=CONFIG, pad_token_id=0, patch_budget=16)
+    packed = collate_packed(_items(), config=CONFIG, pad_token_id=0, patch_budget=32, length=32)
+    typed = TrainBatch(query=early, candidate=packed)
+    as_dicts = {"query": as_dict(early), "candidate": as_dict(packed)}
+    assert padding_report(as_dicts, CONFIG) == padding_report(typed, CONFIG)
+    assert padding_report(as_dict(pack_vision(early))) == padding_report(pack_vision(early))
+
+
+def test_as_batch_names_a_wrong_key():
+    fields = as_dict(collate(_items(), config=CONFIG, pad_token_id=0, patch_budget=16))
+    fields["pixel_value"] = fields.pop("pixel_values")
+    with pytest.raises(ValueError, match=r"of which \['pixel_value'\] are no batch field"):
+        as_batch(fields)
+    with pytest.raises(ValueError, match=r"unknown train batch keys \['candidates'\]"):
+        as_batch({"query": fields, "candidates": fields})
+
+
+def test_only_the_dict_boundaries_call_as_batch():
+    """The library passes typed batches; as_batch runs where a user hands a dict."""
+    callers = sorted(
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        if path.name != "batches.py" and "as_batch(" in path.read_text()
+    )
+    assert callers == ["models/padding.py"]
 
 
 def test_the_package_dispatches_on_batch_types_not_on_keys():

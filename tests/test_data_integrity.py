@@ -16,7 +16,7 @@ from bench_fixtures import make_bench, small_synthetic
 from jfe_jax.data import prepared_sources
 from jfe_jax.data.image_processor import ImageProcessor
 from jfe_jax.data.mbeir import MBEIR
-from jfe_jax.data.pipeline import make_transform
+from jfe_jax.data.pipeline import ContrastiveBatcher
 from jfe_jax.data.synthetic import IMAGE_CAPTIONS_FILE
 from jfe_jax.data.tfds_builders import MbeirTrainPairs, PairData, build_dataset, load_source
 from jfe_jax.data.tokenizer import load_tokenizer
@@ -153,7 +153,7 @@ def test_training_time_decode_error_names_the_image_file_and_its_record(root, tm
     _truncate(root / captions[2]["image_path"])
     source = load_source(_captions_dataset(root, tmp_path / "tfds"))
     record = next(source[i] for i in range(len(source)) if source[i]["id"] == b"ic:2")
-    batcher = make_transform(
+    batcher = ContrastiveBatcher.from_options(
         load_tokenizer(root / "tokenizer"),
         ImageProcessor(max_pixels=112 * 112),
         get_size("tiny"),

@@ -14,6 +14,7 @@ from jfe_jax.data.collate import collate, collate_packed
 from jfe_jax.data.image_processor import ImageProcessor
 from jfe_jax.data.pipeline import ContrastiveBatcher
 from jfe_jax.data.tokenizer import build_tokenizer
+from jfe_jax.models.batches import TrainBatch, is_packed
 from jfe_jax.models.inputs import dummy_batch
 from jfe_jax.models.one_tower import EncoderOptions
 from jfe_jax.models.packing import pack_items
@@ -61,9 +62,9 @@ def _batches(config, num_hard):
             items, config=config, pad_token_id=PAD, length=64, patch_budget=64,
             num_rows=8 * max(1, len(items) // len(PAIRS)),
         )  # fmt: skip
-        assert packed[name]["input_ids"].shape[0] < len(items)
-        assert packed[name]["pool_index"].shape[0] == len(items)
-    return unpacked, packed
+        assert packed[name].input_ids.shape[0] < len(items)
+        assert packed[name].pool_index.shape[0] == len(items)
+    return TrainBatch(**unpacked), TrainBatch(**packed)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +131,7 @@ def _caption_records(count, seed):
 
 
 def _batcher(tokenizer, **options):
-    return ContrastiveBatcher(
+    return ContrastiveBatcher.from_options(
         tokenizer,
         ImageProcessor(max_pixels=56 * 84),
         get_size("tiny"),
@@ -148,21 +149,21 @@ def test_batcher_packs_each_side_into_one_static_shape_with_fewer_rows(tokenizer
     for seed in range(3):
         batch = batcher(_caption_records(16, seed))
         for side in ("query", "candidate"):
-            assert batch[side]["input_ids"].shape == (4, 128)  # 16 items, 4 a row
-            assert batch[side]["pool_index"].shape == (16, 2)
-            np.testing.assert_array_equal(batch[side]["item_mask"], 1)
-        assert batch["candidate"]["pixel_values"].shape[:2] == (4, 96)
+            assert getattr(batch, side).input_ids.shape == (4, 128)  # 16 items, 4 a row
+            assert getattr(batch, side).pool_index.shape == (16, 2)
+            np.testing.assert_array_equal(getattr(batch, side).item_mask, 1)
+        assert batch.candidate.pixel_values.shape[:2] == (4, 96)
         shapes.add(str(jax.tree.map(np.shape, batch)))
     assert len(shapes) == 1
     # 6 items round up to 2 rows (4 a row), a multiple of pack_row_multiple=2.
-    assert batcher(_caption_records(6, 0))["query"]["input_ids"].shape == (2, 128)
+    assert batcher(_caption_records(6, 0)).query.input_ids.shape == (2, 128)
 
 
 def test_batcher_without_pack_is_unchanged(tokenizer):
     records = _caption_records(4, 0)
     plain = _batcher(tokenizer)(records)
-    assert "pool_index" not in plain["query"]
-    assert plain["candidate"]["input_ids"].shape[0] == 4
+    assert not is_packed(plain.query)
+    assert plain.candidate.input_ids.shape[0] == 4
 
 
 def test_batcher_raises_when_a_side_does_not_fit_its_packed_rows(tokenizer):
@@ -218,12 +219,12 @@ def test_two_hosts_pool_index_points_at_the_global_rows():
         ids = [rng.integers(1, 100, size=int(n)).astype(np.int32) for n in rng.integers(3, 20, 8)]
         hosts.append((ids, pack_items(config, ids, length=32, num_rows=rows_per_host)))
     # Host p's local rows are the global rows [4p, 4p + 4) (2 shards of 2 rows each).
-    global_ids = np.concatenate([packed["input_ids"] for _, packed in hosts])
+    global_ids = np.concatenate([packed.input_ids for _, packed in hosts])
     for host, (ids, packed) in enumerate(hosts):
         starts = [rows_per_host * host + 2, rows_per_host * host]
         positions = mesh_lib.host_row_positions(starts, 2)
         np.testing.assert_array_equal(positions, np.arange(4) + rows_per_host * host)
-        pool_index = mesh_lib.globalize_pool_index(packed["pool_index"], positions)
+        pool_index = mesh_lib.globalize_pool_index(packed.pool_index, positions)
         for item, (row, last) in zip(ids, pool_index):
             np.testing.assert_array_equal(global_ids[row, last - len(item) + 1 : last + 1], item)
 

@@ -1,6 +1,7 @@
 """TFDS builders (no TensorFlow) and the grain training pipeline, on a small synthetic M-BEIR."""
 
 import collections
+import dataclasses
 import gc
 import json
 import re
@@ -20,7 +21,7 @@ from jfe_jax.data.example_cache import CachedEncode, LazyRecords, example_nbytes
 from jfe_jax.data.image_processor import ImageProcessor
 from jfe_jax.data.loader import iterator_state, make_train_loader, restore_iterator
 from jfe_jax.data.mbeir import MBEIR, TASK_MODALITIES, instruction_index
-from jfe_jax.data.pipeline import make_transform, stable_key
+from jfe_jax.data.pipeline import ContrastiveBatcher, stable_key
 from jfe_jax.data.synthetic import (
     IMAGE_CAPTIONS_FILE,
     TEXT_TRIPLES_FILE,
@@ -98,7 +99,7 @@ def _batcher(tokenizer, kind: str, **options):
         "text_triples": dict(num_hard_negatives=1),
         "image_captions": dict(candidate_patch_budget=PATCHES),
     }[kind]
-    return make_transform(
+    return ContrastiveBatcher.from_options(
         tokenizer,
         ImageProcessor(max_pixels=112 * 112),
         get_size("tiny"),
@@ -243,7 +244,7 @@ sys.meta_path.insert(0, RefuseTensorFlow())
 from jfe_jax.data.example_cache import CachedEncode, LazyRecords, example_nbytes
 from jfe_jax.data.image_processor import ImageProcessor
 from jfe_jax.data.loader import make_train_loader
-from jfe_jax.data.pipeline import make_transform
+from jfe_jax.data.pipeline import ContrastiveBatcher
 from jfe_jax.data.tfds_builders import MbeirTrainPairs, PairData, build_dataset, load_source
 from jfe_jax.data.tokenizer import load_tokenizer
 from jfe_jax.models.sizes import get_size
@@ -267,14 +268,14 @@ tfds_attempts, attempts[:] = list(attempts), []
 builder = build_dataset(MbeirTrainPairs, data_dir, mbeir_root=bench, max_hard_negatives=1)
 build_dataset(PairData, data_dir, root=bench, kind="image_captions")
 source = load_source(builder.data_path)
-transform = make_transform(tokenizer, ImageProcessor(max_pixels=112 * 112), get_size("tiny"),
-                           query_patch_budget=64, candidate_patch_budget=64,
-                           num_hard_negatives=1)
+transform = ContrastiveBatcher.from_options(
+    tokenizer, ImageProcessor(max_pixels=112 * 112), get_size("tiny"),
+    query_patch_budget=64, candidate_patch_budget=64, num_hard_negatives=1)
 batch = next(iter(make_train_loader(source, transform=transform, global_batch_size=4,
                                     shard_index=0, shard_count=1)))
 loaded = [m for m, module in sys.modules.items()
           if m.split(".")[0] == "tensorflow" and module is not None]
-print(json.dumps({"rows": len(batch["query_key"]), "loaded": loaded, "attempts": attempts,
+print(json.dumps({"rows": len(batch.query_key), "loaded": loaded, "attempts": attempts,
                   "tfds_error": tfds_error, "tfds_attempts": tfds_attempts,
                   "examples": len(source), "shards": len(source.description["shards"])}))
 """
@@ -384,7 +385,7 @@ def _resume_check(source, transform, worker_count: int) -> None:
     resumed = restore_iterator(loader(), state)
     got = [next(resumed) for _ in range(4)]
     _assert_trees_equal(expected, got)
-    assert len({batch["query_key"].tobytes() for batch in got}) == 4
+    assert len({batch.query_key.tobytes() for batch in got}) == 4
     del iterator, resumed, expected, got
     gc.collect()  # release the workers' shared-memory batches before the next test
 
@@ -440,7 +441,8 @@ def test_batches_have_static_shapes_within_the_buckets(tokenizer, sources, kind,
     if hard:
         sides["hard_negative"] = (8 * hard, batcher.candidate_patch_budget)
     for batch in loader:
-        assert set(batch) == set(sides) | {
+        present = {f.name for f in dataclasses.fields(batch) if getattr(batch, f.name) is not None}
+        assert present == set(sides) | {
             "query_key",
             "candidate_key",
             "hard_negative_key",
@@ -448,23 +450,23 @@ def test_batches_have_static_shapes_within_the_buckets(tokenizer, sources, kind,
             "skipped_records",
         }
         for side, (rows, patches) in sides.items():
-            length = batch[side]["input_ids"].shape[1]
+            length = getattr(batch, side).input_ids.shape[1]
             assert length in BUCKETS
-            assert batch[side]["input_ids"].shape == batch[side]["attention_mask"].shape
-            assert batch[side]["position_ids"].shape == (rows, 3, length)
+            assert getattr(batch, side).input_ids.shape == getattr(batch, side).attention_mask.shape
+            assert getattr(batch, side).position_ids.shape == (rows, 3, length)
             if patches:
-                assert batch[side]["pixel_values"].shape == (rows, patches, patch_dim)
-                assert batch[side]["patch_segment_ids"].shape == (rows, patches)
+                assert getattr(batch, side).pixel_values.shape == (rows, patches, patch_dim)
+                assert getattr(batch, side).patch_segment_ids.shape == (rows, patches)
             else:
-                assert "pixel_values" not in batch[side]
-        assert batch["hard_negative_key"].shape == (8, hard)
+                assert getattr(batch, side).pixel_values is None
+        assert batch.hard_negative_key.shape == (8, hard)
         for key in ("query_key", "candidate_key", "hard_negative_count", "skipped_records"):
-            assert batch[key].shape == (8,) and batch[key].dtype == np.int32
-        assert (batch["query_key"] >= 0).all() and (batch["skipped_records"] == 0).all()
+            assert getattr(batch, key).shape == (8,) and getattr(batch, key).dtype == np.int32
+        assert (batch.query_key >= 0).all() and (batch.skipped_records == 0).all()
 
 
 def _query_text(tokenizer, batch, row: int) -> str:
-    ids = batch["query"]["input_ids"][row][batch["query"]["attention_mask"][row] > 0]
+    ids = batch.query.input_ids[row][batch.query.attention_mask[row] > 0]
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
@@ -500,14 +502,14 @@ def test_keys_mark_repeated_candidates_and_filler_negatives(tokenizer, sources):
     lonely = dict(source[1], num_negatives=0)
     batcher = _batcher(tokenizer, "mbeir", num_hard_negatives=3)
     batch = batcher([record, dict(record), lonely])
-    assert batch["candidate_key"][0] == batch["candidate_key"][1] != batch["candidate_key"][2]
-    assert batch["query_key"][0] == stable_key("qid:" + _text(record["qid"]))
+    assert batch.candidate_key[0] == batch.candidate_key[1] != batch.candidate_key[2]
+    assert batch.query_key[0] == stable_key("qid:" + _text(record["qid"]))
     # Two real negatives cycled into three slots; none at all: the positive (masked by key).
     keys = [stable_key("did:" + _text(d)) for d in record["negative_dids"][:2]]
-    assert batch["hard_negative_key"][0].tolist() == keys + keys[:1]
-    assert batch["hard_negative_count"].tolist() == [2, 2, 0]
-    assert (batch["hard_negative_key"][2] == batch["candidate_key"][2]).all()
-    assert batch["hard_negative"]["input_ids"].shape[0] == 9
+    assert batch.hard_negative_key[0].tolist() == keys + keys[:1]
+    assert batch.hard_negative_count.tolist() == [2, 2, 0]
+    assert (batch.hard_negative_key[2] == batch.candidate_key[2]).all()
+    assert batch.hard_negative.input_ids.shape[0] == 9
 
 
 def _corrupt(record: dict) -> dict:
@@ -549,8 +551,8 @@ def test_skipped_bad_records_are_counted_and_batches_stay_full(tokenizer, source
         num_epochs=1,
     )
     batches = list(loader)
-    assert [len(b["query_key"]) for b in batches] == [4, 4]
-    assert sum(int(b["skipped_records"].sum()) for b in batches) == 2 == batcher.bad_records
+    assert [len(b.query_key) for b in batches] == [4, 4]
+    assert sum(int(b.skipped_records.sum()) for b in batches) == 2 == batcher.bad_records
 
 
 # ---------------------------------------------------------------- cache (data.cache_examples_mb)
@@ -612,8 +614,8 @@ def test_bad_records_are_skipped_and_counted_on_every_pass(tokenizer, sources):
         shuffle=False, num_epochs=3, cache_bytes=2**30,
     )  # fmt: skip
     batches = list(loader)
-    assert [len(b["query_key"]) for b in batches] == [4, 4] * 3
-    assert sum(int(b["skipped_records"].sum()) for b in batches) == 6 == batcher.bad_records
+    assert [len(b.query_key) for b in batches] == [4, 4] * 3
+    assert sum(int(b.skipped_records.sum()) for b in batches) == 6 == batcher.bad_records
 
 
 def test_cache_settings_are_checked(tokenizer, sources):

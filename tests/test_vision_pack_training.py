@@ -25,6 +25,7 @@ from jfe_jax.data.image_processor import ImageProcessor
 from jfe_jax.data.pipeline import ContrastiveBatcher
 from jfe_jax.data.tokenizer import build_tokenizer
 from jfe_jax.models import flops
+from jfe_jax.models.batches import TrainBatch, VisionPackedBatch, text_rows
 from jfe_jax.models.inputs import dummy_batch
 from jfe_jax.models.one_tower import EncoderOptions
 from jfe_jax.models.packing import pack_vision, vision_groups
@@ -56,15 +57,18 @@ def batches():
     """The same 16 pairs with per-row patch budgets and vision-packed (8 shards' rows)."""
     config = get_size("tiny")
     keys = np.arange(len(PAIRS), dtype=np.int32)
-    unpacked = {
-        "query": _side(config, [q for q, _ in PAIRS], seed=0),
-        "candidate": _side(config, [c for _, c in PAIRS], seed=100),
-        "query_key": keys,
-        "candidate_key": keys + 1000,
-    }
-    packed = dict(unpacked)
-    for name in ("query", "candidate"):
-        packed[name] = pack_vision(unpacked[name], row_multiple=8, coarse=True, block_sizes=BLOCKS)
+    unpacked = TrainBatch(
+        query=_side(config, [q for q, _ in PAIRS], seed=0),
+        candidate=_side(config, [c for _, c in PAIRS], seed=100),
+        query_key=keys,
+        candidate_key=keys + 1000,
+    )
+    packed = unpacked.replace(
+        **{
+            name: pack_vision(side, row_multiple=8, coarse=True, block_sizes=BLOCKS)
+            for name, side in unpacked.named_sides().items()
+        }
+    )
     return unpacked, packed
 
 
@@ -94,8 +98,8 @@ def _assert_same_step(got, want):
 def test_vision_rows_hold_every_image_once_and_no_text_rows_budget(batches):
     unpacked, packed = batches
     for name in ("query", "candidate"):
-        side, rows = packed[name], unpacked[name]
-        assert "pixel_values" not in side and side["input_ids"].shape == rows["input_ids"].shape
+        side, rows = getattr(packed, name), getattr(unpacked, name)
+        assert side.rows.pixel_values is None and side.rows.input_ids.shape == rows.input_ids.shape
         groups = vision_groups(side)
         assert len(groups) == 2  # masked rows of BUDGET patches, then the 16-patch blocks
         assert groups[0][0].shape[1] == BUDGET and groups[1][0].shape[1:2] == (16,)
@@ -104,12 +108,12 @@ def test_vision_rows_hold_every_image_once_and_no_text_rows_budget(batches):
         assert set(np.unique(block_segments.max(axis=1))) <= {0, 1}
         assert np.all((block_segments == 1).sum(axis=1) % 16 == 0)
         real = sum(int((seg > 0).sum()) for _, seg, _ in groups)
-        assert real == int((rows["patch_segment_ids"] > 0).sum())
+        assert real == int((rows.patch_segment_ids > 0).sum())
         total = sum(seg.size for _, seg, _ in groups)
-        assert total < rows["patch_segment_ids"].size
+        assert total < rows.patch_segment_ids.size
         # Each image token of a text row reads a distinct real vision output.
         flat_real = np.concatenate([(seg > 0).reshape(-1, 4).all(axis=1) for _, seg, _ in groups])
-        index = side["image_token_index"][rows["patch_segment_ids"][:, ::4] > 0]
+        index = side.image_token_index[rows.patch_segment_ids[:, ::4] > 0]
         assert len(set(index.tolist())) == index.size and flat_real[index].all()
 
 
@@ -117,22 +121,23 @@ def test_vision_packing_lowers_the_patch_padding_and_the_model_flops(batches):
     config = get_size("tiny")
     unpacked, packed = batches
     for name in ("query", "candidate"):
-        before = padding_report(unpacked[name], config)
-        after = padding_report(packed[name], config)
+        unpacked_side, packed_side = getattr(unpacked, name), getattr(packed, name)
+        before = padding_report(unpacked_side, config)
+        after = padding_report(packed_side, config)
         assert after["patch_padding"] < before["patch_padding"]
         # Most of what is left is the rounding of 16 text rows' images to rows for 8 devices.
-        dense = pack_vision(unpacked[name], block_sizes=BLOCKS)
+        dense = pack_vision(unpacked_side, block_sizes=BLOCKS)
         assert padding_report(dense)["patch_padding"] < 0.3 * before["patch_padding"]
         assert after["vision_attention_padding"] < before["vision_attention_padding"]
         assert after["flops_padding"] < before["flops_padding"]
         assert after["token_padding"] == before["token_padding"]
         # Model FLOPs: the text rows as before, the tower on the vision rows' shapes.
-        text = flops.text_forward_flops(config, *unpacked[name]["input_ids"].shape)
+        text = flops.text_forward_flops(config, *unpacked_side.input_ids.shape)
         vision = sum(
             flops.vision_forward_flops(config, *seg.shape)
-            for _, seg, _ in vision_groups(packed[name])
+            for _, seg, _ in vision_groups(packed_side)
         )
-        assert flops.batch_forward_flops(config, packed[name]) == text + vision
+        assert flops.batch_forward_flops(config, packed_side) == text + vision
         assert vision < flops.vision_forward_flops(config, len(PAIRS), BUDGET)
 
 
@@ -206,7 +211,7 @@ def _caption_records(count, seed):
 
 
 def _batcher(tokenizer, **options):
-    return ContrastiveBatcher(
+    return ContrastiveBatcher.from_options(
         tokenizer,
         ImageProcessor(max_pixels=84 * 84),
         get_size("tiny"),
@@ -225,14 +230,15 @@ def test_batcher_moves_each_sides_images_into_vision_rows(tokenizer, pack):
     batch = _batcher(
         tokenizer, pack=pack, pack_row_multiple=2, pack_vision=True, pack_vision_blocks=(24,)
     )(records)
-    assert "pixel_values" not in batch["query"] and "image_token_index" not in batch["query"]
-    side = batch["candidate"]
-    assert "pixel_values" not in side
-    assert side["vision_pixel_values"].shape[1] == 36  # the per-item budget, even when packed
-    assert side["vision_blocks"][0]["pixel_values"].shape[:2] == (4, 24)  # 4 images of 24
-    np.testing.assert_array_equal(side["input_ids"], plain["candidate"]["input_ids"])
+    assert text_rows(batch.query).pixel_values is None
+    assert not isinstance(batch.query, VisionPackedBatch)
+    side = batch.candidate
+    assert side.rows.pixel_values is None
+    assert side.masked.pixel_values.shape[1] == 36  # the per-item budget, even when packed
+    assert side.blocks[0].pixel_values.shape[:2] == (4, 24)  # 4 images of 24
+    np.testing.assert_array_equal(side.rows.input_ids, plain.candidate.input_ids)
     real = sum(int((seg > 0).sum()) for _, seg, _ in vision_groups(side))
-    assert real == int((plain["candidate"]["patch_segment_ids"] > 0).sum()) == 4 * (16 + 24 + 36)
+    assert real == int((plain.candidate.patch_segment_ids > 0).sum()) == 4 * (16 + 24 + 36)
     for _, seg, _ in vision_groups(side):
         assert seg.shape[0] % 2 == 0  # rows split over the host's batch shards
 
@@ -246,9 +252,9 @@ def test_batcher_with_a_row_fraction_feeds_one_vision_row_count_for_every_batch(
     )
     shapes = set()
     for seed in range(3):
-        side = batcher(_caption_records(12, seed))["candidate"]
-        shapes.add(side["vision_pixel_values"].shape)
-        assert "vision_blocks" not in side
+        side = batcher(_caption_records(12, seed)).candidate
+        shapes.add(side.masked.pixel_values.shape)
+        assert not side.blocks
     assert shapes == {(12, 36, get_size("tiny").vision.patch_dim)}
     with pytest.raises(
         ValueError, match="need 10 vision rows of 36 patches but the fixed count is 6"

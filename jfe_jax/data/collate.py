@@ -10,11 +10,14 @@ so short items waste less of the batch on padding.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from jfe_jax.data.batch_layout import BatchLayout
+from jfe_jax.data.late_fusion import LateItem, late_collate
 from jfe_jax.data.processing import ProcessedItem
-from jfe_jax.models.batches import EarlyBatch, PackedBatch
+from jfe_jax.models.batches import EarlyBatch, ModelBatch, PackedBatch
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.image_patches import pixel_values_shape
 from jfe_jax.models.inputs import (
@@ -23,7 +26,10 @@ from jfe_jax.models.inputs import (
     prepare_batch,
     vision_patch_positions,
 )
-from jfe_jax.models.packing import pack_items
+from jfe_jax.models.packing import pack_items, pack_vision
+
+if TYPE_CHECKING:  # the item format imports this module (its length buckets)
+    from jfe_jax.data.item_format import ItemFormat
 
 DEFAULT_LENGTH_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 
@@ -249,3 +255,73 @@ def collate_packed(
         pad_token_id=pad_token_id,
         chunks=chunks,
     )
+
+
+def collate_side(
+    items: Sequence[ProcessedItem | LateItem],
+    *,
+    config: ModelConfig,
+    pad_token_id: int,
+    item_format: ItemFormat,
+    layout: BatchLayout,
+    patch_budget: int,
+    num_rows: int | Sequence[int] | None = None,
+    num_items: int | None = None,
+    name: str = "side",
+) -> ModelBatch:
+    """The model batch of one side's items, as ``item_format`` (length buckets, fusion) and
+    ``layout`` (packing, vision packing) lay them out, ``patch_budget`` patches per item.
+
+    Late fusion: a ``LateFusionBatch``. Packed: ``collate_packed`` into ``num_rows`` rows
+    (default ``layout.packed_rows``) of ``layout.pack_length`` tokens and
+    ``layout.pack_items_per_row`` items' budgets, ``num_items`` item slots. Else ``collate``.
+    With ``layout.pack_vision`` the images then move into vision rows of ``patch_budget``
+    patches (``pack_vision``). ``name`` names the side in errors.
+    """
+
+    def early(side_items: list[ProcessedItem], budget: int) -> EarlyBatch:
+        return collate(
+            side_items,
+            config=config,
+            pad_token_id=pad_token_id,
+            length_buckets=item_format.length_buckets,
+            patch_budget=budget,
+        )
+
+    if item_format.fusion == "late":
+        return late_collate(items, early, patch_budget)
+    if layout.pack:
+        rows = layout.packed_rows(len(items)) if num_rows is None else num_rows
+        row_patches = patch_budget * layout.pack_items_per_row
+        try:
+            batch = collate_packed(
+                items,
+                config=config,
+                pad_token_id=pad_token_id,
+                length_buckets=item_format.length_buckets,
+                patch_budget=row_patches,
+                length=layout.pack_length or None,
+                num_rows=rows,
+                num_items=num_items,
+                chunks=layout.chunks(len(items)),
+            )
+        except ValueError as error:
+            raise ValueError(
+                f"{name}: {len(items)} items do not pack into {rows} rows of "
+                f"{layout.pack_length or 'bucketed'} tokens and {row_patches} patches; lower "
+                f"pack_items_per_row or raise pack_length ({error})"
+            ) from error
+    else:
+        batch = early(list(items), patch_budget)
+    if layout.pack_vision and patch_budget:
+        # Vision rows as long as the largest image a side may hold (its per-item budget):
+        # any image fits, and no row's attention spans more than that.
+        batch = pack_vision(
+            batch,
+            patch_budget=patch_budget,
+            row_multiple=layout.row_multiple,
+            coarse=True,
+            block_sizes=layout.pack_vision_blocks,
+            num_rows=layout.vision_rows(len(items)),
+        )
+    return batch

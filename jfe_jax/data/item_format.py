@@ -35,8 +35,8 @@ from jfe_jax.data.image_processor import (
 )
 from jfe_jax.data.late_fusion import FUSIONS
 from jfe_jax.data.processing import DEFAULT_EMBED_PROMPT
+from jfe_jax.workdir import ITEM_FORMAT_FILE, Workdir, is_workdir
 
-ITEM_FORMAT_FILE = "jfe_item_format.json"  # beside config.json (HF dir) or in a workdir
 VERSION = 1  # of the file layout; a file of a later version is refused
 # Fields that do not change any embedding that both settings produce: out of the identity.
 # pack changes only how items are batched; truncate_text only shortens items that would
@@ -99,7 +99,7 @@ class ItemFormat:
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion {self.fusion!r} is unknown, expected one of {FUSIONS}")
         if self.pack and self.fusion != "early":
-            raise ValueError(f"pack=True packs early-fusion items; fusion is {self.fusion!r}")
+            raise ValueError(f"pack=True packs early-fusion items only; fusion is {self.fusion!r}")
 
     # ------------------------------------------------------------------ derived settings
 
@@ -195,8 +195,8 @@ class ItemFormat:
         if saved is not None:
             saved.check_vision(vision, directory)
             return saved, os.fspath(root / ITEM_FORMAT_FILE)
-        run_config = root / "config.json"
-        if (root / "checkpoints").is_dir() and run_config.is_file():
+        run_config = epath.Path(Workdir(directory).run_config)
+        if is_workdir(directory) and run_config.is_file():
             config = json.loads(run_config.read_text())
             return cls.from_train_config(config, vision), f"{run_config} (training config)"
         for name in (PREPROCESSOR_CONFIG, PROCESSOR_CONFIG):

@@ -29,16 +29,16 @@ candidate_key, so the loss masks it for that query.
 Static shapes: L is the smallest of ``length_buckets`` that fits the longest row of a side,
 P the side's patch budget, so jit compiles at most len(length_buckets) programs per side.
 
-Packed (``pack=True``, early fusion only): each side is instead a ``PackedBatch``
+Packed (``BatchLayout.pack``, early fusion only): each side is instead a ``PackedBatch``
 (``jfe_jax.data.collate.collate_packed``) of one static shape: ``ceil(items /
-pack_items_per_row)`` rows rounded up to ``pack_row_multiple``, of ``pack_length`` tokens
+pack_items_per_row)`` rows rounded up to ``row_multiple``, of ``pack_length`` tokens
 (default the largest length bucket) and ``pack_items_per_row`` times the side's patch budget,
 with ``segment_ids``, ``pool_index [N, 2]`` (host-local rows) and ``item_mask [N]``, N being
 exactly the side's items (B, or B * H), so the model returns one embedding per item in the
 order above. Items that do not fit in those rows raise; nothing is cut. With
-``pack_chunk_items`` (the gradient cache's chunk on this host) a side of N items is packed in
-N / pack_chunk_items chunks (``pack_items(chunks=)``: chunk k's items k, k + C, ... in rows k,
-k + C, ...; rows rounded up to ``pack_row_multiple`` times the chunks), so the cache's
+``chunk_items`` (the gradient cache's chunk on this host) a side of N items is packed in
+N / chunk_items chunks (``pack_items(chunks=)``: chunk k's items k, k + C, ... in rows k,
+k + C, ...; rows rounded up to ``row_multiple`` times the chunks), so the cache's
 strided chunks hold whole packed rows, split evenly over the shards.
 
 Vision-packed (``pack_vision=True``, early fusion only; with or without ``pack``): a side's
@@ -49,9 +49,9 @@ have no pixels, and ``image_token_index [R, P_row / 4]`` maps each text row's im
 the tower's outputs. Images whose patch count is in ``pack_vision_blocks`` get per-image
 ``blocks`` instead. V (and each block
 group's rows) is as many rows as the images need, rounded by ``coarse_row_count`` and to
-``pack_row_multiple``: a few shapes, as with the length buckets. A side without images has no
+``row_multiple``: a few shapes, as with the length buckets. A side without images has no
 pixels at all. With ``pack_vision_row_fraction`` > 0, V is fixed instead (that fraction of
-the side's items, rounded up to ``pack_row_multiple``, empty rows included): one shape, the
+the side's items, rounded up to ``row_multiple``, empty rows included): one shape, the
 same on every host, which is what training on several hosts needs.
 
 What the kinds read: "mbeir" (``MbeirTrainPairs``): query = instruction + query text/image,
@@ -67,7 +67,6 @@ import dataclasses
 import hashlib
 import io
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -76,15 +75,17 @@ import numpy as np
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from jfe_jax.data.collate import DEFAULT_LENGTH_BUCKETS, collate, collate_packed
+from jfe_jax.data.batch_layout import BatchLayout
+from jfe_jax.data.collate import collate_side
 from jfe_jax.data.example_cache import CachedEncode
 from jfe_jax.data.image_processor import ImageProcessor, decode_opened, open_image
-from jfe_jax.data.late_fusion import FUSIONS, LateItem, late_collate, split_item
+from jfe_jax.data.item_format import ItemFormat
+from jfe_jax.data.late_fusion import LateItem, split_item
 from jfe_jax.data.mbeir import TASK_MODALITIES, Instructions, instruction_index
-from jfe_jax.data.processing import DEFAULT_EMBED_PROMPT, ProcessedItem, encode_item
-from jfe_jax.models.batches import EarlyBatch, ModelBatch, PackedBatch, TrainBatch
+from jfe_jax.data.processing import ProcessedItem, encode_item
+from jfe_jax.models.batches import ModelBatch, TrainBatch
 from jfe_jax.models.config import ModelConfig
-from jfe_jax.models.packing import pack_vision
+from jfe_jax.train.config_base import base_config
 
 logger = logging.getLogger(__name__)
 
@@ -143,97 +144,34 @@ class ContrastiveBatcher:
     """Record -> ``EncodedExample`` (``encode``), examples -> ``TrainBatch`` (``collate``).
 
     Args:
-      tokenizer, image_processor, model_config: as for ``encode_item`` and ``collate``.
+      tokenizer, model_config: as for ``encode_item`` and ``collate``.
+      item_format: what an item becomes (prompt, length buckets, max length, truncation,
+        patch budgets, image preprocessing, fusion); the kind decides which sides use the
+        budgets: "mbeir" both, "image_captions" the candidates', "text_triples" none.
+      layout: how a side's items become rows (``BatchLayout``: packing, vision packing).
       kind: "mbeir", "text_triples" or "image_captions" (module docstring).
       instructions: for "mbeir", an ``Instructions`` table to use instead of the prompts
         stored in each record.
       instruction_mode, instruction_seed: which alternative prompt a query gets: "fixed" (the
         first) or "seeded" (``mbeir.instruction_index``): the same for a qid in every epoch.
-      prompt: the embedding prompt after each item.
-      length_buckets: allowed padded lengths. max_length: token cap of one item (default
-        the largest bucket); truncate_text: shorten texts over it instead of failing.
-      query_patch_budget, candidate_patch_budget: image patches per row (0: text only);
-        the candidate budget also applies to hard negatives.
       num_hard_negatives: H, hard negatives per query.
       skip_bad_records: log and count bad records (see ``encode_or_skip``) instead of raising.
-      pack: lay several items of a side end to end in each row (module docstring).
-      pack_items_per_row: with pack, the average items per row the side's row count allows.
-      pack_length: with pack, tokens per row; 0: the largest of ``length_buckets``.
-      pack_row_multiple: with pack, rows per side are rounded up to a multiple of this (the
-        batch shards this host feeds, so rows split evenly over its devices); with
-        pack_vision, vision rows too.
-      pack_vision: move each side's images into densely filled vision rows (module docstring).
-      pack_vision_blocks: with pack_vision, the patch counts whose images get per-image
-        attention blocks (rows of exactly their size) instead of sharing masked rows.
-      pack_vision_row_fraction: with pack_vision, > 0 fixes each side's vision rows at this
-        fraction of its items (rounded up to ``pack_row_multiple``): one shape for every
-        batch, the same on every host (what several hosts need); a batch whose images need
-        more rows raises. 0: as many as each batch needs, in ``coarse_row_count`` steps.
-      pack_chunk_items: with pack, > 0 packs each side in chunks of this many of its items
-        (the gradient cache's chunk divided by the hosts): ``len(items) / pack_chunk_items``
-        chunks, each filling its own rows. 0: one packing of the whole side.
     """
 
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
-        image_processor: ImageProcessor,
         model_config: ModelConfig,
+        item_format: ItemFormat,
+        layout: BatchLayout,
         *,
-        kind: str = "mbeir",
+        kind: str,
         instructions: Instructions | None = None,
-        instruction_mode: str = "fixed",
-        instruction_seed: int = 0,
-        prompt: str = DEFAULT_EMBED_PROMPT,
-        length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
-        query_patch_budget: int = 0,
-        candidate_patch_budget: int = 0,
-        num_hard_negatives: int = 0,
-        max_length: int | None = None,
-        truncate_text: bool = True,
-        skip_bad_records: bool = False,
-        padding_side: str = "right",
-        fusion: str = "early",
-        pack: bool = False,
-        pack_items_per_row: int = 4,
-        pack_length: int = 0,
-        pack_row_multiple: int = 1,
-        pack_vision: bool = False,
-        pack_vision_blocks: Sequence[int] = (),
-        pack_vision_row_fraction: float = 0.0,
-        pack_chunk_items: int = 0,
+        instruction_mode: str,
+        instruction_seed: int,
+        num_hard_negatives: int,
+        skip_bad_records: bool,
     ):
-        if fusion not in FUSIONS:
-            raise ValueError(f"fusion {fusion!r} is unknown, expected one of {FUSIONS}")
-        if pack and fusion != "early":
-            raise ValueError(f"pack=True packs early-fusion items only, got fusion={fusion!r}")
-        if pack and (pack_items_per_row < 1 or pack_length < 0 or pack_row_multiple < 1):
-            raise ValueError(
-                f"pack_items_per_row={pack_items_per_row} and pack_row_multiple="
-                f"{pack_row_multiple} must be >= 1 and pack_length={pack_length} >= 0"
-            )
-        if pack_vision and fusion != "early":
-            raise ValueError(
-                f"pack_vision=True packs early-fusion images only, got fusion={fusion!r}"
-            )
-        merge = model_config.vision.spatial_merge_size**2
-        if any(p <= 0 or p % merge for p in pack_vision_blocks):
-            raise ValueError(
-                f"pack_vision_blocks={tuple(pack_vision_blocks)}: each must be a positive "
-                f"multiple of merge_size**2 = {merge} (an image's patch count)"
-            )
-        if not 0.0 <= pack_vision_row_fraction <= 1.0:
-            raise ValueError(
-                f"pack_vision_row_fraction={pack_vision_row_fraction}: expected 0 (rows as each "
-                "batch needs) or a fraction of a side's items in (0, 1]"
-            )
-        if pack_vision_row_fraction and pack_vision_blocks:
-            raise ValueError(
-                f"pack_vision_row_fraction={pack_vision_row_fraction} fixes the vision rows; "
-                f"per-image blocks (pack_vision_blocks={tuple(pack_vision_blocks)}) would not "
-                "keep one shape: use one of the two"
-            )
-        self.fusion = fusion
         if kind not in KINDS:
             raise ValueError(f"kind {kind!r} is unknown, expected one of {KINDS}")
         limit = MAX_HARD_NEGATIVES.get(kind)
@@ -242,45 +180,68 @@ class ContrastiveBatcher:
                 f"num_hard_negatives={num_hard_negatives} for kind {kind!r}; "
                 f"expected 0..{limit if limit is not None else 'N'}"
             )
-        if kind == "image_captions" and candidate_patch_budget <= 0:
-            raise ValueError(
-                "image_captions candidates are images; candidate_patch_budget must be > 0"
-            )
+        layout.check_format(item_format)
         instruction_index("", 1, instruction_mode)  # validates the mode
         self.tokenizer = tokenizer
-        self.image_processor = image_processor
         self.model_config = model_config
+        self.item_format = item_format
+        self.layout = layout
+        self.image_processor = item_format.image_processor()
         self.kind = kind
         self.instructions = instructions
         self.instruction_mode = instruction_mode
         self.instruction_seed = instruction_seed
-        self.prompt = prompt
-        self.length_buckets = tuple(sorted(length_buckets))
-        self.max_length = max_length or self.length_buckets[-1]
-        self.truncate_text = truncate_text
-        self.query_patch_budget = query_patch_budget
-        self.candidate_patch_budget = candidate_patch_budget
         self.num_hard_negatives = num_hard_negatives
         self.skip_bad_records = skip_bad_records
-        self.padding_side = padding_side
-        self.pack = pack
-        self.pack_items_per_row = pack_items_per_row
-        self.pack_length = pack_length or self.length_buckets[-1]
-        self.pack_row_multiple = pack_row_multiple
-        self.pack_vision = pack_vision
-        self.pack_vision_blocks = tuple(pack_vision_blocks)
-        self.pack_vision_row_fraction = float(pack_vision_row_fraction)
-        if pack_chunk_items < 0:
-            raise ValueError(f"pack_chunk_items must be >= 0, got {pack_chunk_items}")
-        self.pack_chunk_items = pack_chunk_items
-        if pack and self.pack_length < self.max_length:
+        # Stage-1 queries are texts (captions, sentences); text triples hold no image at all.
+        self.query_patch_budget = item_format.query_patch_budget if kind == "mbeir" else 0
+        self.candidate_patch_budget = (
+            0 if kind == "text_triples" else item_format.candidate_patch_budget
+        )
+        if kind == "image_captions" and self.candidate_patch_budget <= 0:
             raise ValueError(
-                f"pack_length={self.pack_length} is shorter than max_length={self.max_length}: "
-                "an item of max_length tokens would not fit in a packed row"
+                "image_captions candidates are images; candidate_patch_budget must be > 0"
             )
         # Per process: with worker processes each worker counts its own records.
         self.bad_records = 0
         self._pending_skips = 0
+
+    @classmethod
+    def from_options(
+        cls,
+        tokenizer: PreTrainedTokenizerBase,
+        image_processor: ImageProcessor,
+        model_config: ModelConfig,
+        **options: Any,
+    ) -> ContrastiveBatcher:
+        """A batcher from flat keywords (tests and benchmarks): ``ItemFormat`` fields (with
+        ``image_processor``'s settings), ``BatchLayout`` fields (``pack_row_multiple`` and
+        ``pack_chunk_items`` for ``row_multiple`` and ``chunk_items``) and ``__init__``'s.
+        Missing ones take the training config's defaults (``base_config().data``), except
+        the patch budgets (0: text only) and ``kind`` ("mbeir")."""
+        d = base_config().data
+        format_names = {f.name for f in dataclasses.fields(ItemFormat)}
+        fields = {k: options.pop(k) for k in list(options) if k in format_names}
+        fields = {"query_patch_budget": 0, "candidate_patch_budget": 0, **fields}
+        item_format = ItemFormat.for_processor(image_processor, **fields)
+        renamed = {"pack_row_multiple": "row_multiple", "pack_chunk_items": "chunk_items"}
+        layout_names = {f.name for f in dataclasses.fields(BatchLayout)}
+        given = {renamed.get(k, k): options.pop(k) for k in list(options) if k in renamed}
+        given.update({k: options.pop(k) for k in list(options) if k in layout_names})
+        layout = {name: d[name] for name in layout_names if name in d}
+        layout = {**layout, "row_multiple": 1, "chunk_items": 0, "pack": item_format.pack}
+        layout.update(given)
+        layout["pack_length"] = layout["pack_length"] or item_format.length_buckets[-1]
+        init = dict(
+            kind="mbeir",
+            instruction_mode=d.instruction_mode,
+            instruction_seed=base_config().seed,
+            num_hard_negatives=d.num_hard_negatives,
+            skip_bad_records=d.skip_bad_records,
+        )
+        return cls(
+            tokenizer, model_config, item_format, BatchLayout(**layout), **{**init, **options}
+        )
 
     # --- records -> raw sides -----------------------------------------------------------------
 
@@ -360,12 +321,12 @@ class ContrastiveBatcher:
                 text=text,
                 image=image,
                 instruction=instruction,
-                prompt=self.prompt,
-                max_length=self.max_length,
-                truncate_text=self.truncate_text,
+                prompt=self.item_format.prompt,
+                max_length=self.item_format.max_length,
+                truncate_text=self.item_format.truncate_text,
             )
 
-        if self.fusion == "late":
+        if self.item_format.fusion == "late":
             return split_item(encode, text=side.text, image=image, instruction=instruction)
         item = encode(text=side.text, image=image, instruction=instruction)
         if item.num_patches > budget:  # (pixel_values would normalise the patches again)
@@ -444,82 +405,19 @@ class ContrastiveBatcher:
     # --- batching -----------------------------------------------------------------------------
 
     def _collate(self, items: list, patch_budget: int, side: str) -> ModelBatch:
-        if self.fusion == "late":
-            return late_collate(items, self._collate_early, patch_budget)
-        if self.pack:
-            batch = self._collate_packed(items, patch_budget, side)
-        else:
-            batch = self._collate_early(items, patch_budget)
-        if self.pack_vision and patch_budget:
-            # Vision rows as long as the largest image a side may hold (its per-item budget):
-            # any image fits, and no row's attention spans more than that.
-            batch = pack_vision(
-                batch,
-                patch_budget=patch_budget,
-                row_multiple=self.pack_row_multiple,
-                coarse=True,
-                block_sizes=self.pack_vision_blocks,
-                num_rows=self.vision_rows(len(items)),
-            )
-        return batch
-
-    def vision_rows(self, num_items: int) -> int | None:
-        """The fixed vision rows of a side of ``num_items`` items (pack_vision_row_fraction),
-        or None: as many as each batch needs."""
-        if not self.pack_vision_row_fraction:
-            return None
-        rows = max(1, math.ceil(self.pack_vision_row_fraction * num_items))
-        return -(-rows // self.pack_row_multiple) * self.pack_row_multiple
-
-    def pack_chunks(self, num_items: int) -> int:
-        """Gradient-cache chunks a packed side of ``num_items`` items is packed in."""
-        if not self.pack_chunk_items:
-            return 1
-        if num_items % self.pack_chunk_items:
-            raise ValueError(
-                f"{num_items} items of a side do not split into gradient-cache chunks of "
-                f"{self.pack_chunk_items} (pack_chunk_items)"
-            )
-        return num_items // self.pack_chunk_items
-
-    def pack_rows(self, num_items: int) -> int:
-        """Rows of a packed side of ``num_items`` items (the same for every batch)."""
-        rows = -(-num_items // self.pack_items_per_row)
-        # In chunks: every chunk's rows split evenly over the shards too (the cache's strided
-        # chunks then keep every device busy).
-        multiple = self.pack_row_multiple * self.pack_chunks(num_items)
-        return -(-rows // multiple) * multiple
-
-    def _collate_packed(
-        self, items: list[ProcessedItem], patch_budget: int, side: str
-    ) -> PackedBatch:
-        num_rows = self.pack_rows(len(items))
-        try:
-            return collate_packed(
-                items,
-                config=self.model_config,
-                pad_token_id=self.tokenizer.pad_token_id,
-                patch_budget=patch_budget * self.pack_items_per_row,
-                length=self.pack_length,
-                num_rows=num_rows,
-                chunks=self.pack_chunks(len(items)),
-            )
-        except ValueError as error:
-            raise ValueError(
-                f"{side}: {len(items)} items do not pack into {num_rows} rows of "
-                f"{self.pack_length} tokens and {patch_budget * self.pack_items_per_row} "
-                f"patches; lower pack_items_per_row or raise pack_length ({error})"
-            ) from error
-
-    def _collate_early(self, items: list[ProcessedItem], patch_budget: int) -> EarlyBatch:
-        return collate(
+        return collate_side(
             items,
             config=self.model_config,
             pad_token_id=self.tokenizer.pad_token_id,
-            length_buckets=self.length_buckets,
+            item_format=self.item_format,
+            layout=self.layout,
             patch_budget=patch_budget,
-            padding_side=self.padding_side,
+            name=side,
         )
+
+    def vision_rows(self, num_items: int) -> int | None:
+        """The fixed vision rows of a side of ``num_items`` items (``BatchLayout.vision_rows``)."""
+        return self.layout.vision_rows(num_items)
 
     def collate(self, examples: Sequence[EncodedExample]) -> TrainBatch:
         """Examples -> the train batch of the module docstring."""
@@ -558,16 +456,6 @@ class ContrastiveBatcher:
             _DropSkipped(),
             grain.Batch(batch_size, drop_remainder=drop_remainder, batch_fn=self.collate),
         ]
-
-
-def make_transform(
-    tokenizer: PreTrainedTokenizerBase,
-    image_processor: ImageProcessor,
-    model_config: ModelConfig,
-    **options: Any,
-) -> ContrastiveBatcher:
-    """A ``ContrastiveBatcher`` (its keyword options are documented there)."""
-    return ContrastiveBatcher(tokenizer, image_processor, model_config, **options)
 
 
 class _EncodeRecords(grain.MapTransform):

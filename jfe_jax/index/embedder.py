@@ -31,16 +31,18 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jfe_jax.data.collate import collate, collate_packed
+from jfe_jax.data.batch_layout import BatchLayout
+from jfe_jax.data.collate import collate, collate_side
 from jfe_jax.data.item_format import ItemFormat
-from jfe_jax.data.late_fusion import LateItem, late_collate, split_item
+from jfe_jax.data.late_fusion import LateItem, split_item
 from jfe_jax.data.processing import ProcessedItem, encode_item
 from jfe_jax.data.tokenizer import load_tokenizer
 from jfe_jax.models.axes import LOGICAL_RULES
+from jfe_jax.models.batches import EarlyBatch
 from jfe_jax.models.fingerprint import hash_json
-from jfe_jax.models.packing import pack_vision
 from jfe_jax.paths import absolute
 from jfe_jax.train import mesh as mesh_lib
+from jfe_jax.workdir import Workdir
 
 if TYPE_CHECKING:  # the encoder sits above this module (it embeds items with it)
     from jfe_jax.encoder import Encoder
@@ -60,7 +62,7 @@ class Item:
 def find_tokenizer(encoder: Encoder) -> str:
     """The tokenizer next to an encoder's weights (HF dir or ``<workdir>/tokenizer``)."""
     source = encoder.source_dir or ""
-    for path in (source, os.path.join(source, "tokenizer")):
+    for path in (source, Workdir(source).tokenizer):
         if os.path.isfile(os.path.join(path, "tokenizer.json")):
             return path
     raise ValueError(
@@ -123,10 +125,6 @@ class ItemEmbedder:
         item_format.check_vision(vision)
         if pack_vision is None:
             pack_vision = item_format.fusion == "early"
-        if pack_vision and item_format.fusion != "early":
-            raise ValueError(
-                f"pack_vision=True packs early-fusion images; fusion is {item_format.fusion!r}"
-            )
         self.format = item_format
         self.pack_vision = pack_vision
         self.encoder = encoder
@@ -158,6 +156,19 @@ class ItemEmbedder:
         self.mesh = mesh
         replicated = NamedSharding(mesh, PartitionSpec())
         self._num_devices = shards  # row shards: batch and packed row counts divide by it
+        # Packed rows come from _row_buckets, each keeping patch_budget patches; rows of text
+        # and vision split over the row shards.
+        self.layout = BatchLayout(
+            pack=item_format.pack,
+            pack_items_per_row=1,
+            pack_length=0,
+            row_multiple=shards,
+            pack_vision=pack_vision,
+            pack_vision_blocks=(),
+            pack_vision_row_fraction=0.0,
+            chunk_items=0,
+        )
+        self.layout.check_format(item_format)
         self.batch_size = -(-batch_size // shards) * shards
         # Packed row counts: shards x 1, 2, 4, ... up to one row per item.
         self._row_buckets = sorted(
@@ -219,7 +230,9 @@ class ItemEmbedder:
             )
         return self._encode(text=item.text, image=item.image, instruction=item.instruction)
 
-    def _collate(self, items: list[ProcessedItem], patch_budget: int) -> dict[str, np.ndarray]:
+    def _collate(self, items: list[ProcessedItem], patch_budget: int) -> EarlyBatch:
+        """An early-fusion batch of ``items`` at this format's length buckets (what
+        ``collate_side`` makes of each part of late-fusion items)."""
         return collate(
             items,
             config=self.encoder.config,
@@ -240,25 +253,20 @@ class ItemEmbedder:
             raise ValueError(f"expected 1..{self.batch_size} items, got {len(items)}")
         if self.pack:
             # Item slots pad to batch_size (item_mask 0), so the output shape is static too.
-            batch = collate_packed(
-                list(items),
-                config=self.encoder.config,
-                pad_token_id=self.pad_token_id,
-                length_buckets=self.length_buckets,
-                patch_budget=self.patch_budget,
-                num_rows=self._row_buckets,
-                num_items=self.batch_size,
-            )
+            shape = dict(num_rows=self._row_buckets, num_items=self.batch_size)
         else:
             # Pad with copies of the first item: static shapes, rows dropped afterwards.
-            padded = list(items) + [items[0]] * (self.batch_size - len(items))
-            if self.fusion == "late":
-                batch = late_collate(padded, self._collate, self.patch_budget)
-            else:
-                batch = self._collate(padded, self.patch_budget)
-        if self.pack_vision:
-            batch = pack_vision(batch, coarse=True, row_multiple=self._num_devices)
-        return batch
+            items, shape = list(items) + [items[0]] * (self.batch_size - len(items)), {}
+        return collate_side(
+            items,
+            config=self.encoder.config,
+            pad_token_id=self.pad_token_id,
+            item_format=self.format,
+            layout=self.layout,
+            patch_budget=self.patch_budget,
+            name="batch",
+            **shape,
+        )
 
     def run_host_batch(self, batch: Any, num_items: int) -> np.ndarray:
         """Embeddings ``[num_items, D]`` of a ``host_batch`` (its first ``num_items`` rows)."""

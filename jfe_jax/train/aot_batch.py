@@ -48,6 +48,7 @@ import ml_collections
 import numpy as np
 
 from jfe_jax.data.image_processor import smart_resize
+from jfe_jax.data.item_format import ItemFormat
 from jfe_jax.data.late_fusion import LateItem
 from jfe_jax.data.mbeir import TASK_MODALITIES, TEST_TASKS
 from jfe_jax.data.pipeline import ContrastiveBatcher, EncodedExample
@@ -56,7 +57,7 @@ from jfe_jax.models.batches import EarlyBatch
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.flops import batch_required_flops
 from jfe_jax.train import mesh as mesh_lib
-from jfe_jax.train.setup import pack_chunk_items
+from jfe_jax.train.setup import batch_layout
 
 BATCH_MIXES = ("uniform", "mbeir")
 
@@ -186,7 +187,7 @@ def train_batch(
         # The mix's items are what the data holds, the same whatever the layout (so packing's
         # gain shows against the same required FLOPs); uniform items fill a packed row's share.
         item_length=(
-            batcher.pack_length // d.pack_items_per_row
+            batcher.layout.pack_length // d.pack_items_per_row
             if d.pack and mix != "mbeir"
             else shape.length
         ),
@@ -299,26 +300,25 @@ def _batcher(
         ),
     )
     pad_only = types.SimpleNamespace(pad_token_id=0)  # collate reads nothing else of it
+    item_format = dataclasses.replace(
+        ItemFormat.from_train_config(config, model_config.vision),
+        length_buckets=buckets,
+        query_patch_budget=shape.query_patches,  # the kind picks the sides that use them
+        candidate_patch_budget=shape.candidate_patches,
+    )
+    layout = dataclasses.replace(
+        batch_layout(config, local_shards, hosts), pack_length=d.pack_length or shape.length
+    )
     return ContrastiveBatcher(
         pad_only,
-        None,  # the image processor encodes records; collate needs none
         narrow,
+        item_format,
+        layout,
         kind=kind,
-        length_buckets=buckets,
-        max_length=d.max_length,
-        truncate_text=d.truncate_text,
-        fusion=config.model.fusion,
-        pack=d.pack,
-        pack_items_per_row=d.pack_items_per_row,
-        pack_length=d.pack_length or shape.length,
-        pack_row_multiple=local_shards if d.pack or d.pack_vision else 1,
-        pack_vision=d.pack_vision,
-        pack_vision_blocks=tuple(d.pack_vision_blocks),
-        pack_vision_row_fraction=d.pack_vision_row_fraction,
-        pack_chunk_items=pack_chunk_items(config, hosts),
+        instruction_mode=d.instruction_mode,
+        instruction_seed=config.seed,
         num_hard_negatives=num_hard,
-        query_patch_budget=shape.query_patches if kind == "mbeir" else 0,
-        candidate_patch_budget=shape.candidate_patches if kind != "text_triples" else 0,
+        skip_bad_records=d.skip_bad_records,
     )
 
 

@@ -18,19 +18,19 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from jfe_jax.data.image_processor import ImageProcessor
+from jfe_jax.data.item_format import ItemFormat
 from jfe_jax.data.loader import make_train_loader
 from jfe_jax.data.mbeir import MBEIR
-from jfe_jax.data.pipeline import make_transform
+from jfe_jax.data.pipeline import ContrastiveBatcher
 from jfe_jax.data.tfds_builders import MbeirTrainPairs, PairData, build_dataset, load_source
 from jfe_jax.data.tokenizer import load_tokenizer
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.train import mesh as mesh_lib
-from jfe_jax.train.setup import pack_chunk_items
+from jfe_jax.train.setup import batch_layout
+from jfe_jax.workdir import TOKENIZER_DIR, Workdir
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_DIR = "tokenizer"  # inside a workdir, and inside a demo data root
 PAIR_KINDS = ("text_triples", "image_captions")
 
 
@@ -115,7 +115,7 @@ def find_tokenizer_dir(config: ml_collections.ConfigDict) -> str:
     if config.model.init_from:
         candidates += [
             config.model.init_from,
-            os.path.join(config.model.init_from, TOKENIZER_DIR),
+            Workdir(config.model.init_from).tokenizer,
         ]
     if config.data.root:
         candidates.append(os.path.join(config.data.root, TOKENIZER_DIR))
@@ -178,9 +178,14 @@ def _builders(
 
 
 def make_train_data(
-    config: ml_collections.ConfigDict, workdir: str, model_config: ModelConfig
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    model_config: ModelConfig,
+    item_format: ItemFormat | None = None,
 ) -> RoundRobin:
-    """Builds (or reuses) the TFDS datasets and returns the checkpointable batch iterator."""
+    """Builds (or reuses) the TFDS datasets and returns the checkpointable batch iterator.
+    ``item_format``: what each item becomes (the one the trainer's run record saves); None:
+    ``ItemFormat.from_train_config``."""
     d = config.data
     if not d.root or not os.path.isdir(d.root):
         raise ValueError(f"data.root={d.root!r} is not a directory")
@@ -197,7 +202,7 @@ def make_train_data(
             f"tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens but the model's "
             f"vocabulary is {model_config.text.vocab_size}"
         )
-    target = epath.Path(workdir) / TOKENIZER_DIR
+    target = epath.Path(Workdir(workdir).tokenizer)
     if jax.process_index() == 0 and os.path.abspath(tokenizer_dir) != os.path.abspath(
         os.fspath(target)
     ):
@@ -207,35 +212,17 @@ def make_train_data(
             source = os.path.join(tokenizer_dir, name)
             if os.path.isfile(source):
                 (target / name).write_bytes(epath.Path(source).read_bytes())
-    image_processor = ImageProcessor(
-        min_pixels=d.image_min_pixels,
-        max_pixels=d.image_max_pixels,
-        patch_size=model_config.vision.patch_size,
-        temporal_patch_size=model_config.vision.temporal_patch_size,
-        merge_size=model_config.vision.spatial_merge_size,
+    if item_format is None:
+        item_format = ItemFormat.from_train_config(config, model_config.vision)
+    tfds_dir = d.tfds_dir or Workdir(workdir).tfds
+    builders = _builders(config, tfds_dir, item_format.image_processor().max_image_pixels)
+    layout = batch_layout(
+        config, mesh_lib.local_data_parallel_shards(mesh_lib.make_mesh(dict(config.mesh)))
     )
-    tfds_dir = d.tfds_dir or os.path.join(workdir, "tfds")
-    builders = _builders(config, tfds_dir, image_processor.max_image_pixels)
     common = dict(
-        prompt=d.prompt,
-        length_buckets=tuple(d.length_buckets),
-        max_length=d.max_length,
-        truncate_text=d.truncate_text,
+        instruction_mode=d.instruction_mode,
+        instruction_seed=config.seed,
         skip_bad_records=d.skip_bad_records,
-        fusion=config.model.fusion,
-        pack=d.pack,
-        pack_items_per_row=d.pack_items_per_row,
-        pack_length=d.pack_length,
-        # Rows (text and vision) split evenly over the batch shards this host's devices hold.
-        pack_row_multiple=(
-            mesh_lib.local_data_parallel_shards(mesh_lib.make_mesh(dict(config.mesh)))
-            if d.pack or d.pack_vision
-            else 1
-        ),
-        pack_vision=d.pack_vision,
-        pack_vision_blocks=tuple(d.pack_vision_blocks),
-        pack_vision_row_fraction=d.pack_vision_row_fraction,
-        pack_chunk_items=pack_chunk_items(config),
     )
     if d.read_threads < 0 or d.read_buffer_size < 1:
         raise ValueError(
@@ -259,14 +246,13 @@ def make_train_data(
     loaders = {}
     if d.kind == "pairs":
         for kind, builder in builders.items():
-            transform = make_transform(
+            transform = ContrastiveBatcher(
                 tokenizer,
-                image_processor,
                 model_config,
+                item_format,
+                layout,
                 kind=kind,
                 num_hard_negatives=min(d.num_hard_negatives, 1) if kind == "text_triples" else 0,
-                query_patch_budget=0,
-                candidate_patch_budget=d.candidate_patch_budget if kind == "image_captions" else 0,
                 **common,
             )
             loaders[kind] = make_train_loader(
@@ -277,17 +263,14 @@ def make_train_data(
                 f"data.root={d.root} has no pairs/text_triples.jsonl or pairs/image_captions.jsonl"
             )
     else:
-        transform = make_transform(
+        transform = ContrastiveBatcher(
             tokenizer,
-            image_processor,
             model_config,
+            item_format,
+            layout,
             kind="mbeir",
             instructions=MBEIR(d.root).instructions(),
-            instruction_mode=d.instruction_mode,
-            instruction_seed=config.seed,
             num_hard_negatives=d.num_hard_negatives,
-            query_patch_budget=d.query_patch_budget,
-            candidate_patch_budget=d.candidate_patch_budget,
             **common,
         )
         sizes = {}

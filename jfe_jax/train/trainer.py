@@ -20,7 +20,7 @@ import optax
 from etils import epath
 
 from jfe_jax.data.item_format import ItemFormat
-from jfe_jax.models.batches import LateFusionBatch, as_batch, text_rows
+from jfe_jax.models.batches import LateFusionBatch, text_rows
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.padding import padding_fractions
 from jfe_jax.paths import absolute, absolute_config_paths
@@ -35,9 +35,10 @@ from jfe_jax.train.metrics import (
     read_window,
     window_add,
 )
-from jfe_jax.train.run_control import SUMMARY_FILE, TrainingInterrupted, lock_workdir
+from jfe_jax.train.run_control import TrainingInterrupted, lock_workdir
 from jfe_jax.train.setup import TrainSetup, build, make_lr_fn, validate_config
 from jfe_jax.train.topology import peak_flops
+from jfe_jax.workdir import Workdir
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +54,24 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def write_run_record(
-    workdir: str, config: ml_collections.ConfigDict, model_config: ModelConfig, mesh
+    workdir: str,
+    config: ml_collections.ConfigDict,
+    model_config: ModelConfig,
+    mesh,
+    item_format: ItemFormat | None = None,
 ) -> None:
-    """config.json, model_config.json, jfe_item_format.json (what the model is fed: read back
-    by ``embedder_for`` and ``jfe convert``) and run_info.json (versions, devices, mesh)."""
+    """config.json, model_config.json, jfe_item_format.json (``item_format``, what the model is
+    fed, default ``ItemFormat.from_train_config``: read back by ``embedder_for`` and ``jfe
+    convert``) and run_info.json (versions, devices, mesh)."""
     if jax.process_index() != 0:
         return
-    root = epath.Path(workdir)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-    ItemFormat.from_train_config(config, model_config.vision).save(workdir)
-    (root / ckpt.MODEL_CONFIG_FILE).write_text(
+    paths = Workdir(workdir)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    epath.Path(paths.run_config).write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    if item_format is None:
+        item_format = ItemFormat.from_train_config(config, model_config.vision)
+    item_format.save(workdir)
+    epath.Path(paths.model_config).write_text(
         json.dumps(model_config.to_hf_dict(), indent=2, sort_keys=True)
     )
     import flax
@@ -86,7 +94,7 @@ def write_run_record(
         },
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
     }
-    (root / "run_info.json").write_text(json.dumps(info, indent=2))
+    epath.Path(paths.run_info).write_text(json.dumps(info, indent=2))
 
 
 # ============================================================================ state
@@ -99,7 +107,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict
     """Runs (or resumes) training to ``train.num_steps``; returns the final metrics.
 
     ``data`` overrides the pipeline built from ``config.data`` (tests): an iterator of host
-    batches with ``get_state()`` / ``set_state(dict)``.
+    ``TrainBatch``es with ``get_state()`` / ``set_state(dict)``.
 
     Raises:
       TrainingInterrupted: SIGTERM or a first Ctrl-C stopped the run; its checkpoint is saved.
@@ -118,7 +126,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict
 def _train_locked(config, workdir, setup: TrainSetup, data) -> dict[str, Any]:
     """``train`` once this run holds the workdir."""
     model_config, mesh = setup.model_config, setup.mesh
-    write_run_record(workdir, config, model_config, mesh)
+    # What every item becomes: saved in the run record and fed by the data pipeline.
+    item_format = ItemFormat.from_train_config(config, model_config.vision)
+    write_run_record(workdir, config, model_config, mesh, item_format)
     log.info(
         "mesh: %s over %d devices (%s) in %d processes",
         " x ".join(f"{name}={size}" for name, size in mesh.shape.items()),
@@ -139,7 +149,7 @@ def _train_locked(config, workdir, setup: TrainSetup, data) -> dict[str, Any]:
     if data is None:
         from jfe_jax.train.data import make_train_data
 
-        data = make_train_data(config, workdir, model_config)
+        data = make_train_data(config, workdir, model_config, item_format)
     resume_step = checkpointer.latest_step()
     if resume_step is not None:
         state, data_state = checkpointer.restore(resume_step, setup.abstract_state())
@@ -201,7 +211,7 @@ def _train_locked(config, workdir, setup: TrainSetup, data) -> dict[str, Any]:
     )
     try:
         for step in range(start_step + 1, total_steps + 1):
-            batch = mesh_lib.global_batch_from_host(as_batch(next(data)), mesh)
+            batch = mesh_lib.global_batch_from_host(next(data), mesh)
             state, metrics = compiled_for(batch)(state, batch)
             window = add_to_window(window, metrics, batch)
             last_step = step == total_steps
@@ -256,7 +266,7 @@ def _train_locked(config, workdir, setup: TrainSetup, data) -> dict[str, Any]:
         peak_flops_source=peak_source, total_steps=total_steps, completed=stopped_at is None
     )
     if jax.process_index() == 0:
-        (epath.Path(workdir) / SUMMARY_FILE).write_text(json.dumps(final, indent=2))
+        epath.Path(Workdir(workdir).train_summary).write_text(json.dumps(final, indent=2))
     if stopped_at is not None:  # after the checkpoint is closed: rerunning resumes from it
         raise TrainingInterrupted(stopped_at, total_steps, checkpointer.directory)
     return final
@@ -272,7 +282,7 @@ def _nothing_to_train(workdir: str, step: int, total_steps: int) -> dict[str, An
         step,
         total_steps,
     )
-    path = epath.Path(workdir) / SUMMARY_FILE
+    path = epath.Path(Workdir(workdir).train_summary)
     if path.is_file():
         return json.loads(path.read_text())
     summary = {"step": step, "total_steps": total_steps, "completed": step == total_steps}
