@@ -24,6 +24,9 @@ and passed in as ``batch_features``: per-row arrays, chunked with the rows. With
 ``feature_grads=True`` the gradient of the loss with respect to them is returned as well
 (summed from each chunk's re-run), so a caller whose features depend on the parameters can
 finish the chain rule with one vjp of its feature function: a second level of caching.
+
+``cached_loss_and_grad`` applies it to a train batch's sides (the train step's gradient-cache
+branch): which features are cached, which are passed in, and that last vjp.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from jfe_jax.models.batches import ModelBatch, PackedBatch, VisionPackedBatch
 
 EmbedFn = Callable[..., jax.Array]  # (params, batch[, features]) -> [rows, D]
 FeaturesFn = Callable[[Any, Any], Any]  # (params, batch) -> per-row arrays, held constant
@@ -139,6 +144,74 @@ def _accumulate_param_grads(
     return grads, (jax.tree.map(_from_chunks, per_chunk) if feature_grads else None)
 
 
+def _rerun_batches(
+    embed_fn: EmbedFn,
+    params: Any,
+    batches: Sequence[Any],
+    chunk_features: Sequence[Any],
+    embedding_grads: Sequence[jax.Array],
+    num_chunks: Sequence[int],
+    feature_grads: Sequence[bool],
+    grads: Any,
+) -> tuple[Any, list[Any]]:
+    """Step 3 for every batch: the loss's direct ``grads`` plus each batch's chunks' vjps,
+    summed in float32 and cast back to the params' dtypes; and per batch its features'
+    cotangent where ``feature_grads`` asks for it (else None)."""
+    # Accumulate in float32 so many small chunk contributions are not lost in bf16 params.
+    grads = jax.tree.map(lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32)), grads)
+    cotangents = []
+    for batch, features, embedding_grad, n, want in zip(
+        batches, chunk_features, embedding_grads, num_chunks, feature_grads, strict=True
+    ):
+        grads, cotangent = _accumulate_param_grads(
+            embed_fn, params, batch, embedding_grad, n, grads, features, want
+        )
+        cotangents.append(cotangent)
+    return jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grads, params), cotangents
+
+
+def _chunk_counts(
+    batches: Sequence[Any],
+    batch_features: Sequence[Any],
+    sizes: Sequence[int | None],
+    chunk_size: int,
+) -> list[int]:
+    """Per batch, its chunk count: its size (the leaves' common leading size unless ``sizes``
+    gives it) over ``chunk_size``.
+
+    Raises:
+      ValueError: ``batch_features`` or ``sizes`` has not one entry per batch, or a batch
+        (or one of its leaves) does not split into whole chunks.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+    if len(batch_features) != len(batches):
+        raise ValueError(
+            f"batch_features has {len(batch_features)} entries for {len(batches)} batches"
+        )
+    if len(sizes) != len(batches):
+        raise ValueError(f"sizes has {len(sizes)} entries for {len(batches)} batches")
+    num_chunks = []
+    for index, (batch, features, size) in enumerate(zip(batches, batch_features, sizes)):
+        what = f"batch {index} (with its batch_features)"
+        if size is None:
+            size = _batch_size((batch, features), what)
+        if size % chunk_size:
+            raise ValueError(
+                f"batch {index} has {size} rows, which is not divisible by chunk_size="
+                f"{chunk_size}; use a chunk_size that divides every batch size"
+            )
+        count = size // chunk_size
+        for path, leaf in jax.tree_util.tree_leaves_with_path((batch, features)):
+            if leaf.shape[0] % count:
+                raise ValueError(
+                    f"{what}: leaf {jax.tree_util.keystr(path)} has {leaf.shape[0]} rows, "
+                    f"which do not split into {count} chunks"
+                )
+        num_chunks.append(count)
+    return num_chunks
+
+
 def grad_cache_loss_and_grad(
     embed_fn: EmbedFn,
     loss_fn: LossFn,
@@ -184,34 +257,9 @@ def grad_cache_loss_and_grad(
     """
     if not batches:
         raise ValueError("grad_cache_loss_and_grad needs at least one batch to embed")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
     batch_features = [None] * len(batches) if batch_features is None else list(batch_features)
-    if len(batch_features) != len(batches):
-        raise ValueError(
-            f"batch_features has {len(batch_features)} entries for {len(batches)} batches"
-        )
     sizes = [None] * len(batches) if sizes is None else list(sizes)
-    if len(sizes) != len(batches):
-        raise ValueError(f"sizes has {len(sizes)} entries for {len(batches)} batches")
-    num_chunks = []
-    for index, (batch, features, size) in enumerate(zip(batches, batch_features, sizes)):
-        what = f"batch {index} (with its batch_features)"
-        if size is None:
-            size = _batch_size((batch, features), what)
-        if size % chunk_size:
-            raise ValueError(
-                f"batch {index} has {size} rows, which is not divisible by chunk_size="
-                f"{chunk_size}; use a chunk_size that divides every batch size"
-            )
-        count = size // chunk_size
-        for path, leaf in jax.tree_util.tree_leaves_with_path((batch, features)):
-            if leaf.shape[0] % count:
-                raise ValueError(
-                    f"{what}: leaf {jax.tree_util.keystr(path)} has {leaf.shape[0]} rows, "
-                    f"which do not split into {count} chunks"
-                )
-        num_chunks.append(count)
+    num_chunks = _chunk_counts(batches, batch_features, sizes, chunk_size)
     if features_fn is None:  # one code path: no features, and an embed_fn that takes none
         features_fn = _no_features
         if all(f is None for f in batch_features):
@@ -227,18 +275,80 @@ def grad_cache_loss_and_grad(
         loss_fn, argnums=argnums, has_aux=True
     )(params, *embeddings)
 
-    # Accumulate in float32 so many small chunk contributions are not lost in bf16 params.
-    grads = jax.tree.map(lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32)), grads)
-    cotangents = []
-    for batch, (_, features), embedding_grad, n, given in zip(
-        batches, embedded, embedding_grads, num_chunks, batch_features, strict=True
-    ):
-        want = feature_grads and given is not None
-        grads, cotangent = _accumulate_param_grads(
-            embed_fn, params, batch, embedding_grad, n, grads, features, want
-        )
-        cotangents.append(cotangent)
-    grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grads, params)
+    wanted = [feature_grads and given is not None for given in batch_features]
+    chunk_features = [features for _, features in embedded]
+    grads, cotangents = _rerun_batches(
+        embed_fn, params, batches, chunk_features, embedding_grads, num_chunks, wanted, grads
+    )
     if feature_grads:
         return (loss, aux), grads, cotangents
     return (loss, aux), grads
+
+
+def cached_loss_and_grad(
+    embed_fn: EmbedFn,
+    image_features_fn: FeaturesFn,
+    loss_fn: LossFn,
+    params: Any,
+    sides: Sequence[ModelBatch],
+    *,
+    chunk_size: int,
+) -> tuple[tuple[jax.Array, Any], Any]:
+    """``grad_cache_loss_and_grad`` over a train batch's model-batch ``sides``, the vision
+    tower run where it costs least.
+
+    ``embed_fn(params, side[, image_features])`` embeds a side's items and
+    ``image_features_fn(params, side)`` runs its vision tower (None where the side runs it
+    itself); ``loss_fn(params, *embeddings)`` as in ``grad_cache_loss_and_grad``. A tower not
+    in ``params`` (frozen) runs once per text chunk, in the first pass only. Sides whose
+    images sit in vision rows of their own (``packing.pack_vision``) chunk their text rows
+    only: the tower runs once over the whole side's vision rows, and its tokens, gathered per
+    text row, are chunked with the rows; a trained tower then gets its gradient through the
+    tokens' cotangents and one vjp over the vision rows (as the re-run does for text rows).
+
+    Raises:
+      ValueError: a packed side was not packed in this cache's chunks (see ``_chunk_local``).
+    """
+    vision_frozen = not params.get("vision")
+    packed = [isinstance(side, VisionPackedBatch) for side in sides]
+    row_sides = [_chunk_local(s.rows if p else s, chunk_size) for s, p in zip(sides, packed)]
+    features = [image_features_fn(params, s) if p else None for s, p in zip(sides, packed)]
+    (loss, metrics), grads, *feature_grads = grad_cache_loss_and_grad(
+        embed_fn,
+        loss_fn,
+        params,
+        *row_sides,
+        chunk_size=chunk_size,
+        features_fn=image_features_fn if vision_frozen else None,
+        batch_features=features,
+        feature_grads=not vision_frozen and any(packed),
+        sizes=[side.num_items for side in sides],
+    )
+    for side, cotangent in zip(sides, feature_grads[0] if feature_grads else ()):
+        if cotangent is not None:  # a trained tower: the chain rule through its tokens
+            _, vjp = jax.vjp(lambda t, s=side: image_features_fn(t, s), params)
+            (vision_grads,) = vjp(cotangent)
+            grads = jax.tree.map(jnp.add, grads, vision_grads)
+    return (loss, metrics), grads
+
+
+def _chunk_local(side: ModelBatch, chunk_size: int) -> ModelBatch:
+    """A side as the gradient cache's chunks see it: a packed side's ``pool_index`` rows made
+    local to their chunk (row g of chunk g mod C is its row g // C), which ``pack_items``
+    (``chunks=C``) guarantees by putting item i and its row in the same class mod C.
+
+    Raises:
+      ValueError: the side was packed for another chunk count (or not for chunks at all).
+    """
+    if not isinstance(side, PackedBatch):
+        return side
+    chunks = side.num_items // chunk_size
+    if side.row_chunks != chunks:
+        raise ValueError(
+            f"a packed side of {side.num_items} items with train.grad_cache_chunk="
+            f"{chunk_size} needs packing in {chunks} chunks (ContrastiveBatcher("
+            f"pack_chunk_items=), packing.pack_items(chunks=)); this one was packed in "
+            f"{side.row_chunks}"
+        )
+    pool_index = jnp.asarray(side.pool_index)
+    return side.replace(pool_index=pool_index.at[:, 0].set(pool_index[:, 0] // chunks))
