@@ -24,7 +24,6 @@ ALLOWED: dict[str, str] = {
         "a field list: one declaration per option, nothing to split by idea"
     ),
     "jfe_jax/encoder.py": _SPLITTING,
-    "jfe_jax/models/inputs.py:prepare_batch": _SPLITTING,
     "jfe_jax/models/packing.py:pack_items": _SPLITTING,
     "jfe_jax/models/packing.py:pack_vision": _SPLITTING,
     "jfe_jax/train/aot.py": _SPLITTING,

@@ -129,14 +129,56 @@ def prepare_batch(
     Raises:
       ValueError: naming the disagreement.
     """
-    vcfg = config.vision
-    merge = vcfg.spatial_merge_size
+    merge = config.vision.spatial_merge_size
+    input_ids, attention_mask = _check_tokens(config, input_ids, attention_mask)
+    if (pixel_values is None) != (image_grid_thw is None):
+        raise ValueError("pixel_values and image_grid_thw must be given together")
+    grids = np.zeros((0, 3), dtype=np.int64)
+    if image_grid_thw is not None:
+        pixel_values, grids = _check_images(config, pixel_values, image_grid_thw)
+    row_images = _assign_images(config, input_ids, grids)
+    position_ids = np.stack(
+        [
+            mrope_position_ids(
+                input_ids[b],
+                attention_mask[b],
+                [grids[i] for i in row_images[b]],
+                image_token_id=config.image_token_id,
+                merge_size=merge,
+            )
+            for b in range(input_ids.shape[0])
+        ]
+    )
+    out = EarlyBatch(
+        input_ids=input_ids.astype(np.int32),
+        attention_mask=attention_mask.astype(np.int32),
+        position_ids=position_ids.astype(np.int32),
+    )
+    if image_grid_thw is None:
+        return out
+    packed, segments, patch_positions = _pack_row_patches(
+        config, pixel_values, grids, row_images, num_patches, patch_multiple
+    )
+    return out.replace(
+        pixel_values=packed, patch_segment_ids=segments, patch_positions=patch_positions
+    )
+
+
+def _check_tokens(
+    config: ModelConfig, input_ids: np.ndarray, attention_mask: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(input_ids, attention_mask)`` as arrays (the mask all ones if None), checked: ``[B, L]``
+    integer ids in the vocabulary, a 0/1 mask with a real token in every row, and no
+    ``<|image_pad|>`` at a padding position.
+
+    Raises:
+      ValueError: naming the row (and position) that is wrong.
+    """
     input_ids = np.asarray(input_ids)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
     if not np.issubdtype(input_ids.dtype, np.integer):
         raise ValueError(f"input_ids must be integers, got {input_ids.dtype}")
-    batch, length = input_ids.shape
     if attention_mask is None:
         attention_mask = np.ones_like(input_ids)
     attention_mask = np.asarray(attention_mask)
@@ -160,38 +202,60 @@ def prepare_batch(
     if (is_image & (attention_mask == 0)).any():
         b = int(np.argwhere(is_image & (attention_mask == 0))[0][0])
         raise ValueError(f"row {b} has <|image_pad|> tokens at padding positions")
+    return input_ids, attention_mask
 
-    if (pixel_values is None) != (image_grid_thw is None):
-        raise ValueError("pixel_values and image_grid_thw must be given together")
-    grids = np.zeros((0, 3), dtype=np.int64)
-    if image_grid_thw is not None:
-        grids = np.asarray(image_grid_thw).astype(np.int64).reshape(-1, 3)
-        pixel_values = np.asarray(pixel_values, dtype=np.float32)
-        if pixel_values.ndim != 2 or pixel_values.shape[1] != vcfg.patch_dim:
-            raise ValueError(
-                f"pixel_values must be [num_patches, {vcfg.patch_dim}] "
-                f"(channels*temporal*patch*patch), got shape {pixel_values.shape}"
-            )
-        for i, (t, h, w) in enumerate(grids):
-            if t < 1 or h < merge or w < merge or h % merge or w % merge:
-                raise ValueError(
-                    f"image_grid_thw[{i}] = {[int(t), int(h), int(w)]}: t must be >= 1 and h, w "
-                    f"positive multiples of spatial_merge_size {merge}"
-                )
-        expected = int(np.prod(grids, axis=1).sum())
-        if pixel_values.shape[0] != expected:
-            raise ValueError(
-                f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw says "
-                f"{expected} ({len(grids)} images)"
-            )
 
-    # Assign images to runs of <|image_pad|>, in row-major order, one run per image.
+def _check_images(
+    config: ModelConfig, pixel_values: np.ndarray, image_grid_thw: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(pixel_values float32 [N, patch_dim], grids int64 [num_images, 3])``, checked: every
+    grid a whole number of merge blocks, and as many patches as the grids say.
+
+    Raises:
+      ValueError: naming the grid or the counts that disagree.
+    """
+    vcfg = config.vision
+    merge = vcfg.spatial_merge_size
+    grids = np.asarray(image_grid_thw).astype(np.int64).reshape(-1, 3)
+    pixel_values = np.asarray(pixel_values, dtype=np.float32)
+    if pixel_values.ndim != 2 or pixel_values.shape[1] != vcfg.patch_dim:
+        raise ValueError(
+            f"pixel_values must be [num_patches, {vcfg.patch_dim}] "
+            f"(channels*temporal*patch*patch), got shape {pixel_values.shape}"
+        )
+    for i, (t, h, w) in enumerate(grids):
+        if t < 1 or h < merge or w < merge or h % merge or w % merge:
+            raise ValueError(
+                f"image_grid_thw[{i}] = {[int(t), int(h), int(w)]}: t must be >= 1 and h, w "
+                f"positive multiples of spatial_merge_size {merge}"
+            )
+    expected = int(np.prod(grids, axis=1).sum())
+    if pixel_values.shape[0] != expected:
+        raise ValueError(
+            f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw says "
+            f"{expected} ({len(grids)} images)"
+        )
+    return pixel_values, grids
+
+
+def _assign_images(
+    config: ModelConfig, input_ids: np.ndarray, grids: np.ndarray
+) -> list[list[int]]:
+    """Per row, the indices of its images: images go to the runs of ``<|image_pad|>`` in
+    row-major order, one run per image, as in the reference.
+
+    Raises:
+      ValueError: the runs and the images disagree in number, or a run's length is not its
+        image's merged token count.
+    """
+    merge = config.vision.spatial_merge_size
     tokens_per_image = np.prod(grids, axis=1) // merge**2
-    runs_per_row = [image_runs(input_ids[b], config.image_token_id) for b in range(batch)]
+    runs_per_row = [image_runs(row, config.image_token_id) for row in input_ids]
     num_runs = sum(len(r) for r in runs_per_row)
     if num_runs != len(grids):
+        num_tokens = int((input_ids == config.image_token_id).sum())
         raise ValueError(
-            f"input_ids has {int(is_image.sum())} <|image_pad|> tokens in {num_runs} runs but "
+            f"input_ids has {num_tokens} <|image_pad|> tokens in {num_runs} runs but "
             f"{len(grids)} images were given (image_grid_thw); each image needs exactly one run"
         )
     row_images: list[list[int]] = []
@@ -207,27 +271,27 @@ def prepare_batch(
                 )
             row_images[b].append(next_image)
             next_image += 1
+    return row_images
 
-    position_ids = np.stack(
-        [
-            mrope_position_ids(
-                input_ids[b],
-                attention_mask[b],
-                [grids[i] for i in row_images[b]],
-                image_token_id=config.image_token_id,
-                merge_size=merge,
-            )
-            for b in range(batch)
-        ]
-    )
-    out = EarlyBatch(
-        input_ids=input_ids.astype(np.int32),
-        attention_mask=attention_mask.astype(np.int32),
-        position_ids=position_ids.astype(np.int32),
-    )
-    if image_grid_thw is None:
-        return out
 
+def _pack_row_patches(
+    config: ModelConfig,
+    pixel_values: np.ndarray,
+    grids: np.ndarray,
+    row_images: list[list[int]],
+    num_patches: int | None,
+    patch_multiple: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(pixel_values [B, P, patch_dim], patch_segment_ids [B, P], patch_positions [B, P, 2])``:
+    each row's images' patches side by side in a budget of P (``num_patches``, or the largest
+    row rounded up to ``patch_multiple``), segment k + 1 for the row's image k.
+
+    Raises:
+      ValueError: the budget is not whole merge blocks, or a row needs more than it.
+    """
+    vcfg = config.vision
+    merge = vcfg.spatial_merge_size
+    batch = len(row_images)
     offsets = np.concatenate([[0], np.cumsum(np.prod(grids, axis=1))])
     row_patches = [int(sum(np.prod(grids[i]) for i in imgs)) for imgs in row_images]
     multiple = max(patch_multiple, merge**2)
@@ -250,9 +314,7 @@ def prepare_batch(
             segments[b, cursor : cursor + n] = k + 1
             patch_positions[b, cursor : cursor + n] = vision_patch_positions(grids[i], merge)
             cursor += n
-    return out.replace(
-        pixel_values=packed, patch_segment_ids=segments, patch_positions=patch_positions
-    )
+    return packed, segments, patch_positions
 
 
 def dummy_batch(config: ModelConfig, batch: int = 1, length: int = 8) -> EarlyBatch:
