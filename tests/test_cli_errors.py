@@ -282,7 +282,7 @@ def test_checkpoint_with_truncated_data_files_prints_one_line_and_no_traceback(t
     import jax.numpy as jnp
 
     from jfe_jax.encoder import Encoder
-    from jfe_jax.train.checkpoint import MODEL_CONFIG_FILE
+    from jfe_jax.workdir import MODEL_CONFIG_FILE
 
     workdir = tmp_path / "run"
     workdir.mkdir()

@@ -19,12 +19,13 @@ from jfe_jax.encoder import Encoder, embedder_for
 from jfe_jax.index.embedder import Item
 from jfe_jax.index.export import IDENTITY_FILE, export_embeddings, load_embeddings
 from jfe_jax.models import fingerprint as fingerprint_lib
-from jfe_jax.models.fingerprint import FINGERPRINT_FILE, is_current_form, short
+from jfe_jax.models.fingerprint import is_current_form, short
 from jfe_jax.models.one_tower import EncoderOptions
 from jfe_jax.models.safetensors_io import SINGLE_FILE, SafetensorsFile, _write_file
 from jfe_jax.models.sizes import get_size
-from jfe_jax.train.checkpoint import MODEL_CONFIG_FILE, Checkpointer
+from jfe_jax.train.checkpoint import Checkpointer
 from jfe_jax.train.config_base import base_config
+from jfe_jax.workdir import FINGERPRINT_FILE, MODEL_CONFIG_FILE
 
 TASK = "mscoco_task0"
 POOL = "mbeir_mscoco_task0_test_cand_pool"

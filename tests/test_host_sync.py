@@ -28,6 +28,7 @@ import pytest
 from jax._src import array as array_lib
 from train_fixtures import ToyPairs
 
+from jfe_jax.models.batches import LateFusionBatch
 from jfe_jax.models.flops import train_step_flops
 from jfe_jax.models.inputs import prepare_batch
 from jfe_jax.models.packing import pack_items
@@ -135,8 +136,8 @@ def test_steps_between_log_steps_read_nothing_back_from_the_devices(guarded_run)
 
 
 def test_rerunning_a_finished_run_says_so_and_keeps_its_summary(guarded_run, caplog):
-    from jfe_jax.train.run_control import SUMMARY_FILE
     from jfe_jax.train.trainer import train
+    from jfe_jax.workdir import TRAIN_SUMMARY_FILE as SUMMARY_FILE
 
     workdir, c, summary = guarded_run
     before = (workdir / SUMMARY_FILE).read_text()
@@ -242,22 +243,20 @@ def _late_side(config, rng):
         np.concatenate([g for _, _, g in images]),
         num_patches=16,
     )
-    return {
-        "text": text,
-        "image": image,
-        "has_text": np.array([1, 1, 0, 1, 0, 1, 1, 1], np.float32),
-        "has_image": np.array([1, 0, 1, 1, 1, 0, 0, 1], np.float32),
-    }
+    return LateFusionBatch(
+        text=text,
+        image=image,
+        has_text=np.array([1, 1, 0, 1, 0, 1, 1, 1], np.float32),
+        has_image=np.array([1, 0, 1, 1, 1, 0, 0, 1], np.float32),
+    )
 
 
 def _tokens_seen(side):
     """The trainer's former host count: real tokens of the parts each item has."""
-    if "has_text" in side:
-        return sum(
-            float(np.sum(side[part]["attention_mask"] * side[f"has_{part}"][:, None]))
-            for part in ("text", "image")
-        )
-    return float(np.sum(side["attention_mask"]))
+    if isinstance(side, LateFusionBatch):
+        pairs = ((side.text, side.has_text), (side.image, side.has_image))
+        return sum(float(np.sum(part.attention_mask * has[:, None])) for part, has in pairs)
+    return float(np.sum(side.attention_mask))
 
 
 @pytest.mark.parametrize("kind", ["early_fusion", "packed", "late_fusion"])
@@ -266,9 +265,9 @@ def test_device_batch_counts_match_the_host_padding_counts(kind):
     rng = np.random.default_rng(3)
     batch = next(ToyPairs(config, batch_size=8, seed=2))
     if kind == "packed":
-        batch["candidate"] = _packed_side(config, rng)
+        batch = batch.replace(candidate=_packed_side(config, rng))
     elif kind == "late_fusion":
-        batch["query"] = _late_side(config, rng)
+        batch = batch.replace(query=_late_side(config, rng))
     mesh = mesh_lib.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
     global_batch = mesh_lib.global_batch_from_host(batch, mesh)
     counts = jax.device_get(jax.jit(functools.partial(batch_counts, config))(global_batch))
@@ -276,7 +275,7 @@ def test_device_batch_counts_match_the_host_padding_counts(kind):
 
     expected = {k: float(v) for k, v in padding_counts(batch, config).items()}
     expected["step_flops"] = train_step_flops(config, batch)
-    expected["tokens_seen"] = sum(_tokens_seen(batch[k]) for k in ("query", "candidate"))
+    expected["tokens_seen"] = sum(_tokens_seen(side) for side in (batch.query, batch.candidate))
     for name in COUNTS:
         assert float(counts[name]) == pytest.approx(expected[name], rel=2e-6), name
     assert expected["real_flops"] < expected["flops"] and expected["real_patches"] > 0

@@ -15,7 +15,8 @@ from flax import traverse_util
 
 from jfe_jax.cli import EXIT_INTERRUPTED, main
 from jfe_jax.train import checkpoint as ckpt
-from jfe_jax.train.run_control import LOCK_FILE, WorkdirLock, training_completed
+from jfe_jax.train.run_control import WorkdirLock, training_completed
+from jfe_jax.workdir import TRAIN_LOCK_FILE as LOCK_FILE
 
 HERE = os.path.dirname(__file__)
 SCRIPT = os.path.join(HERE, "interrupt_script.py")

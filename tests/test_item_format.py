@@ -14,12 +14,13 @@ from bench_fixtures import make_bench, small_synthetic
 from PIL import Image
 
 from jfe_jax.cli import main
-from jfe_jax.data.item_format import ITEM_FORMAT_FILE, ItemFormat
+from jfe_jax.data.item_format import ItemFormat
 from jfe_jax.encoder import embedder_for
 from jfe_jax.index.embedder import Item
 from jfe_jax.index.export import load_embeddings
 from jfe_jax.index.identity import check_index_model
 from jfe_jax.models.sizes import get_size
+from jfe_jax.workdir import ITEM_FORMAT_FILE
 
 TASK = "mscoco_task0"
 POOL = "mbeir_mscoco_task0_test_cand_pool"

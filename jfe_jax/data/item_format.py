@@ -25,7 +25,6 @@ from typing import Any
 
 from etils import epath
 
-from jfe_jax.data.collate import DEFAULT_LENGTH_BUCKETS
 from jfe_jax.data.image_processor import (
     CLIP_MEAN,
     CLIP_STD,
@@ -34,8 +33,12 @@ from jfe_jax.data.image_processor import (
     ImageProcessor,
 )
 from jfe_jax.data.late_fusion import FUSIONS
-from jfe_jax.data.processing import DEFAULT_EMBED_PROMPT
+from jfe_jax.train import config_base
 from jfe_jax.workdir import ITEM_FORMAT_FILE, Workdir, is_workdir
+
+# The training options' defaults, and Qwen2-VL's inference ones where a model directory
+# without a format gets other values (config_base.QWEN2_VL_DEFAULTS says why).
+_DATA, _QWEN2_VL = config_base.DEFAULTS.data, config_base.QWEN2_VL_DEFAULTS
 
 VERSION = 1  # of the file layout; a file of a later version is refused
 # Fields that do not change any embedding that both settings produce: out of the identity.
@@ -56,24 +59,29 @@ def derived_patch_budget(max_pixels: int, patch_size: int, merge_size: int, max_
 class ItemFormat:
     """What the encoder is fed for an item, besides the item. Budgets of None and a max_length
     of 0 are resolved when the object is made (see ``__post_init__``), so a saved format is
-    always concrete. A budget of 0 means text-only rows, as in the training config."""
+    always concrete. A budget of 0 means text-only rows, as in the training config.
 
-    prompt: str = DEFAULT_EMBED_PROMPT  # embedding prompt after each item
-    length_buckets: tuple[int, ...] = DEFAULT_LENGTH_BUCKETS  # padded sequence lengths
-    max_length: int = 0  # longest item in tokens; 0: the largest length bucket
-    truncate_text: bool = False  # shorten an over-long item's text (else it raises)
+    The defaults are a Qwen2-VL checkpoint's that carries no format: the training config's
+    (``config_base.DEFAULTS``) but for the length buckets, budgets and pixel limits, which are
+    Qwen2-VL's inference settings (``config_base.QWEN2_VL_DEFAULTS``)."""
+
+    prompt: str = _DATA.prompt  # embedding prompt after each item
+    length_buckets: tuple[int, ...] = _QWEN2_VL.length_buckets  # padded sequence lengths
+    max_length: int = _QWEN2_VL.max_length  # longest item in tokens; 0: the largest bucket
+    truncate_text: bool = _DATA.truncate_text  # shorten an over-long item's text (else raise)
     # Image patches per query / candidate row; None: derived from max_pixels; 0: text only.
-    query_patch_budget: int | None = None
-    candidate_patch_budget: int | None = None
-    min_pixels: int = 56 * 56  # Qwen2-VL smart-resize bounds on the resized image area
-    max_pixels: int = 28 * 28 * 1280  # (the transformers Qwen2VLImageProcessor defaults)
+    query_patch_budget: int | None = _QWEN2_VL.query_patch_budget
+    candidate_patch_budget: int | None = _QWEN2_VL.candidate_patch_budget
+    min_pixels: int = _QWEN2_VL.image_min_pixels  # smart-resize bounds on the resized area
+    max_pixels: int = _QWEN2_VL.image_max_pixels
     patch_size: int = 14  # ViT patch side, in pixels (the model's vision config)
     temporal_patch_size: int = 2  # frames per patch (a still image is repeated)
     merge_size: int = 2  # patches merged per side into one LLM token
     image_mean: tuple[float, ...] = CLIP_MEAN  # per RGB channel, after x / 255
     image_std: tuple[float, ...] = CLIP_STD
-    fusion: str = "early"  # early: image and text in one sequence; late: embedded apart
-    pack: bool = False  # several items per row (same embeddings, less padding); early only
+    # early: image and text in one sequence; late: embedded apart
+    fusion: str = config_base.DEFAULTS.model.fusion
+    pack: bool = _DATA.pack  # several items per row (same embeddings, less padding); early only
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731

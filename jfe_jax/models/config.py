@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("qwen2_vl",)
+HF_CONFIG_FILE = "config.json"  # a Hugging Face directory's architecture (not a workdir's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,9 +228,9 @@ class ModelConfig:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> ModelConfig:
         """Reads ``config.json`` from a Hugging Face directory."""
-        config_path = os.path.join(path, "config.json")
+        config_path = os.path.join(path, HF_CONFIG_FILE)
         if not os.path.isfile(config_path):
-            raise ValueError(f"{path} has no config.json: not a Hugging Face model directory")
+            raise ValueError(f"{path} has no {HF_CONFIG_FILE}: not a Hugging Face model directory")
         with open(config_path, encoding="utf-8") as f:
             try:
                 d = json.load(f)

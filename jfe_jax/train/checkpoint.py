@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -29,15 +28,14 @@ from jax.experimental import multihost_utils
 from jfe_jax.errors import CheckpointReadError
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.paths import absolute
+from jfe_jax.workdir import MODEL_CONFIG_FILE, RUN_CONFIG_FILE, Workdir
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = "checkpoints"
 
 
 def checkpoint_dir(workdir: str) -> str:
     """``<workdir>/checkpoints``, absolute (Orbax refuses relative paths)."""
-    return os.path.join(absolute(workdir), CHECKPOINT_DIR)
+    return Workdir(absolute(workdir)).checkpoints
 
 
 def latest_step(workdir: str) -> int | None:
@@ -392,17 +390,14 @@ def restore_params(
 
 def read_run_config(workdir: str) -> dict:
     """The config a workdir was trained with (``config.json`` written at start)."""
-    path = epath.Path(workdir) / "config.json"
+    path = epath.Path(Workdir(workdir).run_config)
     if not path.is_file():
-        raise ValueError(f"{workdir} has no config.json: not a jfe-jax training workdir")
+        raise ValueError(f"{workdir} has no {RUN_CONFIG_FILE}: not a jfe-jax training workdir")
     return json.loads(path.read_text())
 
 
-MODEL_CONFIG_FILE = "model_config.json"  # the architecture, in Hugging Face config format
-
-
 def load_model_config(workdir: str) -> ModelConfig:
-    path = epath.Path(workdir) / MODEL_CONFIG_FILE
+    path = epath.Path(Workdir(workdir).model_config)
     if not path.is_file():
         raise ValueError(f"{workdir} has no {MODEL_CONFIG_FILE}: not a jfe-jax training workdir")
     return ModelConfig.from_hf_dict(json.loads(path.read_text()))

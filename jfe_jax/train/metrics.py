@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+
+from jfe_jax.workdir import Workdir
 
 
 class MetricWriter:
@@ -28,7 +29,7 @@ class MetricWriter:
     def __init__(self, workdir: str, *, enabled: bool = True):
         self.enabled = enabled
         self._tb = None
-        self._path = epath.Path(workdir) / "metrics.jsonl"
+        self._path = epath.Path(Workdir(workdir).metrics)
         self._lines: list[str] = []
         if enabled:
             epath.Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -36,7 +37,7 @@ class MetricWriter:
                 self._lines = self._path.read_text().splitlines(keepends=True)
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.fspath(epath.Path(workdir) / "tensorboard"))
+            self._tb = SummaryWriter(Workdir(workdir).tensorboard)
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:

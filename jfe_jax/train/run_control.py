@@ -22,10 +22,9 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-log = logging.getLogger(__name__)
+from jfe_jax.workdir import Workdir
 
-LOCK_FILE = ".jfe-train.lock"
-SUMMARY_FILE = "train_summary.json"  # final metrics, ``completed``, ``step``, ``total_steps``
+log = logging.getLogger(__name__)
 
 
 class TrainingInterrupted(Exception):
@@ -47,7 +46,7 @@ class TrainingInterrupted(Exception):
 
 def training_completed(workdir: str, num_steps: int) -> bool:
     """Whether the run in ``workdir`` reached step ``num_steps`` (its train_summary.json)."""
-    path = epath.Path(workdir) / SUMMARY_FILE
+    path = epath.Path(Workdir(workdir).train_summary)
     if not path.is_file():
         return False
     summary = json.loads(path.read_text())
@@ -63,7 +62,7 @@ class WorkdirLock:
 
     def __init__(self, workdir: str):
         self.workdir = str(workdir)
-        self.path = os.path.join(self.workdir, LOCK_FILE)
+        self.path = Workdir(self.workdir).lock
         self._fd: int | None = None
 
     def __enter__(self) -> WorkdirLock:

@@ -42,10 +42,10 @@ from jfe_jax.data.synthetic.tasks import TASK_BUILDERS
 from jfe_jax.data.synthetic.world import derive_seed
 from jfe_jax.data.tokenizer import build_tokenizer
 from jfe_jax.progress import progress_bar
+from jfe_jax.workdir import TOKENIZER_DIR  # a demo data root keeps its tokenizer as a workdir
 
 VERSION = 1
 MANIFEST_FILE = "synthetic_manifest.json"
-TOKENIZER_DIR = "tokenizer"
 # The demo's tasks: changing this tuple changes the demo's data, timings and results.
 SYNTHETIC_TASKS: tuple[str, ...] = (
     "mscoco_task0",
