@@ -134,11 +134,11 @@ def main():
     print(
         f"{args.size} encoder, {encoder.num_params() / 1e6:.1f}M params; batch {ids.shape[0]} "
         f"x {ids.shape[1]} tokens, {len(grid)} images ({pixels.shape[0]} patches), JAX patch "
-        f"budget {prepared['pixel_values'].shape[1]}/row; jax {jax.__version__} on "
+        f"budget {prepared.pixel_values.shape[1]}/row; jax {jax.__version__} on "
         f"{jax.devices()[0].platform}, torch {torch.__version__} with {args.threads} threads"
     )
     print("padding of the JAX batch: " + ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
-    budget = prepared["pixel_values"].shape[1]
+    budget = prepared.pixel_values.shape[1]
     packed = pack_items(
         config,
         *items_from_rows(config, ids, mask, pixels, grid),

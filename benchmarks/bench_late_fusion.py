@@ -32,6 +32,7 @@ from jfe_jax.data.late_fusion import late_collate  # noqa: E402
 from jfe_jax.data.tokenizer import build_tokenizer  # noqa: E402
 from jfe_jax.encoder import Encoder  # noqa: E402
 from jfe_jax.index.embedder import Item, ItemEmbedder  # noqa: E402
+from jfe_jax.models.batches import TrainBatch  # noqa: E402
 from jfe_jax.models.flops import train_step_flops  # noqa: E402
 from jfe_jax.models.sizes import get_size  # noqa: E402
 from jfe_jax.train.step import TrainState, make_loss_and_grad  # noqa: E402
@@ -71,16 +72,16 @@ def main(argv=None) -> int:
     )
     queries = [late.process(Item(text=c)) for c in captions]
     candidates = [late.process(Item(image=f"{i}.png")) for i in range(args.batch)]
-    batch = {
-        "query": late_collate(queries, late._collate, late.patch_budget),
-        "candidate": late_collate(candidates, late._collate, late.patch_budget),
-        "query_key": np.arange(args.batch, dtype=np.int32),
-        "candidate_key": np.arange(args.batch, dtype=np.int32),
-    }
+    batch = TrainBatch(
+        query=late_collate(queries, late._collate, late.patch_budget),
+        candidate=late_collate(candidates, late._collate, late.patch_budget),
+        query_key=np.arange(args.batch, dtype=np.int32),
+        candidate_key=np.arange(args.batch, dtype=np.int32),
+    )
     variants = {
         "part left out": batch,
-        "part filled, masked": dict(
-            batch, query=_filled(batch["query"]), candidate=_filled(batch["candidate"])
+        "part filled, masked": batch.replace(
+            query=_filled(batch.query), candidate=_filled(batch.candidate)
         ),
     }
     state = TrainState(

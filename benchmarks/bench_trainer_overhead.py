@@ -43,7 +43,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from train_fixtures import ToyPairs  # noqa: E402
 
 from jfe_jax.data.synthetic import SyntheticConfig, generate  # noqa: E402
-from jfe_jax.models.batches import as_batch  # noqa: E402
 from jfe_jax.models.sizes import get_size  # noqa: E402
 from jfe_jax.train import mesh as mesh_lib  # noqa: E402
 from jfe_jax.train.config_base import demo_stage2_config  # noqa: E402
@@ -151,7 +150,7 @@ def main() -> None:
                 )
             if name == "small":
                 data = ToyPairs(get_size("small"), batch_size=SMALL_BATCH, length=64)
-            batches = [as_batch(next(data)) for _ in range(args.batches)]
+            batches = [next(data) for _ in range(args.batches)]
             bare, windows = [], []
             for repeat in range(args.repeats):
                 bare += bare_seconds_per_step(config, batches, args.cycles)

@@ -106,13 +106,12 @@ class PackVision(HostRows):
     def __next__(self):
         from jfe_jax.models.packing import pack_vision
 
-        batch = dict(next(self.inner))
-        items = len(batch["candidate"]["input_ids"])
+        batch = next(self.inner)
+        items = len(batch.candidate.input_ids)
         rows = -(-items // 2 // self.row_multiple) * self.row_multiple
-        batch["candidate"] = pack_vision(
-            batch["candidate"], row_multiple=self.row_multiple, num_rows=rows
+        return batch.replace(
+            candidate=pack_vision(batch.candidate, row_multiple=self.row_multiple, num_rows=rows)
         )
-        return batch
 
 
 class SigtermAt(HostRows):

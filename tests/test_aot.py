@@ -13,11 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from batch_dicts import as_dict
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jfe_jax.data.synthetic import SyntheticConfig, generate
-from jfe_jax.models.batches import EarlyBatch
-from jfe_jax.models.flops import batch_required_flops, model_sides, train_step_required_flops
+from jfe_jax.models.batches import EarlyBatch, is_packed
+from jfe_jax.models.flops import batch_required_flops, train_step_required_flops
 from jfe_jax.train import setup as setup_lib
 from jfe_jax.train.aot import aot_main, lower_train_step, parse_config
 from jfe_jax.train.aot_batch import (
@@ -272,9 +273,9 @@ def test_required_flops_count_only_real_tokens_and_patches():
     assert mixed.required_flops < 0.9 * padded
     # Recounted from the collated rows: each row alone at its real tokens and patches.
     recount = 0.0
-    for side in model_sides(mixed.host_batch):
-        tokens = np.asarray(side["attention_mask"]).sum(axis=1)
-        patches = (np.asarray(side["patch_segment_ids"]) > 0).sum(axis=1)
+    for side in mixed.host_batch.sides():
+        tokens = np.asarray(side.attention_mask).sum(axis=1)
+        patches = (np.asarray(side.patch_segment_ids) > 0).sum(axis=1)
         for n, p in zip(tokens, patches):
             alone = EarlyBatch(
                 input_ids=np.zeros((1, n)),
@@ -300,8 +301,9 @@ def test_train_batch_is_the_pipelines_collate_of_packed_late_and_vision_packed_s
 ):
     _, model_config, batch = _demo_batch("uniform", override, batch_size=16)
     for side in ("query", "candidate"):
-        assert keys <= set(batch.batch[side]), side
-        assert set(batch.batch[side]) == set(batch.host_batch[side]), side
+        fields = set(as_dict(getattr(batch.batch, side)))
+        assert keys <= fields, side
+        assert fields == set(as_dict(getattr(batch.host_batch, side))), side
     # Pixels are collated one float wide (host memory), then widened to the model's patches.
     pixels = [
         leaf
@@ -380,9 +382,9 @@ def test_aot_lowers_the_same_step_the_trainer_compiles(tmp_path, monkeypatch):
 
     ((batch_shapes, trainer_lowered),) = lowered_by_trainer
     shape = BatchShape(
-        length=batch_shapes["query"]["input_ids"][0][1],
-        query_patches=batch_shapes["query"]["pixel_values"][0][1],
-        candidate_patches=batch_shapes["candidate"]["pixel_values"][0][1],
+        length=batch_shapes.query.input_ids[0][1],
+        query_patches=batch_shapes.query.pixel_values[0][1],
+        candidate_patches=batch_shapes.candidate.pixel_values[0][1],
     )
     aot_lowered, aot_batch = lower_train_step(setup_lib.build(config), shape)
     assert jax.tree.map(lambda s: (s.shape, s.dtype), aot_batch.batch) == batch_shapes
@@ -437,6 +439,6 @@ def test_the_mbeir_mixs_items_and_required_flops_do_not_depend_on_packing():
         "--config.data.pack_length=512",
         "--config.data.pack_items_per_row=2",  # a row's share (256) is not the items' L (128)
     )
-    assert "pool_index" in packed.batch["query"]
+    assert is_packed(packed.batch.query)
     assert packed.modalities == plain.modalities
     assert packed.required_flops == plain.required_flops

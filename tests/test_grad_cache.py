@@ -197,7 +197,7 @@ def encoder_setup():
         params,
     )
     batch = next(ToyPairs(config, batch_size=16, seed=3))
-    assert batch["candidate"]["pixel_values"].shape[1] > 0
+    assert batch.candidate.pixel_values.shape[1] > 0
     return module, params, batch
 
 

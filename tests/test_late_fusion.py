@@ -11,6 +11,7 @@ from jfe_jax.data.tokenizer import build_tokenizer
 from jfe_jax.encoder import Encoder
 from jfe_jax.index.embedder import Item, ItemEmbedder
 from jfe_jax.models import flops
+from jfe_jax.models.batches import TrainBatch
 from jfe_jax.models.sizes import get_size
 from jfe_jax.train.step import TrainState, make_loss_and_grad
 
@@ -70,12 +71,12 @@ def test_train_step_accepts_late_fusion_batches(embedders):
     _, late = embedders
     queries = [late.process(Item(text="red circle", image=f"{i}.png")) for i in range(4)]
     candidates = [late.process(Item(text=w)) for w in ("red", "green", "blue", "square")]
-    batch = {
-        "query": late_collate(queries, late._collate, late.patch_budget),
-        "candidate": late_collate(candidates, late._collate, late.patch_budget),
-        "query_key": np.arange(4, dtype=np.int32),
-        "candidate_key": np.arange(4, dtype=np.int32),
-    }
+    batch = TrainBatch(
+        query=late_collate(queries, late._collate, late.patch_budget),
+        candidate=late_collate(candidates, late._collate, late.patch_budget),
+        query_key=np.arange(4, dtype=np.int32),
+        candidate_key=np.arange(4, dtype=np.int32),
+    )
     params = late.encoder.params
     state = TrainState(step=jnp.zeros((), jnp.int32), trainable=params, frozen={}, opt_state=None)
     fn = make_loss_and_grad(
@@ -103,18 +104,18 @@ def _caption_batch(late):
     # Stage 1's shape: text-only queries, image-only candidates.
     queries = [late.process(Item(text=w)) for w in ("red circle", "green", "blue top", "square")]
     candidates = [late.process(Item(image=f"{i}.png")) for i in range(4)]
-    return {
-        "query": late_collate(queries, late._collate, late.patch_budget),
-        "candidate": late_collate(candidates, late._collate, late.patch_budget),
-        "query_key": np.arange(4, dtype=np.int32),
-        "candidate_key": np.arange(4, dtype=np.int32),
-    }
+    return TrainBatch(
+        query=late_collate(queries, late._collate, late.patch_budget),
+        candidate=late_collate(candidates, late._collate, late.patch_budget),
+        query_key=np.arange(4, dtype=np.int32),
+        candidate_key=np.arange(4, dtype=np.int32),
+    )
 
 
 def test_a_part_no_item_has_is_left_out_and_embeds_as_when_filled(embedders):
     _, late = embedders
     batch = _caption_batch(late)
-    query, candidate = batch["query"], batch["candidate"]
+    query, candidate = batch.query, batch.candidate
     assert query.image is None and query.text is not None
     assert candidate.text is None and candidate.image is not None
     # a mixed side keeps both parts (the absent rows filled and masked)
@@ -143,7 +144,7 @@ def test_a_part_no_item_has_is_left_out_and_embeds_as_when_filled(embedders):
 def test_train_step_on_one_part_sides_matches_the_filled_batch(embedders, chunk):
     _, late = embedders
     batch = _caption_batch(late)
-    filled = dict(batch, query=_filled(batch["query"]), candidate=_filled(batch["candidate"]))
+    filled = batch.replace(query=_filled(batch.query), candidate=_filled(batch.candidate))
     params = late.encoder.params
     state = TrainState(step=jnp.zeros((), jnp.int32), trainable=params, frozen={}, opt_state=None)
     fn = jax.jit(

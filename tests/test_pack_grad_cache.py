@@ -16,6 +16,7 @@ from train_fixtures import (
 )
 
 from jfe_jax.data.collate import collate, collate_packed
+from jfe_jax.models.batches import TrainBatch
 from jfe_jax.models.inputs import dummy_batch
 from jfe_jax.models.one_tower import EncoderOptions
 from jfe_jax.models.packing import pack_items, pack_vision
@@ -31,13 +32,13 @@ PAIRS = MIXED_PAIRS
 
 def _batch(sides, **keys):
     n = len(PAIRS)
-    return {
-        "query": sides[0],
-        "candidate": sides[1],
-        "query_key": np.arange(n, dtype=np.int32),
-        "candidate_key": np.arange(n, dtype=np.int32) + 1000,
+    return TrainBatch(
+        query=sides[0],
+        candidate=sides[1],
+        query_key=np.arange(n, dtype=np.int32),
+        candidate_key=np.arange(n, dtype=np.int32) + 1000,
         **keys,
-    }
+    )
 
 
 @pytest.fixture(scope="module")

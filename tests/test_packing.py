@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from batch_dicts import as_dict
 from hf_reference import make_inputs
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
@@ -16,6 +17,7 @@ from jfe_jax.encoder import Encoder
 from jfe_jax.index.embedder import Item, ItemEmbedder
 from jfe_jax.models import flops
 from jfe_jax.models.axes import LOGICAL_RULES
+from jfe_jax.models.batches import as_batch
 from jfe_jax.models.inputs import dummy_batch, prepare_batch
 from jfe_jax.models.packing import items_from_rows, pack_items
 from jfe_jax.models.padding import padding_report
@@ -75,7 +77,7 @@ def pack(config, items, **kw):
 
 
 def items_per_row(batch):
-    return batch["segment_ids"].max(axis=1)
+    return batch.segment_ids.max(axis=1)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -86,16 +88,16 @@ def test_packed_embeddings_equal_each_item_embedded_alone(case, model):
     batch = pack(
         config, items, length=spec["length"], num_patches=spec["patches"], num_rows=4, num_items=8
     )
-    assert batch["input_ids"].shape == (4, spec["length"]) and batch["pool_index"].shape == (8, 2)
+    assert batch.input_ids.shape == (4, spec["length"]) and batch.pool_index.shape == (8, 2)
     assert items_per_row(batch).max() >= 2  # some row really holds several items
     if spec["patches"]:
-        assert batch["patch_segment_ids"].max(axis=1).max() >= 2  # and several images
+        assert batch.patch_segment_ids.max(axis=1).max() >= 2  # and several images
     packed = np.asarray(forward(encoder.params, batch))
     alone = embed_alone(config, forward, encoder.params, items)
     n = len(items)
     assert packed.shape == (8, config.text.hidden_size)
     np.testing.assert_allclose(packed[:n], alone, atol=ATOL, rtol=0)
-    np.testing.assert_array_equal(batch["item_mask"], [1] * n + [0] * (8 - n))
+    np.testing.assert_array_equal(batch.item_mask, [1] * n + [0] * (8 - n))
     assert np.all(packed[n:] == 0)  # padding item slots
     # The items are not near-copies of one another (the comparison could fail).
     assert np.min(1 - alone @ alone.T + 2 * np.eye(n)) > 1e-3
@@ -105,11 +107,11 @@ def test_attention_across_items_would_change_the_embeddings(model):
     config, encoder, forward = model
     items = make_items(config, CASES["text_and_images_mixed"]["items"], seed=3)
     batch = pack(config, items, length=32, num_patches=64, num_rows=4)
-    joined = dict(batch, segment_ids=batch["attention_mask"].copy())  # one segment per row
+    joined = batch.replace(segment_ids=batch.attention_mask.copy())  # one segment per row
     alone = embed_alone(config, forward, encoder.params, items)
     leaked = np.asarray(forward(encoder.params, joined))
     # The first item of each row sees only itself either way; every later one changes.
-    later = batch["segment_ids"][tuple(batch["pool_index"].T)] > 1
+    later = batch.segment_ids[tuple(batch.pool_index.T)] > 1
     assert later.sum() >= 2
     assert np.all(np.max(np.abs(leaked - alone), axis=1)[later] > 1e-3)
     np.testing.assert_allclose(leaked[~later], alone[~later], atol=ATOL, rtol=0)
@@ -130,7 +132,7 @@ def test_packed_forward_under_jit_on_a_data_parallel_mesh(model):
         sharded = jax.device_put(batch, rows)
         embed = jax.jit(lambda p, b: module.apply({"params": p}, b)[0])
         packed = embed(params, sharded)
-    assert sharded["input_ids"].sharding.spec == PartitionSpec("data")
+    assert sharded.input_ids.sharding.spec == PartitionSpec("data")
     alone = embed_alone(config, forward, encoder.params, items)
     np.testing.assert_allclose(np.asarray(packed)[: len(items)], alone, atol=ATOL, rtol=0)
 
@@ -142,19 +144,19 @@ def test_packing_lays_items_end_to_end_with_positions_restarted():
     # First-fit decreasing (ties: more patches first): 6 -> row 0, the image item (5 tokens)
     # -> row 1, 5 -> row 2, 3 -> row 1 after the image item.
     np.testing.assert_array_equal(
-        batch["segment_ids"],
+        batch.segment_ids,
         [[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 0, 0, 0]],
     )
-    np.testing.assert_array_equal(batch["pool_index"], [[1, 7], [2, 4], [1, 4], [0, 5]])
-    np.testing.assert_array_equal(batch["attention_mask"][0], [1, 1, 1, 1, 1, 1, 0, 0])
-    np.testing.assert_array_equal(batch["input_ids"][1, 5:], items[0][0])
-    np.testing.assert_array_equal(batch["position_ids"][1, :, 5:], [[0, 1, 2]] * 3)
+    np.testing.assert_array_equal(batch.pool_index, [[1, 7], [2, 4], [1, 4], [0, 5]])
+    np.testing.assert_array_equal(batch.attention_mask[0], [1, 1, 1, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(batch.input_ids[1, 5:], items[0][0])
+    np.testing.assert_array_equal(batch.position_ids[1, :, 5:], [[0, 1, 2]] * 3)
     # The image item's positions are those it has alone (M-RoPE jumps over the image).
     alone = prepare_batch(config, items[2][0][None], None, items[2][1], items[2][2])
-    np.testing.assert_array_equal(batch["position_ids"][1, :, :5], alone["position_ids"][0])
-    np.testing.assert_array_equal(batch["patch_segment_ids"][1], [1, 1, 1, 1, 0, 0, 0, 0])
-    np.testing.assert_array_equal(batch["pixel_values"][1, :4], items[2][1])
-    assert not batch["patch_segment_ids"][[0, 2]].any()
+    np.testing.assert_array_equal(batch.position_ids[1, :, :5], alone.position_ids[0])
+    np.testing.assert_array_equal(batch.patch_segment_ids[1], [1, 1, 1, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(batch.pixel_values[1, :4], items[2][1])
+    assert not batch.patch_segment_ids[[0, 2]].any()
 
 
 def test_items_from_rows_splits_reference_arrays_per_row():
@@ -197,7 +199,7 @@ def test_packing_the_same_items_lowers_the_padding():
     unpacked = padding_report(collate(processed, **kw), config)
     packed_batch = collate_packed(processed, **kw, row_multiple=2)
     packed = padding_report(packed_batch, config)
-    assert packed_batch["input_ids"].shape[0] < len(processed)
+    assert packed_batch.input_ids.shape[0] < len(processed)
     assert packed["token_padding"] < unpacked["token_padding"] - 0.2
     assert packed["patch_padding"] < unpacked["patch_padding"] - 0.1
     assert packed["flops_padding"] < unpacked["flops_padding"] - 0.2
@@ -244,10 +246,10 @@ def test_malformed_items_are_rejected_naming_the_item():
 
 def test_packed_batch_without_segment_ids_is_rejected(model):
     config, encoder, forward = model
-    batch = dict(pack(config, make_items(config, [[3], [4]]), length=8))  # the dict layout
+    batch = as_dict(pack(config, make_items(config, [[3], [4]]), length=8))  # the dict layout
     del batch["segment_ids"]
     with pytest.raises(ValueError, match="both segment_ids and pool_index"):
-        forward(encoder.params, batch)
+        forward(encoder.params, as_batch(batch))
 
 
 # ---------------------------------------------------------------------------- export
@@ -292,7 +294,7 @@ def test_item_embedder_pack_option_gives_the_unpacked_embeddings(model, tmp_path
         num_rows=packer._row_buckets,
         num_items=packer.batch_size,
     )
-    assert batch["input_ids"].shape[0] == 8  # 15 items of 63..92 tokens in 8 rows, not 16
+    assert batch.input_ids.shape[0] == 8  # 15 items of 63..92 tokens in 8 rows, not 16
     with pytest.raises(ValueError, match="pack=True packs early-fusion items"):
         ItemEmbedder(encoder, pack=True, fusion="late", **kw)
     with pytest.raises(ValueError, match="pack_vision=True packs early-fusion images"):
@@ -308,13 +310,13 @@ def test_images_packed_into_their_own_vision_rows_give_the_same_embeddings(model
     batch = prepare_batch(config, ids, mask, pixels, grid)
     packed = pack_vision(batch, row_multiple=2)
     # 6 images (16, 8, 8, 24, 4 patches ...) fill fewer vision rows than the 7 text rows
-    assert packed["vision_pixel_values"].shape[0] < batch["pixel_values"].shape[0]
-    assert "pixel_values" not in packed
+    assert packed.masked.pixel_values.shape[0] < batch.pixel_values.shape[0]
+    assert packed.rows.pixel_values is None
     want = np.asarray(forward(encoder.params, batch))
     got = np.asarray(forward(encoder.params, packed))
     np.testing.assert_allclose(got, want, atol=ATOL)
     # The map matters: shuffling which image token goes where changes the embeddings.
-    wrong = dict(packed, image_token_index=packed["image_token_index"][::-1].copy())
+    wrong = packed.replace(image_token_index=packed.image_token_index[::-1].copy())
     assert np.abs(np.asarray(forward(encoder.params, wrong)) - want).max() > 1e-3
     # The user-facing call takes this path by default.
     np.testing.assert_allclose(
@@ -323,16 +325,16 @@ def test_images_packed_into_their_own_vision_rows_give_the_same_embeddings(model
         atol=ATOL,
     )
     # Row counts: as needed, coarse, then a multiple of (say) the device count.
-    needed = pack_vision(batch)["vision_pixel_values"].shape[0]
+    needed = pack_vision(batch).masked.pixel_values.shape[0]
     assert needed < 7
-    assert pack_vision(batch, coarse=True)["vision_pixel_values"].shape[0] == needed
-    assert pack_vision(batch, row_multiple=8)["vision_pixel_values"].shape[0] == 8
+    assert pack_vision(batch, coarse=True).masked.pixel_values.shape[0] == needed
+    assert pack_vision(batch, row_multiple=8).masked.pixel_values.shape[0] == 8
     with pytest.raises(ValueError, match="does not fit a vision row of 8"):
         pack_vision(batch, patch_budget=8)
     # A fixed count (what several hosts feed): empty rows beyond the images' own, the same
     # embeddings; too few rows, blocks or a count off the multiple are refused by name.
     fixed = pack_vision(batch, row_multiple=2, num_rows=6)
-    assert fixed["vision_pixel_values"].shape[0] == 6
+    assert fixed.masked.pixel_values.shape[0] == 6
     np.testing.assert_allclose(np.asarray(forward(encoder.params, fixed)), want, atol=ATOL)
     with pytest.raises(ValueError, match=rf"need {needed} vision rows .* fixed count is 1"):
         pack_vision(batch, num_rows=1)
@@ -346,8 +348,8 @@ def test_images_packed_into_their_own_vision_rows_give_the_same_embeddings(model
         patch_positions=np.zeros((7, 16, 2), np.int32),
     )
     empty = pack_vision(text_only, num_rows=2)
-    assert empty["vision_pixel_values"].shape == (2, 16, config.vision.patch_dim)
-    assert not empty["vision_segment_ids"].any()
+    assert empty.masked.pixel_values.shape == (2, 16, config.vision.patch_dim)
+    assert not empty.masked.segment_ids.any()
 
 
 def test_coarse_row_count_keeps_three_significant_bits():

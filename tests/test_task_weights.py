@@ -61,7 +61,7 @@ def test_train_data_draws_each_task_by_its_weight(tmp_path):
     # sorted: infoseek_task6, mscoco_task0, webqa_task1
     np.testing.assert_allclose(stream.probabilities, np.array([6.0, 1.0, 0.5]) / 7.5)
     batch = next(stream)  # a whole batch of one task comes out
-    assert batch["query"]["input_ids"].shape[0] == 8
+    assert batch.query.input_ids.shape[0] == 8
 
     # Without weights the tasks are drawn in proportion to their training pairs.
     config.data.task_weights = ()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from jfe_jax.models.batches import TrainBatch
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.inputs import prepare_batch
 
@@ -43,12 +44,12 @@ class ToyPairs:
         self.position += 1
         topics = rng.integers(0, self.config.text.vocab_size - 16, size=(self.batch_size, 4))
         keys = rng.integers(0, 2**31 - 1, size=self.batch_size).astype(np.int32)
-        return {
-            "query": self._side(rng, topics, with_images=False),
-            "candidate": self._side(rng, topics, with_images=True),
-            "query_key": keys,
-            "candidate_key": keys,
-        }
+        return TrainBatch(
+            query=self._side(rng, topics, with_images=False),
+            candidate=self._side(rng, topics, with_images=True),
+            query_key=keys,
+            candidate_key=keys,
+        )
 
     def get_state(self) -> dict:
         return {"position": self.position}

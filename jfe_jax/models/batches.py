@@ -15,16 +15,16 @@ type (no key tests):
 * ``TrainBatch``: a contrastive step's sides (query, candidate, hard negatives) and the keys
   that identify duplicates (``jfe_jax.data.pipeline.ContrastiveBatcher.collate``).
 
-Each is a pytree (``jax.jit`` takes it; leaves are arrays, absent optional fields None) and
-reads like the dicts it replaces (``batch["input_ids"]``, ``"pool_index" in batch``,
-``dict(batch)``), so notebooks and tests written against dicts keep working; ``as_batch``
-turns such a dict into its typed batch.
+Each is a pytree (``jax.jit`` takes it; leaves are arrays, absent optional fields None), read
+by attribute (``batch.input_ids``) and changed with ``batch.replace(...)``. It is no mapping:
+``as_batch`` types a dict of the former layout where a user hands one (tests, notebooks); the
+library passes the typed batches through without looking at keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from flax import struct
@@ -32,30 +32,8 @@ from flax import struct
 Array = Any
 
 
-class _Fields(Mapping):
-    """Read access by field name, as the former dict batches: the fields that are not None."""
-
-    def _names(self) -> list[str]:
-        return [
-            f.name
-            for f in dataclasses.fields(self)
-            if f.metadata.get("pytree_node", True) and getattr(self, f.name) is not None
-        ]
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in self._names():
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names())
-
-    def __len__(self) -> int:
-        return len(self._names())
-
-
 @struct.dataclass
-class EarlyBatch(_Fields):
+class EarlyBatch:
     """One item per row: tokens ``[B, L]``, M-RoPE ``position_ids [B, 3, L]``, and with images
     ``pixel_values [B, P, patch_dim]``, ``patch_segment_ids [B, P]`` (one id per image of the
     row, 0 = padding), ``patch_positions [B, P, 2]``."""
@@ -99,7 +77,7 @@ class PackedBatch(EarlyBatch):
 
 
 @struct.dataclass
-class VisionGroup(_Fields):
+class VisionGroup:
     """Rows of images for the vision tower: ``pixel_values [V, Pv, D]``, ``segment_ids
     [V, Pv]`` (one id per image of the row, 0 padding), ``positions [V, Pv, 2]``."""
 
@@ -115,7 +93,7 @@ _MASKED_KEYS = ("vision_pixel_values", "vision_segment_ids", "vision_positions")
 
 
 @struct.dataclass
-class VisionPackedBatch(_Fields):
+class VisionPackedBatch:
     """Text ``rows`` (no pixels) plus the side's images in vision rows of their own: ``masked``
     rows shared by several images, and per-image ``blocks`` (each a group of rows of one
     image size); ``image_token_index [B, P / merge**2]`` maps each text row's image tokens to
@@ -134,34 +112,19 @@ class VisionPackedBatch(_Fields):
         """The vision row groups in the order of ``image_token_index``."""
         return ([self.masked] if self.masked is not None else []) + list(self.blocks)
 
-    # The flat key view of the former dicts: the rows' keys, vision_pixel_values,
-    # vision_segment_ids, vision_positions (masked rows), vision_blocks, image_token_index.
-    def _names(self) -> list[str]:
-        names = list(self.rows._names())
-        if self.masked is not None:
-            names += list(_MASKED_KEYS)
-        if self.blocks:
-            names.append("vision_blocks")
-        return names + ["image_token_index"]
 
-    def __getitem__(self, key: str) -> Any:
-        if key in _MASKED_KEYS and self.masked is not None:
-            return self.masked.arrays()[_MASKED_KEYS.index(key)]
-        if key == "vision_blocks" and self.blocks:
-            return self.blocks
-        if key == "image_token_index":
-            return self.image_token_index
-        return self.rows[key]
+# A batch the language model reads image and text of as one sequence.
+EarlyFusionBatch = EarlyBatch | PackedBatch | VisionPackedBatch
 
 
 @struct.dataclass
-class LateFusionBatch(_Fields):
+class LateFusionBatch:
     """The late-fusion baseline's side: each item's ``text`` and ``image`` parts as two model
     batches of the same rows, and ``has_text``/``has_image [B]`` (1.0 where the part exists).
     A part no row has is None (``jfe_jax.data.late_fusion.late_collate``)."""
 
-    text: Any
-    image: Any
+    text: EarlyFusionBatch | None
+    image: EarlyFusionBatch | None
     has_text: Array
     has_image: Array
 
@@ -169,7 +132,7 @@ class LateFusionBatch(_Fields):
     def num_items(self) -> int:
         return self.has_text.shape[0]
 
-    def parts(self) -> list[tuple[Any, Array]]:
+    def parts(self) -> list[tuple[EarlyFusionBatch, Array]]:
         """The parts the batch holds, each with its presence mask: (text, has_text) and
         (image, has_image), without a part that is None."""
         pairs = ((self.text, self.has_text), (self.image, self.has_image))
@@ -181,17 +144,17 @@ SIDES = ("query", "candidate", "hard_negative")
 
 
 @struct.dataclass
-class TrainBatch(_Fields):
+class TrainBatch:
     """One contrastive step: ``query`` and ``candidate`` (row i of each a positive pair), the
     optional ``hard_negative`` side (B*H items), and int32 keys identifying duplicates:
     ``query_key``, ``candidate_key [B]``, ``hard_negative_key [B, H]``; the data pipeline's
     ``hard_negative_count`` (real ones among H) and ``skipped_records [B]``."""
 
-    query: Any
-    candidate: Any
+    query: ModelBatch
+    candidate: ModelBatch
     query_key: Array = None
     candidate_key: Array = None
-    hard_negative: Any = None
+    hard_negative: ModelBatch | None = None
     hard_negative_key: Array = None
     hard_negative_count: Array = None
     skipped_records: Array = None
@@ -244,12 +207,13 @@ def _model_batch(value: Mapping[str, Any]) -> ModelBatch:
         )
         return VisionPackedBatch(rows, value["image_token_index"], masked, blocks)
     fields = {k: value[k] for k in keys}
-    unknown = keys - {f.name for f in dataclasses.fields(PackedBatch)}
+    unknown = sorted(keys - {f.name for f in dataclasses.fields(PackedBatch)})
     if unknown or not {"input_ids", "attention_mask", "position_ids"} <= keys:
         raise ValueError(
-            f"no model batch found: keys {sorted(keys)} (expected input_ids, attention_mask, "
-            f"position_ids and optional pixel, packing or vision-row keys; or a train batch's "
-            f"query and candidate)"
+            f"no model batch found: keys {sorted(keys)}"
+            + (f", of which {unknown} are no batch field" if unknown else "")
+            + " (expected input_ids, attention_mask, position_ids and optional pixel, packing "
+            "or vision-row keys; or a train batch's query and candidate)"
         )
     if "pool_index" in keys or "segment_ids" in keys:
         if not {"segment_ids", "pool_index"} <= keys:
@@ -268,10 +232,13 @@ def _ones_like_items(pool_index: Array) -> Array:
     return jnp.ones(pool_index.shape[0], jnp.int32)
 
 
-def as_batch(value: Any) -> Any:
-    """A typed batch from a typed batch (returned as is) or the dict layout it replaces: a
+def as_batch(value: ModelBatch | TrainBatch | Mapping[str, Any]) -> ModelBatch | TrainBatch:
+    """A typed batch from a typed batch (returned as is) or the dict layout it replaced: a
     model batch (early, packed, vision-packed, late fusion) or a train batch (``query``,
-    ``candidate``, ...). Raises ValueError naming the keys when it is neither."""
+    ``candidate``, ...). Raises ValueError naming the keys when it is neither.
+
+    For the boundaries where a user hands a dict (``padding_report``, tests, notebooks); the
+    library itself passes typed batches and never calls this."""
     if isinstance(value, (TrainBatch, EarlyBatch, VisionPackedBatch, LateFusionBatch)):
         return value
     if not isinstance(value, Mapping):

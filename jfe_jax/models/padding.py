@@ -26,6 +26,7 @@ benchmarks and the trainer's logs:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -33,8 +34,11 @@ import numpy as np
 from jfe_jax.models import flops
 from jfe_jax.models.batches import (
     EarlyBatch,
+    EarlyFusionBatch,
     LateFusionBatch,
+    ModelBatch,
     PackedBatch,
+    TrainBatch,
     VisionPackedBatch,
     as_batch,
     text_rows,
@@ -59,7 +63,7 @@ _COUNTS = (
 )
 
 
-def _model_batch_counts(batch: Any, config: ModelConfig | None) -> dict[str, int]:
+def _model_batch_counts(batch: EarlyFusionBatch, config: ModelConfig | None) -> dict[str, int]:
     """Integer counts (and FLOPs) of one early-fusion model batch."""
     rows_batch = text_rows(batch)
     packed = isinstance(rows_batch, PackedBatch)
@@ -121,13 +125,19 @@ def _item_patches(batch: EarlyBatch, config: ModelConfig) -> np.ndarray:
     return np.concatenate(per_row).astype(np.int64) * merge
 
 
-def padding_counts(batch: Any, config: ModelConfig | None = None) -> dict[str, int]:
+def padding_counts(
+    batch: ModelBatch | TrainBatch | Mapping[str, Any], config: ModelConfig | None = None
+) -> dict[str, int]:
     """The raw counts behind ``padding_report``, summed over every model batch in ``batch``.
 
     ``batch`` is a model batch (early, packed or vision-packed), a late-fusion batch (its
-    ``text`` and ``image`` parts), or a train batch (its sides).
+    ``text`` and ``image`` parts), or a train batch (its sides); or a dict of their former
+    layout (``batches.as_batch`` types it).
     """
-    batch = as_batch(batch)
+    return _counts(as_batch(batch), config)
+
+
+def _counts(batch: ModelBatch | TrainBatch, config: ModelConfig | None) -> dict[str, int]:
     if isinstance(batch, (EarlyBatch, VisionPackedBatch)):
         return _model_batch_counts(batch, config)
     if isinstance(batch, LateFusionBatch):
@@ -136,7 +146,7 @@ def padding_counts(batch: Any, config: ModelConfig | None = None) -> dict[str, i
         parts = batch.sides()
     totals = dict.fromkeys(_COUNTS, 0)
     for part in parts:
-        for name, value in padding_counts(part, config).items():
+        for name, value in _counts(part, config).items():
             totals[name] += value
     return totals
 
@@ -145,11 +155,14 @@ def _fraction(waste: float, total: float) -> float:
     return float(waste / total) if total else 0.0
 
 
-def padding_report(model_batch: Any, config: ModelConfig | None = None) -> dict[str, float]:
+def padding_report(
+    model_batch: ModelBatch | TrainBatch | Mapping[str, Any], config: ModelConfig | None = None
+) -> dict[str, float]:
     """Padding fractions of a batch (see the module docstring for each key).
 
     Args:
-      model_batch: a model batch, late-fusion batch or train batch (see ``padding_counts``).
+      model_batch: a model batch, late-fusion batch or train batch, or a dict of their former
+        layout (see ``padding_counts``).
       config: the model's architecture; when given, ``flops_padding`` is added.
 
     Returns:

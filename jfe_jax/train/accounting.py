@@ -18,14 +18,19 @@ and ``tokens_seen`` (the real tokens of the parts a late-fusion item has, for to
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jfe_jax.models import flops
-from jfe_jax.models.batches import LateFusionBatch, PackedBatch, text_rows
+from jfe_jax.models.batches import (
+    EarlyFusionBatch,
+    LateFusionBatch,
+    PackedBatch,
+    TrainBatch,
+    text_rows,
+)
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.packing import vision_groups
 
@@ -41,7 +46,7 @@ COUNTS = (
 )
 
 
-def batch_counts(config: ModelConfig, batch: Any) -> dict[str, jax.Array]:
+def batch_counts(config: ModelConfig, batch: TrainBatch) -> dict[str, jax.Array]:
     """The ``COUNTS`` of one global train batch, as float32 scalars; traceable under jit.
 
     Args:
@@ -50,7 +55,7 @@ def batch_counts(config: ModelConfig, batch: Any) -> dict[str, jax.Array]:
         ``hard_negative``): early-fusion, packed, or late-fusion (``text``/``image`` parts).
     """
     totals = dict.fromkeys(COUNTS, jnp.zeros((), jnp.float32))
-    for side in flops.model_sides(batch):
+    for side in batch.sides():
         if isinstance(side, LateFusionBatch):
             parts = side.parts()
         else:
@@ -63,7 +68,7 @@ def batch_counts(config: ModelConfig, batch: Any) -> dict[str, jax.Array]:
 
 
 def _model_batch_counts(
-    config: ModelConfig, batch: Any, present: jax.Array | None
+    config: ModelConfig, batch: EarlyFusionBatch, present: jax.Array | None
 ) -> dict[str, jax.Array]:
     """Counts of one model batch; ``present`` (late fusion) masks the rows whose part is absent
     out of ``tokens_seen`` only, as ``padding_counts`` counts both parts whole."""

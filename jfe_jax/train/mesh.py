@@ -20,10 +20,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jfe_jax.models.axes import LOGICAL_RULES, MESH_AXES
 from jfe_jax.models.batches import (
     LateFusionBatch,
+    ModelBatch,
     PackedBatch,
     TrainBatch,
     VisionPackedBatch,
-    as_batch,
 )
 from jfe_jax.models.packing import MERGED_PATCHES
 
@@ -195,7 +195,7 @@ def globalize_image_token_index(
     return (row_positions[rows] * row_tokens + within).astype(np.int32)
 
 
-def _globalize_side(side: Any, mesh: Mesh, local_shards: int) -> Any:
+def _globalize_side(side: ModelBatch, mesh: Mesh, local_shards: int) -> ModelBatch:
     """One side with global row numbers in it: a packed side's ``pool_index``, a vision-packed
     side's ``image_token_index`` (and its text rows'), a late-fusion side's parts."""
     if isinstance(side, LateFusionBatch):
@@ -237,9 +237,7 @@ def _globalize_side(side: Any, mesh: Mesh, local_shards: int) -> Any:
 
 def _globalize_packed_sides(batch: Any, mesh: Mesh, local_shards: int) -> Any:
     """A train batch (or one model batch) with every side's host-local row numbers global;
-    any other tree (plain arrays) as it is. A dict in a train batch's layout is typed first."""
-    if isinstance(batch, Mapping) and isinstance(batch.get("query"), Mapping):
-        batch = as_batch(batch)
+    any other tree (plain arrays) as it is."""
     if isinstance(batch, TrainBatch):
         return batch.replace(
             **{
