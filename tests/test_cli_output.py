@@ -29,7 +29,7 @@ def test_jfe_train_logs_what_it_loaded_resumed_and_compiled_and_no_third_party_i
     monkeypatch.setattr(
         jfe_jax.train.data,
         "make_train_data",
-        lambda config, workdir, model: ToyPairs(model, batch_size=8, seed=1),
+        lambda config, workdir, model, item_format=None: ToyPairs(model, batch_size=8, seed=1),
     )
     workdir = str(tmp_path / "run")
     argv = ["train", "--config", TOY_CONFIG, "--workdir", workdir, "--config.train.num_steps=1"]
