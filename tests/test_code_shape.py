@@ -24,8 +24,6 @@ ALLOWED: dict[str, str] = {
         "a field list: one declaration per option, nothing to split by idea"
     ),
     "jfe_jax/encoder.py": _SPLITTING,
-    "jfe_jax/models/packing.py:pack_items": _SPLITTING,
-    "jfe_jax/models/packing.py:pack_vision": _SPLITTING,
     "jfe_jax/train/aot.py": _SPLITTING,
     "jfe_jax/train/aot_batch.py:train_batch": _SPLITTING,
     "jfe_jax/train/data.py:make_train_data": _SPLITTING,

@@ -330,3 +330,140 @@ def test_the_scan_finds_each_kind_of_declaration_and_allows_config_base_reads():
     assert _exempted("m.py::Options.rank", "m.py::Options")
     assert _exempted("m.py::Options.rank", "m.py")
     assert not _exempted("m.py::OptionsB.rank", "m.py::Options")
+
+
+# ----------------------------------------------------------------------------- the data side
+
+# The places that default a data option's name but are another setting; ItemFormat's own
+# defaults read config_base (DEFAULTS, and QWEN2_VL_DEFAULTS where a model directory without a
+# format gets Qwen2-VL's inference settings, not training's).
+DATA_EXEMPT = {
+    "jfe_jax/encoder.py::Encoder.embed.pack_vision": (
+        "Encoder.embed's own switch (on: the same embeddings for less vision work, its row "
+        "count rounded to a few shapes), not data.pack_vision, which is off for training "
+        "because its vision rows follow each batch unless pack_vision_row_fraction fixes them"
+    ),
+}
+# How ItemFormat and BatchLayout fields read a training config: "<section>.<option>" for
+# the options (the same name in data unless listed), None for what is not an option (the
+# model's patch sizes, mean and std; the rows and chunks a run's devices and hosts give).
+FIELD_OPTIONS = {
+    "ItemFormat": {
+        "min_pixels": "data.image_min_pixels",
+        "max_pixels": "data.image_max_pixels",
+        "fusion": "model.fusion",
+        **dict.fromkeys(
+            ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std")
+        ),
+    },
+    "BatchLayout": dict.fromkeys(("row_multiple", "chunk_items")),
+}
+
+
+def _field_names() -> dict[str, tuple[str, ...]]:
+    from jfe_jax.data.batch_layout import BatchLayout
+    from jfe_jax.data.item_format import ItemFormat
+
+    classes = (ItemFormat, BatchLayout)
+    return {c.__name__: tuple(f.name for f in dataclasses.fields(c)) for c in classes}
+
+
+def _field_options() -> dict[str, dict[str, str | None]]:
+    """Each field's option (FIELD_OPTIONS), ``data.<field>`` where it lists none."""
+    return {
+        kind: {name: FIELD_OPTIONS[kind].get(name, f"data.{name}") for name in names}
+        for kind, names in _field_names().items()
+    }
+
+
+def item_format_and_layout_option_names() -> tuple[str, ...]:
+    """The fields of ItemFormat and BatchLayout that are options of config_base's data section
+    under the same name."""
+    from jfe_jax.train.config_base import base_config
+
+    data = base_config().data
+    names = (name for names in _field_names().values() for name in names)
+    return tuple(name for name in dict.fromkeys(names) if name in data)
+
+
+def test_item_format_and_batch_layout_options_declared_once():
+    names = item_format_and_layout_option_names()
+    assert {"prompt", "length_buckets", "max_length", "pack", "pack_vision"} <= set(names)
+    found = defaults_outside_config_base(names, section="data", exempt=DATA_EXEMPT)
+    assert not found, "data options declared outside config_base:\n" + "\n".join(map(str, found))
+    found = defaults_outside_config_base(("fusion",), section="model")  # ItemFormat.fusion
+    assert not found, "model.fusion declared outside config_base:\n" + "\n".join(map(str, found))
+    stale = unused_exemptions(names, section="data", exempt=DATA_EXEMPT)
+    assert not stale, f"exemptions that cover nothing (remove them): {stale}"
+
+
+def test_every_item_format_and_batch_layout_field_is_an_option_or_listed():
+    from jfe_jax.train.config_base import base_config
+
+    config = base_config()
+    unknown = {
+        f"{kind}.{name}": option
+        for kind, fields in _field_options().items()
+        for name, option in fields.items()
+        if option is not None and option.split(".")[1] not in config[option.split(".")[0]]
+    }
+    assert not unknown, f"fields whose option is not in config_base (list them): {unknown}"
+    # pack is the item format's (one declaration); a layout says how, not whether, to pack.
+    assert "pack" in _field_names()["ItemFormat"] and "pack" not in _field_names()["BatchLayout"]
+
+
+def _stage2_configs() -> dict:
+    import importlib.util
+
+    from jfe_jax.train import config_base
+
+    path = ROOT.parent / "configs" / "stage2_demo.py"
+    spec = importlib.util.spec_from_file_location("stage2_demo", path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    changed = config_base.stage2_config("2b")  # every option read, away from its default
+    d = changed.data
+    d.prompt, d.length_buckets, d.max_length = "In one word:", (512, 32, 96), 384
+    d.truncate_text, d.query_patch_budget, d.candidate_patch_budget = True, 0, 320
+    d.image_min_pixels, d.image_max_pixels = 28 * 28, 224 * 224
+    d.pack, d.pack_items_per_row, d.pack_length = True, 3, 640
+    d.pack_vision, d.pack_vision_blocks = True, (16, 64)
+    late = config_base.stage2_config("2b")
+    late.model.fusion, late.data.pack, late.data.pack_vision_row_fraction = "late", False, 0.5
+    return {
+        "configs/stage2_demo.py": demo.get_config(),
+        "stage2_config('2b')": config_base.stage2_config("2b"),
+        "stage2_config('2b'), every option changed": changed,
+        "stage2_config('2b'), late fusion": late,
+    }
+
+
+def _resolved(config, option: str):
+    """What a field holds of ``option``: its value, 0 lengths as the largest bucket (what
+    from_train_config and batch_layout resolve), sequences as sorted / plain tuples."""
+    section, name = option.split(".")
+    value = config[section][name]
+    if name in ("max_length", "pack_length"):
+        return value or max(config.data.length_buckets)
+    if name == "length_buckets":
+        return tuple(sorted(value))
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def test_item_format_and_batch_layout_of_a_training_config_hold_its_values():
+    from jfe_jax.data.item_format import ItemFormat
+    from jfe_jax.models.sizes import get_size
+    from jfe_jax.train.setup import batch_layout
+
+    for where, config in _stage2_configs().items():
+        built = {
+            "ItemFormat": ItemFormat.from_train_config(config, get_size(config.model.size).vision),
+            "BatchLayout": batch_layout(config, local_shards=2, hosts=1),
+        }
+        differ = {
+            f"{kind}.{name}": (getattr(built[kind], name), option, _resolved(config, option))
+            for kind, fields in _field_options().items()
+            for name, option in fields.items()
+            if option is not None and getattr(built[kind], name) != _resolved(config, option)
+        }
+        assert not differ, f"{where}: fields != their options (field, option, value): {differ}"

@@ -2,9 +2,10 @@
 
 An ``ItemFormat`` (``jfe_jax.data.item_format``) says what one item becomes; a ``BatchLayout``
 says how a side's items are laid into rows. Training makes one from its config
-(``jfe_jax.train.batch_layout.batch_layout``) for ``ContrastiveBatcher``; ``ItemEmbedder`` makes
+(``jfe_jax.train.setup.batch_layout``) for ``ContrastiveBatcher``; ``ItemEmbedder`` makes
 its own. Both collate with ``jfe_jax.data.collate.collate_side``. No field changes an
-embedding: a layout is never saved with a model.
+embedding: a layout is never saved with a model. Whether a side is packed at all is the item
+format's ``pack`` (declared once, there); the fields below say how.
 """
 
 from __future__ import annotations
@@ -20,11 +21,10 @@ if TYPE_CHECKING:  # the item format sits beside this module; only its fields ar
 @dataclasses.dataclass(frozen=True)
 class BatchLayout:
     """How a side's items are laid into rows (the options of ``config.data`` of the same
-    names, resolved by ``jfe_jax.train.batch_layout.batch_layout``)."""
+    names, resolved by ``jfe_jax.train.setup.batch_layout``)."""
 
-    pack: bool  # several items end to end in each row (early fusion only)
-    # With pack: rows per side = ceil(items / this), and each row holds this many items'
-    # patch budgets. An embedder, which picks its rows from buckets, keeps 1.
+    # With the item format's pack: rows per side = ceil(items / this), and each row holds
+    # this many items' patch budgets. An embedder, which picks its rows from buckets, keeps 1.
     pack_items_per_row: int
     pack_length: int  # tokens per packed row; 0: the smallest length bucket that fits
     row_multiple: int  # packed rows and vision rows per side round up to a multiple of this
@@ -38,13 +38,8 @@ class BatchLayout:
         blocks = tuple(int(p) for p in self.pack_vision_blocks)
         object.__setattr__(self, "pack_vision_blocks", blocks)
         object.__setattr__(self, "pack_vision_row_fraction", float(self.pack_vision_row_fraction))
-        if self.row_multiple < 1 or (
-            self.pack and (self.pack_items_per_row < 1 or self.pack_length < 0)
-        ):
-            raise ValueError(
-                f"pack_items_per_row={self.pack_items_per_row} and pack_row_multiple="
-                f"{self.row_multiple} must be >= 1 and pack_length={self.pack_length} >= 0"
-            )
+        if self.row_multiple < 1:
+            raise ValueError(f"pack_row_multiple={self.row_multiple} must be >= 1")
         if not 0.0 <= self.pack_vision_row_fraction <= 1.0:
             raise ValueError(
                 f"pack_vision_row_fraction={self.pack_vision_row_fraction}: expected 0 (rows as "
@@ -60,10 +55,12 @@ class BatchLayout:
             raise ValueError(f"pack_chunk_items must be >= 0, got {self.chunk_items}")
 
     def check_format(self, item_format: ItemFormat) -> None:
-        """ValueError unless this layout can lay out items of ``item_format``."""
-        if self.pack and item_format.fusion != "early":
+        """ValueError unless this layout can lay out items of ``item_format`` (packed when its
+        ``pack`` is set; the format itself refuses pack with late fusion)."""
+        if item_format.pack and (self.pack_items_per_row < 1 or self.pack_length < 0):
             raise ValueError(
-                f"pack=True packs early-fusion items only, got fusion={item_format.fusion!r}"
+                f"pack_items_per_row={self.pack_items_per_row} must be >= 1 and "
+                f"pack_length={self.pack_length} >= 0"
             )
         if self.pack_vision and item_format.fusion != "early":
             raise ValueError(
@@ -76,7 +73,7 @@ class BatchLayout:
                 f"pack_vision_blocks={self.pack_vision_blocks}: each must be a positive "
                 f"multiple of merge_size**2 = {merge} (an image's patch count)"
             )
-        if self.pack and self.pack_length and self.pack_length < item_format.max_length:
+        if item_format.pack and self.pack_length and self.pack_length < item_format.max_length:
             raise ValueError(
                 f"pack_length={self.pack_length} is shorter than max_length="
                 f"{item_format.max_length}: an item of max_length tokens would not fit in a "

@@ -27,11 +27,13 @@ from jfe_jax.models.inputs import (
     vision_patch_positions,
 )
 from jfe_jax.models.packing import pack_items, pack_vision
+from jfe_jax.train import config_base
 
-if TYPE_CHECKING:  # the item format imports this module (its length buckets)
+if TYPE_CHECKING:  # only the item format's fields are read
     from jfe_jax.data.item_format import ItemFormat
 
-DEFAULT_LENGTH_BUCKETS = (64, 128, 256, 512, 1024, 2048)
+# Without an item format's buckets: Qwen2-VL's inference ones (config_base.QWEN2_VL_DEFAULTS).
+_LENGTH_BUCKETS = config_base.QWEN2_VL_DEFAULTS.length_buckets
 
 
 def pick_length(length: int, buckets: Sequence[int]) -> int:
@@ -50,7 +52,7 @@ def collate(
     *,
     config: ModelConfig,
     pad_token_id: int,
-    length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
+    length_buckets: Sequence[int] = _LENGTH_BUCKETS,
     patch_budget: int = 0,
     padding_side: str = "right",
 ) -> EarlyBatch:
@@ -211,7 +213,7 @@ def collate_packed(
     *,
     config: ModelConfig,
     pad_token_id: int,
-    length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
+    length_buckets: Sequence[int] = _LENGTH_BUCKETS,
     patch_budget: int = 0,
     length: int | None = None,
     num_rows: int | Sequence[int] | None = None,
@@ -290,7 +292,7 @@ def collate_side(
 
     if item_format.fusion == "late":
         return late_collate(items, early, patch_budget)
-    if layout.pack:
+    if item_format.pack:
         rows = layout.packed_rows(len(items)) if num_rows is None else num_rows
         row_patches = patch_budget * layout.pack_items_per_row
         try:

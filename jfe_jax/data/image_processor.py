@@ -47,6 +47,7 @@ from jfe_jax.image_files import (  # noqa: F401  (re-exported: the data layer's 
     open_image,
 )
 from jfe_jax.models.image_patches import ImagePatches, normalize_uint8
+from jfe_jax.train import config_base
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 PROCESSOR_CONFIG = "processor_config.json"
@@ -137,8 +138,10 @@ class ImageProcessor:
     patch_size: int = 14  # side of a ViT patch, in pixels
     temporal_patch_size: int = 2  # frames per patch; a still image is repeated this many times
     merge_size: int = 2  # patches merged per side into one LLM token
-    min_pixels: int = 56 * 56  # smallest resized area
-    max_pixels: int = 28 * 28 * 1280  # largest resized area (the transformers class default)
+    # The smallest and largest resized area: the transformers class defaults, declared with
+    # Qwen2-VL's other inference settings.
+    min_pixels: int = config_base.QWEN2_VL_DEFAULTS.image_min_pixels
+    max_pixels: int = config_base.QWEN2_VL_DEFAULTS.image_max_pixels
     image_mean: tuple[float, ...] = CLIP_MEAN  # per RGB channel, applied after x / 255
     image_std: tuple[float, ...] = CLIP_STD
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # cap on the original, decoded image

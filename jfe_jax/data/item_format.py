@@ -38,7 +38,8 @@ from jfe_jax.workdir import ITEM_FORMAT_FILE, Workdir, is_workdir
 
 # The training options' defaults, and Qwen2-VL's inference ones where a model directory
 # without a format gets other values (config_base.QWEN2_VL_DEFAULTS says why).
-_DATA, _QWEN2_VL = config_base.DEFAULTS.data, config_base.QWEN2_VL_DEFAULTS
+_DATA = config_base.DEFAULTS.data
+_QWEN2_VL = config_base.QWEN2_VL_DEFAULTS
 
 VERSION = 1  # of the file layout; a file of a later version is refused
 # Fields that do not change any embedding that both settings produce: out of the identity.

@@ -29,7 +29,7 @@ candidate_key, so the loss masks it for that query.
 Static shapes: L is the smallest of ``length_buckets`` that fits the longest row of a side,
 P the side's patch budget, so jit compiles at most len(length_buckets) programs per side.
 
-Packed (``BatchLayout.pack``, early fusion only): each side is instead a ``PackedBatch``
+Packed (``ItemFormat.pack``, early fusion only): each side is instead a ``PackedBatch``
 (``jfe_jax.data.collate.collate_packed``) of one static shape: ``ceil(items /
 pack_items_per_row)`` rows rounded up to ``row_multiple``, of ``pack_length`` tokens
 (default the largest length bucket) and ``pack_items_per_row`` times the side's patch budget,
@@ -85,7 +85,7 @@ from jfe_jax.data.mbeir import TASK_MODALITIES, Instructions, instruction_index
 from jfe_jax.data.processing import ProcessedItem, encode_item
 from jfe_jax.models.batches import ModelBatch, TrainBatch
 from jfe_jax.models.config import ModelConfig
-from jfe_jax.train.config_base import base_config
+from jfe_jax.train import config_base
 
 logger = logging.getLogger(__name__)
 
@@ -217,9 +217,10 @@ class ContrastiveBatcher:
         """A batcher from flat keywords (tests and benchmarks): ``ItemFormat`` fields (with
         ``image_processor``'s settings), ``BatchLayout`` fields (``pack_row_multiple`` and
         ``pack_chunk_items`` for ``row_multiple`` and ``chunk_items``) and ``__init__``'s.
-        Missing ones take the training config's defaults (``base_config().data``), except
-        the patch budgets (0: text only) and ``kind`` ("mbeir")."""
-        d = base_config().data
+        Missing format fields take ``ItemFormat``'s defaults, but the patch budgets (0: text
+        only); missing others the training config's (``config_base.DEFAULTS``), but
+        ``kind`` ("mbeir"), one row shard and no chunks."""
+        d = config_base.DEFAULTS.data
         format_names = {f.name for f in dataclasses.fields(ItemFormat)}
         fields = {k: options.pop(k) for k in list(options) if k in format_names}
         fields = {"query_patch_budget": 0, "candidate_patch_budget": 0, **fields}
@@ -229,13 +230,13 @@ class ContrastiveBatcher:
         given = {renamed.get(k, k): options.pop(k) for k in list(options) if k in renamed}
         given.update({k: options.pop(k) for k in list(options) if k in layout_names})
         layout = {name: d[name] for name in layout_names if name in d}
-        layout = {**layout, "row_multiple": 1, "chunk_items": 0, "pack": item_format.pack}
+        layout = {**layout, "row_multiple": 1, "chunk_items": 0}
         layout.update(given)
         layout["pack_length"] = layout["pack_length"] or item_format.length_buckets[-1]
         init = dict(
             kind="mbeir",
             instruction_mode=d.instruction_mode,
-            instruction_seed=base_config().seed,
+            instruction_seed=config_base.DEFAULTS.seed,
             num_hard_negatives=d.num_hard_negatives,
             skip_bad_records=d.skip_bad_records,
         )

@@ -27,8 +27,9 @@ from transformers import PreTrainedTokenizerBase
 from jfe_jax.data.image_processor import ImageInput, ImageProcessor
 from jfe_jax.models.image_patches import ImagePatches, pixel_values_shape, write_pixel_values
 from jfe_jax.models.sizes import SPECIAL_TOKENS
+from jfe_jax.train import config_base
 
-DEFAULT_EMBED_PROMPT = "Summarize above image and sentence in one word:"
+DEFAULT_EMBED_PROMPT = config_base.DEFAULTS.data.prompt  # the training config's (data.prompt)
 IMAGE_TOKEN = "<|image_pad|>"
 VISION_BLOCK = "<|vision_start|>{}<|vision_end|>"
 USER_HEADER = "<|im_start|>user\n"
@@ -186,7 +187,7 @@ def encode_item(
     instruction: str | None = None,
     prompt: str = DEFAULT_EMBED_PROMPT,
     max_length: int | None = None,
-    truncate_text: bool = False,
+    truncate_text: bool = config_base.DEFAULTS.data.truncate_text,
     image_root: str | os.PathLike | None = None,
 ) -> ProcessedItem:
     """Tokenize one item and preprocess its image, as Qwen2VLProcessor would.

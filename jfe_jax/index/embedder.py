@@ -159,7 +159,6 @@ class ItemEmbedder:
         # Packed rows come from _row_buckets, each keeping patch_budget patches; rows of text
         # and vision split over the row shards.
         self.layout = BatchLayout(
-            pack=item_format.pack,
             pack_items_per_row=1,
             pack_length=0,
             row_multiple=shards,

@@ -21,26 +21,28 @@ compiles one program per shape. Nothing is truncated: whatever does not fit rais
 
 ``pack_vision`` packs the other way: it moves a batch's images out of the text rows' patch
 budgets into vision rows of their own (masked rows, or per-image blocks of one size), and the
-merged image tokens are gathered back into the rows by ``image_token_index``.
+merged image tokens are gathered back into the rows by ``image_token_index``. It lives in
+``vision_packing`` and is importable from here, as are ``vision_groups``,
+``coarse_row_count`` and ``MERGED_PATCHES``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from jfe_jax.models.batches import (
-    EarlyBatch,
-    PackedBatch,
-    VisionGroup,
-    VisionPackedBatch,
-    as_batch,
-)
+from jfe_jax.models.batches import EarlyBatch, PackedBatch
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.image_patches import pixel_values_shape, write_pixel_values
 from jfe_jax.models.inputs import image_runs, prepare_batch
+from jfe_jax.models.vision_packing import (  # noqa: F401  (re-exported: callers import them here)
+    MERGED_PATCHES,
+    coarse_row_count,
+    pack_vision,
+    vision_groups,
+)
 
 
 def _item_batch(config: ModelConfig, index: int, ids, pixels, grid) -> EarlyBatch:
@@ -133,33 +135,41 @@ def pack_items(
     count = len(input_ids)
     pixel_values = [None] * count if pixel_values is None else list(pixel_values)
     image_grid_thw = [None] * count if image_grid_thw is None else list(image_grid_thw)
-    if count == 0:
-        raise ValueError("cannot pack an empty list of items")
-    if len(pixel_values) != count or len(image_grid_thw) != count:
-        raise ValueError(
-            f"{count} items of input_ids but {len(pixel_values)} of pixel_values and "
-            f"{len(image_grid_thw)} of image_grid_thw"
-        )
-    if length < 1 or num_patches < 0:
-        raise ValueError(f"length must be >= 1 and num_patches >= 0, got {length}, {num_patches}")
-    merge = config.vision.spatial_merge_size
-    if num_patches % merge**2:
-        raise ValueError(
-            f"patch budget {num_patches} is not a multiple of merge_size**2 = {merge**2}"
-        )
     num_items = count if num_items is None else num_items
-    if count > num_items:
-        raise ValueError(f"{count} items do not fit in {num_items} item slots (num_items)")
-    if row_multiple < 1:
-        raise ValueError(f"row_multiple must be >= 1, got {row_multiple}")
-    if chunks < 1:
-        raise ValueError(f"chunks must be >= 1, got {chunks}")
-    if chunks > 1 and (num_items % chunks or not isinstance(num_rows, int) or num_rows % chunks):
-        raise ValueError(
-            f"packing in {chunks} chunks needs item slots (num_items={num_items}) and a fixed "
-            f"row count (num_rows={num_rows}) that are multiples of {chunks}"
-        )
+    _check_pack_options(
+        config,
+        count,
+        len(pixel_values),
+        len(image_grid_thw),
+        length=length,
+        num_patches=num_patches,
+        num_rows=num_rows,
+        num_items=num_items,
+        row_multiple=row_multiple,
+        chunks=chunks,
+    )
+    alone, sizes, patches = _measure_items(
+        config, input_ids, pixel_values, image_grid_thw, length, num_patches
+    )
+    rows = _item_rows(sizes, patches, length, num_patches, num_rows, row_multiple, chunks)
+    out = _empty_rows(config, len(rows), length, num_patches, num_items, pad_token_id)
+    _write_item_rows(out, alone, sizes, patches, pixel_values, rows)
+    return PackedBatch(**out, row_chunks=chunks)
 
+
+def _measure_items(
+    config: ModelConfig,
+    input_ids: Sequence[np.ndarray],
+    pixel_values: Sequence[Any],
+    image_grid_thw: Sequence[Any],
+    length: int,
+    num_patches: int,
+) -> tuple[list[EarlyBatch], list[int], list[int]]:
+    """Each item checked alone (``_item_batch``), its tokens and its image patches.
+
+    Raises:
+      ValueError: an item is malformed, longer than a row or has more patches than its budget.
+    """
     alone = [
         _item_batch(config, i, ids, pix, grid)
         for i, (ids, pix, grid) in enumerate(zip(input_ids, pixel_values, image_grid_thw))
@@ -174,28 +184,100 @@ def pack_items(
                 f"item {i} has {p} image patches but a packed row's patch budget is "
                 f"{num_patches} (num_patches)"
             )
+    return alone, sizes, patches
 
+
+def _check_pack_options(
+    config: ModelConfig,
+    count: int,
+    num_pixel_values: int,
+    num_grids: int,
+    *,
+    length: int,
+    num_patches: int,
+    num_rows: int | Sequence[int] | None,
+    num_items: int,
+    row_multiple: int,
+    chunks: int,
+) -> None:
+    """``pack_items``' arguments, checked before any item is: one entry per item in every
+    list, sizes in range, and the chunks' counts whole.
+
+    Raises:
+      ValueError: naming the argument and the numbers.
+    """
+    if count == 0:
+        raise ValueError("cannot pack an empty list of items")
+    if num_pixel_values != count or num_grids != count:
+        raise ValueError(
+            f"{count} items of input_ids but {num_pixel_values} of pixel_values and "
+            f"{num_grids} of image_grid_thw"
+        )
+    if length < 1 or num_patches < 0:
+        raise ValueError(f"length must be >= 1 and num_patches >= 0, got {length}, {num_patches}")
+    merge = config.vision.spatial_merge_size
+    if num_patches % merge**2:
+        raise ValueError(
+            f"patch budget {num_patches} is not a multiple of merge_size**2 = {merge**2}"
+        )
+    if count > num_items:
+        raise ValueError(f"{count} items do not fit in {num_items} item slots (num_items)")
+    if row_multiple < 1:
+        raise ValueError(f"row_multiple must be >= 1, got {row_multiple}")
+    if chunks < 1:
+        raise ValueError(f"chunks must be >= 1, got {chunks}")
+    if chunks > 1 and (num_items % chunks or not isinstance(num_rows, int) or num_rows % chunks):
+        raise ValueError(
+            f"packing in {chunks} chunks needs item slots (num_items={num_items}) and a fixed "
+            f"row count (num_rows={num_rows}) that are multiples of {chunks}"
+        )
+
+
+def _item_rows(
+    sizes: Sequence[int],
+    patches: Sequence[int],
+    length: int,
+    num_patches: int,
+    num_rows: int | Sequence[int] | None,
+    row_multiple: int,
+    chunks: int,
+) -> list[list[int]]:
+    """The items of each of the R packed rows (R the length of the list; empty rows pad it):
+    all items first-fit into the rows, or with ``chunks`` C > 1 chunk k's items into its rows
+    k, k + C, ... (local row j is row j * C + k)."""
+    count = len(sizes)
     if chunks == 1:
         rows = _fit_rows(
             range(count), sizes, patches, length, num_patches, num_rows, "the {count} items"
         )
         total_rows = _pick_rows(len(rows), num_rows, row_multiple)
-    else:  # chunk k's rows are k, k + C, ...: local row j is row j * C + k
-        total_rows = num_rows
-        rows = [[] for _ in range(total_rows)]
-        for k in range(chunks):
-            local = _fit_rows(
-                range(k, count, chunks),
-                sizes,
-                patches,
-                length,
-                num_patches,
-                total_rows // chunks,
-                f"chunk {k} of {chunks}: its {{count}} items",
-            )
-            for j, members in enumerate(local):
-                rows[j * chunks + k] = members
+        return rows + [[] for _ in range(total_rows - len(rows))]
+    rows = [[] for _ in range(num_rows)]
+    for k in range(chunks):
+        local = _fit_rows(
+            range(k, count, chunks),
+            sizes,
+            patches,
+            length,
+            num_patches,
+            num_rows // chunks,
+            f"chunk {k} of {chunks}: its {{count}} items",
+        )
+        for j, members in enumerate(local):
+            rows[j * chunks + k] = members
+    return rows
 
+
+def _empty_rows(
+    config: ModelConfig,
+    total_rows: int,
+    length: int,
+    num_patches: int,
+    num_items: int,
+    pad_token_id: int,
+) -> dict[str, np.ndarray]:
+    """``PackedBatch``'s arrays for R rows and N item slots, all padding (pixel arrays only
+    with a patch budget)."""
     out = {
         "input_ids": np.full((total_rows, length), pad_token_id, np.int32),
         "attention_mask": np.zeros((total_rows, length), np.int32),
@@ -209,6 +291,21 @@ def pack_items(
         out["pixel_values"] = np.zeros((total_rows, num_patches, patch_dim), np.float32)
         out["patch_segment_ids"] = np.zeros((total_rows, num_patches), np.int32)
         out["patch_positions"] = np.zeros((total_rows, num_patches, 2), np.int32)
+    return out
+
+
+def _write_item_rows(
+    out: dict[str, np.ndarray],
+    alone: Sequence[EarlyBatch],
+    sizes: Sequence[int],
+    patches: Sequence[int],
+    pixel_values: Sequence[Any],
+    rows: Sequence[Sequence[int]],
+) -> None:
+    """Writes each row's items into ``out`` (``_empty_rows``) end to end: the items as
+    ``_item_batch`` made them (``alone``, of ``sizes`` tokens and ``patches`` patches),
+    segment s for a row's s-th item, positions as alone, the pixels normalised into the row's
+    patch budget."""
     for r, members in enumerate(rows):
         cursor, patch_cursor, images = 0, 0, 0
         for segment, i in enumerate(members, start=1):
@@ -229,7 +326,6 @@ def pack_items(
                 images += int(item_segments.max())
             cursor += n
             patch_cursor += p
-    return PackedBatch(**out, row_chunks=chunks)
 
 
 def _fit_rows(
@@ -310,182 +406,3 @@ def items_from_rows(
         grids_out.append(grids[image : image + k])
         image += k
     return ids, pixels_out, grids_out
-
-
-def coarse_row_count(needed: int) -> int:
-    """``needed`` rounded up to three significant bits: 1-8 as they are, then 10, 12, 14, 16,
-    20, 24, 28, 32, 40, ... Four sizes per doubling bound the number of compiled shapes while
-    adding less than a quarter of padding rows (9 -> 10, 17 -> 20)."""
-    step = 1 << max(0, int(needed).bit_length() - 3)
-    return max(1, -(-int(needed) // step) * step)
-
-
-MERGED_PATCHES = 4  # merge_size**2: the vision tower merges each 2x2 block of consecutive patches
-
-
-def _first_fit(sizes: Sequence[int], budget: int) -> tuple[list[tuple[int, int]], int]:
-    """First-fit decreasing: (row, offset) of each size in rows of ``budget``, and the rows."""
-    fill: list[int] = []
-    placed: list[tuple[int, int]] = [(0, 0)] * len(sizes)
-    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-        row = next((r for r, used in enumerate(fill) if used + sizes[i] <= budget), None)
-        if row is None:
-            fill.append(0)
-            row = len(fill) - 1
-        placed[i] = (row, fill[row])
-        fill[row] += sizes[i]
-    return placed, len(fill)
-
-
-def pack_vision(
-    batch: EarlyBatch | Mapping[str, Any],
-    *,
-    patch_budget: int | None = None,
-    row_multiple: int = 1,
-    coarse: bool = False,
-    block_sizes: Sequence[int] = (),
-    num_rows: int | None = None,
-) -> EarlyBatch | VisionPackedBatch:
-    """Moves a batch's images into their own densely filled rows for the vision tower.
-
-    A model batch keeps each text row's images in that row's patch budget P, so text-only rows
-    and small images leave most of ``pixel_values [B, P, D]`` as padding, and the vision tower
-    runs on all of it. This lays every image of the batch into vision rows and adds the map
-    back; the text keys are kept, the per-row pixel keys dropped (all of them when the batch
-    has no image at all: the tower then does not run).
-
-    * Images whose patch count is in ``block_sizes`` get per-image blocks: the images of p
-      patches form a group of rows of exactly p patches, one image a row, so the tower's
-      attention computes only each image's own p x p scores. ``vision_blocks`` holds the
-      groups (ascending p), each a dict of ``pixel_values [n, p, D]``, ``segment_ids [n, p]``
-      and ``positions [n, p, 2]``.
-    * The other images share masked rows of ``patch_budget`` patches (default P; first-fit
-      decreasing by size): ``vision_pixel_values [V, Pv, D]``, ``vision_segment_ids [V, Pv]``
-      (one id per image of the vision row, 0 = padding), ``vision_positions [V, Pv, 2]``.
-      Each row's attention computes all Pv x Pv scores and masks those joining two images.
-    * ``image_token_index [B, P / merge**2]``: for the j-th merged image token of text row b,
-      its index among the tower's outputs flattened and concatenated in this order: the masked
-      rows, then each block group (0 where the row has no j-th image token; never read).
-
-    Trade-off: a block group costs one compiled shape per (p, n) and leaves no image sharing
-    a row, so it suits data with a few recurring image sizes (resized corpora, the capped
-    size most photos hit); masked rows keep one shape for any mix of sizes and waste at most
-    Pv**2 - sum(p_i**2) scores per row. The embeddings are the same either way (every image
-    attends only to itself). Row counts are rounded up to ``coarse_row_count`` with
-    ``coarse`` (few shapes for a jitted caller), then to a multiple of ``row_multiple`` (the
-    device count, for vision rows sharded over devices).
-
-    ``num_rows`` fixes the masked rows' count instead (one shape for every batch; several hosts
-    must each feed the same count): a batch whose images need more raises, naming both
-    numbers; images of ``block_sizes`` are then not allowed (a block group's count would vary),
-    and a batch without any image still gets its ``num_rows`` empty rows.
-    """
-    if num_rows is not None:
-        if num_rows < 1 or num_rows % row_multiple:
-            raise ValueError(
-                f"num_rows={num_rows} vision rows must be >= 1 and a multiple of "
-                f"row_multiple={row_multiple}"
-            )
-        if block_sizes:
-            raise ValueError(
-                f"a fixed vision row count (num_rows={num_rows}) takes no per-image blocks "
-                f"(block_sizes={tuple(block_sizes)}): a block group's row count follows the batch"
-            )
-    batch = as_batch(batch)
-    if not isinstance(batch, EarlyBatch):
-        raise ValueError(
-            f"pack_vision takes an early-fusion batch (EarlyBatch or PackedBatch) with its images "
-            f"in the rows' patch budgets, got {type(batch).__name__}"
-        )
-    if not batch.has_pixels:
-        return batch
-    pixels = np.asarray(batch.pixel_values)
-    segments = np.asarray(batch.patch_segment_ids)
-    positions = np.asarray(batch.patch_positions)
-    rows, budget, dim = pixels.shape
-    vision_budget = budget if patch_budget is None else int(patch_budget)
-    if vision_budget <= 0 or vision_budget % MERGED_PATCHES:
-        raise ValueError(
-            f"patch_budget {vision_budget} must be a positive multiple of {MERGED_PATCHES}"
-        )
-    if any(p <= 0 or p % MERGED_PATCHES for p in block_sizes):
-        raise ValueError(
-            f"block_sizes {tuple(block_sizes)} must be positive multiples of {MERGED_PATCHES}"
-        )
-    images = []  # (patches, text row, start in the row)
-    for b in range(rows):
-        row = segments[b]
-        for k in range(1, int(row.max(initial=0)) + 1):
-            where = np.flatnonzero(row == k)
-            if where.size:
-                images.append((int(where.size), b, int(where[0])))
-    out = batch.replace(pixel_values=None, patch_segment_ids=None, patch_positions=None)
-    if not images and num_rows is None:
-        return out
-    in_rows = [i for i, (n, _, _) in enumerate(images) if n not in block_sizes]
-    if any(images[i][0] > vision_budget for i in in_rows):
-        n = max(images[i][0] for i in in_rows)
-        raise ValueError(f"an image of {n} patches does not fit a vision row of {vision_budget}")
-
-    def row_count(needed: int) -> int:
-        count = coarse_row_count(needed) if coarse else max(1, needed)
-        return -(-count // row_multiple) * row_multiple
-
-    # Groups: (row length, the images in it, (row, offset) of each). Masked rows come first.
-    groups = []
-    if in_rows or num_rows is not None:
-        placed, needed = _first_fit([images[i][0] for i in in_rows], vision_budget)
-        if num_rows is not None and needed > num_rows:
-            raise ValueError(
-                f"the batch's {len(in_rows)} images ({sum(images[i][0] for i in in_rows)} "
-                f"patches) need {needed} vision rows of {vision_budget} patches but the fixed "
-                f"count is {num_rows} (data.pack_vision_row_fraction: raise it)"
-            )
-        groups.append(
-            (
-                vision_budget,
-                in_rows,
-                placed,
-                num_rows if num_rows is not None else row_count(needed),
-            )
-        )
-    for p in sorted(set(block_sizes)):
-        members = [i for i, (n, _, _) in enumerate(images) if n == p]
-        if members:
-            placed = [(r, 0) for r in range(len(members))]
-            groups.append((p, members, placed, row_count(len(members))))
-    index = np.zeros((rows, budget // MERGED_PATCHES), dtype=np.int32)
-    arrays, base = [], 0  # base: the group's first position among the flattened outputs
-    for length, members, placed, num_rows in groups:
-        v_pixels = np.zeros((num_rows, length, dim), dtype=pixels.dtype)
-        v_segments = np.zeros((num_rows, length), dtype=np.int32)
-        v_positions = np.zeros((num_rows, length, 2), dtype=np.int32)
-        images_in_row = [0] * num_rows
-        for i, (v, offset) in zip(members, placed):
-            n, b, start = images[i]
-            images_in_row[v] += 1
-            v_pixels[v, offset : offset + n] = pixels[b, start : start + n]
-            v_segments[v, offset : offset + n] = images_in_row[v]
-            v_positions[v, offset : offset + n] = positions[b, start : start + n]
-            tokens = np.arange(n // MERGED_PATCHES)
-            index[b, start // MERGED_PATCHES + tokens] = (
-                base + (v * length + offset) // MERGED_PATCHES + tokens
-            )
-        arrays.append((v_pixels, v_segments, v_positions))
-        base += num_rows * length // MERGED_PATCHES
-    masked = VisionGroup(*arrays.pop(0)) if in_rows or num_rows is not None else None
-    return VisionPackedBatch(
-        rows=out,
-        image_token_index=index,
-        masked=masked,
-        blocks=tuple(VisionGroup(*group) for group in arrays),
-    )
-
-
-def vision_groups(batch: Any) -> list[tuple[Any, Any, Any]]:
-    """``(pixel_values, segment_ids, positions)`` of each group of vision rows of a
-    ``pack_vision`` batch, in the order of ``image_token_index``: masked rows, then blocks;
-    none for any other batch."""
-    if not isinstance(batch, VisionPackedBatch):
-        return []
-    return [group.arrays() for group in batch.groups()]

@@ -5,8 +5,10 @@ Experiment files (``configs/stage1_*.py``, ``configs/stage2_*.py``) start from
 the command line (``--config.optimizer.lerning_rate=...``) fails before anything is built.
 
 Code below the trainer reads its defaults from ``DEFAULTS`` (``EncoderOptions``' fields, the
-optimizer's keyword defaults) instead of repeating them. This module imports nothing from the
-package, so every layer may import it (tests/test_import_graph.py, tests/test_declared_once.py).
+optimizer's keyword defaults, the item format's) instead of repeating them; the settings of a
+Qwen2-VL checkpoint that was not trained here are ``QWEN2_VL_DEFAULTS``. This module imports
+nothing from the package, so every layer may import it (tests/test_import_graph.py,
+tests/test_declared_once.py).
 """
 
 import ml_collections
@@ -158,8 +160,29 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-# The base config, frozen: the defaults that EncoderOptions and the optimizer's keywords read.
+# The base config, frozen: the defaults that EncoderOptions, the optimizer's keywords and the
+# data side (ItemFormat's prompt, truncate_text, pack and fusion; encode_item) read.
 DEFAULTS = ml_collections.FrozenConfigDict(base_config())
+
+# Qwen2-VL's own inference settings: the item format (ItemFormat's defaults) of a model
+# directory that carries none (no jfe_item_format.json, no training config, no
+# preprocessor_config.json), and the image processor's defaults (those of transformers'
+# Qwen2VLImageProcessor). They differ from data's on purpose: a checkpoint trained elsewhere
+# saw images resized within the processor's pixel limits, so it is fed at those limits with
+# patch budgets that hold any such image, and items up to 2048 tokens; training's smaller
+# values bound a step's memory. Every other item-format option (prompt, truncate_text, pack,
+# model.fusion) is DEFAULTS'.
+QWEN2_VL_DEFAULTS = ml_collections.FrozenConfigDict(
+    {
+        "length_buckets": (64, 128, 256, 512, 1024, 2048),  # padded sequence lengths
+        "max_length": 0,  # 0: the largest length bucket
+        # None: derived from image_max_pixels (item_format.derived_patch_budget)
+        "query_patch_budget": None,
+        "candidate_patch_budget": None,
+        "image_min_pixels": 56 * 56,  # smart-resize bounds on the resized image area
+        "image_max_pixels": 28 * 28 * 1280,
+    }
+)
 
 
 def demo_stage1_config() -> ml_collections.ConfigDict:

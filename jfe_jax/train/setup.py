@@ -287,7 +287,6 @@ def batch_layout(
     is the largest length bucket (one shape per side)."""
     d = config.data
     return BatchLayout(
-        pack=d.pack,
         pack_items_per_row=d.pack_items_per_row,
         pack_length=d.pack_length or max(d.length_buckets),
         row_multiple=local_shards if d.pack or d.pack_vision else 1,
