@@ -395,7 +395,7 @@ def test_aot_lowers_the_same_step_the_trainer_compiles(tmp_path, monkeypatch):
 
 
 def test_cost_model_time_is_never_below_the_compute_floor():
-    from jfe_jax.train.aot import cost_model_time
+    from jfe_jax.train.aot_analysis import cost_model_time
 
     assert cost_model_time(0.02, 50.0, 0.5) == (1.0, "")  # one pass x loop factor
     seconds, note = cost_model_time(0.07, 6.5, 0.526)  # 0.455 s: under what peak allows

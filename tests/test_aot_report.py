@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from jfe_jax.train.aot import ProgramEstimate, format_report, known_cost_seconds
+from jfe_jax.train.aot import format_report
+from jfe_jax.train.aot_analysis import ProgramEstimate, known_cost_seconds
 from jfe_jax.train.topology import parse_topology
 
 

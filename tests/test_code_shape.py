@@ -24,10 +24,7 @@ ALLOWED: dict[str, str] = {
         "a field list: one declaration per option, nothing to split by idea"
     ),
     "jfe_jax/encoder.py": _SPLITTING,
-    "jfe_jax/train/aot.py": _SPLITTING,
-    "jfe_jax/train/aot_batch.py:train_batch": _SPLITTING,
     "jfe_jax/train/data.py:make_train_data": _SPLITTING,
-    "jfe_jax/train/setup.py": _SPLITTING,
     "jfe_jax/train/trainer.py:_train_locked": _SPLITTING,
 }
 

@@ -9,8 +9,8 @@ from bench_fixtures import make_bench, small_synthetic
 from jfe_jax.models.sizes import get_size
 from jfe_jax.train import mesh as mesh_lib
 from jfe_jax.train.config_base import demo_stage2_config
+from jfe_jax.train.config_checks import check_config
 from jfe_jax.train.data import make_train_data, task_weights
-from jfe_jax.train.setup import check_config
 
 TASKS = ("webqa_task1", "mscoco_task0", "infoseek_task6")
 

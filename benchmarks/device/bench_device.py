@@ -15,8 +15,8 @@ ends (``device_bench.json`` and ``device_bench.md``), so a run cut short still r
                bfloat16, gradient cache, scanned layers, remat) on one device, at the largest
                per-device batch of ``--train-batches`` that fits; step time, MFU (6N and
                required FLOPs) against the measured peak, peak memory
-  aot          ``jfe aot``'s analysis (``jfe_jax.train.aot.analyse``) of the very program
-               that ran: predicted memory and step time next to the measured ones
+  aot          ``jfe aot``'s analysis (``jfe_jax.train.aot_analysis.analyse``) of the very
+               program that ran: predicted memory and step time next to the measured ones
 
 ``--cpu-smoke`` runs every section at tiny sizes on the CPU (the test suite runs it).
 
@@ -603,8 +603,9 @@ def train_step(plan: Plan, batches: list, peak: float, report: Report) -> dict:
 
 
 class _Precompiled:
-    """What ``aot.analyse`` takes as a lowered program: ``compile()`` returns the executable
-    that ran, its HLO text with GPU library matmuls written as dots (see ``gpu_hlo_as_dots``)."""
+    """What ``aot_analysis.analyse`` takes as a lowered program: ``compile()`` returns the
+    executable that ran, its HLO text with GPU library matmuls written as dots (see
+    ``gpu_hlo_as_dots``)."""
 
     def __init__(self, compiled):
         self._compiled = compiled
@@ -658,7 +659,7 @@ def gpu_hlo_as_dots(text: str) -> str:
 
 
 def aot_analysis(train: dict, peak: float, hbm_gib: float, device: str) -> dict:
-    from jfe_jax.train import aot
+    from jfe_jax.train.aot_analysis import analyse
     from jfe_jax.train.hlo_cost import hlo_costs
 
     if "ran" not in train:
@@ -668,7 +669,7 @@ def aot_analysis(train: dict, peak: float, hbm_gib: float, device: str) -> dict:
     # per-op cycle estimates on GPU: their clock is unknown).
     spec = SimpleNamespace(peak_flops=peak, hbm_gib=hbm_gib, ici_gbps=math.nan, clock_hz=math.nan)
     topology = SimpleNamespace(spec=spec, chips=1, hbm_bytes_per_chip=hbm_gib * 2**30)
-    est = aot.analyse(
+    est = analyse(
         "train",
         _Precompiled(train["compiled"]),
         topology,

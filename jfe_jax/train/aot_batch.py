@@ -162,19 +162,7 @@ def train_batch(
     if mix not in BATCH_MIXES:
         raise ValueError(f"--batch-mix must be one of {BATCH_MIXES}, got {mix!r}")
     d = config.data
-    devices = list(mesh.devices.flat)
-    hosts = len({device.process_index for device in devices})
-    if d.global_batch_size % hosts:
-        raise ValueError(
-            f"data.global_batch_size={d.global_batch_size} is not divisible by the slice's "
-            f"{hosts} hosts"
-        )
-    if d.pack_vision and not d.pack_vision_row_fraction and hosts > 1:
-        raise ValueError(
-            f"data.pack_vision on the slice's {hosts} hosts needs data.pack_vision_row_fraction "
-            "(a fixed vision row count every host feeds), as the trainer does"
-        )
-    local_shards = mesh_lib.local_data_parallel_shards(mesh, devices[0].process_index)
+    hosts, local_shards = _slice_hosts(config, mesh)
     kind, num_hard, sides = _stream(config, shape)
     if mix == "mbeir" and kind != "mbeir":
         raise ValueError(
@@ -196,6 +184,47 @@ def train_batch(
     )
     rows = d.global_batch_size
     tasks = mbeir_tasks(rows) if mix == "mbeir" else [None] * rows
+    examples, modalities = _examples(layout, sides, tasks, num_hard)
+    host_batches = _collate_per_host(batcher, examples, hosts, mix)
+    items = {
+        "query": [e.query for e in examples],
+        "candidate": [e.candidate for e in examples],
+        "hard_negative": [h for e in examples for h in e.hard_negatives],
+    }
+    return AotBatch(
+        host_batch=host_batches[0],
+        batch=_global_shapes(host_batches[0], model_config.vision.patch_dim, mesh, local_shards),
+        required_flops=sum(_required_flops(config, model_config, i) for i in items.values()),
+        modalities=modalities,
+    )
+
+
+def _slice_hosts(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tuple[int, int]:
+    """``(hosts, batch shards on the first host)`` of the slice (its hosts are the processes
+    of the mesh's devices), after checking the batch against them as the trainer does."""
+    d = config.data
+    devices = list(mesh.devices.flat)
+    hosts = len({device.process_index for device in devices})
+    if d.global_batch_size % hosts:
+        raise ValueError(
+            f"data.global_batch_size={d.global_batch_size} is not divisible by the slice's "
+            f"{hosts} hosts"
+        )
+    if d.pack_vision and not d.pack_vision_row_fraction and hosts > 1:
+        raise ValueError(
+            f"data.pack_vision on the slice's {hosts} hosts needs data.pack_vision_row_fraction "
+            "(a fixed vision row count every host feeds), as the trainer does"
+        )
+    return hosts, mesh_lib.local_data_parallel_shards(mesh, devices[0].process_index)
+
+
+def _examples(
+    layout: _ItemLayout, sides: list[_Side], tasks: list, num_hard: int
+) -> tuple[list[EncodedExample], dict[str, dict[str, int]]]:
+    """``(examples, side -> {modality: items})``: one example per row of ``tasks`` (an M-BEIR
+    task of the mbeir mix, or None: uniform), its query, candidate and ``num_hard`` hard
+    negatives laid out by ``layout`` for ``sides``; keys unique over the batch."""
+    rows = len(tasks)
     examples, modalities = [], {"query": [], "candidate": [], "hard_negative": []}
     for row, task in enumerate(tasks):
         query, candidate, hard = (layout.item(side, task) for side in sides)
@@ -213,9 +242,20 @@ def train_batch(
                 hard_negative_count=num_hard,
             )
         )
-    # Each host collates its own rows (the mix is laid out over the global batch): every one
-    # must collate, and to the same shapes, as the trainer's hosts must.
-    per_host = rows // hosts
+    counts = {
+        side: dict(sorted(collections.Counter(names).items()))
+        for side, names in modalities.items()
+        if names
+    }
+    return examples, counts
+
+
+def _collate_per_host(
+    batcher: ContrastiveBatcher, examples: list[EncodedExample], hosts: int, mix: str
+) -> list[Any]:
+    """Each host's collated batch of its own rows (the mix is laid out over the global batch):
+    every one must collate, and to the same shapes, as the trainer's hosts must."""
+    per_host = len(examples) // hosts
     host_batches = []
     for host in range(hosts):
         try:
@@ -225,21 +265,7 @@ def train_batch(
     host_shapes = {str(jax.tree_util.tree_map(np.shape, b)) for b in host_batches}
     if len(host_shapes) > 1:
         raise ValueError(f"the {mix} batch mix collates to different shapes on different hosts")
-    items = {
-        "query": [e.query for e in examples],
-        "candidate": [e.candidate for e in examples],
-        "hard_negative": [h for e in examples for h in e.hard_negatives],
-    }
-    return AotBatch(
-        host_batch=host_batches[0],
-        batch=_global_shapes(host_batches[0], model_config.vision.patch_dim, mesh, local_shards),
-        required_flops=sum(_required_flops(config, model_config, i) for i in items.values()),
-        modalities={
-            side: dict(sorted(collections.Counter(names).items()))
-            for side, names in modalities.items()
-            if names
-        },
-    )
+    return host_batches
 
 
 def mbeir_tasks(rows: int) -> list[str]:
