@@ -49,6 +49,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jfe_jax.errors import ArgumentParser
 from jfe_jax.models.axes import MESH_AXES
+from jfe_jax.models.batches import EarlyBatch
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.flops import batch_forward_flops, train_step_flops
 from jfe_jax.train import mesh as mesh_lib
@@ -70,20 +71,20 @@ PROGRAMS = ("train", "export")
 # ============================================================================ abstract inputs
 
 
-def _export_side(rows: int, shape: BatchShape, model_config: ModelConfig, sharding) -> dict:
+def _export_side(rows: int, shape: BatchShape, model_config: ModelConfig, sharding) -> EarlyBatch:
     """The embedder's candidate batch: every row at the shape's length and candidate budget."""
 
     def spec(dims, dtype=jnp.int32):
         return jax.ShapeDtypeStruct(dims, dtype, sharding=sharding)
 
-    side = {
-        "input_ids": spec((rows, shape.length)),
-        "attention_mask": spec((rows, shape.length)),
-        "position_ids": spec((rows, 3, shape.length)),
-    }
+    side = EarlyBatch(
+        input_ids=spec((rows, shape.length)),
+        attention_mask=spec((rows, shape.length)),
+        position_ids=spec((rows, 3, shape.length)),
+    )
     if shape.candidate_patches:
         patches = shape.candidate_patches
-        side.update(
+        side = side.replace(
             pixel_values=spec((rows, patches, model_config.vision.patch_dim), jnp.float32),
             patch_segment_ids=spec((rows, patches)),
             patch_positions=spec((rows, patches, 2)),
