@@ -40,7 +40,8 @@ import jax.numpy as jnp  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from train_fixtures import ToyPairs  # noqa: E402
 
-from jfe_jax.encoder import EncoderOptions, init_params  # noqa: E402
+from jfe_jax.encoder import EncoderOptions  # noqa: E402
+from jfe_jax.encoder_params import init_params  # noqa: E402
 from jfe_jax.models import layers  # noqa: E402
 from jfe_jax.models.flops import train_step_flops  # noqa: E402
 from jfe_jax.models.padding import padding_report  # noqa: E402

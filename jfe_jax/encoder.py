@@ -11,7 +11,8 @@
 ``encode`` takes items (texts, images, or image + text pairs) and feeds them in the item
 format the model was trained with (``embedder_for``). The array
 arguments of ``hidden_states`` and ``embed`` are exactly those of transformers' Qwen2-VL
-forward; outputs are numpy.
+forward; outputs are numpy. Its params are made, placed and split into the Hugging Face
+backbone and our head by ``jfe_jax.encoder_params``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,12 +33,20 @@ from PIL import Image
 
 from jfe_jax.data.image_processor import PREPROCESSOR_CONFIG
 from jfe_jax.data.item_format import ItemFormat
+from jfe_jax.encoder_params import (
+    BACKBONE,
+    init_params,
+    is_extra,
+    param_shardings,
+    place_params,
+    read_head,
+    write_head,
+)
 from jfe_jax.models import fingerprint as fingerprint_lib
 from jfe_jax.models.config import ModelConfig
 from jfe_jax.models.hf_io import copy_side_files, load_hf_params, save_hf_checkpoint
-from jfe_jax.models.inputs import dummy_batch, prepare_batch
-from jfe_jax.models.one_tower import EncoderOptions, OneTowerEncoder, _dtype
-from jfe_jax.models.safetensors_io import SafetensorsFile, _write_file
+from jfe_jax.models.inputs import prepare_batch
+from jfe_jax.models.one_tower import EncoderOptions, _dtype
 from jfe_jax.paths import absolute
 from jfe_jax.workdir import Workdir, is_workdir
 
@@ -48,68 +56,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENCODER_FILE = "jfe_encoder.json"  # our options, next to the HF files
-HEAD_FILE = "jfe_head.safetensors"  # params outside the HF backbone: logit_scale, projection
-BACKBONE = ("vision", "text")
 
 # Options that do not change what the model computes, left out of its fingerprint.
 _LAYOUT_OPTIONS = EncoderOptions.layout_fields()
 # ... and those whose effect the fingerprint sees in the canonical weights (LoRA merged,
 # values as float32), so that a workdir and its converted directory agree.
 _WEIGHT_OPTIONS = (*_LAYOUT_OPTIONS, "param_dtype", "lora_rank", "lora_alpha", "lora_targets")
-
-
-def init_params(module: OneTowerEncoder, rng: jax.Array, *, keep=None, shardings=None):
-    """Initialises (unboxed) params under jit; ``keep(path_tuple) -> bool`` selects leaves.
-
-    Parameters that are not returned are dead code to XLA, so initialising only the head and
-    the LoRA adapters of a 7B model costs next to nothing. ``shardings`` (a tree over all the
-    params, as ``param_shardings``): each param is created in its shards.
-    """
-    batch = dummy_batch(module.config)
-
-    def select(tree):
-        if keep is None:
-            return tree
-        flat = traverse_util.flatten_dict(tree)
-        return traverse_util.unflatten_dict({k: v for k, v in flat.items() if keep(k)})
-
-    def init(rng):
-        return select(nn.meta.unbox(module.init(rng, batch)["params"]))
-
-    out_shardings = None if shardings is None else select(dict(shardings))
-    return jax.jit(init, out_shardings=out_shardings)(rng)
-
-
-def param_shardings(module: OneTowerEncoder, mesh: jax.sharding.Mesh | None = None) -> dict:
-    """Where each param of ``module`` lives (a tree of shardings with the params' structure):
-    over ``mesh`` by the logical axis rules, or without a mesh whole on the first local device."""
-    boxed = jax.eval_shape(
-        lambda: module.init(jax.random.key(0), dummy_batch(module.config))["params"]
-    )
-    if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        return jax.tree_util.tree_map(lambda _: device, nn.meta.unbox(boxed))
-    from jfe_jax.train.mesh import logical_shardings
-
-    return logical_shardings(boxed, mesh)
-
-
-def _place(params: Mapping[str, Any], shardings: Mapping[str, Any]) -> dict[str, Any]:
-    """``params`` moved leaf by leaf into ``shardings`` (a no-op for a leaf already there)."""
-    flat_shardings = traverse_util.flatten_dict(dict(shardings))
-    placed = {}
-    for path, value in traverse_util.flatten_dict(dict(params)).items():
-        if path not in flat_shardings:
-            raise ValueError(
-                f"params has {'/'.join(path)}, which a model with these options does not"
-            )
-        placed[path] = jax.device_put(value, flat_shardings[path])
-    return traverse_util.unflatten_dict(placed)
-
-
-def _is_extra(path: tuple[str, ...]) -> bool:
-    """Params a Hugging Face checkpoint does not have: the head and LoRA adapters."""
-    return path[0] not in BACKBONE or path[-1] in ("lora_a", "lora_b")
 
 
 class _SignedJit:
@@ -158,7 +110,7 @@ class Encoder:
         # With a mesh, the params live in their shards over it (by the logical axis rules).
         self.mesh = mesh
         if mesh is not None:
-            params = _place(params, param_shardings(self.module, mesh))
+            params = place_params(params, param_shardings(self.module, mesh))
         self.params = params
         self.source_dir = source_dir
         self.step: int | None = None  # training step of a checkpoint loaded from a workdir
@@ -240,20 +192,9 @@ class Encoder:
             shardings=shardings,
         )
         params = traverse_util.flatten_dict(backbone)
-        extras = init_params(module, jax.random.key(0), keep=_is_extra, shardings=shardings)
+        extras = init_params(module, jax.random.key(0), keep=is_extra, shardings=shardings)
         params.update(traverse_util.flatten_dict(extras))
-        head_path = os.path.join(path, HEAD_FILE)
-        if os.path.isfile(head_path):
-            head = SafetensorsFile(head_path)
-            flat_shardings = traverse_util.flatten_dict(shardings)
-            for name in head.keys():
-                key = tuple(name.split("/"))
-                if key not in flat_shardings:
-                    raise ValueError(
-                        f"{head_path} holds {name}, which a model with these options does not "
-                        f"have (projection_dim={options.projection_dim})"
-                    )
-                params[key] = jax.device_put(np.asarray(head.get(name)), flat_shardings[key])
+        params.update(read_head(path, shardings, projection_dim=options.projection_dim))
         params = traverse_util.unflatten_dict(params)
         encoder = cls(config, params, options, source_dir=path, mesh=mesh)
         encoder._loaded_from = (encoder.params, "hf", path)
@@ -362,12 +303,7 @@ class Encoder:
             copy_side_files(Workdir(self.source_dir).tokenizer, path)
         item_format.save(path)
         _write_preprocessor_config(path, item_format)
-        head = {k: v for k, v in host.items() if k not in BACKBONE}
-        flat = traverse_util.flatten_dict(head, sep="/")
-        _write_file(
-            os.path.join(path, HEAD_FILE),
-            {k: np.asarray(v, dtype=np.float32) for k, v in flat.items()},
-        )
+        write_head(path, host)
         fields = dataclasses.asdict(self.options)
         fields["lora_targets"] = list(fields["lora_targets"])
         with open(os.path.join(path, ENCODER_FILE), "w", encoding="utf-8") as f:

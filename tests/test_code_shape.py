@@ -23,9 +23,6 @@ ALLOWED: dict[str, str] = {
     "jfe_jax/train/config_base.py:base_config": (
         "a field list: one declaration per option, nothing to split by idea"
     ),
-    "jfe_jax/encoder.py": _SPLITTING,
-    "jfe_jax/train/data.py:make_train_data": _SPLITTING,
-    "jfe_jax/train/trainer.py:_train_locked": _SPLITTING,
 }
 
 

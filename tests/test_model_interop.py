@@ -13,7 +13,8 @@ torch = pytest.importorskip("torch")
 
 from hf_reference import build_hf_model, make_inputs, reference_hidden_states  # noqa: E402
 
-from jfe_jax.encoder import Encoder, EncoderOptions, init_params  # noqa: E402
+from jfe_jax.encoder import Encoder, EncoderOptions  # noqa: E402
+from jfe_jax.encoder_params import init_params  # noqa: E402
 from jfe_jax.models.config import ModelConfig  # noqa: E402
 from jfe_jax.models.safetensors_io import SafetensorsFile, save_checkpoint  # noqa: E402
 from jfe_jax.models.sizes import get_size  # noqa: E402

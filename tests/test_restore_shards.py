@@ -19,7 +19,8 @@ import pytest
 from flax import traverse_util
 from hf_reference import make_inputs
 
-from jfe_jax.encoder import BACKBONE, Encoder, EncoderOptions, param_shardings
+from jfe_jax.encoder import Encoder, EncoderOptions
+from jfe_jax.encoder_params import BACKBONE, param_shardings
 from jfe_jax.models.hf_io import save_hf_checkpoint
 from jfe_jax.models.safetensors_io import INDEX_FILE
 from jfe_jax.models.sizes import get_size

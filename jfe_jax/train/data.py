@@ -8,6 +8,7 @@ in every checkpoint so a resumed run continues with exactly the next batch.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
@@ -196,6 +197,42 @@ def make_train_data(
             "that every host feeds: set data.pack_vision_row_fraction (e.g. 0.5)"
         )
     tokenizer_dir = find_tokenizer_dir(config)
+    tokenizer = _load_into_workdir(tokenizer_dir, workdir, model_config)
+    if item_format is None:
+        item_format = ItemFormat.from_train_config(config, model_config.vision)
+    tfds_dir = d.tfds_dir or Workdir(workdir).tfds
+    builders = _builders(config, tfds_dir, item_format.image_processor().max_image_pixels)
+    layout = batch_layout(
+        config, mesh_lib.local_data_parallel_shards(mesh_lib.make_mesh(dict(config.mesh)))
+    )
+    # The batcher of every stream: the tokenizer, model and item format, with its own kind.
+    batcher = functools.partial(
+        ContrastiveBatcher,
+        tokenizer,
+        model_config,
+        item_format,
+        layout,
+        instruction_mode=d.instruction_mode,
+        instruction_seed=config.seed,
+        skip_bad_records=d.skip_bad_records,
+    )
+    loader_options = _loader_options(config)
+    if d.kind == "pairs":
+        loaders = _pair_loaders(config, builders, batcher, loader_options)
+    else:
+        loaders, sizes = _mbeir_loaders(config, builders, batcher, loader_options)
+        if d.task_batches:
+            weights = task_weights(d.task_weights, sizes)
+            shares = {n: round(w / sum(weights.values()), 4) for n, w in weights.items()}
+            log.info("one task per batch; pairs %s, batch shares %s", sizes, shares)
+            return RoundRobin(loaders, weights=weights, seed=config.seed)
+    log.info("training data: %s from %s (tokenizer %s)", sorted(loaders), d.root, tokenizer_dir)
+    return RoundRobin(loaders)
+
+
+def _load_into_workdir(tokenizer_dir: str, workdir: str, model_config: ModelConfig) -> Any:
+    """The tokenizer of ``tokenizer_dir``, checked against the model's vocabulary and copied
+    into the workdir (by host 0) unless it is the workdir's own."""
     tokenizer = load_tokenizer(tokenizer_dir)
     if len(tokenizer) > model_config.text.vocab_size:
         raise ValueError(
@@ -212,18 +249,13 @@ def make_train_data(
             source = os.path.join(tokenizer_dir, name)
             if os.path.isfile(source):
                 (target / name).write_bytes(epath.Path(source).read_bytes())
-    if item_format is None:
-        item_format = ItemFormat.from_train_config(config, model_config.vision)
-    tfds_dir = d.tfds_dir or Workdir(workdir).tfds
-    builders = _builders(config, tfds_dir, item_format.image_processor().max_image_pixels)
-    layout = batch_layout(
-        config, mesh_lib.local_data_parallel_shards(mesh_lib.make_mesh(dict(config.mesh)))
-    )
-    common = dict(
-        instruction_mode=d.instruction_mode,
-        instruction_seed=config.seed,
-        skip_bad_records=d.skip_bad_records,
-    )
+    return tokenizer
+
+
+def _loader_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The ``make_train_loader`` keywords every stream shares: this host's shard of the global
+    batch, the example cache and the read threads of config.data."""
+    d = config.data
     if d.read_threads < 0 or d.read_buffer_size < 1:
         raise ValueError(
             f"data.read_threads={d.read_threads} and data.read_buffer_size="
@@ -231,7 +263,7 @@ def make_train_data(
         )
     if d.cache_examples_mb < 0:
         raise ValueError(f"data.cache_examples_mb={d.cache_examples_mb}: expected >= 0 (0: off)")
-    loader_options = dict(
+    return dict(
         cache_bytes=int(d.cache_examples_mb * 2**20),
         global_batch_size=d.global_batch_size,
         shard_index=jax.process_index(),
@@ -243,50 +275,50 @@ def make_train_data(
             num_threads=d.read_threads, prefetch_buffer_size=d.read_buffer_size
         ),
     )
+
+
+def _pair_loaders(
+    config: ml_collections.ConfigDict, builders: dict[str, Any], batcher, loader_options
+) -> dict[str, Any]:
+    """Stage 1: a loader per pair kind, with one hard negative at most for text triples and
+    none for image captions."""
+    d = config.data
     loaders = {}
-    if d.kind == "pairs":
-        for kind, builder in builders.items():
-            transform = ContrastiveBatcher(
-                tokenizer,
-                model_config,
-                item_format,
-                layout,
-                kind=kind,
-                num_hard_negatives=min(d.num_hard_negatives, 1) if kind == "text_triples" else 0,
-                **common,
-            )
-            loaders[kind] = make_train_loader(
-                load_source(builder, "train"), transform=transform, **loader_options
-            )
-        if not loaders:
-            raise ValueError(
-                f"data.root={d.root} has no pairs/text_triples.jsonl or pairs/image_captions.jsonl"
-            )
-    else:
-        transform = ContrastiveBatcher(
-            tokenizer,
-            model_config,
-            item_format,
-            layout,
-            kind="mbeir",
-            instructions=MBEIR(d.root).instructions(),
-            num_hard_negatives=d.num_hard_negatives,
-            **common,
+    for kind, builder in builders.items():
+        transform = batcher(
+            kind=kind,
+            num_hard_negatives=min(d.num_hard_negatives, 1) if kind == "text_triples" else 0,
         )
-        sizes = {}
-        for name, builder in builders.items():
-            source = load_source(builder, "train")
-            sizes[name] = len(source)
-            if d.task_batches and sizes[name] < d.global_batch_size:
-                raise ValueError(
-                    f"data.task_batches: task {name} has {sizes[name]} training pairs, fewer "
-                    f"than one batch of data.global_batch_size={d.global_batch_size}"
-                )
-            loaders[name] = make_train_loader(source, transform=transform, **loader_options)
-        if d.task_batches:
-            weights = task_weights(d.task_weights, sizes)
-            shares = {n: round(w / sum(weights.values()), 4) for n, w in weights.items()}
-            log.info("one task per batch; pairs %s, batch shares %s", sizes, shares)
-            return RoundRobin(loaders, weights=weights, seed=config.seed)
-    log.info("training data: %s from %s (tokenizer %s)", sorted(loaders), d.root, tokenizer_dir)
-    return RoundRobin(loaders)
+        loaders[kind] = make_train_loader(
+            load_source(builder, "train"), transform=transform, **loader_options
+        )
+    if not loaders:
+        raise ValueError(
+            f"data.root={d.root} has no pairs/text_triples.jsonl or pairs/image_captions.jsonl"
+        )
+    return loaders
+
+
+def _mbeir_loaders(
+    config: ml_collections.ConfigDict, builders: dict[str, Any], batcher, loader_options
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """Stage 2: a loader per dataset (the whole split, or one per task with
+    ``data.task_batches``, each at least a batch) with the M-BEIR task instructions;
+    returns (loaders, {name: training pairs})."""
+    d = config.data
+    transform = batcher(
+        kind="mbeir",
+        instructions=MBEIR(d.root).instructions(),
+        num_hard_negatives=d.num_hard_negatives,
+    )
+    loaders, sizes = {}, {}
+    for name, builder in builders.items():
+        source = load_source(builder, "train")
+        sizes[name] = len(source)
+        if d.task_batches and sizes[name] < d.global_batch_size:
+            raise ValueError(
+                f"data.task_batches: task {name} has {sizes[name]} training pairs, fewer "
+                f"than one batch of data.global_batch_size={d.global_batch_size}"
+            )
+        loaders[name] = make_train_loader(source, transform=transform, **loader_options)
+    return loaders, sizes

@@ -1,9 +1,10 @@
 """The training loop of both JFE stages: ``train(config, workdir)``.
 
-One linear function in sections: checks and setup (``setup.build``: model, mesh, optimizer,
-abstract state and the jitted step, the same as ``jfe aot`` compiles) -> run record -> state
-(restore order: this workdir's latest checkpoint, then ``model.init_from``, then random) ->
-compile (memory logged) -> loop with metrics, checkpoints and preemption handling.
+Checks and setup (``setup.build``: model, mesh, optimizer, abstract state and the jitted step,
+the same as ``jfe aot`` compiles), then, holding the workdir, ``_train_locked`` runs the
+sections in order, one function each: run record -> state (restore order: this workdir's
+latest checkpoint, then ``model.init_from``, then random) -> compile (memory logged) -> loop
+with metrics, checkpoints and preemption handling -> end (``train_summary.json``).
 """
 
 from __future__ import annotations
@@ -45,9 +46,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the last good checkpoint is left as it was."""
-
-
-# ============================================================================ config checks
 
 
 # ============================================================================ run record
@@ -97,7 +95,20 @@ def write_run_record(
     epath.Path(paths.run_info).write_text(json.dumps(info, indent=2))
 
 
-# ============================================================================ state
+def _record_run(config, workdir, setup: TrainSetup) -> ItemFormat:
+    """Writes the run record and logs the mesh; returns what every item becomes (saved in the
+    record and fed by the data pipeline)."""
+    model_config, mesh = setup.model_config, setup.mesh
+    item_format = ItemFormat.from_train_config(config, model_config.vision)
+    write_run_record(workdir, config, model_config, mesh, item_format)
+    log.info(
+        "mesh: %s over %d devices (%s) in %d processes",
+        " x ".join(f"{name}={size}" for name, size in mesh.shape.items()),
+        mesh.devices.size,
+        mesh.devices.flat[0].device_kind,
+        jax.process_count(),
+    )
+    return item_format
 
 
 # ============================================================================ train
@@ -124,21 +135,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict
 
 
 def _train_locked(config, workdir, setup: TrainSetup, data) -> dict[str, Any]:
-    """``train`` once this run holds the workdir."""
-    model_config, mesh = setup.model_config, setup.mesh
-    # What every item becomes: saved in the run record and fed by the data pipeline.
-    item_format = ItemFormat.from_train_config(config, model_config.vision)
-    write_run_record(workdir, config, model_config, mesh, item_format)
-    log.info(
-        "mesh: %s over %d devices (%s) in %d processes",
-        " x ".join(f"{name}={size}" for name, size in mesh.shape.items()),
-        mesh.devices.size,
-        mesh.devices.flat[0].device_kind,
-        jax.process_count(),
-    )
-
-    # ---------------------------------------------------------------- state
-    total_steps = config.train.num_steps
+    """``train`` once this run holds the workdir: the sections of the module docstring in
+    order."""
+    item_format = _record_run(config, workdir, setup)
     checkpointer = ckpt.Checkpointer(
         workdir,
         every_steps=config.train.checkpoint_every_steps,
@@ -149,7 +148,26 @@ def _train_locked(config, workdir, setup: TrainSetup, data) -> dict[str, Any]:
     if data is None:
         from jfe_jax.train.data import make_train_data
 
-        data = make_train_data(config, workdir, model_config, item_format)
+        data = make_train_data(config, workdir, setup.model_config, item_format)
+    state = _restore_or_init(setup, checkpointer, data)
+    compiled_for = _step_compiler(setup)
+    peak, peak_source = peak_flops()  # the loop's MFU
+    start_step, total_steps = int(jax.device_get(state.step)), config.train.num_steps
+    if start_step >= total_steps:
+        checkpointer.close()
+        return _nothing_to_train(workdir, start_step, total_steps)
+    final, stopped_at = _run_steps(
+        config, workdir, setup, data, state, checkpointer, compiled_for, start_step, peak
+    )
+    return _end_of_run(workdir, final, stopped_at, total_steps, peak_source, checkpointer)
+
+
+# ============================================================================ state
+
+
+def _restore_or_init(setup: TrainSetup, checkpointer: ckpt.Checkpointer, data) -> Any:
+    """The state to start from: this workdir's latest checkpoint (``data`` set to its place
+    in the stream), else ``setup.initial_state`` (``model.init_from``, then random)."""
     resume_step = checkpointer.latest_step()
     if resume_step is not None:
         state, data_state = checkpointer.restore(resume_step, setup.abstract_state())
@@ -159,11 +177,16 @@ def _train_locked(config, workdir, setup: TrainSetup, data) -> dict[str, Any]:
     else:
         state, origin = setup.initial_state()
     log.info("initial weights: %s", origin)
+    return state
 
-    # ---------------------------------------------------------------- compile
-    # One program per batch shape, compiled from shapes as `jfe aot` compiles it.
+
+# ============================================================================ compile
+
+
+def _step_compiler(setup: TrainSetup):
+    """``compiled_for(batch)``: the step compiled for the batch's shapes, once per shape (from
+    shapes, as ``jfe aot`` compiles it), its memory logged."""
     compiled: dict[str, Any] = {}
-    peak, peak_source = peak_flops()  # the loop's MFU
 
     def compiled_for(batch):
         key = str(jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), batch))
@@ -181,11 +204,28 @@ def _train_locked(config, workdir, setup: TrainSetup, data) -> dict[str, Any]:
                 )
         return compiled[key]
 
-    # ---------------------------------------------------------------- loop
-    start_step = int(jax.device_get(state.step))
-    if start_step >= total_steps:
-        checkpointer.close()
-        return _nothing_to_train(workdir, start_step, total_steps)
+    return compiled_for
+
+
+def _side_shape(side: Any) -> Any:
+    if isinstance(side, LateFusionBatch):
+        return {
+            name: None if part is None else _side_shape(part)
+            for name, part in (("text", side.text), ("image", side.image))
+        }
+    return text_rows(side).input_ids.shape
+
+
+# ============================================================================ loop
+
+
+def _run_steps(
+    config, workdir, setup: TrainSetup, data, state, checkpointer, compiled_for, start_step, peak
+) -> tuple[dict[str, Any], int | None]:
+    """Steps ``start_step + 1`` to ``train.num_steps``: metrics at log steps, checkpoints, and
+    a stop after a saved checkpoint on SIGTERM / Ctrl-C. Returns (the last log step's metrics,
+    the step the run stopped after or None); the checkpointer is closed either way."""
+    total_steps, model_config, mesh = config.train.num_steps, setup.model_config, setup.mesh
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     checkpointer.install_stop_handlers()
     schedule_lr = make_lr_fn(config)
@@ -230,21 +270,8 @@ def _train_locked(config, workdir, setup: TrainSetup, data) -> dict[str, Any]:
                     examples=summary.steps * config.data.global_batch_size,
                     peak=peak,
                 )
-                writer.write(step, scalars)
-                bar.set_postfix(
-                    loss=f"{scalars['loss']:.3f}",
-                    acc=f"{scalars['accuracy']:.2f}",
-                    ex_s=f"{scalars['examples_per_second']:.1f}",
-                    mfu=f"{scalars['mfu']:.1%}",
-                )
+                warned_zero_grad = _report(step, scalars, writer, bar, warned_zero_grad)
                 final = dict(scalars, step=step)
-                if scalars.get("grad_norm") == 0.0 and not warned_zero_grad:
-                    log.warning(
-                        "the gradient norm was exactly 0 at every step of the log window ending "
-                        "at step %d: nothing is training (every parameter frozen?)",
-                        step,
-                    )
-                    warned_zero_grad = True
                 window, window_first_step, window_start = None, step + 1, time.perf_counter()
             elif save:  # no non-finite loss may reach a checkpoint
                 _raise_if_non_finite(
@@ -262,33 +289,7 @@ def _train_locked(config, workdir, setup: TrainSetup, data) -> dict[str, Any]:
         bar.close()
         checkpointer.close()
         writer.close()
-    final.update(
-        peak_flops_source=peak_source, total_steps=total_steps, completed=stopped_at is None
-    )
-    if jax.process_index() == 0:
-        epath.Path(Workdir(workdir).train_summary).write_text(json.dumps(final, indent=2))
-    if stopped_at is not None:  # after the checkpoint is closed: rerunning resumes from it
-        raise TrainingInterrupted(stopped_at, total_steps, checkpointer.directory)
-    return final
-
-
-def _nothing_to_train(workdir: str, step: int, total_steps: int) -> dict[str, Any]:
-    """A rerun of a finished run: says so and returns the summary of the run that got there
-    (written anew only where it is missing)."""
-    log.info(
-        "nothing to train: %s already holds step %d (train.num_steps is %d); "
-        "the summary below is that of the run that reached it",
-        workdir,
-        step,
-        total_steps,
-    )
-    path = epath.Path(Workdir(workdir).train_summary)
-    if path.is_file():
-        return json.loads(path.read_text())
-    summary = {"step": step, "total_steps": total_steps, "completed": step == total_steps}
-    if jax.process_index() == 0:
-        path.write_text(json.dumps(summary, indent=2))
-    return summary
+    return final, stopped_at
 
 
 def _raise_if_non_finite(
@@ -325,10 +326,63 @@ def _window_scalars(
     return scalars
 
 
-def _side_shape(side: Any) -> Any:
-    if isinstance(side, LateFusionBatch):
-        return {
-            name: None if part is None else _side_shape(part)
-            for name, part in (("text", side.text), ("image", side.image))
-        }
-    return text_rows(side).input_ids.shape
+def _report(step: int, scalars: dict[str, float], writer, bar, warned_zero_grad: bool) -> bool:
+    """A log step's output: the metrics file, the progress bar's figures, and (once a run) a
+    warning when the gradient norm was exactly 0 throughout. Returns whether it has warned."""
+    writer.write(step, scalars)
+    bar.set_postfix(
+        loss=f"{scalars['loss']:.3f}",
+        acc=f"{scalars['accuracy']:.2f}",
+        ex_s=f"{scalars['examples_per_second']:.1f}",
+        mfu=f"{scalars['mfu']:.1%}",
+    )
+    if scalars.get("grad_norm") == 0.0 and not warned_zero_grad:
+        log.warning(
+            "the gradient norm was exactly 0 at every step of the log window ending "
+            "at step %d: nothing is training (every parameter frozen?)",
+            step,
+        )
+        return True
+    return warned_zero_grad
+
+
+# ============================================================================ end
+
+
+def _end_of_run(
+    workdir: str,
+    final: dict[str, Any],
+    stopped_at: int | None,
+    total_steps: int,
+    peak_source: str,
+    checkpointer,
+) -> dict[str, Any]:
+    """Writes ``train_summary.json`` (``final`` with the totals) and returns it; a run that
+    ``stopped_at`` a step raises TrainingInterrupted instead."""
+    final.update(
+        peak_flops_source=peak_source, total_steps=total_steps, completed=stopped_at is None
+    )
+    if jax.process_index() == 0:
+        epath.Path(Workdir(workdir).train_summary).write_text(json.dumps(final, indent=2))
+    if stopped_at is not None:  # after the checkpoint is closed: rerunning resumes from it
+        raise TrainingInterrupted(stopped_at, total_steps, checkpointer.directory)
+    return final
+
+
+def _nothing_to_train(workdir: str, step: int, total_steps: int) -> dict[str, Any]:
+    """A rerun of a finished run: says so and returns the summary of the run that got there
+    (written anew only where it is missing)."""
+    log.info(
+        "nothing to train: %s already holds step %d (train.num_steps is %d); "
+        "the summary below is that of the run that reached it",
+        workdir,
+        step,
+        total_steps,
+    )
+    path = epath.Path(Workdir(workdir).train_summary)
+    if path.is_file():
+        return json.loads(path.read_text())
+    summary = {"step": step, "total_steps": total_steps, "completed": step == total_steps}
+    if jax.process_index() == 0:
+        path.write_text(json.dumps(summary, indent=2))
+    return summary
