@@ -18,7 +18,6 @@ PACKAGE = ROOT / "jfe_jax"
 MAX_FUNCTION_LINES = 80
 MAX_FILE_LINES = 500
 
-_SPLITTING = "being split (issue 33 item 6)"
 ALLOWED: dict[str, str] = {
     "jfe_jax/train/config_base.py:base_config": (
         "a field list: one declaration per option, nothing to split by idea"
