@@ -1,6 +1,6 @@
 """MIRe's contrastive loss over MaxSim scores, and its gradient-cache form.
 
-The reference (``../shared/MIRE.md`` sections 1.6 and 2.2; reference ``mire.py:183-245``,
+The reference (MIRe's training code, ``mire.py:183-245`` and ColBERT's
 ``colbert.py:66-83``): per device, with B queries and their B positives, the B x B matrix
 ``s_bc = MaxSim(Q_b, D_c)`` (``jfe_jax.models.mire.score.maxsim``: masked document positions
 filled with ``MASK_FILL`` before the max, masked query positions summed as 0) and
@@ -50,7 +50,7 @@ from jfe_jax.train.loss import Metrics, false_negative_mask
 
 Negatives = Literal["global", "local"]
 NEGATIVES: tuple[str, ...] = ("global", "local")
-# The reference's temperatures (MIRE.md section 2.2, ``mire.py:215-219``).
+# The reference's temperatures (``mire.py:215-219``).
 TEMPERATURE_STAGE1 = 0.3  # alignment pretraining on ViD2R
 TEMPERATURE_STAGE2 = 0.8  # per-benchmark fine-tuning
 
