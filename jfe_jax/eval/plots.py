@@ -37,7 +37,7 @@ def plot_headline_recall(
 
     Args:
       tables: {system label: `recall.task_table` output}, e.g. {"early fusion (JFE)": a,
-        "late fusion (MIRe)": b}; one bar per system per task, plus the overall average.
+        "late fusion (one tower)": b}; one bar per system per task, plus the overall average.
         A task missing from a system is left without a bar.
         Each "average" bar is over that system's own tasks: compare systems on one task set.
       path: where the PNG goes.

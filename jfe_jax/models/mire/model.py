@@ -11,7 +11,8 @@ one file); without
 the three back in the same layouts, with MIRe's own settings (pooling sizes, mask mode, maximum
 lengths) in ``mire_settings.json`` beside the pooling weights, which ``from_pretrained`` reads.
 
-Embeddings (``../shared/MIRE.md`` section 1.5), all vectors L2-normalised with a mask:
+Embeddings (MIRe paper section 3; reference ``retrievers/mire.py``), all vectors
+L2-normalised with a mask:
 
 * query with an image: ``[16 global; 12 query-guided; Lq text]`` vectors (the 28 visual ones
   only with ``stage="alignment"``); without an image: its text vectors (plain ColBERT); in a

@@ -3,7 +3,7 @@
 MIRe (Ju, Kim and Lee, ACL 2025) keeps text and image in separate towers. The text query's
 ColBERT token vectors read the image through this module and nothing flows back into the
 visual features; its outputs are visual tokens prepended to the query's text vectors
-(``../shared/MIRE.md`` section 1.4; reference ``retrievers/mire.py``, class
+(MIRe paper, "fusion-free modality interaction"; reference ``retrievers/mire.py``, class
 ``QueryGuidedAttentivePooling``):
 
 1. Global tokens: ``split_mlp`` (Linear d_v -> T*d/2, tanh, Linear -> T*d) on the image's class
@@ -17,8 +17,8 @@ visual features; its outputs are visual tokens prepended to the query's text vec
    d -> d): one token per head (H = 12).
 3. Output ``[B, T + H, d]``: global tokens, then query-guided tokens. Not normalised here.
 
-The averaging in step 2 is where the reference's training and evaluation differ
-(``MIRE.md`` section 1.8): the reference sums *every* text row, masked ones included (each
+The averaging in step 2 is where the reference's training and evaluation differ (its pooling
+in ``retrievers/mire.py``): the reference sums *every* text row, masked ones included (each
 contributes the mean of V, since its softmax is uniform), and divides by the number of valid
 rows. In training no row is masked (the ``[MASK]`` augmentation positions count as valid), so
 only evaluation is affected. ``mask_mode`` makes that explicit:

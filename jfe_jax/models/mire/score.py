@@ -1,7 +1,7 @@
 """ColBERT's late-interaction score (MaxSim), as MIRe ranks with it.
 
 ``r(Q, D) = sum_i max_j <q_i, d_j>`` over the query's vectors i and the document's vectors j
-(``../shared/MIRE.md`` section 1.6; reference ``colbert.py`` ``colbert_score``). Masked
+(ColBERTv2 paper; reference ``colbert.py`` ``colbert_score``). Masked
 document positions (padding, punctuation) are filled with -9999 before the max, as the
 reference does, so they never match; masked query positions contribute exactly 0 (the reference
 zeroes those vectors, so their best dot product is 0 whenever the document has a valid

@@ -1,6 +1,6 @@
 """MIRe's text tower: ColBERTv2, a BERT encoder and a linear head, in Flax linen.
 
-BERT as transformers' ``BertModel`` computes it (``../shared/MIRE.md`` section 1.2): word +
+BERT as transformers' ``BertModel`` computes it (``modeling_bert.py``): word +
 learned absolute position + token type embeddings, LayerNorm, then post-LayerNorm encoder
 layers (self-attention with biases, residual, LayerNorm; exact-erf GELU feed-forward, residual,
 LayerNorm), LayerNorm eps from the config (1e-12 for BERT-base). Padded keys get the dtype's

@@ -1,7 +1,7 @@
 """ColBERT's tokenizer conventions, as MIRe's query and document encoders use them.
 
-From the reference (``../shared/MIRE.md`` sections 1.2 and 1.8; ColBERT's
-``query_tokenization.py`` and ``doc_tokenization.py``):
+From the reference (ColBERT's ``query_tokenization.py`` and ``doc_tokenization.py``, as
+MIRe's ``retrievers/mire.py`` calls them):
 
 * Markers: every text is prefixed with ``". "`` and the ``"."`` token (position 1, after
   ``[CLS]``) is overwritten by the query marker ``[unused0]`` or the document marker

@@ -1,7 +1,7 @@
 """MIRe's vision tower: a CLIP ViT (``CLIPVisionModel``) in Flax linen, and CLIP's image
 preprocessing (``CLIPImageProcessor``) in numpy/PIL.
 
-The tower as transformers computes it (``../shared/MIRE.md`` section 1.3): a patch embedding
+The tower as transformers computes it (``modeling_clip.py``): a patch embedding
 (a stride-p convolution without bias), a learned class token, learned absolute positions,
 ``pre_layrnorm``, then pre-LayerNorm encoder layers (self-attention with biases scaled by
 head_dim ** -0.5, quick-GELU MLP). ``CLIPVision`` returns every hidden state like
