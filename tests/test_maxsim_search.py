@@ -136,7 +136,7 @@ def test_bfloat16_storage_scores_the_rounded_vectors_in_float32():
     rng = np.random.default_rng(4)
     docs, doc_mask = pool(rng, num_docs=13)
     q, q_mask = queries(rng, num_queries=5)
-    index = MaxSimIndex(docs, doc_mask, dtype="bfloat16", doc_chunk=2)
+    index = MaxSimIndex(docs, doc_mask, storage_dtype="bfloat16", doc_chunk=2)
     assert index._docs.dtype == jnp.bfloat16
     rounded = docs.astype(ml_dtypes.bfloat16).astype(np.float32)
     rows, scores = index.search_rows(q, q_mask, 6, query_block=4, progress=False)
@@ -199,7 +199,7 @@ def _bad_pools():
         ((docs, np.ones((4, 2), bool)), {}, "document mask has shape"),
         ((docs[0], mask[0]), {}, "must be 3-D"),
         ((docs, mask, ["a", "b"]), {}, "2 document ids for 4 documents"),
-        ((docs, mask), {"dtype": "float16"}, "dtype='float16'"),
+        ((docs, mask), {"storage_dtype": "float16"}, "storage_dtype='float16'"),
         ((docs, mask), {"doc_chunk": 0}, "doc_chunk must be a positive"),
         ((docs, mask), {"max_bytes_per_device": 8}, "bytes per device"),
     ]

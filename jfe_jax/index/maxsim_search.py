@@ -153,7 +153,7 @@ class MaxSimIndex:
       doc_mask: ``[num_docs, doc_len]`` (bool, or 0/1): False positions never match.
       ids: one id per document (any values numpy can index, e.g. strings); default: the rows.
       mesh: a 1-D mesh whose devices share the documents; default: all devices.
-      dtype: how the vectors are stored on the devices, "float32" or "bfloat16" (scores are
+      storage_dtype: how the vectors are stored on the devices, "float32" or "bfloat16" (scores are
         computed in float32 either way).
       doc_chunk: documents scored at once per device (fewer if a shard holds fewer).
       max_bytes_per_device: stored pool bytes per device above which the pool is refused
@@ -168,20 +168,22 @@ class MaxSimIndex:
         ids: Sequence | np.ndarray | None = None,
         *,
         mesh: Mesh | None = None,
-        dtype: str = "float32",
+        storage_dtype: str = "float32",
         doc_chunk: int = DEFAULT_DOC_CHUNK,
         max_bytes_per_device: int | None = None,
     ):
         _check_pool(doc_vectors, doc_mask, ids)
-        if dtype not in STORAGE_DTYPES:
-            raise ValueError(f"dtype={dtype!r}; expected one of {sorted(STORAGE_DTYPES)}")
+        if storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(
+                f"storage_dtype={storage_dtype!r}; expected one of {sorted(STORAGE_DTYPES)}"
+            )
         if not isinstance(doc_chunk, int | np.integer) or doc_chunk < 1:
             raise ValueError(f"doc_chunk must be a positive integer, got {doc_chunk!r}")
         mesh = default_mesh() if mesh is None else mesh
         if len(mesh.axis_names) != 1:
             raise ValueError(f"mesh must be 1-D, got axes {mesh.axis_names}")
         (axis,) = mesh.axis_names
-        self.mesh, self.dtype = mesh, dtype
+        self.mesh, self.storage_dtype = mesh, storage_dtype
         self.num_docs, self.doc_len, self.dim = (int(n) for n in doc_vectors.shape)
         self.ids = np.arange(self.num_docs) if ids is None else np.asarray(ids)
         num_shards = mesh.shape[axis]
@@ -189,17 +191,17 @@ class MaxSimIndex:
         self.doc_chunk = int(min(doc_chunk, per_shard))
         # Each shard holds whole chunks, so maxsim_scores never pads (copies) a shard.
         self.rows_per_shard = -(-per_shard // self.doc_chunk) * self.doc_chunk
-        item_bytes = jnp.dtype(STORAGE_DTYPES[dtype]).itemsize
+        item_bytes = jnp.dtype(STORAGE_DTYPES[storage_dtype]).itemsize
         shard_bytes = self.rows_per_shard * self.doc_len * (self.dim * item_bytes + 1)
         limit = max_bytes_per_device
         limit = default_max_bytes_per_device(mesh) if limit is None else limit
         if shard_bytes > limit:
             raise ValueError(
                 f"the pool needs {shard_bytes} bytes per device, over the {limit} allowed: use "
-                "dtype='bfloat16', more devices, or split the pool"
+                "storage_dtype='bfloat16', more devices, or split the pool"
             )
         padded = self.rows_per_shard * num_shards
-        self._docs = _place(doc_vectors, mesh, padded, STORAGE_DTYPES[dtype])
+        self._docs = _place(doc_vectors, mesh, padded, STORAGE_DTYPES[storage_dtype])
         self._doc_mask = _place(doc_mask, mesh, padded, jnp.bool_)
         self._num_valid = jax.device_put(jnp.int32(self.num_docs), NamedSharding(mesh, P()))
 
