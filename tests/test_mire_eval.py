@@ -199,3 +199,40 @@ def test_bad_input_is_named(model, root, tmp_path):
         evaluate_mire(model, root, ks=[0], progress=False)
     with pytest.raises(ValueError, match="applies to none"):
         evaluate_mire(model, root, tasks=list(SKIPPED), progress=False)
+
+
+@pytest.mark.parametrize("layout", ["save_pretrained", "save_checkpoint"])
+def test_jfe_eval_on_a_mire_directory_prints_the_same_table(
+    evaluated, model, root, tmp_path, capsys, layout
+):
+    from jfe_jax.cli import main
+
+    results, _ = evaluated
+    directory = tmp_path / "mire"
+    getattr(model, layout)(str(directory))
+    out = tmp_path / "out"
+    argv = ["eval", "--model", str(directory), "--mbeir-root", str(root), "--out", str(out)]
+    assert main([*argv, "--ks", ",".join(map(str, KS)), "--batch-size", "7"]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["average"] == pytest.approx(results["table"]["average"], abs=1e-9)
+    assert sorted(saved["tasks"]) == sorted(APPLIED)
+    for task in SKIPPED:
+        assert f"skipped {task}: {results['skipped'][task]}" in printed
+    assert "webqa_task1" in printed and "results.json" in printed
+    for name in APPLIED:
+        assert (out / "runs" / f"{name}.local.tsv").is_file()
+
+
+def test_jfe_eval_refuses_what_mire_has_none_of(model, root, tmp_path, capsys):
+    from jfe_jax.cli import main
+
+    directory = tmp_path / "mire"
+    model.save_pretrained(str(directory))
+    argv = ["eval", "--model", str(directory), "--mbeir-root", str(root), "--out", str(tmp_path)]
+    for extra, message in (
+        (["--pool", "global"], "--pool global: MIRe"),
+        (["--mesh", "data=2"], "--mesh: MIRe"),
+    ):
+        assert main([*argv, *extra]) == 2  # the parser's usage error, in one line
+        assert message in capsys.readouterr().err
