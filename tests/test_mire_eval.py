@@ -11,9 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("transformers")
-pytest.importorskip("tokenizers")
-
 from jfe_jax.data.mire_tokenizer import mire_tokenizer_for  # noqa: E402
 from jfe_jax.data.synthetic.generate import SyntheticConfig, generate  # noqa: E402
 from jfe_jax.eval.mire_eval import evaluate_mire, mire_skip_reason  # noqa: E402

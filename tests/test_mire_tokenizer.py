@@ -8,9 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("tokenizers")
+import transformers
 
 from jfe_jax.data.mire_tokenizer import (  # noqa: E402
     BERT_HEAD,

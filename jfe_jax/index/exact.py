@@ -86,6 +86,20 @@ def query_block_size(num_queries: int, rows_per_shard: int) -> int:
     return max(1, min(num_queries, _MAX_QUERY_BLOCK, budget))
 
 
+def masked_top_k(
+    scores: jax.Array, axis: str, rows_per_shard: int, num_valid: jax.Array, k: int
+) -> tuple[jax.Array, jax.Array]:
+    """Inside ``shard_map`` over ``axis``: the top ``k`` of one shard's ``[queries,
+    rows_per_shard]`` scores as (scores, global rows int32), equal scores by lower row. Rows at
+    or past ``num_valid`` (padding) score -inf and come after every real row among the
+    candidates. Used by ``ExactIndex`` and ``maxsim_search.MaxSimIndex``."""
+    first_row = jax.lax.axis_index(axis) * rows_per_shard
+    rows = first_row + jnp.arange(rows_per_shard, dtype=jnp.int32)
+    scores = jnp.where(rows[None, :] < num_valid, scores, -jnp.inf)
+    top_scores, top_local = jax.lax.top_k(scores, k)
+    return top_scores, (top_local + first_row).astype(jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("k", "mesh"))
 def _search_block(
     queries: jax.Array, database: jax.Array, num_valid: jax.Array, *, k: int, mesh: Mesh
@@ -101,12 +115,7 @@ def _search_block(
         scores = jnp.dot(
             q, db_shard.T, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32
         )
-        first_row = jax.lax.axis_index(axis) * rows_per_shard
-        rows = first_row + jnp.arange(rows_per_shard, dtype=jnp.int32)
-        # Padding rows score -inf and come after every real row among the candidates.
-        scores = jnp.where(rows[None, :] < n_valid, scores, -jnp.inf)
-        top_scores, top_local = jax.lax.top_k(scores, k_local)
-        return top_scores, (top_local + first_row).astype(jnp.int32)
+        return masked_top_k(scores, axis, rows_per_shard, n_valid, k_local)
 
     cand_scores, cand_rows = jax.shard_map(
         shard_top_k,

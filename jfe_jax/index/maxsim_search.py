@@ -33,7 +33,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jfe_jax.index.exact import _check_k, default_max_bytes_per_device, default_mesh
+from jfe_jax.index.exact import (
+    _check_k,
+    default_max_bytes_per_device,
+    default_mesh,
+    masked_top_k,
+)
 from jfe_jax.models.mire.score import maxsim_scores
 from jfe_jax.progress import progress_bar
 
@@ -103,13 +108,9 @@ def _search_block(
 
     def shard_top_k(q, q_mask, d, d_mask, n_valid):
         scores = maxsim_scores(q, q_mask, d, d_mask, doc_chunk=doc_chunk)
-        first_row = jax.lax.axis_index(axis) * rows_per_shard
-        rows = first_row + jnp.arange(rows_per_shard, dtype=jnp.int32)
         # Padding documents score -inf and come after every real document among the
         # candidates (a real one scores at least MASK_FILL per valid query position).
-        scores = jnp.where(rows[None, :] < n_valid, scores, -jnp.inf)
-        top_scores, top_local = jax.lax.top_k(scores, k_local)
-        return top_scores, (top_local + first_row).astype(jnp.int32)
+        return masked_top_k(scores, axis, rows_per_shard, n_valid, k_local)
 
     cand_scores, cand_rows = jax.shard_map(
         shard_top_k,
